@@ -1,0 +1,161 @@
+"""Model-family adapters: where a model keeps its block stack, how its labels align.
+
+Supporting a family is one row of :data:`LAYER_STACKS`, keyed by HF
+``config.model_type``. Models outside the table get the generic search: the
+longest outermost ``nn.ModuleList`` of blocks, or a ``ValueError`` listing
+the candidates when that is ambiguous or there is none.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch.nn as nn
+
+# config.model_type -> attribute path of the block stack, relative to the *ForCausalLM model.
+LAYER_STACKS: dict[str, str] = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "mixtral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen2_moe": "model.layers",
+    "qwen3": "model.layers",
+    "qwen3_moe": "model.layers",
+    "gemma": "model.layers",
+    "gemma2": "model.layers",
+    "gemma3_text": "model.layers",
+    "phi": "model.layers",
+    "phi3": "model.layers",
+    "olmo": "model.layers",
+    "olmo2": "model.layers",
+    "olmoe": "model.layers",
+    "granite": "model.layers",
+    "gpt2": "transformer.h",
+    "gptj": "transformer.h",
+    "gpt_neox": "gpt_neox.layers",
+    "opt": "model.decoder.layers",
+}
+
+# Modules with their own parameters that the sparse routed backward handles.
+_LINEAR_CLASS_NAMES = ("Linear", "Conv1D")
+
+
+def is_routable_linear(m: nn.Module) -> bool:
+    """``nn.Linear`` or HF's ``Conv1D`` (weight stored ``[in, out]``)."""
+    if isinstance(m, nn.Linear):
+        return True
+    return type(m).__name__ == "Conv1D" and hasattr(m, "weight") and getattr(m, "weight").dim() == 2
+
+
+def weight_in_out(m: nn.Module) -> bool:
+    return not isinstance(m, nn.Linear)
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or "Norm" in type(m).__name__
+
+
+def unsupported_parametrised_modules(block: nn.Module) -> list[str]:
+    """Names of submodules holding parameters that are neither linears nor norms.
+
+    Sparse mode treats every linear's output rows of an inactive token as
+    constants; a block with other parametrised layers cannot be routed that
+    way and falls back to mask mode.
+    """
+    bad = []
+    for name, m in block.named_modules():
+        if next(m.parameters(recurse=False), None) is None:
+            continue
+        if is_routable_linear(m) or _is_norm(m):
+            continue
+        bad.append(f"{name or '<block>'} ({type(m).__name__})")
+    return bad
+
+
+def _get_path(root: nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            return None
+        obj = getattr(obj, part)
+    return obj
+
+
+def _candidate_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Outermost ``nn.ModuleList``s holding parametrised modules (lists nested in a block, such as
+    MoE experts, are not stacks)."""
+    found = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) > 0 and any(True for _ in m.parameters())]
+    names = [n for n, _ in found]
+    return [(n, m) for n, m in found if not any(o != n and n.startswith(o + ".") for o in names)]
+
+
+def find_layer_stack(model: nn.Module, layers=None) -> tuple[str, list[nn.Module]]:
+    """The block stack to route, bottom block first, and where it was found.
+
+    Args:
+        model: the model whose forward returns logits.
+        layers: override: an attribute path (``"model.layers"``), an
+            ``nn.ModuleList`` or a sequence of modules.
+    """
+    if layers is not None:
+        if isinstance(layers, str):
+            stack = _get_path(model, layers)
+            if stack is None:
+                raise ValueError(f"layers={layers!r}: the model has no attribute path {layers!r}")
+            return layers, _as_blocks(stack, layers)
+        return "<given>", _as_blocks(layers, "layers")
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    path = LAYER_STACKS.get(model_type)
+    if path is not None:
+        # The table's path is relative to the *ForCausalLM model; also accept the bare base model.
+        for p in (path, path.split(".", 1)[1] if "." in path else path):
+            stack = _get_path(model, p)
+            if isinstance(stack, nn.ModuleList):
+                return p, list(stack)
+
+    candidates = _candidate_stacks(model)
+    if not candidates:
+        raise ValueError(
+            "cggr could not find a stack of transformer blocks (an nn.ModuleList of blocks) "
+            "in this model; pass layers='attribute.path' or a list of blocks")
+    longest = max(len(m) for _, m in candidates)
+    best = [(n, m) for n, m in candidates if len(m) == longest]
+    if len(best) > 1:
+        listing = ", ".join(f"{n!r} ({len(m)} x {type(m[0]).__name__})" for n, m in candidates)
+        raise ValueError(
+            f"cggr found several equally plausible block stacks: {listing}; pass layers= one of these paths")
+    name, stack = best[0]
+    return name, list(stack)
+
+
+def _as_blocks(stack, what: str) -> list[nn.Module]:
+    if isinstance(stack, nn.Module) and not isinstance(stack, (nn.ModuleList, nn.Sequential)):
+        raise ValueError(f"{what} must be an nn.ModuleList, nn.Sequential or a list of modules, got {type(stack).__name__}")
+    blocks = list(stack)
+    if not blocks or not all(isinstance(b, nn.Module) for b in blocks):
+        raise ValueError(f"{what} must hold at least one nn.Module block")
+    return blocks
+
+
+def default_label_shift(model: nn.Module) -> int:
+    """1 where logits at position t predict label t+1 (HF causal LMs shift labels inside), else 0."""
+    name = type(model).__name__
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return 1
+    inner = getattr(model, "base_model", None)
+    if inner is not None and inner is not model:
+        inner_model = getattr(inner, "model", None)
+        if isinstance(inner_model, nn.Module) and inner_model is not model:
+            return default_label_shift(inner_model)
+    return 0
+
+
+def block_names(model: nn.Module, blocks: Sequence[nn.Module]) -> list[str]:
+    ids = {id(b): i for i, b in enumerate(blocks)}
+    names = [f"block {i}" for i in range(len(blocks))]
+    for n, m in model.named_modules():
+        if id(m) in ids:
+            names[ids[id(m)]] = n
+    return names

@@ -1,0 +1,142 @@
+"""Buckets, depths and the curriculum (DESIGN.md §1).
+
+Data flows one way: scores -> buckets -> depths.
+
+* Valid tokens are ranked hardest first; with ``n`` valid tokens and ``K``
+  buckets the token of rank ``r`` goes to bucket ``floor(r*K/n)`` (bucket 0 =
+  hardest). Non-finite scores rank hardest of all. Ties keep token order.
+* Bucket ``k`` has target depth ``ceil(L*(K-k)/K)`` blocks, or
+  ``ceil(L*f_k)`` for user fractions ``f``.
+* Curriculum: at progress ``p`` bucket ``k`` has depth
+  ``round(L - p*(L - depth_k))`` (round half up), so every token is at full
+  depth at step 0 and at its target once warm-up ends.
+* Invalid tokens have depth 0 and take no part in bucketing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+POLICIES = ("difficulty", "random")
+
+
+def target_depths(num_layers: int, num_buckets: int, depths: Sequence[float] | None = None) -> list[int]:
+    """Target depth in blocks of each bucket, hardest bucket first."""
+    if depths is not None:
+        return [max(1, min(num_layers, math.ceil(num_layers * float(f) - 1e-9))) for f in depths]
+    return [math.ceil(num_layers * (num_buckets - k) / num_buckets) for k in range(num_buckets)]
+
+
+def curriculum_depths(targets: Sequence[int], num_layers: int, progress: float) -> list[int]:
+    """Depth of each bucket at warm-up progress ``progress`` in [0, 1]."""
+    p = min(1.0, max(0.0, float(progress)))
+    return [int(math.floor(num_layers - p * (num_layers - d) + 0.5)) for d in targets]
+
+
+def _rank_keys(scores: torch.Tensor) -> torch.Tensor:
+    """fp32 keys where larger is harder and non-finite scores are hardest."""
+    s = scores.float()
+    return torch.where(torch.isfinite(s), s, torch.full_like(s, float("inf")))
+
+
+@torch.no_grad()
+def rank_buckets_reference(scores: torch.Tensor, valid: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """Exact ranks with a stable sort: the definition, used on CPU and in tests.
+
+    Returns a LongTensor shaped like ``scores``: the bucket of each valid token,
+    -1 for invalid tokens.
+    """
+    shape = scores.shape
+    keys = _rank_keys(scores).reshape(-1)
+    ok = valid.reshape(-1).bool()
+    # Invalid tokens sort last: below every valid key, including -inf scores.
+    keys = torch.where(ok, keys, torch.full_like(keys, float("-inf")))
+    order = torch.sort(keys, descending=True, stable=True).indices
+    # Within the -inf block, valid tokens must still precede invalid ones.
+    order = order[torch.sort((~ok[order]).to(torch.uint8), stable=True).indices]
+    n = ok.sum()
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    bucket = torch.div(rank * num_buckets, n.clamp_min(1), rounding_mode="floor")
+    bucket = torch.where(ok, bucket, torch.full_like(bucket, -1))
+    return bucket.reshape(shape)
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    if not t.is_cuda:
+        return False
+    from .kernels import triton_available
+
+    return triton_available()
+
+
+@torch.no_grad()
+def rank_buckets(scores: torch.Tensor, valid: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """Bucket of each token by difficulty rank (-1 for invalid tokens).
+
+    On CUDA an O(n) histogram-threshold kernel is used (no full sort; bucket
+    membership within 1 % of ``n`` of the exact ranks at each boundary, bucket
+    sizes exact); elsewhere the exact stable sort.
+    """
+    if scores.shape != valid.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and valid {tuple(valid.shape)} must have the same shape")
+    if _use_triton(scores):
+        from .kernels.bucketing import rank_buckets_triton
+
+        return rank_buckets_triton(scores, valid, num_buckets)
+    return rank_buckets_reference(scores, valid, num_buckets)
+
+
+@torch.no_grad()
+def random_buckets(valid: torch.Tensor, num_buckets: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The random control: same bucket sizes as :func:`rank_buckets`, tokens drawn uniformly."""
+    keys = torch.rand(valid.shape, device=valid.device, generator=generator)
+    return rank_buckets(keys, valid, num_buckets)
+
+
+@torch.no_grad()
+def buckets_to_depths(buckets: torch.Tensor, bucket_depths: Sequence[int]) -> torch.Tensor:
+    """Depth in blocks of each token; 0 where ``buckets`` is -1 (invalid)."""
+    table = torch.tensor([0, *bucket_depths], dtype=torch.long, device=buckets.device)
+    return table[buckets + 1]
+
+
+@torch.no_grad()
+def assign_depths(
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    num_layers: int,
+    num_buckets: int = 4,
+    depths: Sequence[float] | None = None,
+    progress: float = 1.0,
+) -> torch.Tensor:
+    """Scores -> gradient depth per token, by difficulty rank (the seed's rule).
+
+    Args:
+        scores: per-token difficulty (higher = harder; NaN/inf = hardest).
+        valid: bool mask of the same shape; invalid tokens get depth 0.
+        num_layers: ``L``, the number of routed blocks.
+        num_buckets: ``K``.
+        depths: optional target depth fractions per bucket, hardest first.
+        progress: curriculum progress in [0, 1].
+    """
+    buckets = rank_buckets(scores, valid, num_buckets)
+    return buckets_to_depths(buckets, curriculum_depths(target_depths(num_layers, num_buckets, depths), num_layers, progress))
+
+
+BucketPolicy = Callable[[torch.Tensor, torch.Tensor, int, "torch.Generator | None"], torch.Tensor]
+
+
+def _difficulty_policy(scores, valid, num_buckets, generator):
+    return rank_buckets(scores, valid, num_buckets)
+
+
+def _random_policy(scores, valid, num_buckets, generator):
+    return random_buckets(valid, num_buckets, generator)
+
+
+# Each routing policy under its name: (scores, valid, K, generator) -> buckets.
+POLICY_FNS: dict[str, BucketPolicy] = {"difficulty": _difficulty_policy, "random": _random_policy}

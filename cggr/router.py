@@ -1,0 +1,397 @@
+"""The in-place router: ``cggr.attach(model, ...)``.
+
+It installs, on the model object itself (an HF model stays the same object, so
+``save_pretrained``, ``generate``, PEFT and Trainer keep working):
+
+* a forward pre-hook on the model that opens a new :class:`Routing` for each
+  training forward;
+* in sparse mode, a routed forward on every linear of every routable block
+  (:class:`~cggr.sparse.RoutedLinear`), and on every block a gradient gate of
+  its output (:class:`~cggr.sparse.GateRows`);
+* a forward hook on the model that scores the logits, buckets the tokens and
+  fills the routing in, before any backward can run.
+
+Routing happens only when the model is in training mode with gradients
+enabled; otherwise every hook passes through untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from .adapters import (block_names, default_label_shift, find_layer_stack, is_routable_linear,
+                       unsupported_parametrised_modules, weight_in_out)
+from .bucketing import POLICY_FNS, buckets_to_depths, curriculum_depths, target_depths
+from .config import RoutingConfig
+from .routing import Routing
+from .scoring import score_difficulty
+from .sparse import GateRows, RoutedLinear
+
+logger = logging.getLogger("cggr")
+
+VALID_MASK_KWARG = "cggr_valid_mask"
+
+
+def _extract_logits(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, dict) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(
+        "cggr: the routed model's forward must return logits: a tensor, a tuple whose first item is the "
+        f"logits, or an object with .logits; got {type(output).__name__}")
+
+
+def _input_tokens_shape(args, kwargs) -> torch.Size | None:
+    ids = kwargs.get("input_ids")
+    if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+        ids = args[0]
+    if isinstance(ids, torch.Tensor):
+        return ids.shape
+    emb = kwargs.get("inputs_embeds")
+    if isinstance(emb, torch.Tensor):
+        return emb.shape[:-1]
+    return None
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
+
+
+class Router(nn.Module):
+    """Routes one model's backward pass. Build it with :func:`attach`.
+
+    Holds the curriculum step as a registered buffer (``step_count``) so that
+    ``state_dict()`` / ``load_state_dict()`` save and restore it.
+    """
+
+    def __init__(self, model: nn.Module, config: RoutingConfig, layers=None):
+        super().__init__()
+        if getattr(model, "_cggr_router", None) is not None:
+            raise ValueError("cggr is already attached to this model; call .detach() on its router first")
+        self.config = config
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+        self._step = 0  # host mirror of step_count: reading the buffer would synchronise
+        self.register_load_state_dict_post_hook(Router._sync_step_mirror)
+        object.__setattr__(self, "_model", model)  # not a submodule: its weights are not ours
+        self.layer_path, blocks = find_layer_stack(model, layers)
+        object.__setattr__(self, "_blocks", blocks)
+        self.num_layers = len(blocks)
+        self.block_names = block_names(model, blocks)
+        self.label_shift = config.label_shift if config.label_shift is not None else default_label_shift(model)
+        self.targets = target_depths(self.num_layers, config.num_buckets, config.depths)
+        self.sparse_blocks: list[bool] = []
+        self.routing: Routing | None = None  # the last training forward's routing
+        self._current: Routing | None = None  # what routed ops of the running forward capture
+        self._forward_state: dict[str, Any] = {}
+        self._micro = 0
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._warned: set[str] = set()
+        self._nonfinite_pending = None
+        self._handles: list = []
+        self._patched: list[tuple[nn.Module, Any]] = []
+        if config.num_buckets > self.num_layers and config.depths is None:
+            self._warn_once("buckets", f"num_buckets={config.num_buckets} exceeds the {self.num_layers} blocks "
+                                       f"of the stack: bucket depths collapse to {self.targets}")
+        self._install()
+        object.__setattr__(model, "_cggr_router", self)
+
+    # ------------------------------------------------------------------ public
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return list(self._blocks)
+
+    @property
+    def progress(self) -> float:
+        w = self.config.warmup_steps
+        return 1.0 if w == 0 else min(1.0, self._step / w)
+
+    def bucket_depths(self) -> list[int]:
+        """Depth in blocks of each bucket at the current curriculum step, hardest first."""
+        return curriculum_depths(self.targets, self.num_layers, self.progress)
+
+    def step(self) -> None:
+        """Advance the curriculum by one optimizer step."""
+        self.step_count += 1
+        self._step += 1
+        self._micro = 0
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer):
+        """Advance the curriculum after every ``optimizer.step()``; returns a removable handle."""
+        return optimizer.register_step_post_hook(lambda *_: self.step())
+
+    def metrics(self) -> dict[str, float]:
+        """Flat dict of Python numbers about the last training forward (synchronises once)."""
+        out: dict[str, float] = {"step": float(self._step), "warmup_progress": self.progress}
+        r = self.routing
+        if r is None or not r.metrics:
+            return out
+        names = list(r.metrics)
+        values = torch.stack([r.metrics[n].float().reshape(()) for n in names]).tolist()
+        out.update(zip(names, values))
+        return out
+
+    def detach(self) -> nn.Module:
+        """Remove every hook and patched forward; returns the model as it was."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for lin, previous in self._patched:
+            if previous is None:
+                lin.__dict__.pop("forward", None)
+            else:
+                lin.forward = previous
+        self._patched.clear()
+        self._current = None
+        if getattr(self._model, "_cggr_router", None) is self:
+            object.__delattr__(self._model, "_cggr_router")
+        return self._model
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"layers={self.layer_path!r} ({self.num_layers} blocks), num_buckets={c.num_buckets}, "
+                f"warmup_steps={c.warmup_steps}, mode={c.mode!r}, policy={c.policy!r}, leak_rate={c.leak_rate}")
+
+    # ------------------------------------------------------------- installing
+    def _install(self) -> None:
+        m = self._model
+        self._handles.append(m.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        self._handles.append(m.register_forward_hook(self._post_forward, with_kwargs=True))
+        for i, block in enumerate(self._blocks):
+            sparse = self.config.mode == "sparse"
+            if sparse:
+                bad = unsupported_parametrised_modules(block)
+                if bad:
+                    sparse = False
+                    self._warn_once(f"fallback{i}", f"{self.block_names[i]} has parametrised layers sparse mode "
+                                                    f"cannot route ({', '.join(bad)}); it uses mask mode")
+            self.sparse_blocks.append(sparse)
+            if sparse:
+                for lin in block.modules():
+                    if is_routable_linear(lin):
+                        self._patch_linear(lin, i)
+            self._handles.append(block.register_forward_hook(self._make_block_hook(i)))
+
+    def _patch_linear(self, lin: nn.Module, block_index: int) -> None:
+        previous = lin.__dict__.get("forward")
+        plain_forward = lin.forward
+        in_out = weight_in_out(lin)
+        router = self
+
+        def routed_forward(x, *args, **kwargs):
+            r = router._current
+            if r is None or args or kwargs:
+                return plain_forward(x, *args, **kwargs)
+            return RoutedLinear.apply(x, lin.weight, lin.bias, r, block_index, in_out)
+
+        lin.forward = routed_forward
+        self._patched.append((lin, previous))
+
+    def _make_block_hook(self, i: int):
+        def hook(module, args, out):
+            r = self._current
+            if r is None:
+                return out
+            h = _first_tensor(out)
+            if h is None:
+                raise TypeError(f"cggr: {self.block_names[i]} returned {type(out).__name__}; "
+                                "a routed block must return a tensor or a tuple starting with one")
+            self._forward_state.setdefault("block_rows", set()).add(h.numel() // max(1, h.shape[-1]))
+            gated = GateRows.apply(h, r, i)
+            if isinstance(out, torch.Tensor):
+                return gated
+            return type(out)((gated, *out[1:])) if isinstance(out, tuple) else [gated, *out[1:]]
+        return hook
+
+    # ---------------------------------------------------------------- forward
+    def _pre_forward(self, module, args, kwargs):
+        self._report_nonfinite()
+        extra = kwargs.pop(VALID_MASK_KWARG, None)
+        if module.training and torch.is_grad_enabled():
+            self._current = Routing(num_layers=self.num_layers, leak_rate=self.config.leak_rate)
+            self._forward_state = {"valid_mask": extra, "tokens_shape": _input_tokens_shape(args, kwargs)}
+        else:
+            self._current = None
+            self._forward_state = {}
+        return args, kwargs
+
+    def _post_forward(self, module, args, kwargs, output):
+        r = self._current
+        if r is None:
+            return None
+        logits = _extract_logits(output)
+        tokens_shape = logits.shape[:-1]
+        expected = self._forward_state.get("tokens_shape")
+        if expected is not None and tuple(expected) != tuple(tokens_shape):
+            raise ValueError(f"cggr: logits have leading shape {tuple(tokens_shape)} but the input tokens have "
+                             f"shape {tuple(expected)}; routing needs one logits row per token")
+        n = tokens_shape.numel()
+        rows = self._forward_state.get("block_rows", set())
+        if rows - {n}:
+            raise ValueError(f"cggr: blocks produced {sorted(rows)} rows but the logits have {n} tokens; "
+                             "the routed stack must keep one row per token")
+        valid = self._valid_mask(tokens_shape, kwargs, logits.device)
+        self._route(r, logits.detach(), valid)
+        self.routing = r
+        self._micro += 1
+        return None
+
+    def _valid_mask(self, shape: torch.Size, kwargs, device) -> torch.Tensor:
+        valid = torch.ones(shape, dtype=torch.bool, device=device)
+        am = kwargs.get("attention_mask")
+        if isinstance(am, torch.Tensor) and am.dim() == len(shape):
+            if am.shape != shape:
+                raise ValueError(f"cggr: attention_mask has shape {tuple(am.shape)}, logits have {tuple(shape)} tokens")
+            valid &= am.to(device) != 0
+        elif isinstance(am, torch.Tensor):
+            self._warn_once("am", f"attention_mask of shape {tuple(am.shape)} is not one entry per token; "
+                                  "cggr does not use it to find padding")
+        labels = kwargs.get("labels")
+        if isinstance(labels, torch.Tensor) and labels.dim() == len(shape) and not labels.is_floating_point():
+            if labels.shape != shape:
+                raise ValueError(f"cggr: labels have shape {tuple(labels.shape)}, logits have {tuple(shape)} tokens")
+            lab = labels.to(device) != self.config.ignore_index
+            if self.label_shift:
+                shifted = torch.zeros_like(lab)
+                shifted[..., :-1] = lab[..., 1:]
+                lab = shifted
+            valid &= lab
+        extra = self._forward_state.get("valid_mask")
+        if extra is not None:
+            extra = torch.as_tensor(extra, device=device)
+            if extra.shape != shape:
+                raise ValueError(f"cggr: {VALID_MASK_KWARG} has shape {tuple(extra.shape)}, logits have "
+                                 f"{tuple(shape)} tokens")
+            valid &= extra.bool()
+        return valid
+
+    @torch.no_grad()
+    def _route(self, r: Routing, logits: torch.Tensor, valid: torch.Tensor) -> None:
+        c, L = self.config, self.num_layers
+        scores = score_difficulty(logits, c.scorer)
+        finite = torch.isfinite(scores.difficulty)
+        nonfinite = valid & ~finite
+        buckets = POLICY_FNS[c.policy](scores.difficulty, valid, c.num_buckets, self._generator(valid.device))
+        depth = buckets_to_depths(buckets, self.bucket_depths())
+        depth = torch.where(nonfinite, torch.full_like(depth, L), depth)  # no distribution: full depth
+        r.depth = depth
+        r.metrics = self._metrics(depth, buckets, valid, finite, scores)
+        self._check_nonfinite_later(r.metrics["nonfinite_tokens"])
+
+    def _metrics(self, depth, buckets, valid, finite, scores) -> dict[str, torch.Tensor]:
+        c, L = self.config, self.num_layers
+        n_valid = valid.sum()
+        denom = n_valid.clamp_min(1).float()
+        counts = torch.zeros(c.num_buckets + 1, dtype=torch.long, device=depth.device)
+        counts.scatter_add_(0, (buckets + 1).reshape(-1), torch.ones_like(buckets).reshape(-1))
+        out = {f"bucket_{k}_fraction": counts[k + 1].float() / denom for k in range(c.num_buckets)}
+        out["valid_tokens"] = n_valid
+        out["mean_depth_fraction"] = depth.sum().float() / (denom * L)
+        # Backward block work skipped: rows inactive in each sparse-routed block, over all rows of all blocks.
+        d = depth.reshape(-1)
+        thresholds = torch.arange(L - 1, -1, -1, device=d.device)
+        sparse = torch.tensor(self.sparse_blocks, device=d.device)
+        inactive = (d.unsqueeze(0) <= thresholds.unsqueeze(1)) & sparse.unsqueeze(1)
+        skipped = inactive.sum().float() / max(1, d.numel() * L)
+        out["backward_flops_skipped"] = skipped if c.leak_rate == 0 else torch.zeros_like(skipped)
+        ok = valid & finite
+        n_ok = ok.sum().clamp_min(1).float()
+        zero = torch.zeros((), device=depth.device)
+        out["mean_entropy"] = torch.where(ok, scores.entropy, zero).sum() / n_ok
+        out["mean_confidence"] = torch.where(ok, scores.confidence, zero).sum() / n_ok
+        out["nonfinite_tokens"] = (valid & ~finite).sum()
+        return out
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if self.config.policy == "difficulty":
+            return None
+        g = self._generators.get(device)
+        if g is None:
+            g = self._generators[device] = torch.Generator(device=device)
+        # Seeded by (seed, step, micro-batch): fresh every forward, reproducible after a resume.
+        g.manual_seed((self.config.seed * 1_000_003 + self._step * 1009 + self._micro) % (2**63))
+        return g
+
+    # ------------------------------------------------------------ diagnostics
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning("cggr: %s", message)
+
+    def _check_nonfinite_later(self, count: torch.Tensor) -> None:
+        """Warn about non-finite logits without a host synchronisation in the step.
+
+        On CUDA the count is copied to pinned memory asynchronously and read at
+        the next forward, once it has landed.
+        """
+        if "nonfinite" in self._warned:
+            return
+        if count.device.type != "cuda":
+            self._nonfinite_pending = (count, None)
+            self._report_nonfinite()
+            return
+        host = torch.empty((), dtype=count.dtype, pin_memory=True)
+        host.copy_(count, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._nonfinite_pending = (host, event)
+
+    def _report_nonfinite(self) -> None:
+        pending = self._nonfinite_pending
+        if pending is None:
+            return
+        value, event = pending
+        if event is not None and not event.query():
+            return
+        self._nonfinite_pending = None
+        n = int(value)
+        if n:
+            self._warn_once("nonfinite", f"{n} token(s) had non-finite logits (NaN or +inf); they were routed "
+                                         "at full depth. The metric 'nonfinite_tokens' counts them")
+
+    @staticmethod
+    def _sync_step_mirror(module, incompatible_keys) -> None:
+        module._step = int(module.step_count)
+
+
+def attach(model: nn.Module, num_buckets: int = 4, warmup_steps: int = 1000, leak_rate: float = 0.0, *,
+           mode: str = "sparse", policy: str = "difficulty", layers=None, depths: Sequence[float] | None = None,
+           scorer: str = "entropy_confidence", ignore_index: int = -100, seed: int = 0,
+           label_shift: int | None = None) -> Router:
+    """Install cggr's gradient routing on ``model`` in place and return its :class:`Router`.
+
+    Args:
+        model: a module whose forward returns logits (tensor, tuple, or ``.logits``).
+        num_buckets: ``K``, buckets of tokens ranked by difficulty.
+        warmup_steps: curriculum length in optimizer steps (0 = target depths at once).
+        leak_rate: λ in [0, 1]: inactive rows carry λ times their gradient (λ > 0 makes them dense again).
+        mode: ``"sparse"`` (exact token-sparse backward) or ``"mask"`` (gate block outputs only; no saving).
+        policy: ``"difficulty"`` (rank by score, the seed's rule) or ``"random"`` (the control).
+        layers: the block stack: attribute path, ``nn.ModuleList`` or list; found automatically when None.
+        depths: target depth fractions per bucket, hardest first (default ``(K-k)/K``).
+        scorer: ``"entropy_confidence"`` (default), ``"entropy"`` or ``"margin"``.
+        ignore_index: label value of tokens without a target.
+        seed: seed of the random policy.
+        label_shift: 1 if logits at t predict ``labels[t+1]`` (HF causal LMs; auto when None), else 0.
+    """
+    config = RoutingConfig(num_buckets=num_buckets, warmup_steps=warmup_steps, leak_rate=leak_rate, mode=mode,
+                           policy=policy, depths=depths, scorer=scorer,
+                           ignore_index=ignore_index, seed=seed, label_shift=label_shift)
+    return Router(model, config, layers=layers)

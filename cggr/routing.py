@@ -1,0 +1,86 @@
+"""The routing state one training forward decides and its backward carries.
+
+A :class:`Routing` is created when a training forward starts, handed to every
+routed op of that forward (so a backward always uses the routing of *its own*
+forward, never a later batch's), and filled in once the logits exist, before
+any backward can run.
+
+Block ``i`` (0-based, bottom first) of an ``L``-block stack sees token ``t`` as
+active when ``depth[t] > L - 1 - i`` (DESIGN.md §1: active in blocks
+``b > L - d`` with ``b = i + 1``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(eq=False)
+class Routing:
+    num_layers: int
+    leak_rate: float = 0.0
+    depth: torch.Tensor | None = None  # LongTensor shaped like the tokens, set after the forward
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # device tensors, read lazily
+    _order: torch.Tensor | None = field(default=None, repr=False)
+    _active_counts: list[int] | None = field(default=None, repr=False)
+    _rows_by_block: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def ready(self) -> bool:
+        return self.depth is not None
+
+    @property
+    def num_rows(self) -> int:
+        self._require()
+        return self.depth.numel()
+
+    def _require(self) -> None:
+        if self.depth is None:
+            raise RuntimeError(
+                "cggr: backward reached a routed block before the routing of its forward was decided. "
+                "The routed model's forward must return logits (a tensor, a tuple starting with logits, "
+                "or an object with .logits) and finish before backward.")
+
+    def threshold(self, block_index: int) -> int:
+        """Tokens with depth strictly above this value are active in ``block_index``."""
+        return self.num_layers - 1 - block_index
+
+    def flat_depth(self) -> torch.Tensor:
+        self._require()
+        return self.depth.reshape(-1)
+
+    def _plan(self) -> None:
+        """Sort rows by depth (deepest first) and fetch the active count of every block.
+
+        This is the step's one host synchronisation: slicing needs the counts on
+        the host. Rows active in block ``i`` are the first ``count_i`` of the order.
+        """
+        d = self.flat_depth()
+        L = self.num_layers
+        self._order = torch.sort(d, descending=True, stable=True).indices
+        hist = torch.zeros(L + 2, dtype=torch.long, device=d.device)
+        hist.scatter_add_(0, d.clamp(0, L + 1), torch.ones_like(d))
+        # at_least[k] = number of rows with depth >= k
+        at_least = hist.flip(0).cumsum(0).flip(0)
+        counts = at_least[L - torch.arange(L, device=d.device)]  # block i: depth >= L - i
+        self._active_counts = counts.tolist()
+
+    def active_count(self, block_index: int) -> int:
+        if self._active_counts is None:
+            self._plan()
+        return self._active_counts[block_index]
+
+    def active_rows(self, block_index: int) -> torch.Tensor:
+        """Indices (into the flattened tokens) of the rows active in ``block_index``, deepest first."""
+        rows = self._rows_by_block.get(block_index)
+        if rows is None:
+            n = self.active_count(block_index)
+            rows = self._order[:n]
+            self._rows_by_block[block_index] = rows
+        return rows
+
+    def inactive_mask(self, block_index: int) -> torch.Tensor:
+        """Bool mask over the flattened tokens: True where the row is inactive in ``block_index``."""
+        return self.flat_depth() <= self.threshold(block_index)

@@ -1,0 +1,111 @@
+"""Token difficulty from the model's own logits (DESIGN.md §1).
+
+``D_t = Entropy(P_t) - Confidence(P_t)`` with ``P_t = softmax(logits_t)``,
+entropy in nats and confidence ``max_v P_t(v)``; higher is harder. Always in
+fp32, whatever the logits' dtype.
+
+Written with the one-pass ("online softmax") quantities the Triton kernel
+uses, so that the reference and the kernel compute the same function:
+
+    m = max_v x_v                    (row maximum)
+    s = sum_v exp(x_v - m)           (so confidence = exp(m - m) / s = 1 / s)
+    t = sum_v exp(x_v - m) (x_v - m)
+    entropy = log(s) - t / s
+
+Entries equal to ``-inf`` are legitimate (a masked vocabulary entry) and
+contribute nothing. A row with a NaN or ``+inf`` entry, or with every entry
+``-inf``, has no distribution: its three outputs are NaN, and the router
+treats the token as hardest (full depth).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+SCORERS = ("entropy_confidence", "entropy", "margin")
+
+
+class Scores(NamedTuple):
+    """Per-token scores, fp32, shaped like ``logits.shape[:-1]``."""
+
+    difficulty: torch.Tensor
+    entropy: torch.Tensor
+    confidence: torch.Tensor
+
+
+def _check_logits(logits: torch.Tensor) -> None:
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor, got {type(logits).__name__}"
+                        + (f" of dtype {logits.dtype}" if isinstance(logits, torch.Tensor) else ""))
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have a non-empty last (vocabulary) dimension, got shape {tuple(logits.shape)}")
+
+
+@torch.no_grad()
+def entropy_confidence_reference(logits: torch.Tensor, chunk_rows: int = 4096) -> Scores:
+    """Plain PyTorch reference: one row of logits at a time in fp32.
+
+    Processes ``chunk_rows`` rows at once so that an fp32 copy of a large
+    logits tensor is never materialised.
+    """
+    _check_logits(logits)
+    lead = logits.shape[:-1]
+    x_all = logits.reshape(-1, logits.shape[-1])
+    outs = []
+    for x in x_all.split(chunk_rows):
+        x = x.float()
+        bad = torch.isnan(x).any(-1) | (x == float("inf")).any(-1)
+        m = x.amax(-1, keepdim=True)
+        bad |= m.squeeze(-1) == float("-inf")
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        z = x - m
+        e = torch.exp(z)
+        s = e.sum(-1)
+        t = torch.where(e > 0, e * z, torch.zeros_like(z)).sum(-1)
+        ent = torch.log(s) - t / s
+        conf = 1.0 / s
+        nan = torch.full_like(s, float("nan"))
+        ent = torch.where(bad, nan, ent)
+        conf = torch.where(bad, nan, conf)
+        outs.append(torch.stack([ent - conf, ent, conf]))
+    out = torch.cat(outs, dim=1) if outs else logits.new_zeros((3, 0), dtype=torch.float32)
+    d, ent, conf = (o.reshape(lead) for o in out)
+    return Scores(d, ent, conf)
+
+
+def _use_triton(logits: torch.Tensor) -> bool:
+    if not logits.is_cuda:
+        return False
+    from .kernels import triton_available
+
+    return triton_available()
+
+
+@torch.no_grad()
+def score_difficulty(logits: torch.Tensor, scorer: str = "entropy_confidence") -> Scores:
+    """Score every token's difficulty from its logits.
+
+    Args:
+        logits: ``[..., vocab]`` tensor of any float dtype.
+        scorer: ``"entropy_confidence"`` (the default of DESIGN.md §1),
+            ``"entropy"`` (entropy alone) or ``"margin"`` (``1 - confidence``).
+    Returns:
+        :class:`Scores` with fp32 tensors shaped ``logits.shape[:-1]``; NaN
+        marks a token whose logits were not finite.
+    """
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
+    _check_logits(logits)
+    if _use_triton(logits):
+        from .kernels.scoring import entropy_confidence_triton
+
+        scores = entropy_confidence_triton(logits)
+    else:
+        scores = entropy_confidence_reference(logits)
+    if scorer == "entropy":
+        return Scores(scores.entropy, scores.entropy, scores.confidence)
+    if scorer == "margin":
+        return Scores(1.0 - scores.confidence, scores.entropy, scores.confidence)
+    return scores

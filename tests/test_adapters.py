@@ -1,0 +1,59 @@
+"""Finding the block stack of each supported family, and clear errors when it is ambiguous."""
+
+import pytest
+import torch.nn as nn
+
+from cggr.adapters import LAYER_STACKS, default_label_shift, find_layer_stack
+from tiny import TinyLM, hf_model
+
+
+@pytest.mark.parametrize("kind,path", [("llama", "model.layers"), ("mistral", "model.layers"),
+                                       ("gpt2", "transformer.h"), ("gpt_neox", "gpt_neox.layers")])
+def test_hf_families(kind, path):
+    m = hf_model(kind, layers=3)
+    found, blocks = find_layer_stack(m)
+    assert found == path and len(blocks) == 3
+    assert default_label_shift(m) == 1
+    assert found == LAYER_STACKS[m.config.model_type]
+
+
+def test_bare_base_model_and_generic_search():
+    m = hf_model("llama", layers=2)
+    assert find_layer_stack(m.model)[0] == "layers"
+    assert find_layer_stack(TinyLM(layers=5))[0] == "blocks"
+    assert default_label_shift(TinyLM()) == 0
+
+
+def test_layers_override():
+    m = TinyLM(layers=3)
+    assert find_layer_stack(m, layers="blocks")[1] == list(m.blocks)
+    assert find_layer_stack(m, layers=m.blocks[:2])[1] == list(m.blocks[:2])
+    with pytest.raises(ValueError, match="layers must"):
+        find_layer_stack(m, layers=m.norm)
+
+
+def test_ambiguous_and_missing_stacks_list_candidates():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+            self.dec = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    with pytest.raises(ValueError, match="'enc'.*'dec'|'dec'.*'enc'"):
+        find_layer_stack(Two())
+    with pytest.raises(ValueError, match="could not find"):
+        find_layer_stack(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_nested_lists_are_not_stacks():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(8))
+
+    class MoE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(Block() for _ in range(2))
+
+    assert find_layer_stack(MoE())[0] == "layers"

@@ -1,0 +1,81 @@
+"""Buckets by exact rank, bucket depths and the curriculum."""
+
+import math
+
+import pytest
+import torch
+
+from cggr.bucketing import (assign_depths, buckets_to_depths, curriculum_depths, random_buckets, rank_buckets,
+                            rank_buckets_reference, target_depths)
+
+
+@pytest.mark.parametrize("n,k", [(1, 4), (7, 4), (100, 4), (101, 3), (1000, 7), (13, 1)])
+def test_exact_rank_buckets(n, k):
+    g = torch.Generator().manual_seed(n * 31 + k)
+    scores = torch.randn(n, generator=g)
+    valid = torch.rand(n, generator=g) > 0.2
+    b = rank_buckets(scores, valid, k)
+    assert (b[~valid] == -1).all()
+    idx = valid.nonzero().squeeze(1)
+    order = idx[torch.argsort(scores[idx], descending=True)]
+    m = idx.numel()
+    expected = torch.tensor([r * k // m for r in range(m)], dtype=torch.long)
+    assert torch.equal(b[order], expected)
+    # bucket 0 holds the hardest tokens
+    if m >= k > 1:
+        assert scores[b == 0].min() >= scores[b == k - 1].max()
+
+
+def test_ties_nonfinite_and_shapes():
+    scores = torch.tensor([[1.0, float("nan"), 1.0, 1.0], [float("-inf"), 1.0, float("inf"), 0.0]])
+    valid = torch.ones_like(scores, dtype=torch.bool)
+    b = rank_buckets_reference(scores, valid, 4)
+    assert b.shape == scores.shape
+    # non-finite scores are hardest, ties in token order: nan (1), -inf (4), +inf (6), then the four 1.0
+    # (0, 2, 3, 5), then 0.0 (7); 8 tokens, 2 per bucket
+    assert b.reshape(-1).tolist() == [1, 0, 2, 2, 0, 3, 1, 3]
+
+
+def test_all_invalid_and_empty():
+    b = rank_buckets(torch.randn(3, 4), torch.zeros(3, 4, dtype=torch.bool), 4)
+    assert (b == -1).all()
+    assert rank_buckets(torch.randn(0), torch.zeros(0, dtype=torch.bool), 4).numel() == 0
+
+
+def test_random_policy_same_sizes_different_members():
+    valid = torch.rand(400) > 0.1
+    g = torch.Generator().manual_seed(0)
+    a = random_buckets(valid, 4, g)
+    b = random_buckets(valid, 4, g)
+    sizes = lambda x: torch.bincount(x[x >= 0], minlength=4)
+    scores = torch.randn(400)
+    assert torch.equal(sizes(a), sizes(rank_buckets(scores, valid, 4)))
+    assert torch.equal(sizes(a), sizes(b)) and not torch.equal(a, b)
+    assert (a[~valid] == -1).all()
+
+
+def test_target_depths():
+    assert target_depths(12, 4) == [12, 9, 6, 3]
+    assert target_depths(10, 4) == [10, 8, 5, 3]  # ceil(L*(K-k)/K)
+    assert target_depths(2, 5) == [2, 2, 2, 1, 1]
+    assert target_depths(12, 3, depths=[1.0, 0.5, 0.1]) == [12, 6, 2]
+
+
+def test_curriculum():
+    t = target_depths(12, 4)
+    assert curriculum_depths(t, 12, 0.0) == [12, 12, 12, 12]
+    assert curriculum_depths(t, 12, 1.0) == t
+    for p in (0.1, 0.25, 0.5, 0.9):
+        assert curriculum_depths(t, 12, p) == [math.floor(12 - p * (12 - d) + 0.5) for d in t]
+    assert curriculum_depths(t, 12, 0.5) == [12, 11, 9, 8]  # 10.5 rounds half up
+    assert curriculum_depths(t, 12, 7.0) == t  # progress is clamped
+
+
+def test_assign_depths_end_to_end():
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4])
+    valid = torch.ones(8, dtype=torch.bool)
+    valid[0] = False
+    d = assign_depths(scores, valid, num_layers=8, num_buckets=4)
+    # valid ranked 0.9, 0.8, 0.7, 0.5, 0.4, 0.3, 0.2 -> buckets floor(r*4/7) = 0,0,1,1,2,2,3 -> depths 8,6,4,2
+    assert d.tolist() == [0, 8, 6, 4, 6, 2, 8, 4]
+    assert torch.equal(buckets_to_depths(torch.tensor([-1, 0, 3]), [8, 6, 4, 2]), torch.tensor([0, 8, 2]))

@@ -1,0 +1,37 @@
+"""Every error a user can make names the argument and the allowed values."""
+
+import pytest
+
+import cggr
+from tiny import TinyLM
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_buckets=0), "num_buckets must be an integer >= 1"),
+    (dict(num_buckets=2.5), "num_buckets"),
+    (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0"),
+    (dict(leak_rate=1.5), r"leak_rate must be a number in \[0, 1\]"),
+    (dict(leak_rate=-0.1), "leak_rate"),
+    (dict(leak_rate="high"), "leak_rate"),
+    (dict(mode="dense"), r"mode must be one of \('sparse', 'mask'\)"),
+    (dict(policy="loss"), r"policy must be one of \('difficulty', 'random'\)"),
+    (dict(scorer="xent"), r"scorer must be one of"),
+    (dict(depths=[0.5, 0.75, 0.25, 0.1]), "strictly decreasing"),
+    (dict(depths=[1.0, 0.5]), "num_buckets=4"),
+    (dict(depths=[1.2, 0.5, 0.25, 0.1]), r"\(0, 1\]"),
+    (dict(depths=[1.0, 0.5, 0.25, 0.0]), r"\(0, 1\]"),
+    (dict(depths=0.5), "depths"),
+    (dict(label_shift=2), "label_shift"),
+    (dict(layers="transformer.h"), "no attribute path 'transformer.h'"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cggr.attach(TinyLM(), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        cggr.CGGRWrapper(TinyLM(), **kwargs)
+
+
+def test_valid_arguments():
+    r = cggr.attach(TinyLM(), num_buckets=3, warmup_steps=0, leak_rate=1.0, mode="mask", policy="random",
+                    depths=(1.0, 0.5, 0.2), scorer="margin")
+    assert r.targets == [4, 2, 1]

@@ -1,0 +1,296 @@
+"""The routed backward against the reference of DESIGN.md §1 (forward hooks that detach inactive rows)."""
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cggr
+from cggr.adapters import find_layer_stack
+from tiny import TinyLM, flat_grads, hf_model, rel_err
+
+TOL = 1e-5
+MODELS = ["tiny", "llama", "mistral", "gpt2", "gpt_neox"]
+CASES = [  # mode, leak_rate, curriculum progress
+    ("sparse", 0.0, 1.0), ("sparse", 0.0, 0.5), ("sparse", 0.0, 0.0), ("sparse", 0.25, 1.0),
+    ("mask", 0.0, 1.0), ("mask", 0.0, 0.4), ("mask", 0.3, 1.0),
+]
+
+
+def _build(kind, seed):
+    torch.manual_seed(seed)
+    return TinyLM() if kind == "tiny" else hf_model(kind, seed=seed)
+
+
+def _loss(kind, model, ids, labels=None, attention_mask=None):
+    if kind == "tiny":
+        return F.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+    return model(input_ids=ids, labels=labels if labels is not None else ids, attention_mask=attention_mask).loss
+
+
+def _routed_and_reference(kind, mode, leak, progress, seed, policy="difficulty", padded=False):
+    model = _build(kind, seed)
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 61, (3, 13), generator=g)
+    labels = attention_mask = None
+    if padded:
+        attention_mask = torch.ones_like(ids)
+        attention_mask[0, 9:] = 0
+        labels = ids.clone()
+        labels[0, 9:] = -100
+        labels[1, :4] = -100  # a prompt masked out of the loss
+    router = cggr.attach(model, warmup_steps=8, mode=mode, leak_rate=leak, policy=policy, seed=seed)
+    for _ in range(round(progress * 8)):
+        router.step()
+    _loss(kind, model, ids, labels, attention_mask).backward()
+    depth = router.routing.depth
+    _, ref_blocks = find_layer_stack(ref)
+    with cggr.reference_routing(ref_blocks, depth, mode=mode, leak_rate=leak):
+        _loss(kind, ref, ids, labels, attention_mask).backward()
+    return router, flat_grads(model), flat_grads(ref), depth
+
+
+def _assert_equal_grads(g_fast, g_ref):
+    scale = max(v.norm().item() for v in g_ref.values())
+    for name, ref in g_ref.items():
+        err = (g_fast[name] - ref).norm().item() / max(ref.norm().item(), 1e-3 * scale)
+        assert err < TOL, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("mode,leak,progress", CASES)
+def test_gradients_equal_reference(kind, mode, leak, progress):
+    seed = torch.randint(0, 10_000, ()).item()
+    router, g_fast, g_ref, depth = _routed_and_reference(kind, mode, leak, progress, seed)
+    _assert_equal_grads(g_fast, g_ref)
+    if progress == 1.0:
+        assert depth.min() < router.num_layers  # routing really happened
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_padding_and_prompt_masks_give_depth_zero(kind):
+    router, g_fast, g_ref, depth = _routed_and_reference(kind, "sparse", 0.0, 1.0, seed=3, padded=True)
+    _assert_equal_grads(g_fast, g_ref)
+    assert (depth[0, 8:] == 0).all()  # position 8 predicts padding at 9; 9.. are padding
+    assert (depth[1, :3] == 0).all()  # positions predicting the masked prompt
+    assert (depth[:, -1] == 0).all()  # the last position has no label
+    assert (depth[2, :-1] > 0).all()
+
+
+def test_random_policy_matches_reference():
+    router, g_fast, g_ref, depth = _routed_and_reference("llama", "sparse", 0.0, 1.0, seed=5, policy="random")
+    _assert_equal_grads(g_fast, g_ref)
+
+
+def test_routed_gradients_differ_from_dense():
+    torch.manual_seed(0)
+    model = hf_model("llama")
+    dense = copy.deepcopy(model)
+    ids = torch.randint(0, 61, (2, 16))
+    cggr.attach(model, warmup_steps=0)
+    _loss("llama", model, ids).backward()
+    _loss("llama", dense, ids).backward()
+    g_r, g_d = flat_grads(model), flat_grads(dense)
+    bottom = "model.layers.0.mlp.down_proj.weight"
+    top_head = "lm_head.weight"
+    assert rel_err(g_r[bottom], g_d[bottom]) > 0.05
+    assert rel_err(g_r[top_head], g_d[top_head]) < 1e-6  # the head is above the routed stack
+
+
+def test_linear_backward_skips_inactive_rows():
+    """The routed linear's matmuls run on the active rows only: count the rows that reach mm."""
+    torch.manual_seed(0)
+    model = TinyLM(layers=4)
+    router = cggr.attach(model, warmup_steps=0)
+    ids = torch.randint(0, 61, (2, 16))
+    loss = _loss("tiny", model, ids)
+    rows = []
+    real_mm = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        rows.append(a.shape[0])
+        return real_mm(a, b)
+
+    torch.Tensor.__matmul__ = spy
+    try:
+        loss.backward()
+    finally:
+        torch.Tensor.__matmul__ = real_mm
+    n = ids.numel()
+    counts = [router.routing.active_count(i) for i in range(4)]
+    assert counts[0] < counts[-1] == n
+    # ga @ w (input grad) and ga.t() @ x (weight grad: rows of ga.t() = out features) per linear
+    assert min(r for r in rows if r in counts) < n
+    assert sum(1 for r in rows if r == counts[0]) >= 6  # 6 linears in block 0, on its active rows
+
+
+def test_eval_mode_is_a_noop():
+    torch.manual_seed(0)
+    model = hf_model("llama")
+    plain = copy.deepcopy(model)
+    router = cggr.attach(model, warmup_steps=0)
+    model.eval()
+    plain.eval()
+    ids = torch.randint(0, 61, (2, 9))
+    _loss("llama", model, ids).backward()
+    _loss("llama", plain, ids).backward()
+    assert router.routing is None
+    g1, g2 = flat_grads(model), flat_grads(plain)
+    assert all(torch.equal(g1[n], g2[n]) for n in g2)
+    with torch.no_grad():
+        model.train()
+        model(input_ids=ids)
+    assert router.routing is None  # no routing without autograd
+
+
+def test_detach_restores_model():
+    torch.manual_seed(0)
+    model = hf_model("gpt2")
+    plain = copy.deepcopy(model)
+    router = cggr.attach(model, warmup_steps=0)
+    assert router.detach() is model
+    ids = torch.randint(0, 61, (2, 9))
+    _loss("gpt2", model, ids).backward()
+    _loss("gpt2", plain, ids).backward()
+    g1, g2 = flat_grads(model), flat_grads(plain)
+    assert all(torch.equal(g1[n], g2[n]) for n in g2)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    cggr.attach(model)  # can attach again after detaching
+
+
+def test_attach_twice_is_refused():
+    model = TinyLM()
+    cggr.attach(model)
+    with pytest.raises(ValueError, match="already attached"):
+        cggr.attach(model)
+
+
+def test_each_backward_uses_its_own_forward_routing():
+    """Two forwards, then both backwards: no routing leaks from the later batch into the earlier one."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    ref = copy.deepcopy(model)
+    router = cggr.attach(model, warmup_steps=0)
+    ids1, ids2 = torch.randint(0, 61, (2, 2, 10))
+    l1 = _loss("tiny", model, ids1)
+    d1 = router.routing.depth
+    l2 = _loss("tiny", model, ids2)
+    d2 = router.routing.depth
+    assert not torch.equal(d1, d2)
+    (l1 + l2).backward()
+    for ids, d in ((ids1, d1), (ids2, d2)):
+        with cggr.reference_routing(list(ref.blocks), d):
+            _loss("tiny", ref, ids).backward()
+    _assert_equal_grads(flat_grads(model), flat_grads(ref))
+
+
+def test_nonfinite_logits_route_at_full_depth(caplog):
+    torch.manual_seed(0)
+    model = TinyLM()
+    router = cggr.attach(model, warmup_steps=0, depths=[0.75, 0.5, 0.25, 0.25 / 2])
+    poison = {"on": True}
+
+    def hook(module, args, out):
+        out = out.clone()
+        if poison["on"]:
+            out[0, 2, 5] = float("nan")
+            out[1, 4, 0] = float("inf")
+        return out
+
+    model.head.register_forward_hook(hook)
+    ids = torch.randint(0, 61, (2, 8))
+    with caplog.at_level(logging.WARNING, logger="cggr"):
+        logits = model(ids)
+        logits.nan_to_num(0.0, 0.0, 0.0).sum().backward()
+        logits = model(ids)
+    depth = router.routing.depth
+    assert depth[0, 2] == 4 and depth[1, 4] == 4  # full depth, beyond bucket 0's target of 3
+    assert router.metrics()["nonfinite_tokens"] == 2
+    assert sum("non-finite" in r.message for r in caplog.records) == 1
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_all_tokens_invalid_is_not_an_error():
+    torch.manual_seed(0)
+    model = hf_model("llama")
+    router = cggr.attach(model, warmup_steps=0)
+    ids = torch.randint(0, 61, (2, 7))
+    out = model(input_ids=ids, labels=torch.full_like(ids, -100))
+    assert (router.routing.depth == 0).all()
+    out.logits.sum().backward()  # a loss that still depends on the logits
+    m = router.metrics()
+    assert m["valid_tokens"] == 0 and m["mean_depth_fraction"] == 0
+    for n, p in model.named_parameters():
+        if ".layers." in n and p.grad is not None:
+            assert torch.count_nonzero(p.grad) == 0, n
+
+
+def test_single_token_batch():
+    torch.manual_seed(0)
+    model = TinyLM()
+    router = cggr.attach(model, warmup_steps=0)
+    ids = torch.randint(0, 61, (1, 1))
+    _loss("tiny", model, ids).backward()
+    assert router.routing.depth.tolist() == [[4]]  # the only token is the hardest
+
+
+def test_explicit_valid_mask_kwarg():
+    torch.manual_seed(0)
+    model = TinyLM()
+    router = cggr.attach(model, warmup_steps=0)
+    ids = torch.randint(0, 61, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 3:] = False
+    model(ids, cggr_valid_mask=mask)
+    assert (router.routing.depth[1, 3:] == 0).all() and (router.routing.depth[0] > 0).all()
+    with pytest.raises(ValueError, match="cggr_valid_mask"):
+        model(ids, cggr_valid_mask=mask[:, :5])
+
+
+def test_mismatched_logits_shape_is_a_clear_error():
+    torch.manual_seed(0)
+    model = hf_model("llama")
+    cggr.attach(model)
+    ids = torch.randint(0, 61, (2, 9))
+    with pytest.raises(ValueError, match="leading shape"):
+        model(input_ids=ids, logits_to_keep=1)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(input_ids=ids, attention_mask=torch.ones(2, 8, dtype=torch.long))
+
+
+def test_block_with_other_parametrised_layers_falls_back_to_mask(caplog):
+    class ConvBlock(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(32, 32, 1)
+            self.fc = torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            return x + self.fc(self.conv(x.transpose(1, 2)).transpose(1, 2))
+
+    torch.manual_seed(0)
+    model = TinyLM(layers=3)
+    model.blocks[1] = ConvBlock()
+    ref = copy.deepcopy(model)
+    with caplog.at_level(logging.WARNING, logger="cggr"):
+        router = cggr.attach(model, warmup_steps=0)
+    assert router.sparse_blocks == [True, False, True]
+    assert any("blocks.1" in r.message and "conv" in r.message for r in caplog.records)
+    ids = torch.randint(0, 61, (2, 8))
+    _loss("tiny", model, ids).backward()
+    with cggr.reference_routing(list(ref.blocks), router.routing.depth, mode=["sparse", "mask", "sparse"]):
+        _loss("tiny", ref, ids).backward()
+    _assert_equal_grads(flat_grads(model), flat_grads(ref))
+
+
+def test_more_buckets_than_blocks_warns_and_collapses(caplog):
+    with caplog.at_level(logging.WARNING, logger="cggr"):
+        router = cggr.attach(TinyLM(layers=2), num_buckets=5, warmup_steps=0)
+    assert router.targets == [2, 2, 2, 1, 1]
+    assert any("num_buckets=5" in r.message for r in caplog.records)
+    model = router.model
+    _loss("tiny", model, torch.randint(0, 61, (2, 10))).backward()
+    assert set(router.routing.depth.unique().tolist()) == {1, 2}
