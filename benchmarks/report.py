@@ -1,0 +1,110 @@
+"""Regenerate the README's result tables from the committed JSON files.
+
+Each table sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``
+in README.md and is rebuilt from ``benchmarks/results/NAME-*.json``:
+
+    python benchmarks/report.py          # rewrite README.md in place
+    python benchmarks/report.py --check  # exit 1 if README.md is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+
+def _load(prefix):
+    records = []
+    for path in sorted(glob.glob(os.path.join(RESULTS, f"{prefix}-*.json"))):
+        with open(path) as f:
+            data = json.load(f)
+        records += data if isinstance(data, list) else [data]
+    return records
+
+
+def _source_line(records):
+    seen = {(r.get("gpu"), r.get("torch"), r.get("triton"), r.get("git_rev")) for r in records}
+    parts = [f"{g}, torch {t}, Triton {tr}, rev {(rev or '?')[:10]}" for g, t, tr, rev in sorted(seen, key=str)]
+    return "Measured on " + "; ".join(parts) + "."
+
+
+def speed_table(records):
+    if not records:
+        return "_No speed results committed yet._"
+    lines = ["| model | tokens/step | act. ckpt | arm | step ms (median) | tokens/s | peak GiB | speedup vs dense | FLOP-ratio ceiling |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in records:
+        lines.append(f"| {r['model']} | {r['batch']}x{r['seq']} | {'on' if r.get('checkpointing') else 'off'} | {r['arm']} | "
+                     f"{r['step_ms_median']:.1f} | {r['tokens_per_s']:,} | {r['peak_mem_gib']:.2f} | "
+                     f"{r['speedup_vs_dense']:.3f}x | {r['flop_ratio_ceiling']:.2f}x |")
+    return "\n".join(lines) + "\n\n" + _source_line(records)
+
+
+def kernels_table(records):
+    if not records:
+        return "_No kernel results committed yet._"
+    lines = ["| kernel | shape | dtype | Triton ms | GB/s | eager PyTorch ms | torch.compile ms | max rel. error |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+
+    def f(v, fmt):
+        return "—" if v is None else format(v, fmt)
+
+    for r in records:
+        lines.append(f"| {r['kernel']} | {r['shape']} | {r['dtype']} | {f(r.get('ms_median'), '.3f')} | "
+                     f"{f(r.get('gb_per_s'), '.0f')} | {f(r.get('reference_ms'), '.3f')} | "
+                     f"{f(r.get('compiled_ms'), '.3f')} | {f(r.get('max_rel_err'), '.1e')} |")
+    return "\n".join(lines) + "\n\n" + _source_line(records)
+
+
+def demo_table(records):
+    if not records:
+        return "_No demo results committed yet._"
+    out = []
+    for run in records:
+        lines = ["| arm | step ms (median) | tokens/s | final val loss | speedup vs dense | mean depth fraction |",
+                 "|---|---:|---:|---:|---:|---:|"]
+        for a in run["arms"]:
+            depth = a.get("mean_depth_fraction")
+            lines.append(f"| {a['arm']} | {a['step_ms_median']:.1f} | {a['tokens_per_s']:,.0f} | {a['final_val_loss']:.3f} | "
+                         f"{a['speedup_vs_dense']:.3f}x | {'—' if depth is None else format(depth, '.3f')} |")
+        out.append(f"`{run.get('command', 'cggr demo')}` on {run.get('device', '?')}:\n\n" + "\n".join(lines))
+    return "\n\n".join(out)
+
+
+TABLES = {"speed": speed_table, "kernels": kernels_table, "demo": demo_table}
+
+
+def render(readme: str) -> str:
+    for name, fn in TABLES.items():
+        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
+        readme = pattern.sub(lambda m: m.group(1) + fn(_load(name)) + m.group(2), readme)
+    return readme
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="fail if README.md differs from the regenerated one")
+    a = p.parse_args(argv)
+    path = os.path.join(ROOT, "README.md")
+    with open(path) as f:
+        old = f.read()
+    new = render(old)
+    if a.check:
+        if new != old:
+            print("README.md result tables are stale: run python benchmarks/report.py", file=sys.stderr)
+            return 1
+        return 0
+    with open(path, "w") as f:
+        f.write(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

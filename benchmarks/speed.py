@@ -1,0 +1,164 @@
+"""Step-time benchmark: dense training against cggr, side by side, one process, one GPU.
+
+Builds Llama-style models from configs (random weights, random tokens), bf16
+weights, AdamW, HF's own loss; for each arm measures the median step time
+(forward + backward + optimizer) over ``--steps`` steps after ``--warmup``,
+tokens/s and peak memory. Writes ``speed-<gpu>.json`` (a list of records) and
+``speed-<gpu>.md`` into ``--out``, and prints the table last.
+
+    python benchmarks/speed.py --models 125M,350M,1B --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+MODELS = {  # name: (hidden, layers, heads, mlp, batch, seq)
+    "125M": (768, 12, 12, 2048, 16, 1024),
+    "350M": (1024, 24, 16, 2816, 16, 1024),
+    "1B": (2048, 16, 16, 5632, 8, 2048),
+}
+VOCAB = 32000
+ARMS = {  # arm: attach options (None = dense)
+    "dense": None,
+    "cggr": dict(mode="sparse", policy="difficulty"),
+    "random": dict(mode="sparse", policy="random"),
+    "mask": dict(mode="mask", policy="difficulty"),
+}
+
+
+def flop_ratio_ceiling(hidden, layers, mlp, seq, vocab, mean_depth_fraction=0.625):
+    """Dense step FLOPs over routed step FLOPs if the block backward scaled with its active rows."""
+    per_token_block = 2 * (4 * hidden * hidden + 3 * hidden * mlp) + 2 * 2 * seq * hidden / 2  # linears + causal attn
+    block_fwd = layers * per_token_block
+    head_fwd = 2 * hidden * vocab
+    dense = 3 * (block_fwd + head_fwd)
+    routed = block_fwd + 2 * block_fwd * mean_depth_fraction + 3 * head_fwd
+    return dense / routed
+
+
+def build(name, seed=0):
+    import transformers as tf
+
+    hidden, layers, heads, mlp, _, _ = MODELS[name]
+    cfg = tf.LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=VOCAB,
+                         max_position_embeddings=4096, tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = tf.LlamaForCausalLM(cfg)
+    return model.to(torch.bfloat16).train()
+
+
+def run_arm(name, arm, steps, warmup, checkpointing):
+    import cggr
+
+    hidden, layers, heads, mlp, batch, seq = MODELS[name]
+    model = build(name)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    router = cggr.attach(model, num_buckets=4, warmup_steps=0, **ARMS[arm]) if ARMS[arm] else None
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    batches = [torch.randint(0, VOCAB, (batch, seq), device="cuda", generator=g) for _ in range(4)]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + steps):
+        ids = batches[i % len(batches)]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if router is not None:
+            router.step()
+        end.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end))
+    metrics = router.metrics() if router is not None else {}
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del model, opt, router, batches
+    gc.collect()
+    torch.cuda.empty_cache()
+    med = statistics.median(times)
+    return dict(model=name, batch=batch, seq=seq, arm=arm, checkpointing=checkpointing,
+                step_ms_median=round(med, 3), step_ms_min=round(min(times), 3),
+                tokens_per_s=round(batch * seq / (med / 1e3)), peak_mem_gib=round(peak, 3),
+                mean_depth_fraction=metrics.get("mean_depth_fraction"),
+                backward_flops_skipped=metrics.get("backward_flops_skipped"),
+                flop_ratio_ceiling=round(flop_ratio_ceiling(hidden, layers, mlp, seq, VOCAB), 3))
+
+
+def environment():
+    import triton
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        rev = None
+    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                git_rev=rev or os.environ.get("CGGR_GIT_REV"), command=" ".join([os.path.basename(sys.executable)] + sys.argv))
+
+
+def markdown(records):
+    lines = ["| model | tokens/step | ckpt | arm | step ms (median) | tokens/s | peak GiB | speedup vs dense | FLOP-ratio ceiling |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in records:
+        lines.append(f"| {r['model']} | {r['batch']}x{r['seq']} | {'on' if r['checkpointing'] else 'off'} | {r['arm']} | "
+                     f"{r['step_ms_median']:.1f} | {r['tokens_per_s']:,} | {r['peak_mem_gib']:.2f} | "
+                     f"{r['speedup_vs_dense']:.3f}x | {r['flop_ratio_ceiling']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="125M,350M,1B")
+    p.add_argument("--arms", default="dense,cggr,random,mask")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--checkpointing", default="off", help="off, on or both")
+    p.add_argument("--out", default="benchmarks/results")
+    a = p.parse_args(argv)
+    env = environment()
+    ckpts = {"off": [False], "on": [True], "both": [False, True]}[a.checkpointing]
+    records = []
+    for name in a.models.split(","):
+        for ck in ckpts:
+            group = []
+            for arm in a.arms.split(","):
+                t0 = time.time()
+                rec = run_arm(name, arm, a.steps, a.warmup, ck)
+                group.append(rec)
+                print(f"{name} ckpt={ck} {arm}: {rec['step_ms_median']:.1f} ms, peak {rec['peak_mem_gib']:.2f} GiB "
+                      f"({time.time() - t0:.0f}s)", flush=True)
+            dense = next((r["step_ms_median"] for r in group if r["arm"] == "dense"), None)
+            for r in group:
+                r["speedup_vs_dense"] = round(dense / r["step_ms_median"], 4) if dense else None
+                r.update(env)
+            records += group
+    os.makedirs(a.out, exist_ok=True)
+    slug = env["gpu"].lower().replace(" ", "-")
+    with open(os.path.join(a.out, f"speed-{slug}.json"), "w") as f:
+        json.dump(records, f, indent=1)
+    table = markdown(records)
+    with open(os.path.join(a.out, f"speed-{slug}.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""The README's result tables are regenerated from the committed JSON, and CI runs the README's test command."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_readme_tables_match_committed_results():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "report.py"), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = open(os.path.join(ROOT, "README.md")).read().splitlines()
+    i = readme.index("<!-- test-command -->")
+    assert readme[i + 1] == "```bash" and "pytest" in readme[i + 2]
+    out = subprocess.run(["sed", "-n", "/<!-- test-command -->/{n;n;p;}", os.path.join(ROOT, "README.md")],
+                         capture_output=True, text=True).stdout.strip()
+    assert out == readme[i + 2]
