@@ -14,6 +14,7 @@ from .bucketing import POLICIES
 from .scoring import SCORERS
 
 MODES = ("sparse", "mask")
+BACKWARDS = ("auto", "generic")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class RoutingConfig:
     ignore_index: int = -100
     seed: int = 0
     label_shift: int | None = None
+    backward: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.num_buckets, bool) or not isinstance(self.num_buckets, int) or self.num_buckets < 1:
@@ -51,6 +53,8 @@ class RoutingConfig:
             object.__setattr__(self, "depths", _check_depths(self.depths, self.num_buckets))
         if self.label_shift not in (None, 0, 1):
             raise ValueError(f"label_shift must be None (auto), 0 or 1, got {self.label_shift!r}")
+        if self.backward not in BACKWARDS:
+            raise ValueError(f"backward must be one of {BACKWARDS}, got {self.backward!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 

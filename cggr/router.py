@@ -17,6 +17,7 @@ enabled; otherwise every hook passes through untouched.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Sequence
 
@@ -25,6 +26,7 @@ import torch.nn as nn
 
 from .adapters import (block_names, default_label_shift, find_layer_stack, is_routable_linear,
                        unsupported_parametrised_modules, weight_in_out)
+from .compact import compact_family, make_compact_forward
 from .bucketing import POLICY_FNS, buckets_to_depths, curriculum_depths, target_depths
 from .config import RoutingConfig
 from .routing import Routing
@@ -94,6 +96,8 @@ class Router(nn.Module):
         self.label_shift = config.label_shift if config.label_shift is not None else default_label_shift(model)
         self.targets = target_depths(self.num_layers, config.num_buckets, config.depths)
         self.sparse_blocks: list[bool] = []
+        self.compact_blocks: list[str | None] = []  # family of each block's compacted backward, or None
+        self._drop_cache = _accepts_use_cache(model)
         self.routing: Routing | None = None  # the last training forward's routing
         self._current: Routing | None = None  # what routed ops of the running forward capture
         self._forward_state: dict[str, Any] = {}
@@ -153,11 +157,11 @@ class Router(nn.Module):
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for lin, previous in self._patched:
+        for module, previous in reversed(self._patched):
             if previous is None:
-                lin.__dict__.pop("forward", None)
+                module.__dict__.pop("forward", None)
             else:
-                lin.forward = previous
+                module.forward = previous
         self._patched.clear()
         self._current = None
         if getattr(self._model, "_cggr_router", None) is self:
@@ -183,14 +187,24 @@ class Router(nn.Module):
                     self._warn_once(f"fallback{i}", f"{self.block_names[i]} has parametrised layers sparse mode "
                                                     f"cannot route ({', '.join(bad)}); it uses mask mode")
             self.sparse_blocks.append(sparse)
+            family = None
             if sparse:
                 for lin in block.modules():
                     if is_routable_linear(lin):
                         self._patch_linear(lin, i)
+                found = compact_family(block) if self.config.backward == "auto" else None
+                if found is not None:
+                    family, spec = found
+                    self._patch_forward(block, make_compact_forward(lambda: self._current, block, i, family, spec,
+                                                                    block.forward))
+            self.compact_blocks.append(family)
             self._handles.append(block.register_forward_hook(self._make_block_hook(i)))
 
+    def _patch_forward(self, module: nn.Module, forward) -> None:
+        self._patched.append((module, module.__dict__.get("forward")))
+        module.forward = forward
+
     def _patch_linear(self, lin: nn.Module, block_index: int) -> None:
-        previous = lin.__dict__.get("forward")
         plain_forward = lin.forward
         in_out = weight_in_out(lin)
         router = self
@@ -201,13 +215,12 @@ class Router(nn.Module):
                 return plain_forward(x, *args, **kwargs)
             return RoutedLinear.apply(x, lin.weight, lin.bias, r, block_index, in_out)
 
-        lin.forward = routed_forward
-        self._patched.append((lin, previous))
+        self._patch_forward(lin, routed_forward)
 
     def _make_block_hook(self, i: int):
         def hook(module, args, out):
             r = self._current
-            if r is None:
+            if r is None or i in r.compact_blocks:  # a compacted backward gates its own output rows
                 return out
             h = _first_tensor(out)
             if h is None:
@@ -226,7 +239,15 @@ class Router(nn.Module):
         extra = kwargs.pop(VALID_MASK_KWARG, None)
         if module.training and torch.is_grad_enabled():
             self._current = Routing(num_layers=self.num_layers, leak_rate=self.config.leak_rate)
-            self._forward_state = {"valid_mask": extra, "tokens_shape": _input_tokens_shape(args, kwargs)}
+            tokens_shape = _input_tokens_shape(args, kwargs)
+            am = kwargs.get("attention_mask")
+            if (tokens_shape is not None and isinstance(am, torch.Tensor) and am.dim() == len(tokens_shape)
+                    and am.shape != tokens_shape):
+                raise ValueError(f"cggr: attention_mask has shape {tuple(am.shape)} but the input tokens have "
+                                 f"shape {tuple(tokens_shape)}")
+            self._forward_state = {"valid_mask": extra, "tokens_shape": tokens_shape}
+            if self._drop_cache and "use_cache" not in kwargs:
+                kwargs["use_cache"] = False  # a KV cache is useless in a training forward and blocks the fast path
         else:
             self._current = None
             self._forward_state = {}
@@ -371,10 +392,17 @@ class Router(nn.Module):
         module._step = int(module.step_count)
 
 
+def _accepts_use_cache(model: nn.Module) -> bool:
+    try:
+        return "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def attach(model: nn.Module, num_buckets: int = 4, warmup_steps: int = 1000, leak_rate: float = 0.0, *,
            mode: str = "sparse", policy: str = "difficulty", layers=None, depths: Sequence[float] | None = None,
            scorer: str = "entropy_confidence", ignore_index: int = -100, seed: int = 0,
-           label_shift: int | None = None) -> Router:
+           label_shift: int | None = None, backward: str = "auto") -> Router:
     """Install cggr's gradient routing on ``model`` in place and return its :class:`Router`.
 
     Args:
@@ -390,8 +418,10 @@ def attach(model: nn.Module, num_buckets: int = 4, warmup_steps: int = 1000, lea
         ignore_index: label value of tokens without a target.
         seed: seed of the random policy.
         label_shift: 1 if logits at t predict ``labels[t+1]`` (HF causal LMs; auto when None), else 0.
+        backward: ``"auto"`` (a compacted per-family backward where one exists, else the generic one) or
+            ``"generic"`` (always the per-linear generic backward).
     """
     config = RoutingConfig(num_buckets=num_buckets, warmup_steps=warmup_steps, leak_rate=leak_rate, mode=mode,
                            policy=policy, depths=depths, scorer=scorer,
-                           ignore_index=ignore_index, seed=seed, label_shift=label_shift)
+                           ignore_index=ignore_index, seed=seed, label_shift=label_shift, backward=backward)
     return Router(model, config, layers=layers)

@@ -23,6 +23,7 @@ class Routing:
     leak_rate: float = 0.0
     depth: torch.Tensor | None = None  # LongTensor shaped like the tokens, set after the forward
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # device tensors, read lazily
+    compact_blocks: set[int] = field(default_factory=set)  # blocks whose forward took a compacted backward
     _order: torch.Tensor | None = field(default=None, repr=False)
     _active_counts: list[int] | None = field(default=None, repr=False)
     _rows_by_block: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)

@@ -27,12 +27,13 @@ class CGGRWrapper(nn.Module):
     def __init__(self, model: nn.Module, num_buckets: int = 4, warmup_steps: int = 1000, leak_rate: float = 0.0, *,
                  mode: str = "sparse", policy: str = "difficulty", layers=None,
                  depths: Sequence[float] | None = None, scorer: str = "entropy_confidence",
-                 ignore_index: int = -100, seed: int = 0, label_shift: int | None = None):
+                 ignore_index: int = -100, seed: int = 0, label_shift: int | None = None,
+                 backward: str = "auto"):
         super().__init__()
         self.model = model
         self.router: Router = attach(model, num_buckets, warmup_steps, leak_rate, mode=mode, policy=policy,
                                      layers=layers, depths=depths, scorer=scorer, ignore_index=ignore_index,
-                                     seed=seed, label_shift=label_shift)
+                                     seed=seed, label_shift=label_shift, backward=backward)
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)

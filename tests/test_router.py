@@ -12,7 +12,7 @@ from cggr.adapters import find_layer_stack
 from tiny import TinyLM, flat_grads, hf_model, rel_err
 
 TOL = 1e-5
-MODELS = ["tiny", "llama", "mistral", "gpt2", "gpt_neox"]
+MODELS = ["tiny", "llama", "llama-generic", "mistral", "gpt2", "gpt_neox"]  # llama/mistral: compacted backward
 CASES = [  # mode, leak_rate, curriculum progress
     ("sparse", 0.0, 1.0), ("sparse", 0.0, 0.5), ("sparse", 0.0, 0.0), ("sparse", 0.25, 1.0),
     ("mask", 0.0, 1.0), ("mask", 0.0, 0.4), ("mask", 0.3, 1.0),
@@ -21,7 +21,7 @@ CASES = [  # mode, leak_rate, curriculum progress
 
 def _build(kind, seed):
     torch.manual_seed(seed)
-    return TinyLM() if kind == "tiny" else hf_model(kind, seed=seed)
+    return TinyLM() if kind == "tiny" else hf_model(kind.replace("-generic", ""), seed=seed)
 
 
 def _loss(kind, model, ids, labels=None, attention_mask=None):
@@ -42,7 +42,9 @@ def _routed_and_reference(kind, mode, leak, progress, seed, policy="difficulty",
         labels = ids.clone()
         labels[0, 9:] = -100
         labels[1, :4] = -100  # a prompt masked out of the loss
-    router = cggr.attach(model, warmup_steps=8, mode=mode, leak_rate=leak, policy=policy, seed=seed)
+    backward = "generic" if kind.endswith("-generic") else "auto"
+    router = cggr.attach(model, warmup_steps=8, mode=mode, leak_rate=leak, policy=policy, seed=seed,
+                         backward=backward)
     for _ in range(round(progress * 8)):
         router.step()
     _loss(kind, model, ids, labels, attention_mask).backward()
@@ -66,11 +68,13 @@ def test_gradients_equal_reference(kind, mode, leak, progress):
     seed = torch.randint(0, 10_000, ()).item()
     router, g_fast, g_ref, depth = _routed_and_reference(kind, mode, leak, progress, seed)
     _assert_equal_grads(g_fast, g_ref)
+    compact = kind in ("llama", "mistral") and mode == "sparse" and leak == 0
+    assert router.routing.compact_blocks == (set(range(router.num_layers)) if compact else set())
     if progress == 1.0:
         assert depth.min() < router.num_layers  # routing really happened
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "llama-generic", "gpt2"])
 def test_padding_and_prompt_masks_give_depth_zero(kind):
     router, g_fast, g_ref, depth = _routed_and_reference(kind, "sparse", 0.0, 1.0, seed=3, padded=True)
     _assert_equal_grads(g_fast, g_ref)
@@ -294,3 +298,42 @@ def test_more_buckets_than_blocks_warns_and_collapses(caplog):
     model = router.model
     _loss("tiny", model, torch.randint(0, 61, (2, 10))).backward()
     assert set(router.routing.depth.unique().tolist()) == {1, 2}
+
+
+def test_compacted_llama_backward_runs_on_active_rows():
+    torch.manual_seed(0)
+    model = hf_model("llama", layers=4)
+    router = cggr.attach(model, warmup_steps=0)
+    ids = torch.randint(0, 61, (3, 11))  # 33 rows: no feature size of the tiny model is 33
+    loss = _loss("llama", model, ids)
+    rows = []
+    real_mm = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        rows.append(a.shape[0])
+        return real_mm(a, b)
+
+    torch.Tensor.__matmul__ = spy
+    try:
+        loss.backward()
+    finally:
+        torch.Tensor.__matmul__ = real_mm
+    n = ids.numel() - 3  # the last position of each sequence has no label
+    counts = [router.routing.active_count(i) for i in range(4)]
+    assert counts == sorted(counts) and counts[0] < n
+    assert rows.count(counts[0]) >= 4  # dm, dr2 (2), do, dr1 (3) ... of block 0 on its active rows only
+    assert ids.numel() not in rows  # no projection backward ran on all rows
+
+
+def test_compacted_path_falls_back_where_it_cannot_run():
+    torch.manual_seed(0)
+    model = hf_model("llama", layers=2)
+    router = cggr.attach(model, warmup_steps=0)
+    ids = torch.randint(0, 61, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids)
+    assert router.routing.compact_blocks == set()  # autocast: the generic path
+    model(input_ids=ids, labels=ids, use_cache=True)
+    assert router.routing.compact_blocks == set()  # an explicit KV cache: the generic path
+    model(input_ids=ids, labels=ids)
+    assert router.routing.compact_blocks == {0, 1}
