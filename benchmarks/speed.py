@@ -30,9 +30,10 @@ MODELS = {  # name: (hidden, layers, heads, mlp, batch, seq)
 VOCAB = 32000
 ARMS = {  # arm: attach options (None = dense)
     "dense": None,
-    "cggr": dict(mode="sparse", policy="difficulty"),
-    "random": dict(mode="sparse", policy="random"),
-    "mask": dict(mode="mask", policy="difficulty"),
+    "cggr": dict(mode="sparse", policy="difficulty"),          # compacted backward where the family has one
+    "random": dict(mode="sparse", policy="random"),            # same bucket sizes: same work as cggr
+    "generic": dict(mode="sparse", backward="generic"),        # per-linear routed backward only
+    "mask": dict(mode="mask", policy="difficulty"),            # gates gradients, saves nothing
 }
 
 
@@ -54,13 +55,14 @@ def build(name, seed=0):
                          num_attention_heads=heads, num_key_value_heads=heads, vocab_size=VOCAB,
                          max_position_embeddings=4096, tie_word_embeddings=False)
     cfg._attn_implementation = "sdpa"
+    cfg.use_cache = False
     torch.manual_seed(seed)
     with torch.device("cuda"):
         model = tf.LlamaForCausalLM(cfg)
     return model.to(torch.bfloat16).train()
 
 
-def run_arm(name, arm, steps, warmup, checkpointing):
+def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None):
     import cggr
 
     hidden, layers, heads, mlp, batch, seq = MODELS[name]
@@ -88,6 +90,19 @@ def run_arm(name, arm, steps, warmup, checkpointing):
         torch.cuda.synchronize()
         if i >= warmup:
             times.append(start.elapsed_time(end))
+    if profile_dir:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for ids in batches[:2]:
+                model(input_ids=ids, labels=ids).loss.backward()
+                opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+        os.makedirs(profile_dir, exist_ok=True)
+        with open(os.path.join(profile_dir, f"profile-{name}.txt"), "a") as f:
+            f.write(f"\n=== {name} {arm} ckpt={checkpointing}: 2 forward+backward steps (no optimizer), "
+                    f"CUDA time by kernel\n{table}\n")
     metrics = router.metrics() if router is not None else {}
     peak = torch.cuda.max_memory_allocated() / 2**30
     del model, opt, router, batches
@@ -127,11 +142,13 @@ def markdown(records):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="125M,350M,1B")
-    p.add_argument("--arms", default="dense,cggr,random,mask")
+    p.add_argument("--arms", default="dense,cggr,random,generic,mask")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--checkpointing", default="off", help="off, on or both")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--profile", default="", help="model whose arms are also profiled (kernel table per arm)")
+    p.add_argument("--profile-dir", default=None, help="where profile tables go (default --out)")
     a = p.parse_args(argv)
     env = environment()
     ckpts = {"off": [False], "on": [True], "both": [False, True]}[a.checkpointing]
@@ -141,7 +158,8 @@ def main(argv=None):
             group = []
             for arm in a.arms.split(","):
                 t0 = time.time()
-                rec = run_arm(name, arm, a.steps, a.warmup, ck)
+                prof = (a.profile_dir or a.out) if name == a.profile else None
+                rec = run_arm(name, arm, a.steps, a.warmup, ck, prof)
                 group.append(rec)
                 print(f"{name} ckpt={ck} {arm}: {rec['step_ms_median']:.1f} ms, peak {rec['peak_mem_gib']:.2f} GiB "
                       f"({time.time() - t0:.0f}s)", flush=True)
@@ -152,7 +170,16 @@ def main(argv=None):
             records += group
     os.makedirs(a.out, exist_ok=True)
     slug = env["gpu"].lower().replace(" ", "-")
-    with open(os.path.join(a.out, f"speed-{slug}.json"), "w") as f:
+    path = os.path.join(a.out, f"speed-{slug}.json")
+    # Merge with earlier runs in the same file: a new record replaces the one of the same configuration.
+    key = lambda r: (r["model"], r["arm"], bool(r.get("checkpointing")))
+    if os.path.exists(path):
+        with open(path) as f:
+            fresh = {key(r) for r in records}
+            records = [r for r in json.load(f) if key(r) not in fresh] + records
+    order = {m: i for i, m in enumerate(MODELS)}
+    records.sort(key=lambda r: (order.get(r["model"], 99), bool(r.get("checkpointing")), list(ARMS).index(r["arm"])))
+    with open(path, "w") as f:
         json.dump(records, f, indent=1)
     table = markdown(records)
     with open(os.path.join(a.out, f"speed-{slug}.md"), "w") as f:

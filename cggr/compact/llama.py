@@ -17,12 +17,14 @@ The gradient is that of DESIGN.md §1's sparse mode; tests compare it with
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..routing import Routing
+from .pointwise import kernel
 
 
 @dataclass(frozen=True)
@@ -40,25 +42,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _rotate_half_t(x: torch.Tensor) -> torch.Tensor:
-    """Transpose of :func:`_rotate_half` (for the rotary backward)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x2, -x1), dim=-1)
-
-
 def _rms_forward(x: torch.Tensor, w: torch.Tensor, eps: float):
     xf = x.float()
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return w * (xf * rstd).to(x.dtype), rstd
-
-
-def _rms_backward(dout: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, w: torch.Tensor):
-    """Backward of ``w * (x * rstd).to(dtype)`` for rows ``x`` ``[n, D]``; returns (dx, dw) in fp32."""
-    xhat = x.float() * rstd
-    dw = (dout.float() * xhat.to(x.dtype).float()).sum(0)
-    dxhat = dout.float() * w.float()
-    dx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
-    return dx, dw
 
 
 def _attention(q, k, v, mask, spec: LlamaBlockSpec):
@@ -104,88 +91,55 @@ class LlamaBlockRouted(torch.autograd.Function):
         spec: LlamaBlockSpec = ctx.spec
         B, S, D = x.shape
         N = B * S
-        H, KV, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        n = r.active_count(ctx.block_index)
+        H, hd = spec.num_heads, spec.head_dim
         weights = (w_n1, wq, bq, wk, bk, wv, bv, wo, bo, w_n2, wg, bg, wu, bu, wd, bd)
+        n = r.active_count(ctx.block_index)
         if n == 0:
             grads = [None if w is None else torch.zeros_like(w) for w in weights]
             return (torch.zeros_like(x), None, None, None, None, None, None, *grads)
-        idx = None if n == N else r.active_rows(ctx.block_index)
-        bi, si = (None, None) if idx is None else (torch.div(idx, S, rounding_mode="floor"), idx % S)
-
-        def rows(t: torch.Tensor) -> torch.Tensor:
-            """Active rows of a ``[B, S, ...]`` tensor as ``[n, ...]``."""
-            if idx is None:
-                return t.reshape(N, *t.shape[2:])
-            return t[bi, si]
-
-        def head_rows(t: torch.Tensor) -> torch.Tensor:
-            """Active rows of a ``[B, heads, S, hd]`` tensor as ``[n, heads, hd]``."""
-            if idx is None:
-                return t.transpose(1, 2).reshape(N, t.shape[1], t.shape[3])
-            return t[bi, :, si]
-
+        idx = r.active_rows(ctx.block_index) if n < N else torch.arange(N, device=x.device)
+        bi, si = torch.div(idx, S, rounding_mode="floor"), idx % S
+        K = functools.partial(kernel, on_cuda=x.is_cuda)
         dt = x.dtype
-        dy_a = rows(dy).to(dt)  # [n, D]
-        # ---- MLP: y = h + down(silu(g) * u)
-        g_a, u_a = rows(g), rows(u)
-        sig = torch.sigmoid(g_a.float())
-        act = (g_a.float() * sig).to(dt)
-        m_a = act * u_a
-        dwd = dy_a.t() @ m_a
-        dbd = dy_a.sum(0) if bd is not None else None
+        x2, h2, rs1, rs2 = x.view(N, D), h.view(N, D), rstd1.view(N, 1), rstd2.view(N, 1)
+
+        def bias_grad(grad, b):
+            return None if b is None else grad.sum(0)
+
+        # ---- MLP: y = h + down(silu(gate(r2)) * up(r2)), r2 = rmsnorm(h)
+        dy_a = dy.reshape(N, D).index_select(0, idx).to(dt)  # the one gather of the output gradient
         dm = dy_a @ wd
-        du = dm * act
-        dg = (dm.float() * u_a.float() * sig * (1 + g_a.float() * (1 - sig))).to(dt)
-        h_a, rstd2_a = rows(h), rows(rstd2)
-        r2_a = w_n2 * (h_a.float() * rstd2_a).to(dt)
+        m_a, dg, du = K("swiglu_backward")(dm, g.view(N, -1), u.view(N, -1), idx)
+        dwd, dbd = dy_a.t() @ m_a, bias_grad(dy_a, bd)
+        r2_a = K("rms_rows")(h2, rs2, w_n2, idx)
         dwg, dwu = dg.t() @ r2_a, du.t() @ r2_a
-        dbg = dg.sum(0) if bg is not None else None
-        dbu = du.sum(0) if bu is not None else None
-        dr2 = dg @ wg + du @ wu
-        dh_norm, dw_n2 = _rms_backward(dr2, h_a, rstd2_a, w_n2)
-        dh = dy_a.float() + dh_norm  # fp32 residual accumulation
-        dh_t = dh.to(dt)
+        dbg, dbu = bias_grad(dg, bg), bias_grad(du, bu)
+        dr2 = torch.addmm(dg @ wg, du, wu)
+        dh, dw_n2 = K("rms_backward_add")(dr2, dy_a, h2, rs2, w_n2, idx)
         # ---- attention output projection: h = x + o_proj(o)
-        o_a = rows(o)
-        dwo = dh_t.t() @ o_a
-        dbo = dh_t.sum(0) if bo is not None else None
-        do_a = dh_t @ wo
-        # ---- attention: dense over the sequence, inactive queries' output gradient is zero
-        if idx is None:
-            do = do_a.view(B, S, H, hd).transpose(1, 2)
-        else:
-            do = do_a.new_zeros(N, H * hd).index_copy_(0, idx, do_a).view(B, S, H, hd).transpose(1, 2)
+        o_a = o.view(N, H * hd).index_select(0, idx)
+        dwo, dbo = dh.t() @ o_a, bias_grad(dh, bo)
+        do_a = dh @ wo
+        # ---- attention: dense over the sequence; inactive queries' output gradient is zero
+        do = do_a.new_zeros(N, H * hd).index_copy_(0, idx, do_a).view(B, S, H, hd).transpose(1, 2)
         with torch.enable_grad():
             qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
             out = _attention(qq, kk, vv, mask, spec)
             dq, dk, dv = torch.autograd.grad(out, (qq, kk, vv), do)
-        # ---- rotary backward, on active rows only (inactive keys and values are constants)
-        c_a = rows(cos.expand(B, S, hd)).unsqueeze(1)  # [n, 1, hd]
-        s_a = rows(sin.expand(B, S, hd)).unsqueeze(1)
-
-        def unrope(t: torch.Tensor) -> torch.Tensor:
-            t = head_rows(t)
-            return (t * c_a + _rotate_half_t(t * s_a)).reshape(t.shape[0], -1)
-
-        dq_a, dk_a = unrope(dq), unrope(dk)
-        dv_a = head_rows(dv).reshape(-1, KV * hd)
-        x_a, rstd1_a = rows(x), rows(rstd1)
-        r1_a = w_n1 * (x_a.float() * rstd1_a).to(dt)
+        # ---- rotary and q/k/v projections, on active rows only (inactive keys/values are constants)
+        cos_b, sin_b = cos.expand(B, S, hd), sin.expand(B, S, hd)
+        dq_a = K("rope_backward")(dq, cos_b, sin_b, bi, si)
+        dk_a = K("rope_backward")(dk, cos_b, sin_b, bi, si)
+        dv_a = K("head_rows")(dv, bi, si)
+        r1_a = K("rms_rows")(x2, rs1, w_n1, idx)
         dwq, dwk, dwv = dq_a.t() @ r1_a, dk_a.t() @ r1_a, dv_a.t() @ r1_a
-        dbq = dq_a.sum(0) if bq is not None else None
-        dbk = dk_a.sum(0) if bk is not None else None
-        dbv = dv_a.sum(0) if bv is not None else None
-        dr1 = dq_a @ wq + dk_a @ wk + dv_a @ wv
-        dx_norm, dw_n1 = _rms_backward(dr1, x_a, rstd1_a, w_n1)
-        dx_a = (dh + dx_norm).to(dt)
-        if idx is None:
-            dx = dx_a.view(B, S, D)
-        else:
-            dx = dx_a.new_zeros(N, D).index_copy_(0, idx, dx_a).view(B, S, D)
+        dbq, dbk, dbv = bias_grad(dq_a, bq), bias_grad(dk_a, bk), bias_grad(dv_a, bv)
+        dr1 = torch.addmm(torch.addmm(dq_a @ wq, dk_a, wk), dv_a, wv)
+        dx_a, dw_n1 = K("rms_backward_add")(dr1, dh, x2, rs1, w_n1, idx)
+        dx = dx_a if n == N else dx_a.new_zeros(N, D).index_copy_(0, idx, dx_a)  # the one scatter
         grads = (dw_n1, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dw_n2, dwg, dbg, dwu, dbu, dwd, dbd)
         grads = [None if gr is None else gr.to(w.dtype) for gr, w in zip(grads, weights)]
-        return (dx, None, None, None, None, None, None, *grads)
+        return (dx.view(B, S, D), None, None, None, None, None, None, *grads)
 
 
 def _linear_ok(m) -> bool:

@@ -1,0 +1,100 @@
+"""Fused row-wise pieces of the compacted backward.
+
+Each function reads the active rows of full saved tensors through an index
+(the gather is fused into its consumer) and does one row-wise job: the
+SwiGLU backward, an RMSNorm recompute or backward with its residual, the
+rotary backward. Written in plain PyTorch: that is the reference, and what
+runs on CPU. On CUDA each is compiled once by ``torch.compile`` with dynamic
+shapes (the number of active rows changes every block and step), which fuses
+the gather and the arithmetic into one or two kernels; ``CGGR_COMPILE=0``
+turns that off.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger("cggr")
+
+
+def swiglu_backward(dm: torch.Tensor, g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor):
+    """Rows ``idx`` of ``m = silu(g) * u``, and its input gradients given ``dm`` (active rows).
+
+    Returns ``(m_a, dg_a, du_a)`` in ``dm``'s dtype.
+    """
+    dt = dm.dtype
+    ga = g[idx].float()
+    ua = u[idx].float()
+    sig = torch.sigmoid(ga)
+    act = (ga * sig).to(dt).float()  # the layer's forward rounds silu(g) to the activation dtype
+    dmf = dm.float()
+    m_a = act * ua
+    du = dmf * act
+    dg = dmf * ua * (sig * (1.0 + ga * (1.0 - sig)))
+    return m_a.to(dt), dg.to(dt), du.to(dt)
+
+
+def rms_rows(x: torch.Tensor, rstd: torch.Tensor, w: torch.Tensor, idx: torch.Tensor):
+    """Rows ``idx`` of ``w * (x * rstd).to(x.dtype)`` (an RMSNorm output, recomputed)."""
+    return w * (x[idx].float() * rstd[idx]).to(x.dtype)
+
+
+def rms_backward_add(dout: torch.Tensor, residual: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor,
+                     w: torch.Tensor, idx: torch.Tensor):
+    """``residual + d(RMSNorm)/dx · dout`` on rows ``idx``, and the norm weight's gradient (fp32).
+
+    Backward of ``w * (x * rstd).to(dtype)`` with ``rstd = rsqrt(mean(x^2) + eps)``.
+    """
+    xhat = x[idx].float() * rstd[idx]
+    dof = dout.float()
+    dw = (dof * xhat.to(x.dtype).float()).sum(0)
+    dxhat = dof * w.float()
+    dx = rstd[idx] * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+    return (residual.float() + dx).to(dout.dtype), dw
+
+
+def rope_backward(dt_heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bi: torch.Tensor,
+                  si: torch.Tensor):
+    """Gradient before the rotary embedding, for rows ``(bi, si)`` of ``dt_heads`` ``[B, heads, S, hd]``.
+
+    Forward: ``t' = t*cos + rotate_half(t)*sin`` with ``rotate_half([a, b]) = [-b, a]``; so
+    ``dt = dt'*cos + rotate_half^T(dt'*sin)`` with ``rotate_half^T([a, b]) = [b, -a]``.
+    Returns ``[n, heads * hd]``.
+    """
+    t = dt_heads[bi, :, si].float()  # [n, heads, hd]
+    c = cos[bi, si].float().unsqueeze(1)
+    s = sin[bi, si].float().unsqueeze(1)
+    ts = t * s
+    half = ts.shape[-1] // 2
+    rot_t = torch.cat((ts[..., half:], -ts[..., :half]), dim=-1)
+    return (t * c + rot_t).to(dt_heads.dtype).reshape(t.shape[0], -1)
+
+
+def head_rows(t_heads: torch.Tensor, bi: torch.Tensor, si: torch.Tensor):
+    """Rows ``(bi, si)`` of a ``[B, heads, S, hd]`` tensor as ``[n, heads * hd]``."""
+    t = t_heads[bi, :, si]
+    return t.reshape(t.shape[0], -1)
+
+
+_EAGER = {f.__name__: f for f in (swiglu_backward, rms_rows, rms_backward_add, rope_backward, head_rows)}
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(name: str):
+    fn = _EAGER[name]
+    try:
+        return torch.compile(fn, dynamic=True)
+    except Exception as e:  # no compiler toolchain, unsupported platform
+        logger.warning("cggr: torch.compile unavailable (%s); the compacted backward runs eagerly", e)
+        return fn
+
+
+def kernel(name: str, on_cuda: bool):
+    """The implementation of ``name`` to run: compiled on CUDA unless ``CGGR_COMPILE=0``, else eager."""
+    if on_cuda and os.environ.get("CGGR_COMPILE", "1") != "0":
+        return _compiled(name)
+    return _EAGER[name]
