@@ -1,0 +1,138 @@
+"""One-pass difficulty score: ``entropy - confidence`` of ``softmax(logits)`` per row.
+
+Reference: :func:`cggr.scoring.entropy_confidence_reference` (same quantities,
+same NaN rules). The kernel reads each row of logits exactly once, keeping an
+"online softmax" state per row in fp32:
+
+    m  running maximum
+    s  sum exp(x - m)
+    t  sum exp(x - m) * (x - m)
+
+and, when a chunk raises the maximum from ``m`` to ``m'``, rescales the state:
+``s' = s e^(m-m')`` and ``t' = e^(m-m') (t + s (m - m'))``. At the end
+``entropy = log s - t / s`` and ``confidence = 1 / s``.
+
+Non-finite inputs need no per-element test: a NaN or ``+inf`` entry makes
+``exp(x - m)`` NaN (``inf - inf``), so ``s`` ends NaN; a row whose maximum is
+``-inf`` has no finite entry. Both give NaN outputs, as in the reference.
+``-inf`` entries (masked vocabulary) give ``exp(-inf) = 0``; their ``x - m``
+is clamped to a finite value before the product, since ``0 * -inf`` is NaN.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..scoring import Scores, _check_logits
+
+
+@triton.jit
+def _entropy_confidence_kernel(
+    x_ptr, diff_ptr, ent_ptr, conf_ptr,
+    V, stride_row,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = x_ptr + row * stride_row
+    offs = tl.arange(0, BLOCK_V)
+
+    m = float("-inf")  # running max
+    s = 0.0            # sum exp(x - m)
+    t = 0.0            # sum exp(x - m) * (x - m)
+    for start in range(0, V, BLOCK_V):
+        idx = start + offs
+        x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # Shift by the new max; by 0 while every entry seen so far is -inf.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        z = x - shift
+        e = tl.exp(z)
+        s_c = tl.sum(e, axis=0)
+        # -inf entries: e = 0 and z = -inf; clamping z keeps 0 * z at 0 (one max, no select).
+        t_c = tl.sum(e * tl.maximum(z, -3.0e38), axis=0)
+        # Rescale the old state to the new max (no-op when the max is unchanged;
+        # s = t = 0 while the old max is -inf).
+        same = m == m_new
+        scale = tl.where(same, 1.0, tl.exp(m - m_new))
+        t_old = tl.where(same, t, tl.where(s > 0.0, scale * (t + s * (m - m_new)), 0.0))
+        t = t_old + t_c
+        s = s * scale + s_c
+        m = m_new
+
+    ent = tl.log(s) - t / s
+    conf = 1.0 / s
+    bad = (s != s) | (m == float("-inf"))
+    nan = float("nan")
+    ent = tl.where(bad, nan, ent)
+    conf = tl.where(bad, nan, conf)
+    tl.store(diff_ptr + row, ent - conf)
+    tl.store(ent_ptr + row, ent)
+    tl.store(conf_ptr + row, conf)
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop blocks much wider than the vocabulary (they would only load padding)."""
+    v = named_args["V"]
+    cap = max(triton.next_power_of_2(v), 1024)
+    kept = [c for c in configs if c.kwargs["BLOCK_V"] <= cap]
+    return kept or configs[:1]
+
+
+# Measured on an H100 (bf16, V = 32000 and 128256): 4096/4 and 8192/8 read at
+# about 2.9 TB/s, as fast as torch's own sum; 16 warps or 8 warps on 4096 lose 5-25 %.
+_AUTOTUNE_CONFIGS = [
+    triton.Config({"BLOCK_V": bv}, num_warps=nw)
+    for bv, nw in ((1024, 4), (2048, 4), (4096, 4), (8192, 8))
+]
+
+_entropy_confidence_autotuned = triton.autotune(
+    configs=_AUTOTUNE_CONFIGS, key=["V"], prune_configs_by={"early_config_prune": _prune_configs},
+)(_entropy_confidence_kernel)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@torch.no_grad()
+def entropy_confidence_triton(logits: torch.Tensor) -> Scores:
+    """:func:`cggr.scoring.entropy_confidence_reference` in one read of ``logits``.
+
+    Args:
+        logits: ``[..., V]`` float tensor (fp32, fp16 or bf16; fp64 is read
+            as fp32, as the reference does). The last dimension must be
+            contiguous (it is copied otherwise); the leading ones may be strided.
+    Returns:
+        :class:`cggr.scoring.Scores`, fp32 tensors shaped ``logits.shape[:-1]``.
+    """
+    return _entropy_confidence(logits)
+
+
+def _entropy_confidence(logits: torch.Tensor, block_v: int | None = None) -> Scores:
+    """The launcher; ``block_v`` forces a chunk width (tests use it to exercise rescaling)."""
+    _check_logits(logits)
+    lead = logits.shape[:-1]
+    V = logits.shape[-1]
+    if logits.dtype == torch.float64:
+        logits = logits.float()
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    x = logits.reshape(-1, V)  # a view whenever the leading dims allow it
+    rows = x.shape[0]
+    out = torch.empty((3, rows), dtype=torch.float32, device=logits.device)
+    if rows > 0:
+        stride_row = x.stride(0) if rows > 1 else V
+        grid = (rows,)
+        if block_v is None and _interpreting():
+            # The interpreter runs one config; wide blocks mean few (slow) Python-level steps.
+            block_v = min(triton.next_power_of_2(V), 4096)
+        if block_v is not None:
+            _entropy_confidence_kernel[grid](x, out[0], out[1], out[2], V, stride_row, BLOCK_V=block_v)
+        else:
+            _entropy_confidence_autotuned[grid](x, out[0], out[1], out[2], V, stride_row)
+    d, ent, conf = (o.reshape(lead) for o in out)
+    return Scores(d, ent, conf)
