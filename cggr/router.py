@@ -107,6 +107,7 @@ class Router(nn.Module):
         self._nonfinite_pending = None
         self._handles: list = []
         self._patched: list[tuple[nn.Module, Any]] = []
+        self._checkpoint_patched: list[tuple[nn.Module, Any]] = []  # (block, its own checkpoint function)
         if config.num_buckets > self.num_layers and config.depths is None:
             self._warn_once("buckets", f"num_buckets={config.num_buckets} exceeds the {self.num_layers} blocks "
                                        f"of the stack: bucket depths collapse to {self.targets}")
@@ -163,6 +164,10 @@ class Router(nn.Module):
             else:
                 module.forward = previous
         self._patched.clear()
+        for block, previous in self._checkpoint_patched:
+            if getattr(block.__dict__.get("_gradient_checkpointing_func"), "_cggr_router", None) is self:
+                block._gradient_checkpointing_func = previous
+        self._checkpoint_patched.clear()
         self._current = None
         if getattr(self._model, "_cggr_router", None) is self:
             object.__delattr__(self._model, "_cggr_router")
@@ -238,6 +243,7 @@ class Router(nn.Module):
         self._report_nonfinite()
         extra = kwargs.pop(VALID_MASK_KWARG, None)
         if module.training and torch.is_grad_enabled():
+            self._bind_routing_to_checkpoints()
             self._current = Routing(num_layers=self.num_layers, leak_rate=self.config.leak_rate)
             tokens_shape = _input_tokens_shape(args, kwargs)
             am = kwargs.get("attention_mask")
@@ -252,6 +258,44 @@ class Router(nn.Module):
             self._current = None
             self._forward_state = {}
         return args, kwargs
+
+    def _bind_routing_to_checkpoints(self) -> None:
+        """Make activation checkpointing replay a block with the routing of the forward that ran it.
+
+        A checkpointed block runs its forward again during backward, and the
+        routed ops read ``_current`` when they run: by then it may hold another
+        forward's routing, or None after an evaluation forward. Reentrant
+        checkpointing then builds the block's gradient graph with the wrong rows;
+        non-reentrant checkpointing fails on recomputed tensors of other shapes.
+        HF layers checkpoint through ``_gradient_checkpointing_func``, set by
+        ``gradient_checkpointing_enable`` (possibly after ``attach``, hence this
+        check at every training forward); the wrapper closes the routing of the
+        first run over the function the checkpoint replays.
+        """
+        for block in self._blocks:
+            fn = block.__dict__.get("_gradient_checkpointing_func")
+            if fn is None or getattr(fn, "_cggr_router", None) is self:
+                continue
+            block._gradient_checkpointing_func = self._checkpoint_with_routing(fn)
+            self._checkpoint_patched.append((block, fn))
+
+    def _checkpoint_with_routing(self, checkpoint_fn):
+        router = self
+
+        def checkpoint_with_routing(function, *args, **kwargs):
+            routing = router._current
+
+            def replay(*a, **k):
+                previous, router._current = router._current, routing
+                try:
+                    return function(*a, **k)
+                finally:
+                    router._current = previous
+
+            return checkpoint_fn(replay, *args, **kwargs)
+
+        checkpoint_with_routing._cggr_router = self
+        return checkpoint_with_routing
 
     def _post_forward(self, module, args, kwargs, output):
         r = self._current

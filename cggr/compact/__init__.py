@@ -45,6 +45,10 @@ def make_compact_forward(get_routing: Callable[[], Routing | None], block: torch
     """
     _, params_fn, function = FAMILIES[family]
     as_tuple = _returns_tuple(block)
+    modules = tuple(block.modules())  # what the spec was read from
+    # Older HF layers checkpoint in ``__call__`` (around this forward); newer ones wrap the class's ``forward``,
+    # which this instance forward shadows, so then the compacted block must checkpoint itself.
+    checkpoints_itself = type(block).__call__ is torch.nn.Module.__call__
 
     def forward(hidden_states, *args, **kwargs):
         r = get_routing()
@@ -53,6 +57,7 @@ def make_compact_forward(get_routing: Callable[[], Routing | None], block: torch
         params = params_fn(block)
         usable = (
             r is not None and not args and r.leak_rate == 0 and pe is not None
+            and tuple(block.modules()) == modules  # not changed since attach (e.g. linears wrapped by PEFT)
             and kwargs.get("cache") is None and kwargs.get("past_key_values") is None
             and not kwargs.get("output_attentions", False)
             and hidden_states.dim() == 3
@@ -63,9 +68,16 @@ def make_compact_forward(get_routing: Callable[[], Routing | None], block: torch
         )
         if not usable:
             return plain_forward(hidden_states, *args, **kwargs)
-        cos, sin = pe
-        y = function.apply(hidden_states, cos.to(hidden_states.dtype), sin.to(hidden_states.dtype), mask, r,
-                           block_index, spec, *params)
+        cos, sin = (t.to(hidden_states.dtype) for t in pe)
+
+        def run(h):
+            return function.apply(h, cos, sin, mask, r, block_index, spec, *params)
+
+        if checkpoints_itself and getattr(block, "gradient_checkpointing", False) and block.training:
+            # ``run`` closes over this forward's routing, so the replay in backward uses it too.
+            y = block._gradient_checkpointing_func(run, hidden_states)
+        else:
+            y = run(hidden_states)
         r.compact_blocks.add(block_index)
         return (y,) if as_tuple else y
 

@@ -96,5 +96,7 @@ def _compiled(name: str):
 def kernel(name: str, on_cuda: bool):
     """The implementation of ``name`` to run: compiled on CUDA unless ``CGGR_COMPILE=0``, else eager."""
     if on_cuda and os.environ.get("CGGR_COMPILE", "1") != "0":
-        return _compiled(name)
+        fn = _compiled(name)
+        # Detached inputs: a requires_grad flag that differs between calls would make dynamo recompile.
+        return lambda *args: fn(*(a.detach() for a in args))
     return _EAGER[name]

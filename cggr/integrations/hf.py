@@ -1,0 +1,179 @@
+"""``CGGRCallback``: cggr in a Hugging Face ``Trainer`` with one argument.
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      callbacks=[CGGRCallback(num_buckets=4, warmup_steps=200)])
+
+What the callback does, event by event:
+
+* ``on_train_begin``: attaches the router to the Trainer's model (the module
+  under any DDP / DataParallel / DeepSpeed wrapper; a PEFT model stays as it
+  is, its forward is the one that returns logits). A model that already has a
+  router, and a second ``train()`` call, reuse the router: nothing is attached
+  twice. The curriculum step is then set to ``state.global_step``, which the
+  Trainer has already restored when it resumes from a checkpoint; the
+  checkpoint's ``cggr_state.pt``, when there is one, is loaded and checked
+  against it.
+* ``on_step_end`` (once per optimizer step, however many micro-batches are
+  accumulated): ``router.step()``. So the curriculum step always equals the
+  Trainer's ``global_step``; don't also call ``router.attach_optimizer``.
+* ``on_log``: adds ``router.metrics()`` (the last training forward's routing)
+  to the training logs under ``cggr/`` names. That is one host
+  synchronisation per logging step, none per micro-batch. Evaluation logs
+  are left alone.
+* ``on_save``: writes the router's ``state_dict()`` to
+  ``<checkpoint folder>/cggr_state.pt``.
+
+Reporting integrations (W&B, TensorBoard, ... from ``report_to``) are put
+ahead of user callbacks, so they receive ``on_log`` before this callback has
+added its metrics; ``callback.install(trainer)`` moves the callback in front
+of them. ``trainer.state.log_history`` gets the metrics either way.
+
+Each micro-batch is routed from its own logits; its backward uses that
+routing, and gradient accumulation sums those routed gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.nn as nn
+from transformers import TrainerCallback
+from transformers.trainer_callback import DefaultFlowCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..config import RoutingConfig
+from ..router import Router, attach
+from ..wrapper import CGGRWrapper
+
+logger = logging.getLogger("cggr")
+
+CGGR_STATE_NAME = "cggr_state.pt"
+METRIC_PREFIX = "cggr/"
+
+# Wrappers whose ``.module`` is the model whose forward returns the logits.
+_PARALLEL_WRAPPERS = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine")
+
+# Keys that mark the logs of an evaluation (``metric_key_prefix`` of Trainer.evaluate/predict).
+_EVAL_PREFIXES = ("eval_", "test_")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module under DDP / DataParallel / DeepSpeed wrappers (PEFT models are kept: they return logits)."""
+    while type(model).__name__ in _PARALLEL_WRAPPERS and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+class CGGRCallback(TrainerCallback):
+    """Routes the backward pass of a ``transformers.Trainer``'s model with cggr.
+
+    Takes the options of :func:`cggr.attach` (``num_buckets``, ``warmup_steps``,
+    ``leak_rate``, ``mode``, ``policy``, ``layers``, ``depths``, ``scorer``,
+    ``ignore_index``, ``seed``, ``label_shift``); ``warmup_steps`` counts
+    optimizer steps. ``log_metrics=False`` leaves the logs alone.
+
+    The router is ``callback.router`` once training has begun. It stays
+    attached after training; ``callback.router.detach()`` removes it.
+    """
+
+    def __init__(self, num_buckets: int = 4, warmup_steps: int = 1000, leak_rate: float = 0.0, *,
+                 log_metrics: bool = True, **attach_kwargs: Any):
+        # Fail here, not at train time: unknown options and bad values.
+        try:
+            inspect.signature(attach).bind(None, num_buckets, warmup_steps, leak_rate, **attach_kwargs)
+        except TypeError as e:
+            raise TypeError(f"CGGRCallback: {e} (it takes the options of cggr.attach)") from None
+        fields = {f.name for f in dataclasses.fields(RoutingConfig)}
+        RoutingConfig(num_buckets=num_buckets, warmup_steps=warmup_steps, leak_rate=leak_rate,
+                      **{k: v for k, v in attach_kwargs.items() if k in fields})
+        self.attach_kwargs = dict(num_buckets=num_buckets, warmup_steps=warmup_steps, leak_rate=leak_rate,
+                                  **attach_kwargs)
+        self.log_metrics = log_metrics
+        self.router: Router | None = None
+
+    def install(self, trainer) -> "CGGRCallback":
+        """Add this callback to ``trainer`` ahead of the reporting integrations, so they log ``cggr/`` metrics."""
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        first = 1 if callbacks and isinstance(callbacks[0], DefaultFlowCallback) else 0
+        callbacks.insert(first, self)
+        return self
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ValueError("CGGRCallback: the Trainer passed no model to on_train_begin")
+        router = self._router_for(unwrap_model(model))
+        self._restore_step(router, args, state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.router is not None:
+            self.router.step()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self.log_metrics or self.router is None or logs is None:
+            return
+        if any(k.startswith(_EVAL_PREFIXES) for k in logs):
+            return  # no training forward behind an evaluation's logs
+        metrics = {METRIC_PREFIX + k: v for k, v in self.router.metrics().items()}
+        # Trainer.log appended a copy of ``logs`` to the history before calling the callbacks.
+        history = state.log_history
+        if history and history[-1].get("step") == state.global_step and all(k in history[-1] for k in logs):
+            history[-1].update(metrics)
+        logs.update(metrics)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.router is None or not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if not os.path.isdir(folder):
+            logger.warning("cggr: checkpoint folder %s not found; the router state was not saved", folder)
+            return
+        torch.save(self.router.state_dict(), os.path.join(folder, CGGR_STATE_NAME))
+
+    # --------------------------------------------------------------- helpers
+    def _router_for(self, model: nn.Module) -> Router:
+        if self.router is not None:
+            if self.router.model is model:
+                return self.router  # a second train() on the same model
+            self.router.detach()  # the Trainer has a new model (model_init): route that one
+            self.router = None
+        existing = model.router if isinstance(model, CGGRWrapper) else getattr(model, "_cggr_router", None)
+        if isinstance(existing, Router):
+            logger.warning("cggr: the model already has a router (%s); CGGRCallback uses it and ignores its own "
+                           "options", existing.extra_repr())
+            self.router = existing
+        else:
+            self.router = attach(model, **self.attach_kwargs)
+        return self.router
+
+    def _restore_step(self, router: Router, args, state) -> None:
+        """Set the curriculum step to the Trainer's ``global_step`` (restored by the Trainer on resume)."""
+        step = int(state.global_step)
+        saved = self._saved_state(args, step) if step > 0 else None
+        if saved is not None:
+            saved_step = int(saved.get("step_count", -1))
+            if saved_step == step:
+                router.load_state_dict(saved)
+                return
+            logger.warning("cggr: the checkpoint's router state is at step %d but the Trainer resumes at "
+                           "global_step %d; the curriculum follows global_step", saved_step, step)
+        router.load_state_dict({**router.state_dict(), "step_count": torch.tensor(step, dtype=torch.long)})
+
+    @staticmethod
+    def _saved_state(args, step: int) -> dict | None:
+        folders = []
+        if isinstance(getattr(args, "resume_from_checkpoint", None), str):
+            folders.append(args.resume_from_checkpoint)
+        folders.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}"))
+        for folder in folders:
+            path = os.path.join(folder, CGGR_STATE_NAME)
+            if os.path.isfile(path):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        return None
