@@ -93,12 +93,15 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None):
     if profile_dir:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for ids in batches[:2]:
                 model(input_ids=ids, labels=ids).loss.backward()
                 opt.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+        averages = prof.key_averages()
+        table = (averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60)
+                 + "\nby host time:\n" + averages.table(sort_by="self_cpu_time_total", row_limit=15,
+                                                         max_name_column_width=60))
         os.makedirs(profile_dir, exist_ok=True)
         with open(os.path.join(profile_dir, f"profile-{name}.txt"), "a") as f:
             f.write(f"\n=== {name} {arm} ckpt={checkpointing}: 2 forward+backward steps (no optimizer), "

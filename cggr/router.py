@@ -314,6 +314,8 @@ class Router(nn.Module):
                              "the routed stack must keep one row per token")
         valid = self._valid_mask(tokens_shape, kwargs, logits.device)
         self._route(r, logits.detach(), valid)
+        if self.config.leak_rate == 0 and any(self.sparse_blocks):
+            r.plan()  # the step's one host synchronisation, here rather than mid-backward
         self.routing = r
         self._micro += 1
         return None

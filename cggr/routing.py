@@ -27,6 +27,7 @@ class Routing:
     _order: torch.Tensor | None = field(default=None, repr=False)
     _active_counts: list[int] | None = field(default=None, repr=False)
     _rows_by_block: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _positions: dict = field(default_factory=dict, repr=False)
 
     @property
     def ready(self) -> bool:
@@ -68,6 +69,17 @@ class Routing:
         counts = at_least[L - torch.arange(L, device=d.device)]  # block i: depth >= L - i
         self._active_counts = counts.tolist()
 
+    def plan(self) -> None:
+        """Fetch the active counts now (the step's one host synchronisation), if not done yet.
+
+        The router calls this right after the forward, while the GPU still has the
+        forward's work queued: the host then starts the backward with the whole
+        loss and head backward as a lead, instead of synchronising in the middle of
+        the backward and launching every block's work with no lead at all.
+        """
+        if self._active_counts is None:
+            self._plan()
+
     def active_count(self, block_index: int) -> int:
         if self._active_counts is None:
             self._plan()
@@ -81,6 +93,20 @@ class Routing:
             rows = self._order[:n]
             self._rows_by_block[block_index] = rows
         return rows
+
+    def active_positions(self, block_index: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Active rows of ``block_index`` as flat indices and as (batch, position) pairs.
+
+        All rows when every row is active (the compacted backward then gathers in order).
+        """
+        key = (block_index, seq_len)
+        cached = self._positions.get(key)
+        if cached is None:
+            n = self.active_count(block_index)
+            idx = self.active_rows(block_index) if n < self.num_rows else torch.arange(
+                self.num_rows, device=self.depth.device)
+            cached = self._positions[key] = (idx, torch.div(idx, seq_len, rounding_mode="floor"), idx % seq_len)
+        return cached
 
     def inactive_mask(self, block_index: int) -> torch.Tensor:
         """Bool mask over the flattened tokens: True where the row is inactive in ``block_index``."""

@@ -97,8 +97,7 @@ class LlamaBlockRouted(torch.autograd.Function):
         if n == 0:
             grads = [None if w is None else torch.zeros_like(w) for w in weights]
             return (torch.zeros_like(x), None, None, None, None, None, None, *grads)
-        idx = r.active_rows(ctx.block_index) if n < N else torch.arange(N, device=x.device)
-        bi, si = torch.div(idx, S, rounding_mode="floor"), idx % S
+        idx, bi, si = r.active_positions(ctx.block_index, S)
         K = functools.partial(kernel, on_cuda=x.is_cuda)
         dt = x.dtype
         x2, h2, rs1, rs2 = x.view(N, D), h.view(N, D), rstd1.view(N, 1), rstd2.view(N, 1)
@@ -109,9 +108,8 @@ class LlamaBlockRouted(torch.autograd.Function):
         # ---- MLP: y = h + down(silu(gate(r2)) * up(r2)), r2 = rmsnorm(h)
         dy_a = dy.reshape(N, D).index_select(0, idx).to(dt)  # the one gather of the output gradient
         dm = dy_a @ wd
-        m_a, dg, du = K("swiglu_backward")(dm, g.view(N, -1), u.view(N, -1), idx)
+        m_a, dg, du, r2_a = K("mlp_rows")(dm, g.view(N, -1), u.view(N, -1), h2, rs2, w_n2, idx)
         dwd, dbd = dy_a.t() @ m_a, bias_grad(dy_a, bd)
-        r2_a = K("rms_rows")(h2, rs2, w_n2, idx)
         dwg, dwu = dg.t() @ r2_a, du.t() @ r2_a
         dbg, dbu = bias_grad(dg, bg), bias_grad(du, bu)
         dr2 = torch.addmm(dg @ wg, du, wu)
@@ -128,10 +126,7 @@ class LlamaBlockRouted(torch.autograd.Function):
             dq, dk, dv = torch.autograd.grad(out, (qq, kk, vv), do)
         # ---- rotary and q/k/v projections, on active rows only (inactive keys/values are constants)
         cos_b, sin_b = cos.expand(B, S, hd), sin.expand(B, S, hd)
-        dq_a = K("rope_backward")(dq, cos_b, sin_b, bi, si)
-        dk_a = K("rope_backward")(dk, cos_b, sin_b, bi, si)
-        dv_a = K("head_rows")(dv, bi, si)
-        r1_a = K("rms_rows")(x2, rs1, w_n1, idx)
+        dq_a, dk_a, dv_a, r1_a = K("qkv_rows")(dq, dk, dv, cos_b, sin_b, x2, rs1, w_n1, idx, bi, si)
         dwq, dwk, dwv = dq_a.t() @ r1_a, dk_a.t() @ r1_a, dv_a.t() @ r1_a
         dbq, dbk, dbv = bias_grad(dq_a, bq), bias_grad(dk_a, bk), bias_grad(dv_a, bv)
         dr1 = torch.addmm(torch.addmm(dq_a @ wq, dk_a, wk), dv_a, wv)

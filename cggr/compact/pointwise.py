@@ -80,7 +80,22 @@ def head_rows(t_heads: torch.Tensor, bi: torch.Tensor, si: torch.Tensor):
     return t.reshape(t.shape[0], -1)
 
 
-_EAGER = {f.__name__: f for f in (swiglu_backward, rms_rows, rms_backward_add, rope_backward, head_rows)}
+def mlp_rows(dm: torch.Tensor, g: torch.Tensor, u: torch.Tensor, h: torch.Tensor, rstd: torch.Tensor,
+             w_norm: torch.Tensor, idx: torch.Tensor):
+    """Everything row-wise the MLP backward needs: ``swiglu_backward`` and the recomputed norm output."""
+    return (*swiglu_backward(dm, g, u, idx), rms_rows(h, rstd, w_norm, idx))
+
+
+def qkv_rows(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             x: torch.Tensor, rstd: torch.Tensor, w_norm: torch.Tensor, idx: torch.Tensor, bi: torch.Tensor,
+             si: torch.Tensor):
+    """Active rows of the q/k/v gradients before rotary, and the recomputed input norm output."""
+    return (rope_backward(dq, cos, sin, bi, si), rope_backward(dk, cos, sin, bi, si), head_rows(dv, bi, si),
+            rms_rows(x, rstd, w_norm, idx))
+
+
+_EAGER = {f.__name__: f for f in (swiglu_backward, rms_rows, rms_backward_add, rope_backward, head_rows,
+                                  mlp_rows, qkv_rows)}
 
 
 @functools.lru_cache(maxsize=None)
