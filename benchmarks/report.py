@@ -50,15 +50,17 @@ def speed_table(records):
 def kernels_table(records):
     if not records:
         return "_No kernel results committed yet._"
-    lines = ["| kernel | shape | dtype | Triton ms | GB/s | eager PyTorch ms | torch.compile ms | max rel. error |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| kernel | shape | dtype | Triton ms (median, with launch) | GPU time ms | GB/s | eager PyTorch ms | "
+             "torch.compile ms | max rel. error |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
 
     def f(v, fmt):
         return "—" if v is None else format(v, fmt)
 
     for r in records:
-        lines.append(f"| {r['kernel']} | {r['shape']} | {r['dtype']} | {f(r.get('ms_median'), '.3f')} | "
-                     f"{f(r.get('gb_per_s'), '.0f')} | {f(r.get('reference_ms'), '.3f')} | "
+        shape = "x".join(map(str, r["shape"])) if isinstance(r["shape"], (list, tuple)) else r["shape"]
+        lines.append(f"| {r['kernel']} | {shape} | {r['dtype']} | {f(r.get('ms_median'), '.3f')} | "
+                     f"{f(r.get('kernel_ms'), '.3f')} | {f(r.get('gb_per_s'), '.0f')} | {f(r.get('reference_ms'), '.3f')} | "
                      f"{f(r.get('compiled_ms'), '.3f')} | {f(r.get('max_rel_err'), '.1e')} |")
     return "\n".join(lines) + "\n\n" + _source_line(records)
 

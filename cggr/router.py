@@ -276,14 +276,18 @@ class Router(nn.Module):
             fn = block.__dict__.get("_gradient_checkpointing_func")
             if fn is None or getattr(fn, "_cggr_router", None) is self:
                 continue
-            block._gradient_checkpointing_func = self._checkpoint_with_routing(fn)
+            block._gradient_checkpointing_func = self._checkpoint_with_routing(fn, block)
             self._checkpoint_patched.append((block, fn))
 
-    def _checkpoint_with_routing(self, checkpoint_fn):
+    def _checkpoint_with_routing(self, checkpoint_fn, block: nn.Module):
         router = self
 
         def checkpoint_with_routing(function, *args, **kwargs):
             routing = router._current
+            routes = getattr(block.__dict__.get("forward"), "cggr_routes_call", None)
+            if routes is not None and args and routes(args[0], args[1:], getattr(function, "keywords", {})):
+                # A compacted block checkpoints itself, routed (older HF layers checkpoint in __call__).
+                return function(*args, **kwargs)
 
             def replay(*a, **k):
                 previous, router._current = router._current, routing

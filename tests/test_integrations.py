@@ -324,13 +324,19 @@ def test_hf_gradient_checkpointing_equals_reference(reentrant, order, backward):
 
 @pytest.mark.parametrize("backward", _BACKWARDS)
 def test_hf_gradient_checkpointing_stays_on_when_routed(backward):
+    """Checkpointing stays on: through HF's checkpoint function (generic path), or routed inside the
+    compacted block, which then keeps only its input for the backward."""
     model, _, router = _checkpointed_model(False, backward)
-    calls = []
+    calls, outputs = [], []
     for block in router.blocks:
         ckpt = block._gradient_checkpointing_func
         block._gradient_checkpointing_func = lambda fn, *a, _c=ckpt, **k: (calls.append(1), _c(fn, *a, **k))[1]
+        block.register_forward_hook(lambda m, a, out: outputs.append(type(out.grad_fn).__name__))
     model(**_batch(22)).loss.backward()
-    assert len(calls) == router.num_layers
+    if backward == "auto" and router.compact_blocks[0] is not None:
+        assert calls == [] and set(outputs) == {"LlamaBlockRoutedCheckpointedBackward"}
+    else:
+        assert len(calls) == router.num_layers
 
 
 # --------------------------------------------------------------------------- env report, lazy imports

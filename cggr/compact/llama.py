@@ -57,84 +57,174 @@ def _lin(x, w, b):
     return F.linear(x, w, b)
 
 
+def _qkv(x, cos, sin, spec: LlamaBlockSpec, w_n1, wq, bq, wk, bk, wv, bv):
+    """Input norm, projections and rotary: ``(rstd1, q, k, v)`` with q/k/v as ``[B, heads, S, hd]``."""
+    B, S, _ = x.shape
+    H, KV, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    r1, rstd1 = _rms_forward(x, w_n1, spec.eps1)
+    q = _lin(r1, wq, bq).view(B, S, H, hd).transpose(1, 2)
+    k = _lin(r1, wk, bk).view(B, S, KV, hd).transpose(1, 2)
+    v = _lin(r1, wv, bv).view(B, S, KV, hd).transpose(1, 2)
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    return rstd1, q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s, v
+
+
+def _mlp_input(x, o, w_n2, wo, bo, spec: LlamaBlockSpec):
+    """``h = x + o_proj(o)``, the post-attention norm and its ``rstd``: ``(h, r2, rstd2)``."""
+    h = x + _lin(o, wo, bo)
+    r2, rstd2 = _rms_forward(h, w_n2, spec.eps2)
+    return h, r2, rstd2
+
+
+def _zero_grads(x, weights):
+    return (torch.zeros_like(x), None, None, None, None, None, None,
+            *[None if w is None else torch.zeros_like(w) for w in weights])
+
+
+def _backward_on_active_rows(dy, idx, bi, si, mlp_rows_src, o_a, attention_grad, x, rstd1, cos, sin,
+                             spec: LlamaBlockSpec, weights):
+    """The block backward on its active rows; shared by the saved and the checkpointed variants.
+
+    ``mlp_rows_src = (g, u, h, rstd2, rows)``: where the MLP's saved values are read (rows ``rows`` of
+    ``[*, ...]`` tensors); ``o_a``: attention output of the active rows; ``attention_grad(do)``: gradients of
+    the attention's q, k, v for an output gradient ``do`` ``[B, H, S, hd]``.
+    """
+    (w_n1, wq, bq, wk, bk, wv, bv, wo, bo, w_n2, wg, bg, wu, bu, wd, bd) = weights
+    B, S, D = x.shape
+    N = B * S
+    H, hd = spec.num_heads, spec.head_dim
+    K = functools.partial(kernel, on_cuda=x.is_cuda)
+    dt = x.dtype
+    n = idx.numel()
+
+    def bias_grad(grad, b):
+        return None if b is None else grad.sum(0)
+
+    # ---- MLP: y = h + down(silu(gate(r2)) * up(r2)), r2 = rmsnorm(h)
+    dy_a = dy.reshape(N, D).index_select(0, idx).to(dt)  # the one gather of the output gradient
+    dm = dy_a @ wd
+    g_src, u_src, h_src, rs2_src, mlp_idx = mlp_rows_src
+    m_a, dg, du, r2_a = K("mlp_rows")(dm, g_src, u_src, h_src, rs2_src, w_n2, mlp_idx)
+    dwd, dbd = dy_a.t() @ m_a, bias_grad(dy_a, bd)
+    dwg, dwu = dg.t() @ r2_a, du.t() @ r2_a
+    dbg, dbu = bias_grad(dg, bg), bias_grad(du, bu)
+    dr2 = torch.addmm(dg @ wg, du, wu)
+    dh, dw_n2 = K("rms_backward_add")(dr2, dy_a, h_src, rs2_src, w_n2, mlp_idx)
+    # ---- attention output projection: h = x + o_proj(o)
+    dwo, dbo = dh.t() @ o_a, bias_grad(dh, bo)
+    do_a = dh @ wo
+    # ---- attention: dense over the sequence; inactive queries' output gradient is zero
+    if n == N:  # every row active: idx is 0..N-1 in order
+        do = do_a.view(B, S, H, hd).transpose(1, 2)
+    else:
+        do = do_a.new_zeros(N, H * hd).index_copy_(0, idx, do_a).view(B, S, H, hd).transpose(1, 2)
+    dq, dk, dv = attention_grad(do)
+    # ---- rotary and q/k/v projections, on active rows only (inactive keys/values are constants)
+    cos_b, sin_b = cos.expand(B, S, hd), sin.expand(B, S, hd)
+    dq_a, dk_a, dv_a, r1_a = K("qkv_rows")(dq, dk, dv, cos_b, sin_b, x.view(N, D), rstd1.view(N, 1), w_n1,
+                                           idx, bi, si)
+    dwq, dwk, dwv = dq_a.t() @ r1_a, dk_a.t() @ r1_a, dv_a.t() @ r1_a
+    dbq, dbk, dbv = bias_grad(dq_a, bq), bias_grad(dk_a, bk), bias_grad(dv_a, bv)
+    dr1 = torch.addmm(torch.addmm(dq_a @ wq, dk_a, wk), dv_a, wv)
+    dx_a, dw_n1 = K("rms_backward_add")(dr1, dh, x.view(N, D), rstd1.view(N, 1), w_n1, idx)
+    dx = dx_a if n == N else dx_a.new_zeros(N, D).index_copy_(0, idx, dx_a)  # the one scatter
+    grads = (dw_n1, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dw_n2, dwg, dbg, dwu, dbu, dwd, dbd)
+    grads = [None if gr is None else gr.to(w.dtype) for gr, w in zip(grads, weights)]
+    return (dx.view(B, S, D), None, None, None, None, None, None, *grads)
+
+
+def _attention_grad_by_recompute(q, k, v, mask, spec):
+    def grad(do):
+        with torch.enable_grad():
+            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+            out = _attention(qq, kk, vv, mask, spec)
+            return torch.autograd.grad(out, (qq, kk, vv), do)
+    return grad
+
+
 class LlamaBlockRouted(torch.autograd.Function):
-    """``y = block(x)`` with a backward restricted to the rows active in ``block_index``."""
+    """``y = block(x)`` with a backward restricted to the rows active in ``block_index``.
+
+    Saves the activations the backward reads (fewer than the HF layer's autograd graph saves).
+    """
 
     @staticmethod
-    def forward(ctx, x, cos, sin, mask, routing: Routing, block_index: int, spec: LlamaBlockSpec,
-                w_n1, wq, bq, wk, bk, wv, bv, wo, bo, w_n2, wg, bg, wu, bu, wd, bd):
+    def forward(ctx, x, cos, sin, mask, routing: Routing, block_index: int, spec: LlamaBlockSpec, *weights):
+        (w_n1, wq, bq, wk, bk, wv, bv, wo, bo, w_n2, wg, bg, wu, bu, wd, bd) = weights
         B, S, D = x.shape
-        H, KV, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        r1, rstd1 = _rms_forward(x, w_n1, spec.eps1)
-        q = _lin(r1, wq, bq).view(B, S, H, hd).transpose(1, 2)
-        k = _lin(r1, wk, bk).view(B, S, KV, hd).transpose(1, 2)
-        v = _lin(r1, wv, bv).view(B, S, KV, hd).transpose(1, 2)
-        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * c + _rotate_half(q) * s
-        k = k * c + _rotate_half(k) * s
-        o = _attention(q, k, v, mask, spec).transpose(1, 2).reshape(B, S, H * hd)
-        h = x + _lin(o, wo, bo)
-        r2, rstd2 = _rms_forward(h, w_n2, spec.eps2)
+        rstd1, q, k, v = _qkv(x, cos, sin, spec, w_n1, wq, bq, wk, bk, wv, bv)
+        o = _attention(q, k, v, mask, spec).transpose(1, 2).reshape(B, S, -1)
+        h, r2, rstd2 = _mlp_input(x, o, w_n2, wo, bo, spec)
         g = _lin(r2, wg, bg)
         u = _lin(r2, wu, bu)
         y = h + _lin(F.silu(g) * u, wd, bd)
-        ctx.save_for_backward(x, rstd1, q, k, v, o, h, rstd2, g, u, cos, sin, mask,
-                              w_n1, wq, bq, wk, bk, wv, bv, wo, bo, w_n2, wg, bg, wu, bu, wd, bd)
+        ctx.save_for_backward(x, rstd1, q, k, v, o, h, rstd2, g, u, cos, sin, mask, *weights)
         ctx.routing, ctx.block_index, ctx.spec = routing, block_index, spec
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        (x, rstd1, q, k, v, o, h, rstd2, g, u, cos, sin, mask,
-         w_n1, wq, bq, wk, bk, wv, bv, wo, bo, w_n2, wg, bg, wu, bu, wd, bd) = ctx.saved_tensors
+        x, rstd1, q, k, v, o, h, rstd2, g, u, cos, sin, mask, *weights = ctx.saved_tensors
+        r: Routing = ctx.routing
+        B, S, D = x.shape
+        N = B * S
+        if r.active_count(ctx.block_index) == 0:
+            return _zero_grads(x, weights)
+        idx, bi, si = r.active_positions(ctx.block_index, S)
+        o_a = o.view(N, -1).index_select(0, idx)
+        mlp_src = (g.view(N, -1), u.view(N, -1), h.view(N, D), rstd2.view(N, 1), idx)
+        return _backward_on_active_rows(dy, idx, bi, si, mlp_src, o_a,
+                                        _attention_grad_by_recompute(q, k, v, mask, ctx.spec),
+                                        x, rstd1, cos, sin, ctx.spec, weights)
+
+
+class LlamaBlockRoutedCheckpointed(torch.autograd.Function):
+    """Routed activation checkpointing: saves only the block input, recomputes in backward what is needed.
+
+    The recompute runs the input norm, q/k/v and the attention for every row (active queries attend to
+    every key), but the output projection, the post-attention norm and the MLP for the active rows only;
+    the attention's recomputed forward also serves its backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, mask, routing: Routing, block_index: int, spec: LlamaBlockSpec, *weights):
+        (w_n1, wq, bq, wk, bk, wv, bv, wo, bo, w_n2, wg, bg, wu, bu, wd, bd) = weights
+        B, S, D = x.shape
+        _, q, k, v = _qkv(x, cos, sin, spec, w_n1, wq, bq, wk, bk, wv, bv)
+        o = _attention(q, k, v, mask, spec).transpose(1, 2).reshape(B, S, -1)
+        h, r2, _ = _mlp_input(x, o, w_n2, wo, bo, spec)
+        y = h + _lin(F.silu(_lin(r2, wg, bg)) * _lin(r2, wu, bu), wd, bd)
+        ctx.save_for_backward(x, cos, sin, mask, *weights)
+        ctx.routing, ctx.block_index, ctx.spec = routing, block_index, spec
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, cos, sin, mask, *weights = ctx.saved_tensors
+        (w_n1, wq, bq, wk, bk, wv, bv, wo, bo, w_n2, wg, bg, wu, bu, wd, bd) = weights
         r: Routing = ctx.routing
         spec: LlamaBlockSpec = ctx.spec
         B, S, D = x.shape
         N = B * S
-        H, hd = spec.num_heads, spec.head_dim
-        weights = (w_n1, wq, bq, wk, bk, wv, bv, wo, bo, w_n2, wg, bg, wu, bu, wd, bd)
-        n = r.active_count(ctx.block_index)
-        if n == 0:
-            grads = [None if w is None else torch.zeros_like(w) for w in weights]
-            return (torch.zeros_like(x), None, None, None, None, None, None, *grads)
+        if r.active_count(ctx.block_index) == 0:
+            return _zero_grads(x, weights)
         idx, bi, si = r.active_positions(ctx.block_index, S)
-        K = functools.partial(kernel, on_cuda=x.is_cuda)
-        dt = x.dtype
-        x2, h2, rs1, rs2 = x.view(N, D), h.view(N, D), rstd1.view(N, 1), rstd2.view(N, 1)
-
-        def bias_grad(grad, b):
-            return None if b is None else grad.sum(0)
-
-        # ---- MLP: y = h + down(silu(gate(r2)) * up(r2)), r2 = rmsnorm(h)
-        dy_a = dy.reshape(N, D).index_select(0, idx).to(dt)  # the one gather of the output gradient
-        dm = dy_a @ wd
-        m_a, dg, du, r2_a = K("mlp_rows")(dm, g.view(N, -1), u.view(N, -1), h2, rs2, w_n2, idx)
-        dwd, dbd = dy_a.t() @ m_a, bias_grad(dy_a, bd)
-        dwg, dwu = dg.t() @ r2_a, du.t() @ r2_a
-        dbg, dbu = bias_grad(dg, bg), bias_grad(du, bu)
-        dr2 = torch.addmm(dg @ wg, du, wu)
-        dh, dw_n2 = K("rms_backward_add")(dr2, dy_a, h2, rs2, w_n2, idx)
-        # ---- attention output projection: h = x + o_proj(o)
-        o_a = o.view(N, H * hd).index_select(0, idx)
-        dwo, dbo = dh.t() @ o_a, bias_grad(dh, bo)
-        do_a = dh @ wo
-        # ---- attention: dense over the sequence; inactive queries' output gradient is zero
-        do = do_a.new_zeros(N, H * hd).index_copy_(0, idx, do_a).view(B, S, H, hd).transpose(1, 2)
+        rstd1, q, k, v = _qkv(x, cos, sin, spec, w_n1, wq, bq, wk, bk, wv, bv)
         with torch.enable_grad():
             qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
             out = _attention(qq, kk, vv, mask, spec)
-            dq, dk, dv = torch.autograd.grad(out, (qq, kk, vv), do)
-        # ---- rotary and q/k/v projections, on active rows only (inactive keys/values are constants)
-        cos_b, sin_b = cos.expand(B, S, hd), sin.expand(B, S, hd)
-        dq_a, dk_a, dv_a, r1_a = K("qkv_rows")(dq, dk, dv, cos_b, sin_b, x2, rs1, w_n1, idx, bi, si)
-        dwq, dwk, dwv = dq_a.t() @ r1_a, dk_a.t() @ r1_a, dv_a.t() @ r1_a
-        dbq, dbk, dbv = bias_grad(dq_a, bq), bias_grad(dk_a, bk), bias_grad(dv_a, bv)
-        dr1 = torch.addmm(torch.addmm(dq_a @ wq, dk_a, wk), dv_a, wv)
-        dx_a, dw_n1 = K("rms_backward_add")(dr1, dh, x2, rs1, w_n1, idx)
-        dx = dx_a if n == N else dx_a.new_zeros(N, D).index_copy_(0, idx, dx_a)  # the one scatter
-        grads = (dw_n1, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dw_n2, dwg, dbg, dwu, dbu, dwd, dbd)
-        grads = [None if gr is None else gr.to(w.dtype) for gr, w in zip(grads, weights)]
-        return (dx.view(B, S, D), None, None, None, None, None, None, *grads)
+        o_a = kernel("head_rows", x.is_cuda)(out.detach(), bi, si)
+        x_a = x.view(N, D).index_select(0, idx)
+        h_a, r2_a, rstd2_a = _mlp_input(x_a, o_a, w_n2, wo, bo, spec)
+        g_a, u_a = _lin(r2_a, wg, bg), _lin(r2_a, wu, bu)
+        local = torch.arange(idx.numel(), device=idx.device)
+        mlp_src = (g_a, u_a, h_a, rstd2_a, local)
+
+        def attention_grad(do):
+            return torch.autograd.grad(out, (qq, kk, vv), do)
+
+        return _backward_on_active_rows(dy, idx, bi, si, mlp_src, o_a, attention_grad, x, rstd1, cos, sin, spec,
+                                        weights)
 
 
 def _linear_ok(m) -> bool:
