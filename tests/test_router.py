@@ -104,13 +104,8 @@ def test_routed_gradients_differ_from_dense():
     assert rel_err(g_r[top_head], g_d[top_head]) < 1e-6  # the head is above the routed stack
 
 
-def test_linear_backward_skips_inactive_rows():
-    """The routed linear's matmuls run on the active rows only: count the rows that reach mm."""
-    torch.manual_seed(0)
-    model = TinyLM(layers=4)
-    router = cggr.attach(model, warmup_steps=0)
-    ids = torch.randint(0, 61, (2, 16))
-    loss = _loss("tiny", model, ids)
+def _rows_reaching_matmul(loss):
+    """Run ``loss.backward()`` and return the leading size of every ``@`` operand it multiplies."""
     rows = []
     real_mm = torch.Tensor.__matmul__
 
@@ -123,6 +118,17 @@ def test_linear_backward_skips_inactive_rows():
         loss.backward()
     finally:
         torch.Tensor.__matmul__ = real_mm
+    return rows
+
+
+def test_linear_backward_skips_inactive_rows():
+    """The routed linear's matmuls run on the active rows only: count the rows that reach mm."""
+    torch.manual_seed(0)
+    model = TinyLM(layers=4)
+    router = cggr.attach(model, warmup_steps=0)
+    ids = torch.randint(0, 61, (2, 16))
+    loss = _loss("tiny", model, ids)
+    rows = _rows_reaching_matmul(loss)
     n = ids.numel()
     counts = [router.routing.active_count(i) for i in range(4)]
     assert counts[0] < counts[-1] == n
@@ -306,18 +312,7 @@ def test_compacted_llama_backward_runs_on_active_rows():
     router = cggr.attach(model, warmup_steps=0)
     ids = torch.randint(0, 61, (3, 11))  # 33 rows: no feature size of the tiny model is 33
     loss = _loss("llama", model, ids)
-    rows = []
-    real_mm = torch.Tensor.__matmul__
-
-    def spy(a, b):
-        rows.append(a.shape[0])
-        return real_mm(a, b)
-
-    torch.Tensor.__matmul__ = spy
-    try:
-        loss.backward()
-    finally:
-        torch.Tensor.__matmul__ = real_mm
+    rows = _rows_reaching_matmul(loss)
     n = ids.numel() - 3  # the last position of each sequence has no label
     counts = [router.routing.active_count(i) for i in range(4)]
     assert counts == sorted(counts) and counts[0] < n

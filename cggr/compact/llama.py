@@ -76,6 +76,19 @@ def _mlp_input(x, o, w_n2, wo, bo, spec: LlamaBlockSpec):
     return h, r2, rstd2
 
 
+def _block_forward(x, cos, sin, mask, spec: LlamaBlockSpec, weights):
+    """The HF decoder layer's forward; returns ``y`` and what a backward may save."""
+    (w_n1, wq, bq, wk, bk, wv, bv, wo, bo, w_n2, wg, bg, wu, bu, wd, bd) = weights
+    B, S, _ = x.shape
+    rstd1, q, k, v = _qkv(x, cos, sin, spec, w_n1, wq, bq, wk, bk, wv, bv)
+    o = _attention(q, k, v, mask, spec).transpose(1, 2).reshape(B, S, -1)
+    h, r2, rstd2 = _mlp_input(x, o, w_n2, wo, bo, spec)
+    g = _lin(r2, wg, bg)
+    u = _lin(r2, wu, bu)
+    y = h + _lin(F.silu(g) * u, wd, bd)
+    return y, (rstd1, q, k, v, o, h, rstd2, g, u)
+
+
 def _zero_grads(x, weights):
     return (torch.zeros_like(x), None, None, None, None, None, None,
             *[None if w is None else torch.zeros_like(w) for w in weights])
@@ -150,15 +163,8 @@ class LlamaBlockRouted(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cos, sin, mask, routing: Routing, block_index: int, spec: LlamaBlockSpec, *weights):
-        (w_n1, wq, bq, wk, bk, wv, bv, wo, bo, w_n2, wg, bg, wu, bu, wd, bd) = weights
-        B, S, D = x.shape
-        rstd1, q, k, v = _qkv(x, cos, sin, spec, w_n1, wq, bq, wk, bk, wv, bv)
-        o = _attention(q, k, v, mask, spec).transpose(1, 2).reshape(B, S, -1)
-        h, r2, rstd2 = _mlp_input(x, o, w_n2, wo, bo, spec)
-        g = _lin(r2, wg, bg)
-        u = _lin(r2, wu, bu)
-        y = h + _lin(F.silu(g) * u, wd, bd)
-        ctx.save_for_backward(x, rstd1, q, k, v, o, h, rstd2, g, u, cos, sin, mask, *weights)
+        y, saved = _block_forward(x, cos, sin, mask, spec, weights)
+        ctx.save_for_backward(x, *saved, cos, sin, mask, *weights)
         ctx.routing, ctx.block_index, ctx.spec = routing, block_index, spec
         return y
 
@@ -188,12 +194,7 @@ class LlamaBlockRoutedCheckpointed(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cos, sin, mask, routing: Routing, block_index: int, spec: LlamaBlockSpec, *weights):
-        (w_n1, wq, bq, wk, bk, wv, bv, wo, bo, w_n2, wg, bg, wu, bu, wd, bd) = weights
-        B, S, D = x.shape
-        _, q, k, v = _qkv(x, cos, sin, spec, w_n1, wq, bq, wk, bk, wv, bv)
-        o = _attention(q, k, v, mask, spec).transpose(1, 2).reshape(B, S, -1)
-        h, r2, _ = _mlp_input(x, o, w_n2, wo, bo, spec)
-        y = h + _lin(F.silu(_lin(r2, wg, bg)) * _lin(r2, wu, bu), wd, bd)
+        y, _ = _block_forward(x, cos, sin, mask, spec, weights)  # activations dropped: recomputed in backward
         ctx.save_for_backward(x, cos, sin, mask, *weights)
         ctx.routing, ctx.block_index, ctx.spec = routing, block_index, spec
         return y
