@@ -1,0 +1,62 @@
+"""The ``cggr`` command: ``cggr demo [flags]`` (and, later, ``cggr bench ...``).
+
+Each subcommand is one ``_add_<name>`` function below that declares its flags
+and sets ``func``, the callable run with the parsed arguments. Heavy imports
+(torch, transformers) happen inside the subcommand, so ``cggr --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from .demo import add_demo_arguments
+
+    p = sub.add_parser("demo", help="train a small Llama dense, with cggr and with random routing; plot val loss",
+                       description="Train a small Llama-style model three ways (dense, cggr difficulty routing, "
+                                   "random routing control) from identical weights on identical batches; print "
+                                   "step times and validation losses, save a plot and a JSON of the curves.")
+    add_demo_arguments(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from .demo import run_demo
+
+        run_demo(args)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+# Benchmarks go here: one ``_add_bench(sub)`` adding a ``bench`` parser with its own
+# subparsers (``cggr bench speed``, ``cggr bench quality``, ...), then one line in
+# ``SUBCOMMANDS``. Not implemented yet.
+
+SUBCOMMANDS = (_add_demo,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cggr", description="cggr: token-routed gradient depth for transformer "
+                                                              "training.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``cggr`` console script and of ``python -m cggr``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.command_line = "cggr " + shlex.join(sys.argv[1:] if argv is None else argv)  # recorded in results
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        # Configuration mistakes read as one line, not a traceback.
+        print(f"cggr {args.command}: error: {e}", file=sys.stderr)
+        return 1
