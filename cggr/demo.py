@@ -30,6 +30,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import platform
 import shlex
 import statistics
@@ -254,12 +255,15 @@ def _train_arm(arm: str, cfg: dict, model_config, init_state, train_stream, val_
 
 
 def _git_revision() -> str | None:
+    """The checkout's revision, or ``$CGGR_GIT_REV`` where there is no git (a copied tree)."""
     try:
         done = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True,
                               timeout=5, cwd=Path(__file__).resolve().parent)
     except (OSError, subprocess.SubprocessError):
-        return None
-    return (done.stdout.strip() or None) if done.returncode == 0 else None
+        done = None
+    if done is not None and done.returncode == 0 and done.stdout.strip():
+        return done.stdout.strip()
+    return os.environ.get("CGGR_GIT_REV")
 
 
 def _format_table(cfg: dict, results: dict) -> str:
