@@ -22,10 +22,11 @@ import time
 
 import torch
 
-MODELS = {  # name: (hidden, layers, heads, mlp, batch, seq)
+MODELS = {  # name: (hidden, layers, heads, mlp, batch, seq); Llama-style unless the name says gpt2
     "125M": (768, 12, 12, 2048, 16, 1024),
     "350M": (1024, 24, 16, 2816, 16, 1024),
     "1B": (2048, 16, 16, 5632, 8, 2048),
+    "gpt2-124M": (768, 12, 12, 3072, 16, 1024),
 }
 VOCAB = 32000
 ARMS = {  # arm: attach options (None = dense)
@@ -40,9 +41,10 @@ ARMS = {  # arm: attach options (None = dense)
 }
 
 
-def flop_ratio_ceiling(hidden, layers, mlp, seq, vocab, mean_depth_fraction=0.625):
+def flop_ratio_ceiling(hidden, layers, mlp, seq, vocab, mean_depth_fraction=0.625, mlp_matrices=3):
     """Dense step FLOPs over routed step FLOPs if the block backward scaled with its active rows."""
-    per_token_block = 2 * (4 * hidden * hidden + 3 * hidden * mlp) + 2 * 2 * seq * hidden / 2  # linears + causal attn
+    linears = 4 * hidden * hidden + mlp_matrices * hidden * mlp  # SwiGLU: 3 MLP matrices, GPT-2: 2
+    per_token_block = 2 * linears + 2 * 2 * seq * hidden / 2  # linears + causal attention
     block_fwd = layers * per_token_block
     head_fwd = 2 * hidden * vocab
     dense = 3 * (block_fwd + head_fwd)
@@ -54,6 +56,14 @@ def build(name, seed=0):
     import transformers as tf
 
     hidden, layers, heads, mlp, _, _ = MODELS[name]
+    if name.startswith("gpt2"):
+        cfg = tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=mlp, vocab_size=VOCAB,
+                            n_positions=4096, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+        cfg._attn_implementation = "sdpa"
+        torch.manual_seed(seed)
+        with torch.device("cuda"):
+            model = tf.GPT2LMHeadModel(cfg)
+        return model.to(torch.bfloat16).train()
     cfg = tf.LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=heads, vocab_size=VOCAB,
                          max_position_embeddings=4096, tie_word_embeddings=False)
@@ -123,7 +133,8 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None):
                 mean_depth_fraction=metrics.get("mean_depth_fraction"),
                 backward_flops_skipped=metrics.get("backward_flops_skipped"),
                 flop_ratio_ceiling=round(flop_ratio_ceiling(hidden, layers, mlp, seq, VOCAB,
-                                                            1.0 if arm == "full" else 0.625), 3))
+                                                            1.0 if arm == "full" else 0.625,
+                                                            2 if name.startswith("gpt2") else 3), 3))
 
 
 def environment():

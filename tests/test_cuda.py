@@ -45,10 +45,15 @@ def test_bucketing_kernel_realistic():
     assert ((got != ref) & valid).sum().item() <= 0.01 * valid.sum().item() * (k - 1)
 
 
-def _llama(dtype):
+def _llama(dtype, family="llama"):
     import transformers as tf
 
     torch.manual_seed(0)
+    if family == "gpt2":
+        cfg = tf.GPT2Config(n_embd=768, n_layer=12, n_head=12, vocab_size=32000, n_positions=1024,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        cfg._attn_implementation = "sdpa"
+        return tf.GPT2LMHeadModel(cfg).to("cuda", dtype).train()
     cfg = tf.LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                          num_key_value_heads=12, vocab_size=32000, max_position_embeddings=1024)
     cfg._attn_implementation = "sdpa"
@@ -59,13 +64,13 @@ def _grads(model):
     return {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("mode", ["sparse", "mask"])
-def test_bf16_routed_gradients_match_fp32_reference(mode):
+@pytest.mark.parametrize("mode,family", [("sparse", "llama"), ("mask", "llama"), ("sparse", "gpt2")])
+def test_bf16_routed_gradients_match_fp32_reference(mode, family):
     import cggr
     from cggr.adapters import find_layer_stack
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    base = _llama(torch.float32)  # ~110M parameters
+    base = _llama(torch.float32, family)  # ~110M parameters
     ref = copy.deepcopy(base)
     fast = copy.deepcopy(base).to(torch.bfloat16)
     ids = torch.randint(0, 32000, (4, 512), device="cuda")
@@ -80,9 +85,11 @@ def test_bf16_routed_gradients_match_fp32_reference(mode):
         if r.norm() == 0:
             continue
         worst = max(worst, ((g[name] - r).norm() / r.norm()).item())
-    print(f"{mode}: worst per-tensor relative error bf16 vs fp32 reference = {worst:.3e}")
+    print(f"{family} {mode}: worst per-tensor relative error bf16 vs fp32 reference = {worst:.3e}, "
+          f"compacted blocks {sorted(router.routing.compact_blocks)}")
     assert worst < 5e-2
     assert depth.min() < 12
+    assert (len(router.routing.compact_blocks) == 12) == (mode == "sparse")
 
 
 def test_fp32_routed_gradients_match_reference_on_gpu():

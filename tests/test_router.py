@@ -12,7 +12,7 @@ from cggr.adapters import find_layer_stack
 from tiny import TinyLM, flat_grads, hf_model, rel_err
 
 TOL = 1e-5
-MODELS = ["tiny", "llama", "llama-generic", "mistral", "gpt2", "gpt_neox"]  # llama/mistral: compacted backward
+MODELS = ["tiny", "llama", "llama-generic", "mistral", "gpt2", "gpt2-generic", "gpt_neox"]  # llama, mistral, gpt2: compacted
 CASES = [  # mode, leak_rate, curriculum progress
     ("sparse", 0.0, 1.0), ("sparse", 0.0, 0.5), ("sparse", 0.0, 0.0), ("sparse", 0.25, 1.0),
     ("mask", 0.0, 1.0), ("mask", 0.0, 0.4), ("mask", 0.3, 1.0),
@@ -68,7 +68,7 @@ def test_gradients_equal_reference(kind, mode, leak, progress):
     seed = torch.randint(0, 10_000, ()).item()
     router, g_fast, g_ref, depth = _routed_and_reference(kind, mode, leak, progress, seed)
     _assert_equal_grads(g_fast, g_ref)
-    compact = kind in ("llama", "mistral") and mode == "sparse" and leak == 0
+    compact = kind in ("llama", "mistral", "gpt2") and mode == "sparse" and leak == 0
     assert router.routing.compact_blocks == (set(range(router.num_layers)) if compact else set())
     if progress == 1.0:
         assert depth.min() < router.num_layers  # routing really happened
@@ -332,3 +332,18 @@ def test_compacted_path_falls_back_where_it_cannot_run():
     assert router.routing.compact_blocks == set()  # an explicit KV cache: the generic path
     model(input_ids=ids, labels=ids)
     assert router.routing.compact_blocks == {0, 1}
+
+
+def test_gpt2_with_activation_checkpointing_uses_hf_checkpointing_and_stays_exact():
+    """GPT-2 has no routed checkpointing: its checkpointed calls take HF's checkpoint and the generic path."""
+    torch.manual_seed(0)
+    model = hf_model("gpt2")
+    ref = copy.deepcopy(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    router = cggr.attach(model, warmup_steps=0)
+    ids = torch.randint(0, 61, (3, 12))
+    _loss("gpt2", model, ids).backward()
+    assert router.routing.compact_blocks == set()
+    with cggr.reference_routing(find_layer_stack(ref)[1], router.routing.depth):
+        _loss("gpt2", ref, ids).backward()
+    _assert_equal_grads(flat_grads(model), flat_grads(ref))

@@ -10,24 +10,58 @@ non-zero leak), use the generic path of :mod:`cggr.sparse`.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from ..routing import Routing
+from .gpt2 import GPT2BlockRouted, gpt2_block_params, gpt2_block_spec, gpt2_dropout_off
 from .llama import LlamaBlockRouted, LlamaBlockRoutedCheckpointed, llama_block_params, llama_block_spec
 
-# name -> (spec(block) -> spec or None, params(block) -> tuple, Function saving activations,
-#          Function recomputing them: routed activation checkpointing)
-FAMILIES: dict[str, tuple[Callable, Callable, type, type]] = {
-    "llama": (llama_block_spec, llama_block_params, LlamaBlockRouted, LlamaBlockRoutedCheckpointed),
+
+@dataclass(frozen=True)
+class Family:
+    """How one model family's blocks take the compacted backward.
+
+    ``spec(block)``: the block's shape, or None when the family does not handle it; ``params(block)``: its
+    weights in the Functions' order; ``inputs(block, kwargs, dtype)``: the per-call inputs before routing
+    (e.g. rotary cos/sin), or None when this call cannot take the compacted path; ``saving`` /
+    ``checkpointed``: the autograd Functions (checkpointed may be None: then checkpointed calls use the
+    model's own checkpointing and the generic backward).
+    """
+
+    spec: Callable
+    params: Callable
+    inputs: Callable
+    saving: type
+    checkpointed: type | None
+
+
+def _llama_inputs(block, kwargs, dtype):
+    pe = kwargs.get("position_embeddings")
+    if pe is None:
+        return None
+    return tuple(t.to(dtype) for t in pe) + (kwargs.get("attention_mask"),)
+
+
+def _gpt2_inputs(block, kwargs, dtype):
+    if not gpt2_dropout_off(block) or kwargs.get("encoder_hidden_states") is not None:
+        return None
+    return (kwargs.get("attention_mask"),)
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(llama_block_spec, llama_block_params, _llama_inputs, LlamaBlockRouted,
+                    LlamaBlockRoutedCheckpointed),
+    "gpt2": Family(gpt2_block_spec, gpt2_block_params, _gpt2_inputs, GPT2BlockRouted, None),
 }
 
 
 def compact_family(block: torch.nn.Module) -> tuple[str, Any] | None:
     """``(family, spec)`` of the first family whose compacted backward handles ``block``, else None."""
-    for name, (spec_fn, *_) in FAMILIES.items():
-        spec = spec_fn(block)
+    for name, family in FAMILIES.items():
+        spec = family.spec(block)
         if spec is not None:
             return name, spec
     return None
@@ -44,38 +78,50 @@ def make_compact_forward(get_routing: Callable[[], Routing | None], block: torch
 
     ``get_routing`` returns the routing of the running forward (None outside routed training).
     """
-    _, params_fn, saving, checkpointed = FAMILIES[family]
+    fam = FAMILIES[family]
     as_tuple = _returns_tuple(block)
     modules = tuple(block.modules())  # what the spec was read from
+    # Names of the forward's parameters after hidden_states: models pass some positionally (GPT-2 does).
+    arg_names = list(inspect.signature(type(block).forward).parameters)[2:]
 
-    def usable(r: Routing | None, hidden_states, args, kwargs) -> bool:
-        pe = kwargs.get("position_embeddings")
+    def by_name(args, kwargs) -> dict | None:
+        if len(args) > len(arg_names):
+            return None
+        named = dict(zip(arg_names, args))
+        named.update(kwargs)
+        return named
+
+    def checkpointing() -> bool:
+        return getattr(block, "gradient_checkpointing", False) and block.training and torch.is_grad_enabled()
+
+    def inputs(r: Routing | None, hidden_states, args, kwargs):
+        """The family's per-call inputs when this call can take the compacted path, else None."""
+        kwargs = by_name(args, kwargs)
+        if (r is None or kwargs is None or r.leak_rate != 0 or not isinstance(hidden_states, torch.Tensor)
+                or hidden_states.dim() != 3 or tuple(block.modules()) != modules  # e.g. linears wrapped by PEFT
+                or any(kwargs.get(c) is not None for c in ("cache", "past_key_values", "layer_past"))
+                or kwargs.get("output_attentions", False)
+                or torch.is_autocast_enabled(hidden_states.device.type)
+                or any(p is not None and p.dtype != hidden_states.dtype for p in fam.params(block))
+                or (checkpointing() and fam.checkpointed is None)):
+            return None
         mask = kwargs.get("attention_mask")
-        return (
-            r is not None and not args and r.leak_rate == 0 and pe is not None
-            and isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 3
-            and tuple(block.modules()) == modules  # not changed since attach (e.g. linears wrapped by PEFT)
-            and kwargs.get("cache") is None and kwargs.get("past_key_values") is None
-            and not kwargs.get("output_attentions", False)
-            and (mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 4
-                                  and tuple(mask.shape[-2:]) == (hidden_states.shape[1],) * 2))
-            and not torch.is_autocast_enabled(hidden_states.device.type)
-            and all(p is None or p.dtype == hidden_states.dtype for p in params_fn(block))
-        )
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4
+                                     and tuple(mask.shape[-2:]) == (hidden_states.shape[1],) * 2):
+            return None
+        return fam.inputs(block, kwargs, hidden_states.dtype)
 
     def forward(hidden_states, *args, **kwargs):
         r = get_routing()
-        if not usable(r, hidden_states, args, kwargs):
+        extra = inputs(r, hidden_states, args, kwargs)
+        if extra is None:
             return plain_forward(hidden_states, *args, **kwargs)
-        cos, sin = (t.to(hidden_states.dtype) for t in kwargs["position_embeddings"])
         # With activation checkpointing on, the block checkpoints itself, routed: only the block input is kept.
-        ckpt = getattr(block, "gradient_checkpointing", False) and block.training and torch.is_grad_enabled()
-        function = checkpointed if ckpt else saving
-        y = function.apply(hidden_states, cos, sin, kwargs.get("attention_mask"), r, block_index, spec,
-                           *params_fn(block))
+        function = fam.checkpointed if checkpointing() else fam.saving
+        y = function.apply(hidden_states, *extra, r, block_index, spec, *fam.params(block))
         r.compact_blocks.add(block_index)
         return (y,) if as_tuple else y
 
     # Lets the router skip HF's own checkpointing of this block for calls that checkpoint themselves.
-    forward.cggr_routes_call = lambda hidden_states, args, kwargs: usable(get_routing(), hidden_states, args, kwargs)
+    forward.cggr_routes_call = lambda h, args, kwargs: inputs(get_routing(), h, args, kwargs) is not None
     return forward

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 
 import torch
@@ -94,8 +95,38 @@ def qkv_rows(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Te
             rms_rows(x, rstd, w_norm, idx))
 
 
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def gelu_tanh_rows(dact: torch.Tensor, f: torch.Tensor, idx: torch.Tensor):
+    """Rows ``idx`` of ``gelu_tanh(f)`` and ``d/df`` given ``dact``: ``(act_a, df_a)`` in ``dact``'s dtype."""
+    fa = f[idx].float()
+    t = torch.tanh(_GELU_C * (fa + 0.044715 * fa * fa * fa))
+    act = 0.5 * fa * (1.0 + t)
+    grad = 0.5 * (1.0 + t) + 0.5 * fa * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * 0.044715 * fa * fa)
+    return act.to(dact.dtype), (dact.float() * grad).to(dact.dtype)
+
+
+def layer_norm_rows(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                    idx: torch.Tensor):
+    """Rows ``idx`` of ``LayerNorm(x)`` from saved fp32 statistics."""
+    return ((x[idx].float() - mean[idx]) * rstd[idx] * w.float() + b.float()).to(x.dtype)
+
+
+def layer_norm_backward_add(dout: torch.Tensor, residual: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
+                            rstd: torch.Tensor, w: torch.Tensor, idx: torch.Tensor):
+    """``residual + d(LayerNorm)/dx · dout`` on rows ``idx``, and the weight and bias gradients (fp32)."""
+    xhat = (x[idx].float() - mean[idx]) * rstd[idx]
+    dof = dout.float()
+    dw = (dof * xhat).sum(0)
+    db = dof.sum(0)
+    dxhat = dof * w.float()
+    dx = rstd[idx] * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+    return (residual.float() + dx).to(dout.dtype), dw, db
+
+
 _EAGER = {f.__name__: f for f in (swiglu_backward, rms_rows, rms_backward_add, rope_backward, head_rows,
-                                  mlp_rows, qkv_rows)}
+                                  mlp_rows, qkv_rows, gelu_tanh_rows, layer_norm_rows, layer_norm_backward_add)}
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,156 @@
+"""Compacted routed backward for GPT-2 blocks (HF ``GPT2Block``).
+
+The same design as :mod:`cggr.compact.llama`: one autograd function per
+block whose forward is the HF block's maths with the block's own weights
+(LayerNorm, fused q/k/v ``Conv1D``, causal SDPA, output ``Conv1D``, residual,
+LayerNorm, ``Conv1D`` MLP with tanh-GELU, residual) and whose backward
+gathers the active rows once, runs every projection, LayerNorm and GELU
+backward on them alone, and scatters the input gradient once; the attention
+backward stays dense over the sequence. Dropout must be off (p = 0 or eval).
+HF ``Conv1D`` stores weights ``[in, out]``: ``y = x @ W + b``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..routing import Routing
+from .pointwise import kernel
+
+
+@dataclass(frozen=True)
+class GPT2BlockSpec:
+    num_heads: int
+    head_dim: int
+    scaling: float
+    eps1: float
+    eps2: float
+
+
+def _conv1d(x, w, b):
+    """HF ``Conv1D``: ``x @ w + b`` with ``w`` stored ``[in, out]``."""
+    shape = x.shape[:-1] + (w.shape[1],)
+    return torch.addmm(b, x.reshape(-1, x.shape[-1]), w).view(shape)
+
+
+def _layer_norm(x, w, b, eps):
+    """LayerNorm returning ``(out, mean, rstd)``; statistics in fp32."""
+    xf = x.float()
+    mean = xf.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(xf.var(-1, unbiased=False, keepdim=True) + eps)
+    return F.layer_norm(x, x.shape[-1:], w, b, eps), mean, rstd
+
+
+def _attention(q, k, v, mask, spec: GPT2BlockSpec):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=spec.scaling)
+
+
+class GPT2BlockRouted(torch.autograd.Function):
+    """``y = block(x)`` with a backward restricted to the rows active in ``block_index``."""
+
+    @staticmethod
+    def forward(ctx, x, mask, routing: Routing, block_index: int, spec: GPT2BlockSpec, *weights):
+        (ln1_w, ln1_b, w_attn, b_attn, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_out, b_out) = weights
+        B, S, D = x.shape
+        H, hd = spec.num_heads, spec.head_dim
+        a1, mean1, rstd1 = _layer_norm(x, ln1_w, ln1_b, spec.eps1)
+        q, k, v = (t.view(B, S, H, hd).transpose(1, 2) for t in _conv1d(a1, w_attn, b_attn).split(D, dim=2))
+        o = _attention(q, k, v, mask, spec).transpose(1, 2).reshape(B, S, D)
+        h = x + _conv1d(o, w_proj, b_proj)
+        a2, mean2, rstd2 = _layer_norm(h, ln2_w, ln2_b, spec.eps2)
+        f = _conv1d(a2, w_fc, b_fc)
+        y = h + _conv1d(F.gelu(f, approximate="tanh"), w_out, b_out)
+        ctx.save_for_backward(x, mean1, rstd1, q, k, v, o, h, mean2, rstd2, f, mask, *weights)
+        ctx.routing, ctx.block_index, ctx.spec = routing, block_index, spec
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mean1, rstd1, q, k, v, o, h, mean2, rstd2, f, mask, *weights = ctx.saved_tensors
+        (ln1_w, ln1_b, w_attn, b_attn, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_out, b_out) = weights
+        r: Routing = ctx.routing
+        spec: GPT2BlockSpec = ctx.spec
+        B, S, D = x.shape
+        N = B * S
+        if r.active_count(ctx.block_index) == 0:
+            return (torch.zeros_like(x), None, None, None, None,
+                    *[None if w is None else torch.zeros_like(w) for w in weights])
+        idx, bi, si = r.active_positions(ctx.block_index, S)
+        n = idx.numel()
+        K = functools.partial(kernel, on_cuda=x.is_cuda)
+        dt = x.dtype
+        x2, h2 = x.view(N, D), h.view(N, D)
+        # ---- MLP: y = h + c_proj(gelu(c_fc(ln_2(h))))
+        dy_a = dy.reshape(N, D).index_select(0, idx).to(dt)
+        dact = dy_a @ w_out.t()
+        act_a, df = K("gelu_tanh_rows")(dact, f.view(N, -1), idx)
+        dw_out, db_out = act_a.t() @ dy_a, dy_a.sum(0)
+        a2_a = K("layer_norm_rows")(h2, mean2.view(N, 1), rstd2.view(N, 1), ln2_w, ln2_b, idx)
+        dw_fc, db_fc = a2_a.t() @ df, df.sum(0)
+        da2 = df @ w_fc.t()
+        dh, dln2_w, dln2_b = K("layer_norm_backward_add")(da2, dy_a, h2, mean2.view(N, 1), rstd2.view(N, 1),
+                                                          ln2_w, idx)
+        # ---- attention output projection: h = x + c_proj(o)
+        o_a = o.view(N, D).index_select(0, idx)
+        dw_proj, db_proj = o_a.t() @ dh, dh.sum(0)
+        do_a = dh @ w_proj.t()
+        if n == N:  # every row active: idx is 0..N-1 in order
+            do = do_a.view(B, S, spec.num_heads, spec.head_dim).transpose(1, 2)
+        else:
+            do = do_a.new_zeros(N, D).index_copy_(0, idx, do_a).view(B, S, spec.num_heads, spec.head_dim)
+            do = do.transpose(1, 2)
+        with torch.enable_grad():
+            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+            out = _attention(qq, kk, vv, mask, spec)
+            dq, dk, dv = torch.autograd.grad(out, (qq, kk, vv), do)
+        # ---- fused q/k/v projection, on active rows only (inactive keys/values are constants)
+        dqkv = torch.cat([K("head_rows")(t, bi, si) for t in (dq, dk, dv)], dim=1)  # [n, 3D]
+        a1_a = K("layer_norm_rows")(x2, mean1.view(N, 1), rstd1.view(N, 1), ln1_w, ln1_b, idx)
+        dw_attn, db_attn = a1_a.t() @ dqkv, dqkv.sum(0)
+        da1 = dqkv @ w_attn.t()
+        dx_a, dln1_w, dln1_b = K("layer_norm_backward_add")(da1, dh, x2, mean1.view(N, 1), rstd1.view(N, 1),
+                                                            ln1_w, idx)
+        dx = dx_a if n == N else dx_a.new_zeros(N, D).index_copy_(0, idx, dx_a)  # the one scatter
+        grads = (dln1_w, dln1_b, dw_attn, db_attn, dw_proj, db_proj, dln2_w, dln2_b, dw_fc, db_fc, dw_out, db_out)
+        grads = [gr.to(w.dtype) for gr, w in zip(grads, weights)]
+        return (dx.view(B, S, D), None, None, None, None, *grads)
+
+
+def gpt2_block_spec(block) -> GPT2BlockSpec | None:
+    """The block's shape if it is a GPT-2 block this path handles, else None."""
+    attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+    ln1, ln2 = getattr(block, "ln_1", None), getattr(block, "ln_2", None)
+    if attn is None or mlp is None or not isinstance(ln1, torch.nn.LayerNorm) or not isinstance(ln2, torch.nn.LayerNorm):
+        return None
+    if hasattr(block, "crossattention") or getattr(attn, "is_cross_attention", False):
+        return None
+    convs = [getattr(attn, "c_attn", None), getattr(attn, "c_proj", None), getattr(mlp, "c_fc", None),
+             getattr(mlp, "c_proj", None)]
+    if not all(type(c).__name__ == "Conv1D" and getattr(c, "bias", None) is not None for c in convs):
+        return None
+    if getattr(attn, "reorder_and_upcast_attn", False) or ln1.weight is None or ln2.weight is None:
+        return None
+    if type(getattr(mlp, "act", None)).__name__ not in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh"):
+        return None
+    heads, head_dim = getattr(attn, "num_heads", None), getattr(attn, "head_dim", None)
+    if heads is None or head_dim is None:
+        return None
+    return GPT2BlockSpec(num_heads=heads, head_dim=head_dim, scaling=float(getattr(attn, "scaling", head_dim ** -0.5)),
+                         eps1=float(ln1.eps), eps2=float(ln2.eps))
+
+
+def gpt2_block_params(block):
+    a, m = block.attn, block.mlp
+    return (block.ln_1.weight, block.ln_1.bias, a.c_attn.weight, a.c_attn.bias, a.c_proj.weight, a.c_proj.bias,
+            block.ln_2.weight, block.ln_2.bias, m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias)
+
+
+def gpt2_dropout_off(block) -> bool:
+    """Dropout would make the forward random; the compacted path runs only without it."""
+    if not block.training:
+        return True
+    return all(m.p == 0 for m in block.modules() if isinstance(m, torch.nn.Dropout))
