@@ -162,7 +162,7 @@ def markdown(records):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="125M,350M,1B")
+    p.add_argument("--models", default="125M,350M,1B,gpt2-124M")
     p.add_argument("--arms", default="dense,cggr,random,generic,mask,full")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=4)
