@@ -449,6 +449,21 @@ def _accepts_use_cache(model: nn.Module) -> bool:
         return False
 
 
+def _refuse_wrappers(model: nn.Module) -> None:
+    """cggr goes on the model itself, before DDP / DataParallel / torch.compile wrap it.
+
+    On a wrapper it would route the wrong tokens: the label shift and the KV-cache switch are read from
+    the model's class and forward signature, which a wrapper hides. (FSDP2's ``fully_shard`` keeps the
+    model's class, so either order works there.)
+    """
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    name = type(model).__name__
+    if isinstance(model, (DataParallel, DistributedDataParallel)) or name == "OptimizedModule":
+        raise ValueError(f"cggr.attach got a {name} wrapper: attach cggr to the model first, then wrap it "
+                         f"(router = cggr.attach(model); model = {'torch.compile' if name == 'OptimizedModule' else name}(model))")
+
+
 def attach(model: nn.Module, num_buckets: int = 4, warmup_steps: int = 1000, leak_rate: float = 0.0, *,
            mode: str = "sparse", policy: str = "difficulty", layers=None, depths: Sequence[float] | None = None,
            scorer: str = "entropy_confidence", ignore_index: int = -100, seed: int = 0,
@@ -474,4 +489,5 @@ def attach(model: nn.Module, num_buckets: int = 4, warmup_steps: int = 1000, lea
     config = RoutingConfig(num_buckets=num_buckets, warmup_steps=warmup_steps, leak_rate=leak_rate, mode=mode,
                            policy=policy, depths=depths, scorer=scorer,
                            ignore_index=ignore_index, seed=seed, label_shift=label_shift, backward=backward)
+    _refuse_wrappers(model)
     return Router(model, config, layers=layers)

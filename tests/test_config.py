@@ -1,6 +1,7 @@
 """Every error a user can make names the argument and the allowed values."""
 
 import pytest
+import torch
 
 import cggr
 from tiny import TinyLM
@@ -35,3 +36,11 @@ def test_valid_arguments():
     r = cggr.attach(TinyLM(), num_buckets=3, warmup_steps=0, leak_rate=1.0, mode="mask", policy="random",
                     depths=(1.0, 0.5, 0.2), scorer="margin")
     assert r.targets == [4, 2, 1]
+
+
+def test_wrappers_are_refused_with_the_right_order_in_the_message():
+    with pytest.raises(ValueError, match="attach cggr to the model first"):
+        cggr.attach(torch.nn.DataParallel(TinyLM()))
+    compiled = torch.compile(TinyLM(), backend="eager")
+    with pytest.raises(ValueError, match="torch.compile"):
+        cggr.attach(compiled)

@@ -1,0 +1,224 @@
+"""cggr under real 2-process data parallelism on CPU (gloo): DDP and FSDP2 (``fully_shard``).
+
+One spawn of two ranks runs every case once (module fixture); the tests read its results. Each case:
+a fresh tiny HF Llama (same seed on both ranks), an undistributed deep copy as the reference, cggr
+attached before (``right``) or after (``wrong``) the wrapper, one forward/backward per rank on the rank's
+own micro-batch (per-rank routing). The data-parallel gradient (DDP: the all-reduced ``.grad``; FSDP2:
+``.grad.full_tensor()``) must equal ``sum_r grad(loss_r under routing_r) / world`` computed on the
+reference with :func:`cggr.reference_routing` and every rank's ``router.routing.depth``.
+
+Data: rank 0 has all 22 predictable positions valid; rank 1 has 3 (``uneven``) or none (``allinvalid``):
+ranks route different numbers of tokens and must neither deadlock nor hang.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+WORLD = 2
+TOL = 1e-5
+HANG_TIMEOUT_S = 120
+NORM = 24.0  # fixed loss normaliser: an all-invalid rank keeps a finite loss (HF's mean would be NaN)
+
+CASES = [f"{d}/{b}/{o}/{data}"
+         for d in ("ddp", "fsdp2") for b in ("auto", "generic")
+         for o, data in (("right", "uneven"), ("right", "allinvalid"), ("wrong", "uneven"))]
+
+
+def _batch(rank: int, data: str):
+    g = torch.Generator().manual_seed(100 + rank)
+    ids = torch.randint(0, 97, (2, 12), generator=g)
+    labels = ids.clone()
+    if rank == 1:
+        labels[:] = -100
+        if data == "uneven":
+            labels[0, 3:6] = ids[0, 3:6]
+    return ids, labels
+
+
+def _loss(logits, labels):
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
+                           reduction="sum") / NORM
+
+
+def _run_case(rank: int, world: int, kind: str, backward: str, order: str, data: str) -> dict:
+    import cggr
+    from cggr.adapters import find_layer_stack
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from tiny import hf_model
+
+    torch.manual_seed(0)
+    model = hf_model("llama", layers=2)
+    ref = copy.deepcopy(model)
+
+    def wrap(m):
+        if kind == "ddp":
+            return DDP(m)
+        for layer in m.model.layers:
+            fully_shard(layer)
+        fully_shard(m)
+        return m
+
+    if order == "right":
+        router = cggr.attach(model, warmup_steps=0, num_buckets=2, backward=backward)
+        wrapped = wrap(model)
+    else:
+        wrapped = wrap(model)
+        try:
+            router = cggr.attach(wrapped, warmup_steps=0, num_buckets=2, backward=backward)
+        except ValueError as e:  # DDP: refused, cggr must go on first
+            return dict(refused=str(e))
+    ids, labels = _batch(rank, data)
+
+    saved_params = []  # parameters autograd saved in forward (FSDP2: the unsharded ones)
+
+    def pack(t):
+        if isinstance(t, nn.Parameter):
+            saved_params.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = wrapped(input_ids=ids, labels=labels)
+    freed = sum(1 for t in saved_params if t.untyped_storage().size() == 0)
+    _loss(out.logits, labels).backward()
+
+    r = router.routing
+    depth = r.depth
+    valid = torch.zeros_like(labels, dtype=torch.bool)  # HF causal LM: logits at t predict labels[t+1]
+    valid[:, :-1] = labels[:, 1:] != -100
+    grads = {}
+    for n, p in model.named_parameters():
+        g = torch.zeros(p.shape) if p.grad is None else p.grad
+        if hasattr(g, "full_tensor"):
+            g = g.full_tensor()
+        grads[n.removeprefix("module.")] = g.detach().clone()
+
+    everyone = [None] * world
+    dist.all_gather_object(everyone, (ids, labels, depth))
+    _, ref_blocks = find_layer_stack(ref)
+    for ids_r, labels_r, depth_r in everyone:
+        with cggr.reference_routing(ref_blocks, depth_r):
+            _loss(ref(input_ids=ids_r, labels=labels_r).logits, labels_r).backward()
+    ref_grads = {n: p.grad / world for n, p in ref.named_parameters()}
+    scale = max(v.norm().item() for v in ref_grads.values())
+    errs = {n: (grads[n] - v).norm().item() / max(v.norm().item(), 1e-3 * scale) for n, v in ref_grads.items()}
+    worst = max(errs, key=errs.get)
+    return dict(max_err=errs[worst], worst=worst, compact=sorted(r.compact_blocks),
+                active=[r.active_count(i) for i in range(router.num_layers)], n_valid=int(valid.sum()),
+                depth_matches_labels=bool((depth[~valid] == 0).all() and (depth[valid] > 0).all()),
+                label_shift=router.label_shift, saved_params=len(saved_params), freed_after_forward=freed,
+                finite=all(bool(torch.isfinite(g).all()) for g in grads.values()))
+
+
+def _worker(rank: int, world: int, port: int, outdir: str) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    results = {}
+    try:
+        for case in CASES:
+            t0 = time.time()
+            try:
+                results[case] = dict(ok=True, **_run_case(rank, world, *case.split("/")))
+            except Exception as e:  # recorded, then the next case
+                results[case] = dict(ok=False, error=f"{type(e).__name__}: {e}", tb=traceback.format_exc())
+            results[case]["seconds"] = round(time.time() - t0, 3)
+            with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+                json.dump(results, f, default=str)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    outdir = str(tmp_path_factory.mktemp("dist"))
+    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), outdir), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.time() + HANG_TIMEOUT_S
+    hung = False
+    while not ctx.join(timeout=2):
+        if time.time() > deadline:
+            hung = True
+            for p in ctx.processes:
+                p.kill()
+            break
+    out = []
+    for rank in range(WORLD):
+        path = os.path.join(outdir, f"rank{rank}.json")
+        out.append(json.load(open(path)) if os.path.exists(path) else {})
+    return {"hung": hung, "ranks": out}
+
+
+def _case(results, case):
+    assert not results["hung"], "the 2-rank run hung"
+    per_rank = [r.get(case) for r in results["ranks"]]
+    for rank, res in enumerate(per_rank):
+        assert res is not None, f"rank {rank} never finished {case} (deadlock or crash)"
+        assert res["ok"], f"rank {rank} {case}: {res['error']}\n{res['tb']}"
+    return per_rank
+
+
+RIGHT = [c for c in CASES if "/right/" in c]
+WRONG = [c for c in CASES if "/wrong/" in c]
+
+
+@pytest.mark.parametrize("case", RIGHT)
+def test_data_parallel_gradients_equal_reference(results, case):
+    """attach first, then DDP / fully_shard: per-rank routing, averaged grads == reference, no hang."""
+    for rank, res in enumerate(_case(results, case)):
+        assert res["max_err"] < TOL, f"rank {rank}: {res['worst']} relative error {res['max_err']:.2e}"
+        assert res["finite"]
+        assert res["depth_matches_labels"]
+        assert res["compact"] == ([0, 1] if "/auto/" in case else [])
+    r0, r1 = _case(results, case)
+    assert r0["n_valid"] == 22 and r1["n_valid"] == (3 if case.endswith("uneven") else 0)
+    assert r1["active"] == ([2, 3] if case.endswith("uneven") else [0, 0])
+
+
+@pytest.mark.parametrize("case", [c for c in RIGHT if c.startswith("fsdp2")])
+def test_fsdp2_reshard_frees_saved_weights_and_backward_reunshards(results, case):
+    """FSDP2 frees the unsharded weights the routed Functions saved; its pre-backward all-gather refills the
+    same storage before the Function's backward reads it (gradients above match the reference)."""
+    for res in _case(results, case):
+        assert res["saved_params"] > 0
+        assert res["freed_after_forward"] >= res["saved_params"] - 1  # all but the root's (not resharded)
+
+
+@pytest.mark.parametrize("case", [c for c in WRONG if c.startswith("fsdp2")])
+def test_fsdp2_wrong_order_is_equivalent(results, case):
+    """attach(fully_shard(model)) keeps the model's class: same routing and gradients as the right order."""
+    for rank, res in enumerate(_case(results, case)):
+        assert res["max_err"] < TOL, f"rank {rank}: {res['worst']} relative error {res['max_err']:.2e}"
+        assert res["depth_matches_labels"] and res["label_shift"] == 1
+        assert res["compact"] == ([0, 1] if "/auto/" in case else [])
+
+
+@pytest.mark.parametrize("case", [c for c in WRONG if c.startswith("ddp")])
+def test_ddp_wrong_order_is_refused(results, case):
+    """attach(DDP(model)) would route the wrong tokens (the wrapper hides the label shift): a clear error."""
+    for res in _case(results, case):
+        assert "attach cggr to the model first" in res["refused"]
