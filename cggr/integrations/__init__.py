@@ -1,7 +1,9 @@
 """Integrations of cggr with training frameworks.
 
 ``from cggr.integrations import CGGRCallback`` gives the Hugging Face
-``Trainer`` callback (:mod:`cggr.integrations.hf`). Each integration imports
+``Trainer`` callback (:mod:`cggr.integrations.hf`);
+``from cggr.integrations import CGGRLightningCallback`` the PyTorch Lightning
+callback (:mod:`cggr.integrations.lightning`). Each integration imports
 its framework only when it is first used, so ``import cggr`` (and
 ``import cggr.integrations``) never needs transformers.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 import importlib
 
 # public name -> submodule that defines it
-_LAZY = {"CGGRCallback": "hf", "CGGR_STATE_NAME": "hf"}
+_LAZY = {"CGGRCallback": "hf", "CGGR_STATE_NAME": "hf", "CGGRLightningCallback": "lightning"}
 
 __all__ = list(_LAZY)
 
