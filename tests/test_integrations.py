@@ -16,7 +16,7 @@ import torch
 
 import cggr
 from cggr.adapters import find_layer_stack
-from tiny import flat_grads, hf_model
+from tiny import TokenDataset, flat_grads, hf_model
 
 TOL = 1e-5
 VOCAB = 97
@@ -59,16 +59,8 @@ def _attach(model, backward, **kw):
 
 
 # --------------------------------------------------------------------------- HF Trainer
-class _Tokens(torch.utils.data.Dataset):
-    def __init__(self, n=32, seq=12, seed=0):
-        self.ids = torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        ids = self.ids[i]
-        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+def _Tokens(n=32, seq=12, seed=0):
+    return TokenDataset(VOCAB, n, seq, seed)
 
 
 class _Probe:

@@ -13,21 +13,13 @@ try:
 except ImportError:
     pl = pytest.importorskip("pytorch_lightning")
 
-from tiny import hf_model  # noqa: E402
+from tiny import TokenDataset, hf_model  # noqa: E402
 
 VOCAB = 97
 
 
-class _Tokens(torch.utils.data.Dataset):
-    def __init__(self, n=32, seq=12, seed=0):
-        self.ids = torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        ids = self.ids[i]
-        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+def _Tokens(n=32, seq=12, seed=0):
+    return TokenDataset(VOCAB, n, seq, seed)
 
 
 class _LitLM(pl.LightningModule):

@@ -84,3 +84,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def flat_grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
             for n, p in model.named_parameters() if p.requires_grad}
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Random token sequences as HF Trainer / Lightning batches (labels = input ids, no padding)."""
+
+    def __init__(self, vocab: int, n: int = 32, seq: int = 12, seed: int = 0):
+        self.ids = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        ids = self.ids[i]
+        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}

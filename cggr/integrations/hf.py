@@ -34,8 +34,6 @@ routing, and gradient accumulation sums those routed gradients.
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import logging
 import os
 from typing import Any
@@ -46,27 +44,18 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import DefaultFlowCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..config import RoutingConfig
 from ..router import Router, attach
 from ..wrapper import CGGRWrapper
+from ._common import METRIC_PREFIX, checked_attach_options, unwrap_model
 
 logger = logging.getLogger("cggr")
 
 CGGR_STATE_NAME = "cggr_state.pt"
-METRIC_PREFIX = "cggr/"
 
-# Wrappers whose ``.module`` is the model whose forward returns the logits.
-_PARALLEL_WRAPPERS = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine")
 
 # Keys that mark the logs of an evaluation (``metric_key_prefix`` of Trainer.evaluate/predict).
 _EVAL_PREFIXES = ("eval_", "test_")
 
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module under DDP / DataParallel / DeepSpeed wrappers (PEFT models are kept: they return logits)."""
-    while type(model).__name__ in _PARALLEL_WRAPPERS and isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
 
 
 class CGGRCallback(TrainerCallback):
@@ -83,16 +72,8 @@ class CGGRCallback(TrainerCallback):
 
     def __init__(self, num_buckets: int = 4, warmup_steps: int = 1000, leak_rate: float = 0.0, *,
                  log_metrics: bool = True, **attach_kwargs: Any):
-        # Fail here, not at train time: unknown options and bad values.
-        try:
-            inspect.signature(attach).bind(None, num_buckets, warmup_steps, leak_rate, **attach_kwargs)
-        except TypeError as e:
-            raise TypeError(f"CGGRCallback: {e} (it takes the options of cggr.attach)") from None
-        fields = {f.name for f in dataclasses.fields(RoutingConfig)}
-        RoutingConfig(num_buckets=num_buckets, warmup_steps=warmup_steps, leak_rate=leak_rate,
-                      **{k: v for k, v in attach_kwargs.items() if k in fields})
-        self.attach_kwargs = dict(num_buckets=num_buckets, warmup_steps=warmup_steps, leak_rate=leak_rate,
-                                  **attach_kwargs)
+        self.attach_kwargs = checked_attach_options("CGGRCallback", num_buckets, warmup_steps, leak_rate,
+                                                    attach_kwargs)
         self.log_metrics = log_metrics
         self.router: Router | None = None
 

@@ -33,8 +33,6 @@ older ``pytorch_lightning`` package is accepted when it is the only one.
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import logging
 from typing import Any
 
@@ -49,22 +47,14 @@ except ImportError:  # pragma: no cover - depends on what is installed
     except ImportError as e:
         raise ImportError("CGGRLightningCallback needs PyTorch Lightning: pip install lightning") from e
 
-from ..config import RoutingConfig
 from ..router import Router, attach
 from ..wrapper import CGGRWrapper
+from ._common import METRIC_PREFIX, checked_attach_options, unwrap_model
 
 logger = logging.getLogger("cggr")
 
-METRIC_PREFIX = "cggr/"
-
-# Wrappers whose ``.module`` is the model whose forward returns the logits (as in .hf, without importing transformers).
-_PARALLEL_WRAPPERS = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine", "_FabricModule")
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    while type(model).__name__ in _PARALLEL_WRAPPERS and isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
 
 
 class CGGRLightningCallback(Callback):
@@ -89,15 +79,8 @@ class CGGRLightningCallback(Callback):
     def __init__(self, num_buckets: int = 4, warmup_steps: int = 1000, leak_rate: float = 0.0, *,
                  model_attr: str | None = None, log_metrics: bool = True, detach_on_teardown: bool = True,
                  **attach_kwargs: Any):
-        try:
-            inspect.signature(attach).bind(None, num_buckets, warmup_steps, leak_rate, **attach_kwargs)
-        except TypeError as e:
-            raise TypeError(f"CGGRLightningCallback: {e} (it takes the options of cggr.attach)") from None
-        fields = {f.name for f in dataclasses.fields(RoutingConfig)}
-        RoutingConfig(num_buckets=num_buckets, warmup_steps=warmup_steps, leak_rate=leak_rate,
-                      **{k: v for k, v in attach_kwargs.items() if k in fields})
-        self.attach_kwargs = dict(num_buckets=num_buckets, warmup_steps=warmup_steps, leak_rate=leak_rate,
-                                  **attach_kwargs)
+        self.attach_kwargs = checked_attach_options("CGGRLightningCallback", num_buckets, warmup_steps,
+                                                    leak_rate, attach_kwargs)
         self.model_attr = model_attr
         self.log_metrics = log_metrics
         self.detach_on_teardown = detach_on_teardown
