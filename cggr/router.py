@@ -396,8 +396,10 @@ class Router(nn.Module):
         g = self._generators.get(device)
         if g is None:
             g = self._generators[device] = torch.Generator(device=device)
-        # Seeded by (seed, step, micro-batch): fresh every forward, reproducible after a resume.
-        g.manual_seed((self.config.seed * 1_000_003 + self._step * 1009 + self._micro) % (2**63))
+        # Seeded by (seed, rank, step, micro-batch): fresh every forward, reproducible after a resume, and
+        # different on each data-parallel rank (the same draw everywhere would route the same positions).
+        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        g.manual_seed((self.config.seed * 1_000_003 + rank * 100_003 + self._step * 1009 + self._micro) % (2**63))
         return g
 
     # ------------------------------------------------------------ diagnostics

@@ -347,3 +347,19 @@ def test_gpt2_with_activation_checkpointing_uses_hf_checkpointing_and_stays_exac
     with cggr.reference_routing(find_layer_stack(ref)[1], router.routing.depth):
         _loss("gpt2", ref, ids).backward()
     _assert_equal_grads(flat_grads(model), flat_grads(ref))
+
+
+def test_random_policy_draws_differ_between_ranks_and_repeat_after_resume(monkeypatch):
+    ids = torch.randint(0, 61, (4, 16))
+
+    def depth_on(rank):
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda: rank)
+        torch.manual_seed(0)
+        model = TinyLM()
+        router = cggr.attach(model, warmup_steps=0, policy="random", seed=3)
+        model(ids)
+        return router.routing.depth
+
+    assert torch.equal(depth_on(0), depth_on(0))
+    assert not torch.equal(depth_on(0), depth_on(1))
