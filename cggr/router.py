@@ -398,7 +398,8 @@ class Router(nn.Module):
             g = self._generators[device] = torch.Generator(device=device)
         # Seeded by (seed, rank, step, micro-batch): fresh every forward, reproducible after a resume, and
         # different on each data-parallel rank (the same draw everywhere would route the same positions).
-        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         g.manual_seed((self.config.seed * 1_000_003 + rank * 100_003 + self._step * 1009 + self._micro) % (2**63))
         return g
 
@@ -462,8 +463,9 @@ def _refuse_wrappers(model: nn.Module) -> None:
 
     name = type(model).__name__
     if isinstance(model, (DataParallel, DistributedDataParallel)) or name == "OptimizedModule":
+        wrap = "torch.compile" if name == "OptimizedModule" else name
         raise ValueError(f"cggr.attach got a {name} wrapper: attach cggr to the model first, then wrap it "
-                         f"(router = cggr.attach(model); model = {'torch.compile' if name == 'OptimizedModule' else name}(model))")
+                         f"(router = cggr.attach(model); model = {wrap}(model))")
 
 
 def attach(model: nn.Module, num_buckets: int = 4, warmup_steps: int = 1000, leak_rate: float = 0.0, *,
