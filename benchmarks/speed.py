@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from report import speed_table  # benchmarks/report.py, beside this script
+
 MODELS = {  # name: (hidden, layers, heads, mlp, batch, seq); Llama-style unless the name says gpt2
     "125M": (768, 12, 12, 2048, 16, 1024),
     "350M": (1024, 24, 16, 2816, 16, 1024),
@@ -150,16 +152,6 @@ def environment():
                 git_rev=rev or os.environ.get("CGGR_GIT_REV"), command=" ".join([os.path.basename(sys.executable)] + sys.argv))
 
 
-def markdown(records):
-    lines = ["| model | tokens/step | ckpt | arm | step ms (median) | tokens/s | peak GiB | speedup vs dense | FLOP-ratio ceiling |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|"]
-    for r in records:
-        lines.append(f"| {r['model']} | {r['batch']}x{r['seq']} | {'on' if r['checkpointing'] else 'off'} | {r['arm']} | "
-                     f"{r['step_ms_median']:.1f} | {r['tokens_per_s']:,} | {r['peak_mem_gib']:.2f} | "
-                     f"{r['speedup_vs_dense']:.3f}x | {r['flop_ratio_ceiling']:.2f}x |")
-    return "\n".join(lines)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="125M,350M,1B,gpt2-124M")
@@ -202,7 +194,7 @@ def main(argv=None):
     records.sort(key=lambda r: (order.get(r["model"], 99), bool(r.get("checkpointing")), list(ARMS).index(r["arm"])))
     with open(path, "w") as f:
         json.dump(records, f, indent=1)
-    table = markdown(records)
+    table = speed_table(records)  # the README's table, from the same function
     with open(os.path.join(a.out, f"speed-{slug}.md"), "w") as f:
         f.write(table + "\n")
     print(table)

@@ -363,11 +363,12 @@ class Router(nn.Module):
         depth = buckets_to_depths(buckets, self.bucket_depths())
         depth = torch.where(nonfinite, torch.full_like(depth, L), depth)  # no distribution: full depth
         r.depth = depth
-        r.metrics = self._metrics(depth, buckets, valid, finite, scores)
+        r.metrics = self._metrics(r, buckets, valid, finite, scores)
         self._check_nonfinite_later(r.metrics["nonfinite_tokens"])
 
-    def _metrics(self, depth, buckets, valid, finite, scores) -> dict[str, torch.Tensor]:
+    def _metrics(self, r: Routing, buckets, valid, finite, scores) -> dict[str, torch.Tensor]:
         c, L = self.config, self.num_layers
+        depth = r.depth
         n_valid = valid.sum()
         denom = n_valid.clamp_min(1).float()
         counts = torch.zeros(c.num_buckets + 1, dtype=torch.long, device=depth.device)
@@ -376,11 +377,10 @@ class Router(nn.Module):
         out["valid_tokens"] = n_valid
         out["mean_depth_fraction"] = depth.sum().float() / (denom * L)
         # Backward block work skipped: rows inactive in each sparse-routed block, over all rows of all blocks.
-        d = depth.reshape(-1)
-        thresholds = torch.arange(L - 1, -1, -1, device=d.device)
-        sparse = torch.tensor(self.sparse_blocks, device=d.device)
-        inactive = (d.unsqueeze(0) <= thresholds.unsqueeze(1)) & sparse.unsqueeze(1)
-        skipped = inactive.sum().float() / max(1, d.numel() * L)
+        n = depth.numel()
+        sparse = torch.tensor(self.sparse_blocks, device=depth.device)
+        inactive = torch.where(sparse, n - r.active_counts_tensor(), torch.zeros_like(sparse, dtype=torch.long))
+        skipped = inactive.sum().float() / max(1, n * L)
         out["backward_flops_skipped"] = skipped if c.leak_rate == 0 else torch.zeros_like(skipped)
         ok = valid & finite
         n_ok = ok.sum().clamp_min(1).float()

@@ -59,15 +59,17 @@ class Routing:
         This is the step's one host synchronisation: slicing needs the counts on
         the host. Rows active in block ``i`` are the first ``count_i`` of the order.
         """
+        self._order = torch.sort(self.flat_depth(), descending=True, stable=True).indices
+        self._active_counts = self.active_counts_tensor().tolist()
+
+    def active_counts_tensor(self) -> torch.Tensor:
+        """Rows active in each block, bottom first, as a device tensor (no synchronisation)."""
         d = self.flat_depth()
         L = self.num_layers
-        self._order = torch.sort(d, descending=True, stable=True).indices
         hist = torch.zeros(L + 2, dtype=torch.long, device=d.device)
         hist.scatter_add_(0, d.clamp(0, L + 1), torch.ones_like(d))
-        # at_least[k] = number of rows with depth >= k
-        at_least = hist.flip(0).cumsum(0).flip(0)
-        counts = at_least[L - torch.arange(L, device=d.device)]  # block i: depth >= L - i
-        self._active_counts = counts.tolist()
+        at_least = hist.flip(0).cumsum(0).flip(0)  # at_least[k] = rows with depth >= k
+        return at_least[L - torch.arange(L, device=d.device)]  # block i: depth >= L - i
 
     def plan(self) -> None:
         """Fetch the active counts now (the step's one host synchronisation), if not done yet.
@@ -107,7 +109,3 @@ class Routing:
                 self.num_rows, device=self.depth.device)
             cached = self._positions[key] = (idx, torch.div(idx, seq_len, rounding_mode="floor"), idx % seq_len)
         return cached
-
-    def inactive_mask(self, block_index: int) -> torch.Tensor:
-        """Bool mask over the flattened tokens: True where the row is inactive in ``block_index``."""
-        return self.flat_depth() <= self.threshold(block_index)
