@@ -10,6 +10,9 @@ Data flows one way: scores -> buckets -> depths.
 * Curriculum: at progress ``p`` bucket ``k`` has depth
   ``round(L - p*(L - depth_k))`` (round half up), so every token is at full
   depth at step 0 and at its target once warm-up ends.
+* Hand-back (optional): over the last ``handback_steps`` of ``total_steps``
+  the progress falls linearly back to 0, so training ends at full depth
+  (DeepSpeed's random-LTD also ends dense).
 * Invalid tokens have depth 0 and take no part in bucketing.
 """
 
@@ -20,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-POLICIES = ("difficulty", "random")
+POLICIES = ("difficulty", "random", "sampled")
 
 
 def target_depths(num_layers: int, num_buckets: int, depths: Sequence[float] | None = None) -> list[int]:
@@ -34,6 +37,18 @@ def curriculum_depths(targets: Sequence[int], num_layers: int, progress: float) 
     """Depth of each bucket at warm-up progress ``progress`` in [0, 1]."""
     p = min(1.0, max(0.0, float(progress)))
     return [int(math.floor(num_layers - p * (num_layers - d) + 0.5)) for d in targets]
+
+
+def schedule_progress(step: float, warmup: float, total: float | None = None, handback: float = 0) -> float:
+    """Curriculum progress in [0, 1] at ``step``: 0 = every token at full depth, 1 = target depths.
+
+    Rises linearly over ``warmup``; with ``handback > 0`` it falls linearly back to 0 over the last
+    ``handback`` of ``total``. Units are free (optimizer steps, or fractions of a wall-clock budget).
+    """
+    p = 1.0 if warmup <= 0 else min(1.0, max(0.0, step / warmup))
+    if handback > 0 and total is not None:
+        p = min(p, max(0.0, (total - step) / handback))
+    return p
 
 
 def _rank_keys(scores: torch.Tensor) -> torch.Tensor:
@@ -97,6 +112,36 @@ def random_buckets(valid: torch.Tensor, num_buckets: int, generator: torch.Gener
     return rank_buckets(keys, valid, num_buckets)
 
 
+# Weight of the hardest token relative to the easiest in the "sampled" policy.
+SAMPLED_WEIGHT_RATIO = 3.0
+
+
+@torch.no_grad()
+def sampled_buckets(scores: torch.Tensor, valid: torch.Tensor, num_buckets: int,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Buckets drawn at random, with the chance of a deep bucket rising with difficulty.
+
+    Same bucket sizes as :func:`rank_buckets`. Valid tokens are put in a random
+    order by weighted sampling without replacement (Efraimidis-Spirakis keys
+    ``log(u) / w``) with weights rising linearly with the difficulty rank, from 1
+    for the easiest token to :data:`SAMPLED_WEIGHT_RATIO` for the hardest; the
+    order is cut into buckets as the difficulty ranking is. Every token can reach
+    every depth, so no class of tokens is starved of lower-layer gradient.
+    """
+    if scores.shape != valid.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and valid {tuple(valid.shape)} must have the same shape")
+    ok = valid.reshape(-1).bool()
+    keys = torch.where(ok, _rank_keys(scores).reshape(-1), torch.full_like(ok, float("-inf"), dtype=torch.float32))
+    order = torch.sort(keys, stable=True).indices  # easiest first; invalid (-inf) before every valid token
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    n_invalid = (~ok).sum()
+    q = (rank - n_invalid).float() / (ok.sum() - 1).clamp_min(1).float()  # 0 easiest .. 1 hardest
+    w = 1.0 + (SAMPLED_WEIGHT_RATIO - 1.0) * q.clamp(0, 1)
+    u = torch.rand(keys.shape, device=keys.device, generator=generator).clamp_min(1e-12)
+    return rank_buckets((u.log() / w).reshape(scores.shape), valid, num_buckets)
+
+
 @torch.no_grad()
 def buckets_to_depths(buckets: torch.Tensor, bucket_depths: Sequence[int]) -> torch.Tensor:
     """Depth in blocks of each token; 0 where ``buckets`` is -1 (invalid)."""
@@ -138,5 +183,10 @@ def _random_policy(scores, valid, num_buckets, generator):
     return random_buckets(valid, num_buckets, generator)
 
 
+def _sampled_policy(scores, valid, num_buckets, generator):
+    return sampled_buckets(scores, valid, num_buckets, generator)
+
+
 # Each routing policy under its name: (scores, valid, K, generator) -> buckets.
-POLICY_FNS: dict[str, BucketPolicy] = {"difficulty": _difficulty_policy, "random": _random_policy}
+POLICY_FNS: dict[str, BucketPolicy] = {"difficulty": _difficulty_policy, "random": _random_policy,
+                                       "sampled": _sampled_policy}

@@ -30,6 +30,8 @@ class RoutingConfig:
     seed: int = 0
     label_shift: int | None = None
     backward: str = "auto"
+    handback_steps: int = 0
+    total_steps: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.num_buckets, bool) or not isinstance(self.num_buckets, int) or self.num_buckets < 1:
@@ -55,6 +57,14 @@ class RoutingConfig:
             raise ValueError(f"label_shift must be None (auto), 0 or 1, got {self.label_shift!r}")
         if self.backward not in BACKWARDS:
             raise ValueError(f"backward must be one of {BACKWARDS}, got {self.backward!r}")
+        if isinstance(self.handback_steps, bool) or not isinstance(self.handback_steps, int) or self.handback_steps < 0:
+            raise ValueError(f"handback_steps must be an integer >= 0, got {self.handback_steps!r}")
+        if self.total_steps is not None and (isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int)
+                                             or self.total_steps < 1):
+            raise ValueError(f"total_steps must be None or an integer >= 1, got {self.total_steps!r}")
+        if self.handback_steps and (self.total_steps is None or self.handback_steps > self.total_steps):
+            raise ValueError(f"handback_steps={self.handback_steps} needs total_steps (the length of training, in "
+                             f"optimizer steps) >= handback_steps, got total_steps={self.total_steps!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 

@@ -27,7 +27,7 @@ import torch.nn as nn
 from .adapters import (block_names, default_label_shift, find_layer_stack, is_routable_linear,
                        unsupported_parametrised_modules, weight_in_out)
 from .compact import compact_family, make_compact_forward
-from .bucketing import POLICY_FNS, buckets_to_depths, curriculum_depths, target_depths
+from .bucketing import POLICY_FNS, buckets_to_depths, curriculum_depths, schedule_progress, target_depths
 from .config import RoutingConfig
 from .routing import Routing
 from .scoring import score_difficulty
@@ -87,6 +87,7 @@ class Router(nn.Module):
         self.config = config
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         self._step = 0  # host mirror of step_count: reading the buffer would synchronise
+        self._progress_override: float | None = None
         self.register_load_state_dict_post_hook(Router._sync_step_mirror)
         object.__setattr__(self, "_model", model)  # not a submodule: its weights are not ours
         self.layer_path, blocks = find_layer_stack(model, layers)
@@ -125,8 +126,23 @@ class Router(nn.Module):
 
     @property
     def progress(self) -> float:
-        w = self.config.warmup_steps
-        return 1.0 if w == 0 else min(1.0, self._step / w)
+        """Curriculum progress in [0, 1]: 0 = every token at full depth, 1 = the target depths."""
+        if self._progress_override is not None:
+            return self._progress_override
+        c = self.config
+        return schedule_progress(self._step, c.warmup_steps, c.total_steps, c.handback_steps)
+
+    def set_progress(self, progress: float | None) -> None:
+        """Drive the curriculum by something other than the step count (a wall-clock budget, say).
+
+        ``progress`` in [0, 1] replaces the step-based schedule until ``set_progress(None)``.
+        """
+        if progress is not None:
+            p = float(progress)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"progress must be None or a number in [0, 1], got {progress!r}")
+            progress = p
+        self._progress_override = progress
 
     def bucket_depths(self) -> list[int]:
         """Depth in blocks of each bucket at the current curriculum step, hardest first."""
@@ -471,7 +487,8 @@ def _refuse_wrappers(model: nn.Module) -> None:
 def attach(model: nn.Module, num_buckets: int = 4, warmup_steps: int = 1000, leak_rate: float = 0.0, *,
            mode: str = "sparse", policy: str = "difficulty", layers=None, depths: Sequence[float] | None = None,
            scorer: str = "entropy_confidence", ignore_index: int = -100, seed: int = 0,
-           label_shift: int | None = None, backward: str = "auto") -> Router:
+           label_shift: int | None = None, backward: str = "auto", handback_steps: int = 0,
+           total_steps: int | None = None) -> Router:
     """Install cggr's gradient routing on ``model`` in place and return its :class:`Router`.
 
     Args:
@@ -480,7 +497,8 @@ def attach(model: nn.Module, num_buckets: int = 4, warmup_steps: int = 1000, lea
         warmup_steps: curriculum length in optimizer steps (0 = target depths at once).
         leak_rate: λ in [0, 1]: inactive rows carry λ times their gradient (λ > 0 makes them dense again).
         mode: ``"sparse"`` (exact token-sparse backward) or ``"mask"`` (gate block outputs only; no saving).
-        policy: ``"difficulty"`` (rank by score, the seed's rule) or ``"random"`` (the control).
+        policy: ``"difficulty"`` (rank by score, the seed's rule), ``"random"`` (the control) or
+            ``"sampled"`` (random buckets, deep ones likelier for harder tokens).
         layers: the block stack: attribute path, ``nn.ModuleList`` or list; found automatically when None.
         depths: target depth fractions per bucket, hardest first (default ``(K-k)/K``).
         scorer: ``"entropy_confidence"`` (default), ``"entropy"`` or ``"margin"``.
@@ -489,9 +507,13 @@ def attach(model: nn.Module, num_buckets: int = 4, warmup_steps: int = 1000, lea
         label_shift: 1 if logits at t predict ``labels[t+1]`` (HF causal LMs; auto when None), else 0.
         backward: ``"auto"`` (a compacted per-family backward where one exists, else the generic one) or
             ``"generic"`` (always the per-linear generic backward).
+        handback_steps: over the last ``handback_steps`` of ``total_steps`` optimizer steps the depths
+            return linearly to full, so training ends dense (0 = never).
+        total_steps: the length of training in optimizer steps (needed by ``handback_steps``).
     """
     config = RoutingConfig(num_buckets=num_buckets, warmup_steps=warmup_steps, leak_rate=leak_rate, mode=mode,
                            policy=policy, depths=depths, scorer=scorer,
-                           ignore_index=ignore_index, seed=seed, label_shift=label_shift, backward=backward)
+                           ignore_index=ignore_index, seed=seed, label_shift=label_shift, backward=backward,
+                           handback_steps=handback_steps, total_steps=total_steps)
     _refuse_wrappers(model)
     return Router(model, config, layers=layers)

@@ -8,7 +8,6 @@ hook and gives the original module back.
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch.nn as nn
 
@@ -24,16 +23,11 @@ class CGGRWrapper(nn.Module):
     save and restore it with the weights.
     """
 
-    def __init__(self, model: nn.Module, num_buckets: int = 4, warmup_steps: int = 1000, leak_rate: float = 0.0, *,
-                 mode: str = "sparse", policy: str = "difficulty", layers=None,
-                 depths: Sequence[float] | None = None, scorer: str = "entropy_confidence",
-                 ignore_index: int = -100, seed: int = 0, label_shift: int | None = None,
-                 backward: str = "auto"):
+    def __init__(self, model: nn.Module, num_buckets: int = 4, warmup_steps: int = 1000, leak_rate: float = 0.0,
+                 **options):
         super().__init__()
         self.model = model
-        self.router: Router = attach(model, num_buckets, warmup_steps, leak_rate, mode=mode, policy=policy,
-                                     layers=layers, depths=depths, scorer=scorer, ignore_index=ignore_index,
-                                     seed=seed, label_shift=label_shift, backward=backward)
+        self.router: Router = attach(model, num_buckets, warmup_steps, leak_rate, **options)
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)

@@ -79,3 +79,45 @@ def test_assign_depths_end_to_end():
     # valid ranked 0.9, 0.8, 0.7, 0.5, 0.4, 0.3, 0.2 -> buckets floor(r*4/7) = 0,0,1,1,2,2,3 -> depths 8,6,4,2
     assert d.tolist() == [0, 8, 6, 4, 6, 2, 8, 4]
     assert torch.equal(buckets_to_depths(torch.tensor([-1, 0, 3]), [8, 6, 4, 2]), torch.tensor([0, 8, 2]))
+
+
+# --------------------------------------------------------------------------- sampled policy, schedule
+
+@pytest.mark.parametrize("n,k", [(1, 4), (9, 4), (1000, 4), (777, 3)])
+def test_sampled_buckets_sizes_and_bias(n, k):
+    from cggr.bucketing import sampled_buckets
+
+    g = torch.Generator().manual_seed(n + k)
+    scores = torch.randn(n, generator=g)
+    valid = torch.rand(n, generator=g) > 0.1
+    b = sampled_buckets(scores, valid, k, torch.Generator().manual_seed(1))
+    exact = rank_buckets(scores, valid, k)
+    assert (b[~valid] == -1).all()
+    # Same bucket sizes as the difficulty ranking.
+    assert torch.equal(torch.bincount(b[valid], minlength=k), torch.bincount(exact[valid], minlength=k))
+    if n >= 1000:
+        # Harder tokens land in deeper buckets more often, but not always (it is a draw).
+        means = [scores[b == j].mean().item() for j in range(k)]
+        assert means == sorted(means, reverse=True)
+        assert 0.2 < (b[valid] == exact[valid]).float().mean().item() < 0.9
+
+
+def test_sampled_buckets_non_finite_and_all_invalid():
+    from cggr.bucketing import sampled_buckets
+
+    scores = torch.tensor([float("nan"), 1.0, float("-inf"), float("inf"), 0.0])
+    b = sampled_buckets(scores, torch.ones(5, dtype=torch.bool), 2, torch.Generator().manual_seed(0))
+    assert sorted(b.tolist()) == [0, 0, 0, 1, 1]
+    none = sampled_buckets(scores, torch.zeros(5, dtype=torch.bool), 2)
+    assert (none == -1).all()
+
+
+def test_schedule_progress():
+    from cggr.bucketing import schedule_progress
+
+    assert schedule_progress(0, 0) == 1.0
+    assert [schedule_progress(s, 4) for s in (0, 2, 4, 9)] == [0.0, 0.5, 1.0, 1.0]
+    # Hand-back: back to full depth (progress 0) linearly over the last 4 of 20 steps.
+    assert [schedule_progress(s, 4, 20, 4) for s in (10, 16, 18, 20)] == [1.0, 1.0, 0.5, 0.0]
+    # Fractions of a wall-clock budget work the same.
+    assert schedule_progress(0.95, 0.2, 1.0, 0.1) == pytest.approx(0.5)

@@ -91,14 +91,14 @@ class _Probe:
         self.callback = Events()
 
 
-def _train(output_dir, resume=None, install=False, max_steps=6):
+def _train(output_dir, resume=None, install=False, max_steps=6, **options):
     pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
     from transformers import Trainer, TrainingArguments
 
     from cggr.integrations import CGGRCallback
 
     model = hf_model("llama", seed=1)
-    callback = CGGRCallback(num_buckets=4, warmup_steps=4)
+    callback = CGGRCallback(num_buckets=4, warmup_steps=4, **options)
     probe = _Probe(callback)
     args = TrainingArguments(output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=2,
                              gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=1, save_steps=3,
@@ -153,6 +153,13 @@ def test_trainer_callback_steps_logs_and_resume(tmp_path):
     os.remove(out / "checkpoint-3" / "cggr_state.pt")
     _, callback3, probe3, _ = _train(out, resume=str(out / "checkpoint-3"))
     assert probe3.step_at_begin == 3 and callback3.router.metrics()["step"] == 6
+
+
+def test_callback_handback_takes_the_trainer_length(tmp_path):
+    """handback_steps without total_steps: the Trainer's max_steps is the length of training."""
+    trainer, callback, _, _ = _train(tmp_path, max_steps=5, handback_steps=2)
+    assert callback.router.config.total_steps == 5 and callback.router.config.handback_steps == 2
+    assert callback.router.bucket_depths() == [4, 4, 4, 4]  # handed back: full depth at the end
 
 
 def test_callback_unwraps_ddp_and_never_attaches_twice(tmp_path, caplog):

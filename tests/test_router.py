@@ -363,3 +363,39 @@ def test_random_policy_draws_differ_between_ranks_and_repeat_after_resume(monkey
 
     assert torch.equal(depth_on(0), depth_on(0))
     assert not torch.equal(depth_on(0), depth_on(1))
+
+
+def test_handback_and_set_progress():
+    """Depths follow warm-up, hand-back and a progress set from outside (a wall-clock schedule)."""
+    model = TinyLM(layers=4)
+    router = cggr.attach(model, num_buckets=4, warmup_steps=2, handback_steps=2, total_steps=8)
+    seen = []
+    for _ in range(9):
+        seen.append(router.bucket_depths())
+        router.step()
+    assert seen[0] == [4, 4, 4, 4] and seen[2] == [4, 3, 2, 1] and seen[6] == [4, 3, 2, 1]
+    assert seen[7] == [4, 4, 3, 3] and seen[8] == [4, 4, 4, 4]
+    router.set_progress(1.0)
+    assert router.bucket_depths() == [4, 3, 2, 1]
+    router.set_progress(None)
+    assert router.bucket_depths() == [4, 4, 4, 4]
+    with pytest.raises(ValueError, match=r"progress must be None or a number in \[0, 1\]"):
+        router.set_progress(1.5)
+
+
+def test_sampled_policy_routes_like_reference():
+    """The sampled policy only picks buckets: the backward is the reference's for the depths it chose."""
+    torch.manual_seed(3)
+    model = TinyLM(layers=4)
+    x = torch.randint(0, 61, (2, 9))
+    router = cggr.attach(model, num_buckets=4, warmup_steps=0, policy="sampled", seed=5)
+    model(x).float().pow(2).mean().backward()
+    depth = router.routing.depth
+    assert sorted(torch.bincount(depth.reshape(-1), minlength=5).tolist()) == [0, 4, 4, 5, 5]
+    got = flat_grads(model)
+    router.detach()
+    model.zero_grad()
+    with cggr.reference_routing(list(model.blocks), depth):
+        model(x).float().pow(2).mean().backward()
+    want = flat_grads(model)
+    assert max(rel_err(got[n], want[n]) for n in want) < 1e-5

@@ -46,7 +46,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..router import Router, attach
 from ..wrapper import CGGRWrapper
-from ._common import METRIC_PREFIX, checked_attach_options, unwrap_model
+from ._common import METRIC_PREFIX, checked_attach_options, unwrap_model, with_total_steps
 
 logger = logging.getLogger("cggr")
 
@@ -90,7 +90,7 @@ class CGGRCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise ValueError("CGGRCallback: the Trainer passed no model to on_train_begin")
-        router = self._router_for(unwrap_model(model))
+        router = self._router_for(unwrap_model(model), state.max_steps)
         self._restore_step(router, args, state)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -119,7 +119,7 @@ class CGGRCallback(TrainerCallback):
         torch.save(self.router.state_dict(), os.path.join(folder, CGGR_STATE_NAME))
 
     # --------------------------------------------------------------- helpers
-    def _router_for(self, model: nn.Module) -> Router:
+    def _router_for(self, model: nn.Module, max_steps: int | None = None) -> Router:
         if self.router is not None:
             if self.router.model is model:
                 return self.router  # a second train() on the same model
@@ -131,7 +131,7 @@ class CGGRCallback(TrainerCallback):
                            "options", existing.extra_repr())
             self.router = existing
         else:
-            self.router = attach(model, **self.attach_kwargs)
+            self.router = attach(model, **with_total_steps("CGGRCallback", self.attach_kwargs, max_steps))
         return self.router
 
     def _restore_step(self, router: Router, args, state) -> None:

@@ -49,7 +49,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
 
 from ..router import Router, attach
 from ..wrapper import CGGRWrapper
-from ._common import METRIC_PREFIX, checked_attach_options, unwrap_model
+from ._common import METRIC_PREFIX, checked_attach_options, unwrap_model, with_total_steps
 
 logger = logging.getLogger("cggr")
 
@@ -89,6 +89,7 @@ class CGGRLightningCallback(Callback):
         self._pending_state: dict | None = None  # loaded from a checkpoint before the router existed
         self._loaded_step: int | None = None
         self._seen_global_step: int | None = None
+        self._trainer = None  # set at setup: handback_steps may need its length of training
 
     @property
     def state_key(self) -> str:
@@ -98,9 +99,11 @@ class CGGRLightningCallback(Callback):
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":
+            self._trainer = trainer
             self._maybe_attach(pl_module, required=False)  # the model may only exist after configure_model
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        self._trainer = trainer
         self._maybe_attach(pl_module, required=True)
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -174,6 +177,17 @@ class CGGRLightningCallback(Callback):
             raise TypeError(f"CGGRLightningCallback: pl_module.{attr} is a {type(obj).__name__}, not an nn.Module")
         return obj
 
+    def _max_steps(self) -> int | None:
+        trainer = self._trainer
+        if trainer is None:
+            return None
+        if trainer.max_steps and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        try:
+            return int(trainer.estimated_stepping_batches)
+        except Exception:  # the length of training is unknown (infinite or not set up yet)
+            return None
+
     def _maybe_attach(self, pl_module: nn.Module, required: bool) -> Router | None:
         target = self._target(pl_module)
         if target is None:
@@ -197,7 +211,8 @@ class CGGRLightningCallback(Callback):
                            "its own options", existing.extra_repr())
             self.router, self._owns_router = existing, False
         else:
-            self.router, self._owns_router = attach(target, **self.attach_kwargs), True
+            self.router, self._owns_router = attach(target, **with_total_steps(
+                "CGGRLightningCallback", self.attach_kwargs, self._max_steps())), True
         state = self._pending_state if self._pending_state is not None else previous_state
         if state is not None:
             self.router.load_state_dict(state)
