@@ -1,4 +1,4 @@
-"""The ``cggr`` command: ``cggr demo [flags]`` (and, later, ``cggr bench ...``).
+"""The ``cggr`` command: ``cggr demo [flags]`` and ``cggr bench quality [flags]``.
 
 Each subcommand is one ``_add_<name>`` function below that declares its flags
 and sets ``func``, the callable run with the parsed arguments. Heavy imports
@@ -30,11 +30,29 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-# Benchmarks go here: one ``_add_bench(sub)`` adding a ``bench`` parser with its own
-# subparsers (``cggr bench speed``, ``cggr bench quality``, ...), then one line in
-# ``SUBCOMMANDS``. Not implemented yet.
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from .quality import add_quality_arguments
 
-SUBCOMMANDS = (_add_demo,)
+    bench = sub.add_parser("bench", help="benchmarks (quality: validation loss of routed vs dense training)")
+    kinds = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    q = kinds.add_parser("quality", help="train dense and routed arms from identical weights and data; compare "
+                                         "validation loss at equal steps or equal wall-clock",
+                         description="Train Llama-style models dense and with cggr routing policies from identical "
+                                     "weights on identical batches, in the pretrain / continued / finetune regimes; "
+                                     "write curves (JSON), plots (PNG) and a table.")
+    add_quality_arguments(q)
+
+    def run(args: argparse.Namespace) -> int:
+        from .quality import run_quality
+
+        run_quality(args)
+        return 0
+
+    q.set_defaults(func=run)
+    # The speed benchmark is benchmarks/speed.py (it needs a GPU): see the README.
+
+
+SUBCOMMANDS = (_add_demo, _add_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

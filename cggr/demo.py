@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import shlex
@@ -120,48 +119,9 @@ def _require_attach():
 
 
 def _build_model(cfg: dict, vocab_size: int, eot: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from .training import build_llama
 
-    d = cfg["d_model"]
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=d, intermediate_size=64 * math.ceil(8 * d / 3 / 64),
-        num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"], num_key_value_heads=cfg["heads"],
-        max_position_embeddings=cfg["seq_len"], tie_word_embeddings=False, use_cache=False,
-        bos_token_id=eot, eos_token_id=eot, pad_token_id=None)
-    return config, LlamaForCausalLM(config)
-
-
-def _optimizer(model, cfg: dict):
-    """AdamW (weight decay on matrices only) and linear warm-up + cosine decay to 10 %."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.95))
-    warm, total = cfg["lr_warmup_steps"], cfg["steps"]
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-@torch.no_grad()
-def _val_loss(model, batches, device) -> float:
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for x in batches:
-        x = x.to(device, non_blocking=True)
-        total += model(input_ids=x, labels=x).loss.double()
-    model.train()
-    return total.item() / len(batches)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return build_llama(cfg["d_model"], cfg["layers"], cfg["heads"], vocab_size, cfg["seq_len"], eot)
 
 
 def _timing_window(cfg: dict) -> tuple[int, int]:
@@ -173,10 +133,10 @@ def _timing_window(cfg: dict) -> tuple[int, int]:
 
 
 def _train_arm(arm: str, cfg: dict, model_config, init_state, train_stream, val_batches) -> dict:
-    from tqdm.auto import tqdm
     from transformers import LlamaForCausalLM
 
     from .data import TokenBatches
+    from .training import Budget, train_arm
 
     device = torch.device(cfg["device"])
     torch.manual_seed(cfg["seed"])
@@ -184,7 +144,6 @@ def _train_arm(arm: str, cfg: dict, model_config, init_state, train_stream, val_
     model.load_state_dict(init_state)
     # bf16 weights on CUDA, no autocast: every arm the same, and cggr's compacted backward applies.
     model.to(device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).train()
-    opt, sched = _optimizer(model, cfg)
     router = None
     if ARMS[arm] is not None:
         router = _require_attach()(model, num_buckets=cfg["num_buckets"], warmup_steps=cfg["warmup_steps"],
@@ -193,61 +152,27 @@ def _train_arm(arm: str, cfg: dict, model_config, init_state, train_stream, val_
         torch.cuda.reset_peak_memory_stats(device)
 
     batches = TokenBatches(train_stream, cfg["batch_size"], cfg["seq_len"], seed=cfg["seed"])
-    curve = {"step": [0], "val_loss": [_val_loss(model, val_batches, device)], "train_seconds": [0.0]}
-    step_ms, train_loss, metrics = [], [], []
-    elapsed = 0.0
-    bar = tqdm(total=cfg["steps"], desc=f"{arm:>6}", unit="step", dynamic_ncols=True, mininterval=0.5,
-               file=sys.stderr)
-    it = iter(batches)
-    for step in range(1, cfg["steps"] + 1):
-        x = next(it).to(device, non_blocking=True)
-        _sync(device)
-        t0 = time.perf_counter()
-        out = model(input_ids=x, labels=x)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        if router is not None:
-            router.step()
-        _sync(device)
-        dt = time.perf_counter() - t0
-        elapsed += dt
-        step_ms.append(1e3 * dt)
-        train_loss.append(out.loss.item())
-        if router is not None:
-            metrics.append({k: float(v) for k, v in router.metrics().items()})
-        if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
-            curve["step"].append(step)
-            curve["val_loss"].append(_val_loss(model, val_batches, device))
-            curve["train_seconds"].append(elapsed)
-            bar.set_postfix(loss=f"{train_loss[-1]:.3f}", val=f"{curve['val_loss'][-1]:.3f}")
-        bar.update(1)
-    bar.close()
-
+    steps = cfg["steps"]
+    result = train_arm(model, iter(batches), val_batches, budget=Budget(steps=steps), lr=cfg["lr"],
+                       lr_warmup=cfg["lr_warmup_steps"] / steps, router=router,
+                       routing_warmup=cfg["warmup_steps"] / steps, device=device, desc=f"{arm:>6}",
+                       eval_at=[k / steps for k in range(cfg["eval_every"], steps, cfg["eval_every"])])
     start, end = _timing_window(cfg)
-    median_ms = statistics.median(step_ms[start:end])
-    depth = [m["mean_depth_fraction"] for m in metrics if "mean_depth_fraction" in m]
-    result = {
-        **curve,
+    median_ms = statistics.median(result["step_ms"][start:end])
+    depth = [m["mean_depth_fraction"] for m in result["router_metrics"] if "mean_depth_fraction" in m]
+    result.update({
         "policy": ARMS[arm],
-        "step_ms": step_ms,
-        "train_loss": train_loss,
-        "router_metrics": metrics,
         "timing_window": [start, end],
         "step_ms_median": median_ms,
         "tokens_per_s": cfg["batch_size"] * cfg["seq_len"] / (median_ms / 1e3),
-        "final_val_loss": curve["val_loss"][-1],
-        # Averaged over every training step, curriculum included; dense is 1 by definition.
-        "mean_depth_fraction": statistics.fmean(depth) if depth else (1.0 if router is None else None),
         "mean_depth_fraction_in_timing_window": (statistics.fmean(depth[start:end]) if depth[start:end]
                                                  else (1.0 if router is None else None)),
         "epochs_used": batches.epochs_used,
         "peak_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
-    }
+    })
     if router is not None:
         router.detach()
-    del model, opt, sched, router
+    del model, router
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

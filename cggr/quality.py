@@ -1,0 +1,434 @@
+"""``cggr bench quality``: does routed training reach dense's validation loss sooner?
+
+Every arm of a regime starts from the SAME weights and sees the SAME batches in
+the same order (dense arms with another ``seed`` excepted: they measure the
+seed-to-seed spread), with the same optimizer and schedule; only the routing
+differs. Regimes (DESIGN.md §2 probes them):
+
+* ``pretrain``  -- from random weights on corpus A (``--data``);
+* ``continued`` -- from a dense-pretrained checkpoint, more training on corpus A
+  (its second pass: the checkpoint saw it once);
+* ``finetune``  -- from the same checkpoint, training on corpus B
+  (``--finetune-data``), validated on B.
+
+The checkpoint is trained by this command (dense, ``--pretrain-steps`` on A)
+and cached beside the tokenizer (``$CGGR_CACHE``); nothing is downloaded.
+Validation uses held-out *documents*. The budget is ``--steps`` (equal-step
+comparison) or ``--seconds`` of training time per arm (equal wall-clock: the
+learning-rate and routing schedules are defined on the elapsed fraction of the
+budget, see :mod:`cggr.training`).
+
+Arms are named by a spec: a base (``dense``, ``difficulty``, ``random``,
+``sampled``) and options after slashes, e.g. ``random/handback=0.25``,
+``difficulty/scorer=margin``, ``dense/seed=1``, ``random/depths=1:0.5``:
+
+* ``seed``     -- initial weights (pretrain), data order and random routing;
+* ``buckets``  -- number of buckets (default 4), ``depths`` -- their target depth
+  fractions, hardest first, colon-separated (default ``(K-k)/K``);
+* ``warmup``   -- curriculum warm-up as a fraction of the budget (default 0.2);
+* ``handback`` -- fraction of the budget at the end over which depth returns to
+  full (default 0);
+* ``mode``     -- ``sparse`` or ``mask``; ``scorer`` -- a scorer of
+  :mod:`cggr.scoring`.
+
+Output (``--out``): ``quality-<tag>.json`` per regime (curves, configuration,
+versions, git revision) and ``quality-<tag>.png`` (validation loss against
+steps and against training seconds); a table per regime is printed last.
+``benchmarks/report.py`` turns committed JSON into the README's tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REGIMES = ("pretrain", "continued", "finetune")
+BASES = {"dense": None, "difficulty": "difficulty", "random": "random", "sampled": "sampled"}
+DEFAULT_ARMS = "dense,dense/seed=1,difficulty,random,sampled"
+
+# Model presets: Llama-style, bf16 weights on CUDA. "125M" is the speed benchmark's configuration
+# (d768, 12 layers, 12 heads, MLP 2048) with a 16384-token BPE vocabulary as in DESIGN.md §2's probes.
+MODELS = {
+    "tiny": dict(d_model=64, layers=4, heads=4, batch_size=4, seq_len=64, vocab_size=1024, lr=3e-3),
+    "small": dict(d_model=512, layers=8, heads=8, batch_size=16, seq_len=512, vocab_size=16384, lr=1e-3),
+    "125M": dict(d_model=768, layers=12, heads=12, batch_size=16, seq_len=1024, vocab_size=16384, lr=6e-4),
+}
+# Peak learning rate of each regime relative to the model's (a checkpoint wants gentler steps).
+REGIME_LR = {"pretrain": 1.0, "continued": 0.5, "finetune": 1 / 3}
+
+_ARM_OPTIONS = {"seed", "buckets", "depths", "warmup", "handback", "mode", "scorer"}
+
+
+def parse_arm(spec: str) -> dict:
+    """An arm spec (see the module docstring) -> its settings; ``ValueError`` naming what is wrong."""
+    base, *options = spec.strip().split("/")
+    if base not in BASES:
+        raise ValueError(f"--arms: {spec!r} must start with one of {list(BASES)}")
+    arm = {"name": spec.strip(), "policy": BASES[base], "seed": 0, "warmup": 0.2, "handback": 0.0, "attach": {}}
+    for opt in options:
+        key, sep, value = opt.partition("=")
+        if not sep or key not in _ARM_OPTIONS:
+            raise ValueError(f"--arms: option {opt!r} of {spec!r} must be key=value with key in "
+                             f"{sorted(_ARM_OPTIONS)}")
+        try:
+            if key == "seed":
+                arm["seed"] = int(value)
+            elif key in ("warmup", "handback"):
+                arm[key] = float(value)
+                if not 0.0 <= arm[key] <= 1.0:
+                    raise ValueError
+            elif key == "buckets":
+                arm["attach"]["num_buckets"] = int(value)
+            elif key == "depths":
+                arm["attach"]["depths"] = tuple(float(v) for v in value.split(":"))
+            else:
+                arm["attach"][key] = value
+        except ValueError:
+            raise ValueError(f"--arms: bad value in {opt!r} of {spec!r}") from None
+    if arm["policy"] is None and (arm["attach"] or arm["handback"] or "warmup=" in spec):
+        raise ValueError(f"--arms: {spec!r}: a dense arm takes only seed=")
+    if arm["warmup"] + arm["handback"] > 1.0:
+        raise ValueError(f"--arms: {spec!r}: warmup + handback must not exceed the whole budget")
+    if arm["policy"] is not None:
+        if "depths" in arm["attach"] and "num_buckets" not in arm["attach"]:
+            arm["attach"]["num_buckets"] = len(arm["attach"]["depths"])
+        from .config import RoutingConfig
+
+        RoutingConfig(policy=arm["policy"], **arm["attach"])  # the library's own checks, now
+    return arm
+
+
+def add_quality_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = p.add_argument_group("what to compare")
+    g.add_argument("--regimes", default="pretrain", help=f"comma list from {','.join(REGIMES)} (default pretrain)")
+    g.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma list of arm specs (default {DEFAULT_ARMS})")
+    b = g.add_mutually_exclusive_group()
+    b.add_argument("--steps", type=int, help="equal-step budget: optimizer steps per arm")
+    b.add_argument("--seconds", type=float, help="equal wall-clock budget: training seconds per arm")
+    m = p.add_argument_group("model and data")
+    m.add_argument("--model", default=None, choices=list(MODELS),
+                   help="model preset (default: 125M on CUDA, tiny on CPU)")
+    for name in ("d_model", "layers", "heads", "batch_size", "seq_len", "vocab_size"):
+        m.add_argument("--" + name.replace("_", "-"), type=int, help="override the preset")
+    m.add_argument("--lr", type=float, help="peak AdamW learning rate of pretraining (override the preset)")
+    m.add_argument("--data", help="corpus A: text file, folder of text files or .xz (default: Python stdlib)")
+    m.add_argument("--finetune-data", help="corpus B for the finetune regime (required by it)")
+    m.add_argument("--pretrain-steps", type=int, default=None,
+                   help="dense steps of the cached checkpoint for continued/finetune (default: --steps, or 300)")
+    r = p.add_argument_group("run")
+    r.add_argument("--evals", type=int, default=12, help="validations per arm besides step 0 (default 12)")
+    r.add_argument("--eval-batches", type=int, default=8, help="fixed validation batches (default 8)")
+    r.add_argument("--out", default="cggr-out", help="folder for the JSON and PNG files (default ./cggr-out)")
+    r.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+    r.add_argument("--tag", default="", help="extra text in the output file names")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> dict:
+    from .training import Budget
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = args.model or ("125M" if device.type == "cuda" else "tiny")
+    cfg = dict(MODELS[model], model=model)
+    for key in ("d_model", "layers", "heads", "batch_size", "seq_len", "vocab_size", "lr"):
+        if getattr(args, key, None) is not None:
+            cfg[key] = getattr(args, key)
+    regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
+    if not regimes or any(r not in REGIMES for r in regimes) or len(set(regimes)) != len(regimes):
+        raise ValueError(f"--regimes must be distinct names from {list(REGIMES)}, got {args.regimes!r}")
+    if "finetune" in regimes and not args.finetune_data:
+        raise ValueError("--regimes finetune needs --finetune-data (corpus B: a file, folder or .xz)")
+    arms = [parse_arm(s) for s in args.arms.split(",") if s.strip()]
+    names = [a["name"] for a in arms]
+    if not arms or len(set(names)) != len(names):
+        raise ValueError(f"--arms must be distinct arm specs, got {args.arms!r}")
+    if cfg["d_model"] % cfg["heads"]:
+        raise ValueError(f"--d-model {cfg['d_model']} is not divisible by --heads {cfg['heads']}")
+    steps = args.steps if args.steps is not None or args.seconds is not None else 300
+    budget = Budget(steps=steps if args.seconds is None else None, seconds=args.seconds)
+    if args.evals < 1 or args.eval_batches < 1:
+        raise ValueError("--evals and --eval-batches must be >= 1")
+    pretrain_steps = args.pretrain_steps or (budget.steps or 300)
+    return dict(cfg, device=str(device), regimes=regimes, arms=arms, budget=budget, evals=args.evals,
+                eval_batches=args.eval_batches, data=args.data, finetune_data=args.finetune_data,
+                pretrain_steps=pretrain_steps, out=args.out, tag=args.tag, lr_warmup=0.05)
+
+
+# --------------------------------------------------------------------------- data and checkpoint
+
+def _corpus(source, tokenizer_docs_seed: int = 0):
+    from . import data
+
+    docs = data.load_documents(source)
+    train, val = data.split_documents(docs, val_fraction=0.05, seed=tokenizer_docs_seed)
+    if not val:
+        raise ValueError(f"corpus {source or 'python-stdlib'} needs at least two documents")
+    return train, val
+
+
+def _prepare(cfg: dict) -> dict:
+    """Tokenizer (trained on A's training documents) and the token streams of A and B."""
+    from . import data
+
+    t0 = time.perf_counter()
+    train_a, val_a = _corpus(cfg["data"])
+    tok = data.train_tokenizer(train_a, cfg["vocab_size"])
+    out = {"tokenizer": tok, "eot": data.eot_id(tok), "vocab": tok.get_vocab_size(),
+           "A": (data.encode_documents(tok, train_a), data.encode_documents(tok, val_a))}
+    info = {"A": {"source": cfg["data"] or "python-stdlib", "train_documents": len(train_a),
+                  "val_documents": len(val_a), "train_tokens": out["A"][0].numel(),
+                  "val_tokens": out["A"][1].numel()}}
+    if "finetune" in cfg["regimes"]:
+        train_b, val_b = _corpus(cfg["finetune_data"])
+        out["B"] = (data.encode_documents(tok, train_b), data.encode_documents(tok, val_b))
+        info["B"] = {"source": cfg["finetune_data"], "train_documents": len(train_b),
+                     "val_documents": len(val_b), "train_tokens": out["B"][0].numel(),
+                     "val_tokens": out["B"][1].numel()}
+    info["prep_seconds"] = time.perf_counter() - t0
+    out["info"] = info
+    return out
+
+
+def _new_model(cfg: dict, prep: dict, seed: int):
+    from .training import build_llama
+
+    torch.manual_seed(seed)
+    return build_llama(cfg["d_model"], cfg["layers"], cfg["heads"], prep["vocab"], cfg["seq_len"], prep["eot"])
+
+
+def _to_device(model, cfg: dict):
+    device = torch.device(cfg["device"])
+    # bf16 weights on CUDA, no autocast: every arm the same, and cggr's compacted backward applies.
+    return model.to(device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).train()
+
+
+def _checkpoint(cfg: dict, prep: dict) -> tuple[dict, dict]:
+    """Weights of a dense model pretrained on A for ``pretrain_steps`` (trained once, then cached)."""
+    from . import data
+    from .training import Budget, train_arm
+
+    key = data._key("quality-checkpoint", prep["tokenizer"].to_str(), prep["A"][0].numel(),
+                    int(prep["A"][0][:4096].sum()), cfg["d_model"], cfg["layers"], cfg["heads"], cfg["seq_len"],
+                    cfg["batch_size"], cfg["lr"], cfg["pretrain_steps"], cfg["device"].split(":")[0])
+    path = data.resolve_cache_dir() / f"checkpoint-{key}.pt"
+    if path.exists():
+        saved = torch.load(path, weights_only=True)
+        return saved["state"], dict(saved["info"], cache_hit=True)
+    _, model = _new_model(cfg, prep, seed=0)
+    _to_device(model, cfg)
+    batches = data.TokenBatches(prep["A"][0], cfg["batch_size"], cfg["seq_len"], seed=0)
+    print(f"checkpoint: dense pretraining on A for {cfg['pretrain_steps']} steps (cached afterwards)", flush=True)
+    r = train_arm(model, iter(batches), _val_batches(cfg, prep["A"][1]), budget=Budget(steps=cfg["pretrain_steps"]),
+                  lr=cfg["lr"], lr_warmup=cfg["lr_warmup"], device=torch.device(cfg["device"]),
+                  desc="checkpoint")
+    info = {"pretrain_steps": cfg["pretrain_steps"], "val_loss_on_A": r["final_val_loss"],
+            "epochs_of_A": batches.epochs_used, "train_seconds": r["train_seconds_total"]}
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    data._atomic_write(path, lambda tmp: torch.save({"state": state, "info": info}, tmp))
+    del model
+    return state, dict(info, cache_hit=False)
+
+
+def _val_batches(cfg: dict, stream: torch.Tensor) -> list[torch.Tensor]:
+    from . import data
+
+    return data.eval_batches(stream, cfg["batch_size"], cfg["seq_len"], cfg["eval_batches"])
+
+
+# --------------------------------------------------------------------------- one regime
+
+def run_regime(regime: str, cfg: dict, prep: dict) -> dict:
+    from . import data
+    from .training import median_step_ms, train_arm
+
+    device = torch.device(cfg["device"])
+    corpus = "B" if regime == "finetune" else "A"
+    train_stream, val_stream = prep[corpus]
+    val = _val_batches(cfg, val_stream)
+    checkpoint_info, start_state = None, None
+    if regime != "pretrain":
+        start_state, checkpoint_info = _checkpoint(cfg, prep)
+    lr = cfg["lr"] * REGIME_LR[regime]
+    budget = cfg["budget"]
+    eval_at = [k / cfg["evals"] for k in range(1, cfg["evals"])]
+    results = []
+    for arm in cfg["arms"]:
+        _, model = _new_model(cfg, prep, seed=arm["seed"])
+        if start_state is not None:
+            model.load_state_dict(start_state)
+        _to_device(model, cfg)
+        router = None
+        if arm["policy"] is not None:
+            import cggr
+
+            router = cggr.attach(model, policy=arm["policy"], seed=arm["seed"], **arm["attach"])
+        # The continued regime's data order differs from the checkpoint's pass over A.
+        order_seed = arm["seed"] + (1000 if regime == "continued" else 0)
+        batches = data.TokenBatches(train_stream, cfg["batch_size"], cfg["seq_len"], seed=order_seed)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        r = train_arm(model, iter(batches), val, budget=budget, lr=lr, lr_warmup=cfg["lr_warmup"], router=router,
+                      routing_warmup=arm["warmup"], routing_handback=arm["handback"], eval_at=eval_at,
+                      device=device, desc=f"{regime}:{arm['name']}")
+        epochs = batches.epochs_used + (checkpoint_info["epochs_of_A"] if regime == "continued" else 0.0)
+        r.update(arm=arm["name"], policy=arm["policy"], seed=arm["seed"], options=arm["attach"],
+                 warmup=arm["warmup"], handback=arm["handback"], epochs_of_training_data=epochs,
+                 step_ms_median=median_step_ms(r["step_ms"]),
+                 peak_memory_gib=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None)
+        print(f"{regime:>9} {arm['name']:<28} steps {r['steps']:>5}  val {r['final_val_loss']:.4f}  "
+              f"{r['step_ms_median']:.1f} ms/step  depth {r['mean_depth_fraction']:.3f}  "
+              f"data epochs {epochs:.2f}", flush=True)
+        if epochs > 2.0 + 1e-9:
+            print(f"warning: {regime}/{arm['name']} repeated its training data {epochs:.2f} times (> 2)",
+                  file=sys.stderr)
+        results.append(r)
+        if router is not None:
+            router.detach()
+        del model, router
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"regime": regime, "corpus": corpus, "lr": lr, "checkpoint": checkpoint_info,
+            "arms": results, "summary": summarise(results)}
+
+
+def summarise(arms: list[dict]) -> dict:
+    """Final losses against dense: seed spread, differences, time and steps to reach dense's final loss."""
+    from .training import first_reach
+
+    dense = [a for a in arms if a["policy"] is None]
+    if not dense:
+        return {}
+    ref = dense[0]  # the seed-0 dense arm: same weights and data order as every routed arm
+    target = ref["final_val_loss"]
+    finals = [a["final_val_loss"] for a in dense]
+    out = {"dense_final_val_loss": target,
+           "dense_seed_spread": (max(finals) - min(finals)) if len(finals) > 1 else None,
+           "dense_seconds": ref["train_seconds_total"], "dense_steps": ref["steps"], "arms": {}}
+    for a in arms:
+        t = first_reach(a["train_seconds"], a["val_loss"], target)
+        s = first_reach(a["step"], a["val_loss"], target)
+        out["arms"][a["arm"]] = {
+            "final_val_loss": a["final_val_loss"],
+            "delta_vs_dense": a["final_val_loss"] - target,
+            "steps": a["steps"],
+            "step_ms_median": a["step_ms_median"],
+            "speedup_vs_dense": ref["step_ms_median"] / a["step_ms_median"],
+            "mean_depth_fraction": a["mean_depth_fraction"],
+            "seconds_to_dense_final": t,
+            "time_to_dense_final_vs_dense": None if t is None else t / ref["train_seconds_total"],
+            "steps_to_dense_final": s,
+        }
+    return out
+
+
+def format_table(result: dict) -> str:
+    s = result["summary"]
+    if not s:
+        return "(no dense arm: nothing to compare)"
+    spread = s["dense_seed_spread"]
+    header = ("arm", "steps", "ms/step", "speed vs dense", "mean depth", "final val loss", "vs dense",
+              "time to dense's final loss")
+    rows = []
+    for name, a in s["arms"].items():
+        reach = "never" if a["time_to_dense_final_vs_dense"] is None else f"{a['time_to_dense_final_vs_dense']:.2f}x"
+        rows.append((name, str(a["steps"]), f"{a['step_ms_median']:.1f}", f"{a['speedup_vs_dense']:.2f}x",
+                     f"{a['mean_depth_fraction']:.2f}", f"{a['final_val_loss']:.4f}", f"{a['delta_vs_dense']:+.4f}",
+                     reach))
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    note = (f"dense seed spread {spread:.4f}" if spread is not None else "one dense seed: no spread measured")
+    return "\n".join([f"[{result['regime']}]", line(header), line(["-" * w for w in widths])]
+                     + [line(r) for r in rows] + [note + "; time is training seconds, dense = 1.00x"])
+
+
+def _plot(result: dict, cfg: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.4))
+    for r in result["arms"]:
+        style = "--" if r["policy"] is None and r["seed"] else "-"
+        a.plot(r["step"], r["val_loss"], style, marker="o", ms=2.5, label=r["arm"])
+        b.plot(r["train_seconds"], r["val_loss"], style, marker="o", ms=2.5, label=r["arm"])
+    a.set_xlabel("step")
+    b.set_xlabel("training wall-clock (s, evaluation excluded)")
+    losses = [v for r in result["arms"] for v in r["val_loss"][1:]]
+    if losses:
+        lo, hi = min(losses), sorted(losses)[int(0.9 * (len(losses) - 1))]
+        for ax in (a, b):
+            ax.set_ylim(lo - 0.05 * (hi - lo + 1e-6), hi + 0.1 * (hi - lo + 1e-6))
+    for ax in (a, b):
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3)
+    a.legend(fontsize=7)
+    fig.suptitle(f"cggr quality, {result['regime']}: {cfg['model']} (d{cfg['d_model']} L{cfg['layers']}), "
+                 f"{cfg['batch_size']}x{cfg['seq_len']} tokens/step, {cfg['budget'].describe()} per arm, "
+                 f"{cfg['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- entry point
+
+def run_quality(args: argparse.Namespace) -> list[dict]:
+    from .demo import _device_name, _git_revision, _version
+
+    cfg = resolve_config(args)
+    device = torch.device(cfg["device"])
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    prep = _prepare(cfg)
+    info = prep["info"]
+    print(f"data: A {info['A']['source']} {info['A']['train_tokens']:,} train / {info['A']['val_tokens']:,} val "
+          f"tokens" + (f"; B {info['B']['source']} {info['B']['train_tokens']:,} / {info['B']['val_tokens']:,}"
+                       if "B" in info else "") + f"; {info['prep_seconds']:.1f}s", flush=True)
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    records, tables = [], []
+    for regime in cfg["regimes"]:
+        result = run_regime(regime, cfg, prep)
+        corpus = Path(info[result["corpus"]]["source"]).name.split(".")[0] or "corpus"
+        tag = "-".join(x for x in ("quality", regime, cfg["model"], corpus, cfg["budget"].describe().replace(" ", ""),
+                                   cfg["tag"]) if x)
+        record = {
+            "command": getattr(args, "command_line", None) or shlex.join(sys.argv),
+            "device": _device_name(device), "torch": torch.__version__, "git_rev": _git_revision(),
+            "environment": {"python": platform.python_version(), "transformers": _version("transformers"),
+                            "triton": _version("triton")},
+            "config": {**{k: v for k, v in cfg.items() if k not in ("budget", "arms")},
+                       "budget": {"steps": cfg["budget"].steps, "seconds": cfg["budget"].seconds},
+                       "arms": [a["name"] for a in cfg["arms"]]},
+            "data": info,
+            **result,
+        }
+        (out / f"{tag}.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+        _plot(result, cfg, out / f"{tag}.png")
+        records.append(record)
+        tables.append(format_table(result))
+        print(f"wrote {out / tag}.json and .png", flush=True)
+    print()
+    print("\n\n".join(tables))
+    return records
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m cggr.quality``: the same as ``cggr bench quality``."""
+    parser = add_quality_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    run_quality(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

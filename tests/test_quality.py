@@ -1,0 +1,122 @@
+"""``cggr bench quality``: arm specs, the comparison figures, and a tiny end-to-end run on CPU."""
+
+import json
+
+import pytest
+
+from cggr.quality import parse_arm, summarise
+from cggr.training import Budget, first_reach, lr_factor
+
+
+def test_parse_arm():
+    a = parse_arm("random/handback=0.25/depths=1:0.5/seed=3")
+    assert a["policy"] == "random" and a["handback"] == 0.25 and a["seed"] == 3
+    assert a["attach"] == {"depths": (1.0, 0.5), "num_buckets": 2}
+    assert parse_arm("dense/seed=1")["policy"] is None
+    assert parse_arm("sampled/scorer=margin/mode=mask")["attach"] == {"scorer": "margin", "mode": "mask"}
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("bogus", "must start with one of"),
+    ("random/speed=2", "key=value with key in"),
+    ("random/handback=2", "bad value"),
+    ("random/warmup=0.8/handback=0.5", "must not exceed"),
+    ("dense/handback=0.2", "a dense arm takes only seed="),
+    ("random/mode=dense", "mode must be one of"),
+    ("random/depths=0.5:1", "strictly decreasing"),
+])
+def test_parse_arm_errors(spec, match):
+    with pytest.raises(ValueError, match=match):
+        parse_arm(spec)
+
+
+def test_budget_and_schedules():
+    with pytest.raises(ValueError, match="exactly one"):
+        Budget()
+    with pytest.raises(ValueError, match="exactly one"):
+        Budget(steps=3, seconds=1.0)
+    assert Budget(steps=10).fraction(5, 99.0) == 0.5 and Budget(seconds=4.0).fraction(99, 1.0) == 0.25
+    assert lr_factor(0.05, 0.1) == pytest.approx(0.5) and lr_factor(0.1, 0.1) == pytest.approx(1.0)
+    assert lr_factor(1.0, 0.1) == pytest.approx(0.1)
+
+
+def test_first_reach_interpolates():
+    assert first_reach([0, 10, 20], [5.0, 4.0, 3.0], 3.5) == pytest.approx(15.0)
+    assert first_reach([0, 10, 20], [5.0, 4.0, 3.0], 2.0) is None
+    assert first_reach([0, 10], [1.0, 0.5], 2.0) == 0.0
+
+
+def test_summarise_against_dense():
+    def arm(name, policy, seed, seconds, losses, ms):
+        return {"arm": name, "policy": policy, "seed": seed, "train_seconds": seconds, "step": [0, 5, 10],
+                "val_loss": losses, "final_val_loss": losses[-1], "train_seconds_total": seconds[-1],
+                "steps": 10, "step_ms_median": ms, "mean_depth_fraction": 1.0 if policy is None else 0.6}
+
+    s = summarise([arm("dense", None, 0, [0, 5, 10], [6, 4, 3], 100.0),
+                   arm("dense/seed=1", None, 1, [0, 5, 10], [6, 4.1, 3.1], 100.0),
+                   arm("random", "random", 0, [0, 4, 8], [6, 3.5, 2.9], 80.0)])
+    assert s["dense_seed_spread"] == pytest.approx(0.1)
+    r = s["arms"]["random"]
+    assert r["speedup_vs_dense"] == pytest.approx(1.25) and r["delta_vs_dense"] == pytest.approx(-0.1)
+    assert r["seconds_to_dense_final"] == pytest.approx(4 + 4 * 0.5 / 0.6)
+    assert s["arms"]["dense"]["time_to_dense_final_vs_dense"] == pytest.approx(1.0)
+    assert s["arms"]["dense/seed=1"]["seconds_to_dense_final"] is None
+
+
+def _corpus(path, words, n_docs=12):
+    import random
+
+    rnd = random.Random(len(words))
+    path.write_text("\n".join(f"==> doc{i} <==\n" + " ".join(rnd.choice(words) for _ in range(400))
+                              for i in range(n_docs)))
+    return str(path)
+
+
+def test_quality_bench_end_to_end(tmp_path, monkeypatch, capsys):
+    """All three regimes, a steps budget, on CPU in seconds; the checkpoint is cached for the next run."""
+    from cggr.cli import main
+
+    monkeypatch.setenv("CGGR_CACHE", str(tmp_path / "cache"))
+    a = _corpus(tmp_path / "a.txt", ["alpha", "beta", "gamma", "delta", "the", "of", "and"])
+    b = _corpus(tmp_path / "b.txt", ["def", "return", "self", "import", "(", ")", ":"])
+    argv = ["bench", "quality", "--model", "tiny", "--d-model", "32", "--layers", "2", "--heads", "2",
+            "--seq-len", "32", "--batch-size", "2", "--vocab-size", "300", "--steps", "4", "--evals", "2",
+            "--eval-batches", "1", "--data", a, "--finetune-data", b, "--regimes", "pretrain,continued,finetune",
+            "--arms", "dense,dense/seed=1,random/handback=0.5,sampled", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "[finetune]" in out and "time to dense's final loss" in out
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == sorted(f"quality-{r}-tiny-{c}-4steps.{e}" for r, c in
+                           [("pretrain", "a"), ("continued", "a"), ("finetune", "b")] for e in ("json", "png"))
+    rec = json.loads((tmp_path / "out" / "quality-finetune-tiny-b-4steps.json").read_text())
+    assert rec["command"].startswith("cggr bench quality") and rec["checkpoint"]["pretrain_steps"] == 4
+    arms = {r["arm"]: r for r in rec["arms"]}
+    assert set(arms) == {"dense", "dense/seed=1", "random/handback=0.5", "sampled"}
+    for r in arms.values():
+        assert r["steps"] == 4 and len(r["val_loss"]) == 3 and r["val_loss"][0] == arms["dense"]["val_loss"][0]
+    # Hand-back: full depth again at the end of the budget; routed in between.
+    assert arms["random/handback=0.5"]["routing_progress"] == [0.0, 1.0, 1.0, 0.5]
+    assert arms["sampled"]["mean_depth_fraction"] < 1.0
+    assert rec["summary"]["dense_seed_spread"] is not None
+    # The second run reads the cached checkpoint.
+    assert main(argv[:-4] + ["--regimes", "continued", "--arms", "dense", "--out", str(tmp_path / "out2")]) == 0
+    rec2 = json.loads((tmp_path / "out2" / "quality-continued-tiny-a-4steps.json").read_text())
+    assert rec2["checkpoint"]["cache_hit"] is True
+
+
+def test_quality_bench_seconds_budget_and_errors(tmp_path, monkeypatch, capsys):
+    from cggr.cli import main
+
+    monkeypatch.setenv("CGGR_CACHE", str(tmp_path / "cache"))
+    a = _corpus(tmp_path / "a.txt", ["one", "two", "three", "four"])
+    base = ["bench", "quality", "--model", "tiny", "--d-model", "32", "--layers", "2", "--heads", "2",
+            "--seq-len", "32", "--batch-size", "2", "--vocab-size", "300", "--eval-batches", "1", "--data", a,
+            "--out", str(tmp_path / "out")]
+    assert main(base + ["--seconds", "0.3", "--evals", "2", "--arms", "dense,random"]) == 0
+    rec = json.loads((tmp_path / "out" / "quality-pretrain-tiny-a-0.3s.json").read_text())
+    for r in rec["arms"]:
+        assert r["train_seconds_total"] >= 0.3 and r["train_seconds"][-1] == r["train_seconds_total"]
+    assert main(base + ["--regimes", "finetune"]) == 1
+    assert "--regimes finetune needs --finetune-data" in capsys.readouterr().err
+    assert main(base + ["--arms", "dense,dense"]) == 1
