@@ -256,6 +256,7 @@ def run_regime(regime: str, cfg: dict, prep: dict) -> dict:
     checkpoint_info, start_state = None, None
     if regime != "pretrain":
         start_state, checkpoint_info = _checkpoint(cfg, prep)
+    _warm_up(cfg, prep, start_state, train_stream)
     lr = cfg["lr"] * REGIME_LR[regime]
     budget = cfg["budget"]
     eval_at = [k / cfg["evals"] for k in range(1, cfg["evals"])]
@@ -298,6 +299,37 @@ def run_regime(regime: str, cfg: dict, prep: dict) -> dict:
             torch.cuda.empty_cache()
     return {"regime": regime, "corpus": corpus, "lr": lr, "checkpoint": checkpoint_info,
             "arms": results, "summary": summarise(results)}
+
+
+def _warm_up(cfg: dict, prep: dict, start_state, stream: torch.Tensor) -> None:
+    """Untimed steps of every arm's routing on a scratch model, so no arm's budget pays for compilation.
+
+    On CUDA the compacted backward's fused pieces are compiled (``torch.compile``) at their first use,
+    which takes seconds: without this the first routed arm of a wall-clock budget would lose them.
+    Progress 0, 0.5 and 1 cover full-depth, partial and target routing (the shapes the guards see).
+    """
+    import cggr
+
+    _, model = _new_model(cfg, prep, seed=0)
+    if start_state is not None:
+        model.load_state_dict(start_state)
+    _to_device(model, cfg)
+    x = stream[: cfg["batch_size"] * cfg["seq_len"]].view(cfg["batch_size"], cfg["seq_len"]).to(cfg["device"])
+    model(input_ids=x, labels=x).loss.backward()
+    for arm in cfg["arms"]:
+        if arm["policy"] is None:
+            continue
+        router = cggr.attach(model, policy=arm["policy"], seed=arm["seed"], **arm["attach"])
+        for p in (0.0, 0.5, 1.0):
+            router.set_progress(p)
+            model(input_ids=x, labels=x).loss.backward()
+        router.detach()
+    model.zero_grad(set_to_none=True)
+    del model
+    gc.collect()
+    if torch.device(cfg["device"]).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 def summarise(arms: list[dict]) -> dict:
