@@ -6,8 +6,9 @@ It installs, on the model object itself (an HF model stays the same object, so
 * a forward pre-hook on the model that opens a new :class:`Routing` for each
   training forward;
 * in sparse mode, a routed forward on every linear of every routable block
-  (:class:`~cggr.sparse.RoutedLinear`), and on every block a gradient gate of
-  its output (:class:`~cggr.sparse.GateRows`);
+  (:class:`~cggr.sparse.RoutedLinear`) and on HF's MoE routers and fused
+  experts (:mod:`cggr.moe`), and on every block a gradient gate of its output
+  (:class:`~cggr.sparse.GateRows`);
 * a forward hook on the model that scores the logits, buckets the tokens and
   fills the routing in, before any backward can run.
 
@@ -24,11 +25,12 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from .adapters import (block_names, default_label_shift, find_layer_stack, is_routable_linear,
-                       unsupported_parametrised_modules, weight_in_out)
+from .adapters import (block_names, default_label_shift, find_layer_stack, is_fused_experts, is_moe_router,
+                       is_routable_linear, unsupported_parametrised_modules, weight_in_out)
 from .compact import compact_family, make_compact_forward
 from .bucketing import POLICY_FNS, buckets_to_depths, curriculum_depths, target_depths
 from .config import RoutingConfig
+from .moe import RoutedExperts
 from .routing import Routing
 from .scoring import score_difficulty
 from .sparse import GateRows, RoutedLinear
@@ -194,9 +196,13 @@ class Router(nn.Module):
             self.sparse_blocks.append(sparse)
             family = None
             if sparse:
-                for lin in block.modules():
-                    if is_routable_linear(lin):
-                        self._patch_linear(lin, i)
+                for m in block.modules():
+                    if is_routable_linear(m):
+                        self._patch_linear(m, i)
+                    elif is_moe_router(m):
+                        self._patch_moe_router(m, i)
+                    elif is_fused_experts(m):
+                        self._patch_experts(m, i)
                 found = compact_family(block) if self.config.backward == "auto" else None
                 if found is not None:
                     family, spec = found
@@ -221,6 +227,37 @@ class Router(nn.Module):
             return RoutedLinear.apply(x, lin.weight, lin.bias, r, block_index, in_out)
 
         self._patch_forward(lin, routed_forward)
+
+    def _patch_moe_router(self, gate: nn.Module, block_index: int) -> None:
+        plain_forward = gate.forward
+        router = self
+
+        def routed_forward(*args, **kwargs):
+            out = plain_forward(*args, **kwargs)
+            r = router._current
+            if r is None:
+                return out
+            # Inside the forward, so every hook (HF's recorder of router logits for the aux loss) sees it.
+            return tuple(GateRows.apply(t, r, block_index) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                         else t for t in out)
+
+        self._patch_forward(gate, routed_forward)
+
+    def _patch_experts(self, experts: nn.Module, block_index: int) -> None:
+        plain_forward = experts.forward
+        router = self
+
+        def routed_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+            r = router._current
+            if r is None:
+                return plain_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+            if args or kwargs:  # a call this path does not know: still exact, gating the output rows
+                return GateRows.apply(plain_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs),
+                                      r, block_index)
+            return RoutedExperts.apply(hidden_states, top_k_weights, top_k_index, r, block_index, experts,
+                                       plain_forward, *experts.parameters())
+
+        self._patch_forward(experts, routed_forward)
 
     def _make_block_hook(self, i: int):
         def hook(module, args, out):
