@@ -61,6 +61,16 @@ def test_gradients_equal_reference(kind, mode, leak, policy):
     assert counts[0] < counts[-1]  # routing really happened
 
 
+@pytest.mark.parametrize("impl", ["eager", "batched_mm", "grouped_mm"])
+def test_every_hf_experts_implementation(impl):
+    """The experts' replay goes through the module's own forward, so any kernel HF dispatches to works."""
+    def use(model, ref, ids):
+        model.config._experts_implementation = ref.config._experts_implementation = impl
+
+    _, _, g_fast, g_ref = _routed_and_reference("olmoe", before=use)
+    _assert_equal_grads(g_fast, g_ref)
+
+
 @pytest.mark.parametrize("kind", MOE_KINDS)
 def test_aux_loss_gradient_reaches_routers_through_active_rows(kind):
     """The load-balancing loss alone: its gradient reaches every router, from the active rows only."""
@@ -136,6 +146,22 @@ def test_activation_checkpointing(reentrant):
 
     _, _, g_fast, g_ref = _routed_and_reference("qwen2_moe", before=checkpoint)
     _assert_equal_grads(g_fast, g_ref)
+
+
+def test_bf16_autocast_replays_in_the_forwards_precision():
+    """Under autocast the experts' replay runs in bf16 as their forward did: equal to the bf16 reference (an
+    fp32 reference would pick other experts for some tokens)."""
+    model = hf_model("mixtral", layers=LAYERS)
+    model.config._experts_implementation = "eager"  # its matmuls autocast on the CPU (grouped_mm's do not)
+    ref = copy.deepcopy(model)
+    router = cggr.attach(model, warmup_steps=0)
+    ids = _ids()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids).loss.backward()
+    _, ref_blocks = find_layer_stack(ref)
+    with cggr.reference_routing(ref_blocks, router.routing.depth), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref(input_ids=ids, labels=ids).loss.backward()
+    _assert_equal_grads(flat_grads(model), flat_grads(ref))
 
 
 def test_unhandled_experts_fall_back_to_mask_mode(caplog):
