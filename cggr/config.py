@@ -15,6 +15,7 @@ from .scoring import SCORERS
 
 MODES = ("sparse", "mask")
 BACKWARDS = ("auto", "generic")
+BUCKETS = ("local", "global")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class RoutingConfig:
     seed: int = 0
     label_shift: int | None = None
     backward: str = "auto"
+    buckets: str = "local"
 
     def __post_init__(self) -> None:
         if isinstance(self.num_buckets, bool) or not isinstance(self.num_buckets, int) or self.num_buckets < 1:
@@ -55,6 +57,8 @@ class RoutingConfig:
             raise ValueError(f"label_shift must be None (auto), 0 or 1, got {self.label_shift!r}")
         if self.backward not in BACKWARDS:
             raise ValueError(f"backward must be one of {BACKWARDS}, got {self.backward!r}")
+        if self.buckets not in BUCKETS:
+            raise ValueError(f"buckets must be one of {BUCKETS}, got {self.buckets!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 

@@ -28,7 +28,8 @@ import torch.nn as nn
 from .adapters import (block_names, default_label_shift, find_layer_stack, is_fused_experts, is_moe_router,
                        is_routable_linear, unsupported_parametrised_modules, weight_in_out)
 from .compact import compact_family, make_compact_forward
-from .bucketing import POLICY_FNS, buckets_to_depths, curriculum_depths, target_depths
+from .bucketing import (POLICY_FNS, buckets_to_depths, curriculum_depths, rank_buckets, rank_buckets_global,
+                        target_depths)
 from .config import RoutingConfig
 from .moe import RoutedExperts
 from .routing import Routing
@@ -178,7 +179,8 @@ class Router(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (f"layers={self.layer_path!r} ({self.num_layers} blocks), num_buckets={c.num_buckets}, "
-                f"warmup_steps={c.warmup_steps}, mode={c.mode!r}, policy={c.policy!r}, leak_rate={c.leak_rate}")
+                f"warmup_steps={c.warmup_steps}, mode={c.mode!r}, policy={c.policy!r}, leak_rate={c.leak_rate}, "
+                f"buckets={c.buckets!r}")
 
     # ------------------------------------------------------------- installing
     def _install(self) -> None:
@@ -396,7 +398,8 @@ class Router(nn.Module):
         scores = score_difficulty(logits, c.scorer)
         finite = torch.isfinite(scores.difficulty)
         nonfinite = valid & ~finite
-        buckets = POLICY_FNS[c.policy](scores.difficulty, valid, c.num_buckets, self._generator(valid.device))
+        rank = rank_buckets_global if c.buckets == "global" and _world_size() > 1 else rank_buckets
+        buckets = POLICY_FNS[c.policy](scores.difficulty, valid, c.num_buckets, self._generator(valid.device), rank)
         depth = buckets_to_depths(buckets, self.bucket_depths())
         depth = torch.where(nonfinite, torch.full_like(depth, L), depth)  # no distribution: full depth
         r.depth = depth
@@ -482,6 +485,11 @@ class Router(nn.Module):
         module._step = int(module.step_count)
 
 
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _accepts_use_cache(model: nn.Module) -> bool:
     try:
         return "use_cache" in inspect.signature(model.forward).parameters
@@ -508,7 +516,7 @@ def _refuse_wrappers(model: nn.Module) -> None:
 def attach(model: nn.Module, num_buckets: int = 4, warmup_steps: int = 1000, leak_rate: float = 0.0, *,
            mode: str = "sparse", policy: str = "difficulty", layers=None, depths: Sequence[float] | None = None,
            scorer: str = "entropy_confidence", ignore_index: int = -100, seed: int = 0,
-           label_shift: int | None = None, backward: str = "auto") -> Router:
+           label_shift: int | None = None, backward: str = "auto", buckets: str = "local") -> Router:
     """Install cggr's gradient routing on ``model`` in place and return its :class:`Router`.
 
     Args:
@@ -526,9 +534,13 @@ def attach(model: nn.Module, num_buckets: int = 4, warmup_steps: int = 1000, lea
         label_shift: 1 if logits at t predict ``labels[t+1]`` (HF causal LMs; auto when None), else 0.
         backward: ``"auto"`` (a compacted per-family backward where one exists, else the generic one) or
             ``"generic"`` (always the per-linear generic backward).
+        buckets: ``"local"`` (each data-parallel rank ranks its own tokens) or ``"global"`` (the valid tokens
+            of all ranks of the default process group are ranked together; three small all-reduces per training
+            forward, which every rank must run). The same as local without a process group of several ranks.
     """
     config = RoutingConfig(num_buckets=num_buckets, warmup_steps=warmup_steps, leak_rate=leak_rate, mode=mode,
                            policy=policy, depths=depths, scorer=scorer,
-                           ignore_index=ignore_index, seed=seed, label_shift=label_shift, backward=backward)
+                           ignore_index=ignore_index, seed=seed, label_shift=label_shift, backward=backward,
+                           buckets=buckets)
     _refuse_wrappers(model)
     return Router(model, config, layers=layers)

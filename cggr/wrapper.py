@@ -28,12 +28,12 @@ class CGGRWrapper(nn.Module):
                  mode: str = "sparse", policy: str = "difficulty", layers=None,
                  depths: Sequence[float] | None = None, scorer: str = "entropy_confidence",
                  ignore_index: int = -100, seed: int = 0, label_shift: int | None = None,
-                 backward: str = "auto"):
+                 backward: str = "auto", buckets: str = "local"):
         super().__init__()
         self.model = model
         self.router: Router = attach(model, num_buckets, warmup_steps, leak_rate, mode=mode, policy=policy,
                                      layers=layers, depths=depths, scorer=scorer, ignore_index=ignore_index,
-                                     seed=seed, label_shift=label_shift, backward=backward)
+                                     seed=seed, label_shift=label_shift, backward=backward, buckets=buckets)
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
