@@ -82,7 +82,7 @@ class RoutedExperts(torch.autograd.Function):
             out, h, w, params = graph
         else:
             dev, dtype, enabled = ctx.autocast
-            params = tuple(ctx.experts.parameters())  # the module's weights now (FSDP may have swapped them)
+            params = tuple(ctx.experts.parameters())  # the weights its forward reads now (as FSDP has them)
             h, w, k = (hidden, weights, index) if rows is None else (
                 hidden.index_select(0, rows), weights.index_select(0, rows), index.index_select(0, rows))
             with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
