@@ -142,6 +142,7 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None):
 def environment():
     import triton
 
+    # $CGGR_GIT_REV first: a copied tree on the GPU machine may carry a stale .git.
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -149,7 +150,7 @@ def environment():
     except OSError:
         rev = None
     return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                git_rev=rev or os.environ.get("CGGR_GIT_REV"), command=" ".join([os.path.basename(sys.executable)] + sys.argv))
+                git_rev=os.environ.get("CGGR_GIT_REV") or rev, command=" ".join([os.path.basename(sys.executable)] + sys.argv))
 
 
 def main(argv=None):

@@ -8,6 +8,7 @@ the candidates when that is ambiguous or there is none.
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch.nn as nn
@@ -51,22 +52,59 @@ def weight_in_out(m: nn.Module) -> bool:
     return not isinstance(m, nn.Linear)
 
 
+# HF's mixture-of-experts layers (transformers >= 5: Mixtral, Qwen2-MoE, OLMoE, ...) are two modules
+# besides linears: a top-k router and the fused experts. Both work row by row (one row per token in,
+# one out), which is what lets sparse mode treat their inactive rows as constants.
+_EXPERTS_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
+
+
+def is_moe_router(m: nn.Module) -> bool:
+    """HF's ``*TopKRouter``: expert logits by one linear of each token row (a 2-D ``weight``), then a
+    per-row softmax and top-k; it returns ``(router_logits, router_scores, router_indices)``."""
+    w = getattr(m, "weight", None)
+    return (type(m).__name__.endswith("TopKRouter") and isinstance(w, nn.Parameter) and w.dim() == 2
+            and [n for n, _ in m.named_parameters()] == ["weight"])
+
+
+def is_fused_experts(m: nn.Module) -> bool:
+    """HF's fused experts: 3-D expert weights (``gate_up_proj``, ``down_proj``), called as
+    ``experts(hidden_states, top_k_index, top_k_weights)`` on ``[tokens, hidden]`` rows.
+
+    Expert-parallel experts are excluded: their forward exchanges tokens between ranks.
+    """
+    if getattr(m, "_is_expert_parallel", False) or next(m.parameters(), None) is None:
+        return False
+    try:
+        params = list(inspect.signature(m.forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    return tuple(params[:3]) == _EXPERTS_ARGS and all(p.dim() == 3 for p in m.parameters())
+
+
+def is_moe_module(m: nn.Module) -> bool:
+    return is_moe_router(m) or is_fused_experts(m)
+
+
 def _is_norm(m: nn.Module) -> bool:
     return isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or "Norm" in type(m).__name__
 
 
 def unsupported_parametrised_modules(block: nn.Module) -> list[str]:
-    """Names of submodules holding parameters that are neither linears nor norms.
+    """Names of submodules holding parameters that are neither linears, norms nor HF MoE modules.
 
-    Sparse mode treats every linear's output rows of an inactive token as
-    constants; a block with other parametrised layers cannot be routed that
-    way and falls back to mask mode.
+    Sparse mode treats every linear's (and MoE router's and experts') output
+    rows of an inactive token as constants; a block with other parametrised
+    layers cannot be routed that way and falls back to mask mode. So does a
+    list of experts (transformers 4 MoE): each expert's linears see only the
+    rows sent to it, not one row per token.
     """
     bad = []
     for name, m in block.named_modules():
+        if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] == "experts":
+            bad.append(f"{name} (a list of experts)")
         if next(m.parameters(recurse=False), None) is None:
             continue
-        if is_routable_linear(m) or _is_norm(m):
+        if is_routable_linear(m) or _is_norm(m) or is_moe_module(m):
             continue
         bad.append(f"{name or '<block>'} ({type(m).__name__})")
     return bad

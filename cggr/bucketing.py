@@ -14,6 +14,10 @@ Data flows one way: scores -> buckets -> depths.
   the progress falls linearly back to 0, so training ends at full depth
   (DeepSpeed's random-LTD also ends dense).
 * Invalid tokens have depth 0 and take no part in bucketing.
+* Under data parallelism each rank ranks its own tokens by default;
+  :func:`rank_buckets_global` ranks the valid tokens of all ranks together
+  (as if their batches were one, in rank order) from histograms all-reduced
+  across ranks.
 """
 
 from __future__ import annotations
@@ -106,10 +110,87 @@ def rank_buckets(scores: torch.Tensor, valid: torch.Tensor, num_buckets: int) ->
 
 
 @torch.no_grad()
-def random_buckets(valid: torch.Tensor, num_buckets: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The random control: same bucket sizes as :func:`rank_buckets`, tokens drawn uniformly."""
+def random_buckets(valid: torch.Tensor, num_buckets: int, generator: torch.Generator | None = None,
+                   rank: Callable = rank_buckets) -> torch.Tensor:
+    """The random control: same bucket sizes as :func:`rank_buckets` (or ``rank``), tokens drawn uniformly."""
     keys = torch.rand(valid.shape, device=valid.device, generator=generator)
-    return rank_buckets(keys, valid, num_buckets)
+    return rank(keys, valid, num_buckets)
+
+
+def _sortable_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys in [0, 2**32) whose ascending order is the descending order of the fp32 score.
+
+    Non-finite scores come first (as +inf), -0 equals +0: the order of :func:`_rank_keys`, as integers
+    whose bits can be histogrammed digit by digit.
+    """
+    s = _rank_keys(scores).reshape(-1)
+    s = torch.where(s == 0, torch.zeros_like(s), s)
+    b = s.view(torch.int32).to(torch.int64)
+    b = torch.where(b < 0, b ^ 0x7FFFFFFF, b)  # signed integer order == float order
+    return (2**31 - 1) - b  # reversed (hardest first), shifted to unsigned
+
+
+def _locate(hist: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bin of each row of ``hist`` ``[T, B]`` holding 0-based rank ``r[j]``, and the count in earlier bins."""
+    cum = hist.cumsum(-1)
+    before = cum <= r[:, None]
+    return before.sum(-1).clamp_max(hist.shape[-1] - 1), torch.where(before, hist, 0).sum(-1)
+
+
+@torch.no_grad()
+def rank_buckets_global(scores: torch.Tensor, valid: torch.Tensor, num_buckets: int, group=None) -> torch.Tensor:
+    """:func:`rank_buckets` over the valid tokens of every rank of ``group`` together (exact ranks, ties in
+    (rank, token) order): the buckets single-process bucketing of all ranks' tokens, concatenated in rank order,
+    would give. Returns this rank's buckets (-1 for invalid tokens).
+
+    The K-1 threshold tokens (global ranks ``R_k = ceil(k*n/K)``) are found by radix selection on the 32-bit
+    key of :func:`_sortable_keys`: a histogram of its top 11 bits, then of the next 11 bits inside each
+    threshold's bin, then of the last 10 bits, each summed over ranks. The last one is gathered per rank (an
+    all-reduce of one row per rank) so that tied keys are ordered by rank. Three all-reduces of at most
+    ``world * (K-1) * 2048`` counts, whatever the number of tokens; every rank takes part, with or without
+    valid tokens, and nothing is read back to the host.
+    """
+    dist = torch.distributed
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    if scores.shape != valid.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and valid {tuple(valid.shape)} must have the same shape")
+    K, dev = num_buckets, scores.device
+    w = _sortable_keys(scores)
+    ok = valid.reshape(-1).bool()
+    count = ok.long()
+    T = max(K - 1, 1)  # thresholds (one idle one when K == 1, so that shapes stay non-empty)
+
+    h1 = torch.zeros(2048, dtype=torch.long, device=dev).scatter_add_(0, w >> 21, count)
+    dist.all_reduce(h1, group=group)
+    n = h1.sum()
+    k = torch.arange(1, T + 1, device=dev)
+    R = (k * n + K - 1) // K  # global rank of each threshold token
+    exists = (k <= K - 1) & (R < n)
+    b1, G = _locate(h1.expand(T, -1), R)
+
+    in_bin = ((w >> 21)[None, :] == b1[:, None]) & ok
+    h2 = torch.zeros(T, 2048, dtype=torch.long, device=dev).scatter_add_(
+        1, ((w >> 10) & 2047).expand(T, -1), in_bin.long())
+    dist.all_reduce(h2, group=group)
+    b2, before = _locate(h2, R - G)
+    G = G + before
+    prefix = (b1 << 11) | b2
+
+    in_prefix = ((w >> 10)[None, :] == prefix[:, None]) & ok
+    h3 = torch.zeros(world, T, 1024, dtype=torch.long, device=dev)
+    h3[me].scatter_add_(1, (w & 1023).expand(T, -1), in_prefix.long())
+    dist.all_reduce(h3, group=group)
+    b3, before = _locate(h3.sum(0), R - G)
+    G = G + before
+    W = (prefix << 10) | b3  # the threshold tokens' keys
+    ties_on_lower_ranks = h3[:me, torch.arange(T, device=dev), b3].sum(0)
+
+    # rank(t) >= R_k  iff  key > W_k, or key == W_k and t's position among the tied tokens >= R_k - G_k.
+    tied = (w[None, :] == W[:, None]) & ok
+    position = ties_on_lower_ranks[:, None] + tied.long().cumsum(1) - 1
+    past = (w[None, :] > W[:, None]) | (tied & (position >= (R - G)[:, None]))
+    bucket = (past & exists[:, None]).sum(0)
+    return torch.where(ok, bucket, torch.full_like(bucket, -1)).reshape(scores.shape)
 
 
 # Weight of the hardest token relative to the easiest in the "sampled" policy.
@@ -118,28 +199,30 @@ SAMPLED_WEIGHT_RATIO = 3.0
 
 @torch.no_grad()
 def sampled_buckets(scores: torch.Tensor, valid: torch.Tensor, num_buckets: int,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None = None, rank: Callable = rank_buckets) -> torch.Tensor:
     """Buckets drawn at random, with the chance of a deep bucket rising with difficulty.
 
     Same bucket sizes as :func:`rank_buckets`. Valid tokens are put in a random
     order by weighted sampling without replacement (Efraimidis-Spirakis keys
     ``log(u) / w``) with weights rising linearly with the difficulty rank, from 1
     for the easiest token to :data:`SAMPLED_WEIGHT_RATIO` for the hardest; the
-    order is cut into buckets as the difficulty ranking is. Every token can reach
-    every depth, so no class of tokens is starved of lower-layer gradient.
+    order is cut into buckets as the difficulty ranking is (by ``rank``: with global
+    buckets across data-parallel ranks, the weights still come from each rank's own
+    ranking). Every token can reach every depth, so no class of tokens is starved of
+    lower-layer gradient.
     """
     if scores.shape != valid.shape:
         raise ValueError(f"scores {tuple(scores.shape)} and valid {tuple(valid.shape)} must have the same shape")
     ok = valid.reshape(-1).bool()
     keys = torch.where(ok, _rank_keys(scores).reshape(-1), torch.full_like(ok, float("-inf"), dtype=torch.float32))
     order = torch.sort(keys, stable=True).indices  # easiest first; invalid (-inf) before every valid token
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=order.device)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
     n_invalid = (~ok).sum()
-    q = (rank - n_invalid).float() / (ok.sum() - 1).clamp_min(1).float()  # 0 easiest .. 1 hardest
+    q = (position - n_invalid).float() / (ok.sum() - 1).clamp_min(1).float()  # 0 easiest .. 1 hardest
     w = 1.0 + (SAMPLED_WEIGHT_RATIO - 1.0) * q.clamp(0, 1)
     u = torch.rand(keys.shape, device=keys.device, generator=generator).clamp_min(1e-12)
-    return rank_buckets((u.log() / w).reshape(scores.shape), valid, num_buckets)
+    return rank((u.log() / w).reshape(scores.shape), valid, num_buckets)
 
 
 @torch.no_grad()
@@ -172,21 +255,22 @@ def assign_depths(
     return buckets_to_depths(buckets, curriculum_depths(target_depths(num_layers, num_buckets, depths), num_layers, progress))
 
 
-BucketPolicy = Callable[[torch.Tensor, torch.Tensor, int, "torch.Generator | None"], torch.Tensor]
+BucketPolicy = Callable[..., torch.Tensor]
 
 
-def _difficulty_policy(scores, valid, num_buckets, generator):
-    return rank_buckets(scores, valid, num_buckets)
+def _difficulty_policy(scores, valid, num_buckets, generator, rank=rank_buckets):
+    return rank(scores, valid, num_buckets)
 
 
-def _random_policy(scores, valid, num_buckets, generator):
-    return random_buckets(valid, num_buckets, generator)
+def _random_policy(scores, valid, num_buckets, generator, rank=rank_buckets):
+    return random_buckets(valid, num_buckets, generator, rank)
 
 
-def _sampled_policy(scores, valid, num_buckets, generator):
-    return sampled_buckets(scores, valid, num_buckets, generator)
+def _sampled_policy(scores, valid, num_buckets, generator, rank=rank_buckets):
+    return sampled_buckets(scores, valid, num_buckets, generator, rank)
 
 
-# Each routing policy under its name: (scores, valid, K, generator) -> buckets.
+# Each routing policy under its name: (scores, valid, K, generator, rank=rank_buckets) -> buckets,
+# where ``rank(keys, valid, K)`` buckets by rank: rank_buckets, or rank_buckets_global across ranks.
 POLICY_FNS: dict[str, BucketPolicy] = {"difficulty": _difficulty_policy, "random": _random_policy,
                                        "sampled": _sampled_policy}

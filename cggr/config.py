@@ -15,6 +15,7 @@ from .scoring import SCORERS
 
 MODES = ("sparse", "mask")
 BACKWARDS = ("auto", "generic")
+BUCKETS = ("local", "global")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class RoutingConfig:
     backward: str = "auto"
     handback_steps: int = 0
     total_steps: int | None = None
+    buckets: str = "local"
 
     def __post_init__(self) -> None:
         if isinstance(self.num_buckets, bool) or not isinstance(self.num_buckets, int) or self.num_buckets < 1:
@@ -65,6 +67,8 @@ class RoutingConfig:
         if self.handback_steps and (self.total_steps is None or self.handback_steps > self.total_steps):
             raise ValueError(f"handback_steps={self.handback_steps} needs total_steps (the length of training, in "
                              f"optimizer steps) >= handback_steps, got total_steps={self.total_steps!r}")
+        if self.buckets not in BUCKETS:
+            raise ValueError(f"buckets must be one of {BUCKETS}, got {self.buckets!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 

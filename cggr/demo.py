@@ -180,15 +180,15 @@ def _train_arm(arm: str, cfg: dict, model_config, init_state, train_stream, val_
 
 
 def _git_revision() -> str | None:
-    """The checkout's revision, or ``$CGGR_GIT_REV`` where there is no git (a copied tree)."""
+    """``$CGGR_GIT_REV`` when set (a copied tree, whose .git may be stale or absent), else the checkout's."""
+    if os.environ.get("CGGR_GIT_REV"):
+        return os.environ["CGGR_GIT_REV"]
     try:
         done = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True,
                               timeout=5, cwd=Path(__file__).resolve().parent)
     except (OSError, subprocess.SubprocessError):
-        done = None
-    if done is not None and done.returncode == 0 and done.stdout.strip():
-        return done.stdout.strip()
-    return os.environ.get("CGGR_GIT_REV")
+        return None
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else None
 
 
 def _format_table(cfg: dict, results: dict) -> str:

@@ -7,7 +7,11 @@ inactive in a block by ``λ·x + (1-λ)·x.detach()`` (``x.detach()`` when
 
 * sparse mode: the output of every linear inside the block and the block's
   output (so queries, keys, values, attention output and MLP rows of an
-  inactive token are constants);
+  inactive token are constants); in a mixture-of-experts block also the
+  output of the fused experts and every float output of the top-k router
+  (its logits and the expert weights taken from them: each row is a function
+  of that token's logits row alone, so freezing them is freezing the router's
+  linear output);
 * mask mode: the block's output only.
 """
 
@@ -19,7 +23,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from .adapters import is_routable_linear
+from .adapters import is_fused_experts, is_moe_router, is_routable_linear
 
 
 def _freeze_rows(x: torch.Tensor, inactive: torch.Tensor, leak_rate: float) -> torch.Tensor:
@@ -39,6 +43,10 @@ def _replace_first(out, fn):
     raise TypeError(f"reference: cannot route a block output of type {type(out).__name__}")
 
 
+def _replace_floats(out: tuple, fn) -> tuple:
+    return tuple(fn(t) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in out)
+
+
 @contextlib.contextmanager
 def reference_routing(blocks: Sequence[nn.Module], depth: torch.Tensor, *, mode: str | Sequence[str] = "sparse",
                       leak_rate: float = 0.0) -> Iterator[None]:
@@ -55,9 +63,9 @@ def reference_routing(blocks: Sequence[nn.Module], depth: torch.Tensor, *, mode:
     flat = depth.reshape(-1)
     handles = []
 
-    def make_hook(inactive):
+    def make_hook(inactive, replace=_replace_first):
         def hook(module, args, out):
-            return _replace_first(out, lambda t: _freeze_rows(t, inactive, leak_rate))
+            return replace(out, lambda t: _freeze_rows(t, inactive, leak_rate))
         return hook
 
     try:
@@ -66,8 +74,12 @@ def reference_routing(blocks: Sequence[nn.Module], depth: torch.Tensor, *, mode:
             handles.append(block.register_forward_hook(make_hook(inactive)))
             if modes[i] == "sparse":
                 for m in block.modules():
-                    if is_routable_linear(m):
+                    if is_routable_linear(m) or is_fused_experts(m):
                         handles.append(m.register_forward_hook(make_hook(inactive)))
+                    elif is_moe_router(m):
+                        # First of its hooks: HF records the router logits for the auxiliary loss
+                        # with a forward hook of its own, which must see the frozen rows.
+                        handles.append(m.register_forward_hook(make_hook(inactive, _replace_floats), prepend=True))
         yield
     finally:
         for h in handles:

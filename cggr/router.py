@@ -6,8 +6,9 @@ It installs, on the model object itself (an HF model stays the same object, so
 * a forward pre-hook on the model that opens a new :class:`Routing` for each
   training forward;
 * in sparse mode, a routed forward on every linear of every routable block
-  (:class:`~cggr.sparse.RoutedLinear`), and on every block a gradient gate of
-  its output (:class:`~cggr.sparse.GateRows`);
+  (:class:`~cggr.sparse.RoutedLinear`) and on HF's MoE routers and fused
+  experts (:mod:`cggr.moe`), and on every block a gradient gate of its output
+  (:class:`~cggr.sparse.GateRows`);
 * a forward hook on the model that scores the logits, buckets the tokens and
   fills the routing in, before any backward can run.
 
@@ -24,11 +25,13 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from .adapters import (block_names, default_label_shift, find_layer_stack, is_routable_linear,
-                       unsupported_parametrised_modules, weight_in_out)
+from .adapters import (block_names, default_label_shift, find_layer_stack, is_fused_experts, is_moe_router,
+                       is_routable_linear, unsupported_parametrised_modules, weight_in_out)
 from .compact import compact_family, make_compact_forward
-from .bucketing import POLICY_FNS, buckets_to_depths, curriculum_depths, schedule_progress, target_depths
+from .bucketing import (POLICY_FNS, buckets_to_depths, curriculum_depths, rank_buckets, rank_buckets_global,
+                        schedule_progress, target_depths)
 from .config import RoutingConfig
+from .moe import RoutedExperts
 from .routing import Routing
 from .scoring import score_difficulty
 from .sparse import GateRows, RoutedLinear
@@ -192,7 +195,8 @@ class Router(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (f"layers={self.layer_path!r} ({self.num_layers} blocks), num_buckets={c.num_buckets}, "
-                f"warmup_steps={c.warmup_steps}, mode={c.mode!r}, policy={c.policy!r}, leak_rate={c.leak_rate}")
+                f"warmup_steps={c.warmup_steps}, mode={c.mode!r}, policy={c.policy!r}, leak_rate={c.leak_rate}, "
+                f"buckets={c.buckets!r}")
 
     # ------------------------------------------------------------- installing
     def _install(self) -> None:
@@ -210,9 +214,13 @@ class Router(nn.Module):
             self.sparse_blocks.append(sparse)
             family = None
             if sparse:
-                for lin in block.modules():
-                    if is_routable_linear(lin):
-                        self._patch_linear(lin, i)
+                for m in block.modules():
+                    if is_routable_linear(m):
+                        self._patch_linear(m, i)
+                    elif is_moe_router(m):
+                        self._patch_moe_router(m, i)
+                    elif is_fused_experts(m):
+                        self._patch_experts(m, i)
                 found = compact_family(block) if self.config.backward == "auto" else None
                 if found is not None:
                     family, spec = found
@@ -237,6 +245,37 @@ class Router(nn.Module):
             return RoutedLinear.apply(x, lin.weight, lin.bias, r, block_index, in_out)
 
         self._patch_forward(lin, routed_forward)
+
+    def _patch_moe_router(self, gate: nn.Module, block_index: int) -> None:
+        plain_forward = gate.forward
+        router = self
+
+        def routed_forward(*args, **kwargs):
+            out = plain_forward(*args, **kwargs)
+            r = router._current
+            if r is None:
+                return out
+            # Inside the forward, so every hook (HF's recorder of router logits for the aux loss) sees it.
+            return tuple(GateRows.apply(t, r, block_index) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                         else t for t in out)
+
+        self._patch_forward(gate, routed_forward)
+
+    def _patch_experts(self, experts: nn.Module, block_index: int) -> None:
+        plain_forward = experts.forward
+        router = self
+
+        def routed_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+            r = router._current
+            if r is None:
+                return plain_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+            if args or kwargs:  # a call this path does not know: still exact, gating the output rows
+                return GateRows.apply(plain_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs),
+                                      r, block_index)
+            return RoutedExperts.apply(hidden_states, top_k_weights, top_k_index, r, block_index, experts,
+                                       plain_forward, *experts.parameters())
+
+        self._patch_forward(experts, routed_forward)
 
     def _make_block_hook(self, i: int):
         def hook(module, args, out):
@@ -375,7 +414,8 @@ class Router(nn.Module):
         scores = score_difficulty(logits, c.scorer)
         finite = torch.isfinite(scores.difficulty)
         nonfinite = valid & ~finite
-        buckets = POLICY_FNS[c.policy](scores.difficulty, valid, c.num_buckets, self._generator(valid.device))
+        rank = rank_buckets_global if c.buckets == "global" and _world_size() > 1 else rank_buckets
+        buckets = POLICY_FNS[c.policy](scores.difficulty, valid, c.num_buckets, self._generator(valid.device), rank)
         depth = buckets_to_depths(buckets, self.bucket_depths())
         depth = torch.where(nonfinite, torch.full_like(depth, L), depth)  # no distribution: full depth
         r.depth = depth
@@ -461,6 +501,11 @@ class Router(nn.Module):
         module._step = int(module.step_count)
 
 
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _accepts_use_cache(model: nn.Module) -> bool:
     try:
         return "use_cache" in inspect.signature(model.forward).parameters
@@ -487,8 +532,8 @@ def _refuse_wrappers(model: nn.Module) -> None:
 def attach(model: nn.Module, num_buckets: int = 4, warmup_steps: int = 1000, leak_rate: float = 0.0, *,
            mode: str = "sparse", policy: str = "difficulty", layers=None, depths: Sequence[float] | None = None,
            scorer: str = "entropy_confidence", ignore_index: int = -100, seed: int = 0,
-           label_shift: int | None = None, backward: str = "auto", handback_steps: int = 0,
-           total_steps: int | None = None) -> Router:
+           label_shift: int | None = None, backward: str = "auto", buckets: str = "local",
+           handback_steps: int = 0, total_steps: int | None = None) -> Router:
     """Install cggr's gradient routing on ``model`` in place and return its :class:`Router`.
 
     Args:
@@ -507,6 +552,9 @@ def attach(model: nn.Module, num_buckets: int = 4, warmup_steps: int = 1000, lea
         label_shift: 1 if logits at t predict ``labels[t+1]`` (HF causal LMs; auto when None), else 0.
         backward: ``"auto"`` (a compacted per-family backward where one exists, else the generic one) or
             ``"generic"`` (always the per-linear generic backward).
+        buckets: ``"local"`` (each data-parallel rank ranks its own tokens) or ``"global"`` (the valid tokens
+            of all ranks of the default process group are ranked together; three small all-reduces per training
+            forward, which every rank must run). The same as local without a process group of several ranks.
         handback_steps: over the last ``handback_steps`` of ``total_steps`` optimizer steps the depths
             return linearly to full, so training ends dense (0 = never).
         total_steps: the length of training in optimizer steps (needed by ``handback_steps``).
@@ -514,6 +562,6 @@ def attach(model: nn.Module, num_buckets: int = 4, warmup_steps: int = 1000, lea
     config = RoutingConfig(num_buckets=num_buckets, warmup_steps=warmup_steps, leak_rate=leak_rate, mode=mode,
                            policy=policy, depths=depths, scorer=scorer,
                            ignore_index=ignore_index, seed=seed, label_shift=label_shift, backward=backward,
-                           handback_steps=handback_steps, total_steps=total_steps)
+                           buckets=buckets, handback_steps=handback_steps, total_steps=total_steps)
     _refuse_wrappers(model)
     return Router(model, config, layers=layers)

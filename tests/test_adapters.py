@@ -3,12 +3,15 @@
 import pytest
 import torch.nn as nn
 
-from cggr.adapters import LAYER_STACKS, default_label_shift, find_layer_stack
+from cggr.adapters import (LAYER_STACKS, default_label_shift, find_layer_stack, is_fused_experts, is_moe_router,
+                           unsupported_parametrised_modules)
 from tiny import TinyLM, hf_model
 
 
 @pytest.mark.parametrize("kind,path", [("llama", "model.layers"), ("mistral", "model.layers"),
-                                       ("gpt2", "transformer.h"), ("gpt_neox", "gpt_neox.layers")])
+                                       ("gpt2", "transformer.h"), ("gpt_neox", "gpt_neox.layers"),
+                                       ("mixtral", "model.layers"), ("qwen2_moe", "model.layers"),
+                                       ("olmoe", "model.layers")])
 def test_hf_families(kind, path):
     m = hf_model(kind, layers=3)
     found, blocks = find_layer_stack(m)
@@ -57,3 +60,11 @@ def test_nested_lists_are_not_stacks():
             self.layers = nn.ModuleList(Block() for _ in range(2))
 
     assert find_layer_stack(MoE())[0] == "layers"
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "olmoe"])
+def test_moe_modules_are_recognised(kind):
+    block = hf_model(kind, layers=1).model.layers[0]
+    assert is_moe_router(block.mlp.gate) and is_fused_experts(block.mlp.experts)
+    assert not is_moe_router(block.mlp.experts) and not is_fused_experts(block.mlp.gate)
+    assert unsupported_parametrised_modules(block) == []

@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
+import cggr
 from cggr.bucketing import (assign_depths, buckets_to_depths, curriculum_depths, random_buckets, rank_buckets,
-                            rank_buckets_reference, target_depths)
+                            rank_buckets_global, rank_buckets_reference, target_depths)
+from tiny import TinyLM
 
 
 @pytest.mark.parametrize("n,k", [(1, 4), (7, 4), (100, 4), (101, 3), (1000, 7), (13, 1)])
@@ -121,3 +123,33 @@ def test_schedule_progress():
     assert [schedule_progress(s, 4, 20, 4) for s in (10, 16, 18, 20)] == [1.0, 1.0, 0.5, 0.0]
     # Fractions of a wall-clock budget work the same.
     assert schedule_progress(0.95, 0.2, 1.0, 0.1) == pytest.approx(0.5)
+
+
+def test_global_buckets_of_one_rank_equal_the_reference():
+    """The radix selection of rank_buckets_global, exact on one rank (tests/test_distributed.py runs two)."""
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    g = torch.Generator().manual_seed(0)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for trial in range(60):
+            n, k = int(torch.randint(0, 300, (), generator=g)), int(torch.randint(1, 9, (), generator=g))
+            scores = torch.randn(n, generator=g) if trial % 2 else torch.randint(-3, 3, (n,), generator=g).float()
+            scores[: min(n, 5)] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0])[: min(n, 5)]
+            valid = torch.rand(n, generator=g) < 0.8
+            assert torch.equal(rank_buckets_global(scores, valid, k), rank_buckets_reference(scores, valid, k))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_buckets_without_a_process_group_are_local():
+    ids = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(0))
+    depths = []
+    for buckets in ("local", "global"):
+        torch.manual_seed(0)
+        model = TinyLM()
+        router = cggr.attach(model, warmup_steps=0, buckets=buckets)
+        model(ids).sum().backward()
+        depths.append(router.routing.depth)
+    assert torch.equal(*depths)

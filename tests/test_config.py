@@ -27,6 +27,7 @@ from tiny import TinyLM
     (dict(depths=[1.0, 0.5, 0.25, 0.0]), r"\(0, 1\]"),
     (dict(depths=0.5), "depths"),
     (dict(label_shift=2), "label_shift"),
+    (dict(buckets="all"), r"buckets must be one of \('local', 'global'\)"),
     (dict(layers="transformer.h"), "no attribute path 'transformer.h'"),
 ])
 def test_bad_arguments(kwargs, match):
@@ -38,7 +39,7 @@ def test_bad_arguments(kwargs, match):
 
 def test_valid_arguments():
     r = cggr.attach(TinyLM(), num_buckets=3, warmup_steps=0, leak_rate=1.0, mode="mask", policy="random",
-                    depths=(1.0, 0.5, 0.2), scorer="margin")
+                    depths=(1.0, 0.5, 0.2), scorer="margin", buckets="global")
     assert r.targets == [4, 2, 1]
 
 

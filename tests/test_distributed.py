@@ -9,6 +9,11 @@ reference with :func:`cggr.reference_routing` and every rank's ``router.routing.
 
 Data: rank 0 has all 22 predictable positions valid; rank 1 has 3 (``uneven``) or none (``allinvalid``):
 ranks route different numbers of tokens and must neither deadlock nor hang.
+
+Global buckets (``buckets="global"``): :func:`cggr.bucketing.rank_buckets_global` on each rank must give the
+buckets that single-process bucketing of both ranks' tokens, concatenated in rank order, gives (ties, non-finite
+scores, a rank without valid tokens, ranks of different sizes); and a routed DDP / FSDP2 step with global buckets
+must route by those buckets and give the reference's averaged gradients.
 """
 
 from __future__ import annotations
@@ -34,9 +39,11 @@ TOL = 1e-5
 HANG_TIMEOUT_S = 120
 NORM = 24.0  # fixed loss normaliser: an all-invalid rank keeps a finite loss (HF's mean would be NaN)
 
-CASES = [f"{d}/{b}/{o}/{data}"
+CASES = [f"{d}/{b}/{o}/{data}/local"
          for d in ("ddp", "fsdp2") for b in ("auto", "generic")
          for o, data in (("right", "uneven"), ("right", "allinvalid"), ("wrong", "uneven"))]
+CASES += [f"{d}/auto/right/{data}/global" for d in ("ddp", "fsdp2") for data in ("uneven", "allinvalid")]
+BUCKET_CASES = [f"buckets/{data}" for data in ("random", "ties", "allinvalid", "empty")]
 
 
 def _batch(rank: int, data: str):
@@ -55,9 +62,37 @@ def _loss(logits, labels):
                            reduction="sum") / NORM
 
 
-def _run_case(rank: int, world: int, kind: str, backward: str, order: str, data: str) -> dict:
+def _bucket_case(rank: int, world: int, data: str) -> dict:
+    """Global buckets on each rank against single-process bucketing of the concatenation, for several K."""
+    from cggr.bucketing import rank_buckets_global, rank_buckets_reference
+
+    g = torch.Generator().manual_seed(7 + rank)
+    n = (300, 0 if data == "empty" else 171)[rank]  # ranks hold different numbers of tokens
+    scores = torch.randn(n, generator=g) if data != "ties" else torch.randint(-2, 3, (n,), generator=g).float()
+    scores[: min(n, 4)] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0])[: min(n, 4)]
+    valid = torch.rand(n, generator=g) < 0.9
+    if rank == 1 and data == "allinvalid":
+        valid[:] = False
+    out = {}
+    everyone = [None] * world
+    dist.all_gather_object(everyone, (scores, valid))
+    all_scores = torch.cat([s for s, _ in everyone])
+    all_valid = torch.cat([v for _, v in everyone])
+    start = sum(len(s) for s, _ in everyone[:rank])
+    shape = (n,) if rank == 0 else (n, 1)  # any token shape; buckets come back in it
+    for K in (1, 2, 4, 7):
+        mine = rank_buckets_global(scores.reshape(shape), valid.reshape(shape), K)
+        want = rank_buckets_reference(all_scores, all_valid, K)[start:start + n]
+        out[f"K{K}_mismatches"] = int((mine.reshape(-1) != want).sum())
+        out[f"K{K}_shape_kept"] = tuple(mine.shape) == shape
+    out["n_valid_all"] = int(all_valid.sum())
+    return out
+
+
+def _run_case(rank: int, world: int, kind: str, backward: str, order: str, data: str, buckets: str) -> dict:
     import cggr
     from cggr.adapters import find_layer_stack
+    from cggr.bucketing import buckets_to_depths, rank_buckets_reference
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
     from tiny import hf_model
@@ -75,12 +110,12 @@ def _run_case(rank: int, world: int, kind: str, backward: str, order: str, data:
         return m
 
     if order == "right":
-        router = cggr.attach(model, warmup_steps=0, num_buckets=2, backward=backward)
+        router = cggr.attach(model, warmup_steps=0, num_buckets=2, backward=backward, buckets=buckets)
         wrapped = wrap(model)
     else:
         wrapped = wrap(model)
         try:
-            router = cggr.attach(wrapped, warmup_steps=0, num_buckets=2, backward=backward)
+            router = cggr.attach(wrapped, warmup_steps=0, num_buckets=2, backward=backward, buckets=buckets)
         except ValueError as e:  # DDP: refused, cggr must go on first
             return dict(refused=str(e))
     ids, labels = _batch(rank, data)
@@ -109,9 +144,16 @@ def _run_case(rank: int, world: int, kind: str, backward: str, order: str, data:
         grads[n.removeprefix("module.")] = g.detach().clone()
 
     everyone = [None] * world
-    dist.all_gather_object(everyone, (ids, labels, depth))
+    dist.all_gather_object(everyone, (ids, labels, depth, cggr.score_difficulty(out.logits.detach()).difficulty, valid))
+    # The depths the buckets of all ranks' tokens ranked together (global) or each rank's own (local) give.
+    if buckets == "global":
+        keys, oks = (torch.cat([e[i].reshape(-1) for e in everyone]) for i in (3, 4))
+        expected = buckets_to_depths(rank_buckets_reference(keys, oks, 2), router.bucket_depths())
+        expected = expected[rank * depth.numel():(rank + 1) * depth.numel()].reshape(depth.shape)
+    else:
+        expected = buckets_to_depths(rank_buckets_reference(everyone[rank][3], valid, 2), router.bucket_depths())
     _, ref_blocks = find_layer_stack(ref)
-    for ids_r, labels_r, depth_r in everyone:
+    for ids_r, labels_r, depth_r, _, _ in everyone:
         with cggr.reference_routing(ref_blocks, depth_r):
             _loss(ref(input_ids=ids_r, labels=labels_r).logits, labels_r).backward()
     ref_grads = {n: p.grad / world for n, p in ref.named_parameters()}
@@ -120,6 +162,7 @@ def _run_case(rank: int, world: int, kind: str, backward: str, order: str, data:
     worst = max(errs, key=errs.get)
     return dict(max_err=errs[worst], worst=worst, compact=sorted(r.compact_blocks),
                 active=[r.active_count(i) for i in range(router.num_layers)], n_valid=int(valid.sum()),
+                depth_as_bucketed=bool(torch.equal(depth, expected)),
                 depth_matches_labels=bool((depth[~valid] == 0).all() and (depth[valid] > 0).all()),
                 label_shift=router.label_shift, saved_params=len(saved_params), freed_after_forward=freed,
                 finite=all(bool(torch.isfinite(g).all()) for g in grads.values()))
@@ -132,10 +175,11 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     results = {}
     try:
-        for case in CASES:
+        for case in BUCKET_CASES + CASES:
             t0 = time.time()
             try:
-                results[case] = dict(ok=True, **_run_case(rank, world, *case.split("/")))
+                run = _bucket_case if case.startswith("buckets/") else _run_case
+                results[case] = dict(ok=True, **run(rank, world, *case.split("/")[1 if run is _bucket_case else 0:]))
             except Exception as e:  # recorded, then the next case
                 results[case] = dict(ok=False, error=f"{type(e).__name__}: {e}", tb=traceback.format_exc())
             results[case]["seconds"] = round(time.time() - t0, 3)
@@ -186,6 +230,15 @@ RIGHT = [c for c in CASES if "/right/" in c]
 WRONG = [c for c in CASES if "/wrong/" in c]
 
 
+@pytest.mark.parametrize("case", BUCKET_CASES)
+def test_global_buckets_equal_single_process_bucketing_of_all_ranks(results, case):
+    """Exact (DESIGN.md allows 1 % of n per boundary): ties in rank order, an empty or all-invalid rank too."""
+    for rank, res in enumerate(_case(results, case)):
+        for K in (1, 2, 4, 7):
+            assert res[f"K{K}_mismatches"] == 0, f"rank {rank}, K={K}: {res[f'K{K}_mismatches']} tokens differ"
+            assert res[f"K{K}_shape_kept"]
+
+
 @pytest.mark.parametrize("case", RIGHT)
 def test_data_parallel_gradients_equal_reference(results, case):
     """attach first, then DDP / fully_shard: per-rank routing, averaged grads == reference, no hang."""
@@ -193,10 +246,16 @@ def test_data_parallel_gradients_equal_reference(results, case):
         assert res["max_err"] < TOL, f"rank {rank}: {res['worst']} relative error {res['max_err']:.2e}"
         assert res["finite"]
         assert res["depth_matches_labels"]
+        assert res["depth_as_bucketed"], f"rank {rank}: depths are not those of {case.split('/')[-1]} buckets"
         assert res["compact"] == ([0, 1] if "/auto/" in case else [])
     r0, r1 = _case(results, case)
-    assert r0["n_valid"] == 22 and r1["n_valid"] == (3 if case.endswith("uneven") else 0)
-    assert r1["active"] == ([2, 3] if case.endswith("uneven") else [0, 0])
+    uneven = "/uneven/" in case
+    assert r0["n_valid"] == 22 and r1["n_valid"] == (3 if uneven else 0)
+    if case.endswith("/local"):
+        assert r1["active"] == ([2, 3] if uneven else [0, 0])  # half of rank 1's own 3 tokens at full depth
+    else:
+        n = r0["n_valid"] + r1["n_valid"]
+        assert r0["active"][0] + r1["active"][0] == (n + 1) // 2  # half of both ranks' valid tokens at full depth
 
 
 @pytest.mark.parametrize("case", [c for c in RIGHT if c.startswith("fsdp2")])

@@ -205,6 +205,9 @@ def test_callback_unwraps_ddp_and_never_attaches_twice(tmp_path, caplog):
         CGGRCallback(num_bucket=4)
     with pytest.raises(ValueError, match="policy"):
         CGGRCallback(policy="nope")
+    with pytest.raises(ValueError, match="buckets must be one of"):
+        CGGRCallback(buckets="everywhere")
+    assert CGGRCallback(buckets="global").attach_kwargs["buckets"] == "global"
 
 
 # --------------------------------------------------------------------------- gradient accumulation

@@ -71,10 +71,30 @@ def hf_model(kind: str, layers: int = 4, vocab: int = 97, seed: int = 0):
         cfg = tf.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                                max_position_embeddings=128, hidden_dropout=0.0, attention_dropout=0.0, **common)
         model = tf.GPTNeoXForCausalLM(cfg)
+    elif kind in MOE_KINDS:
+        model = _hf_moe(tf, kind, layers, common)
     else:
         raise ValueError(kind)
     model.config._attn_implementation = "eager"
     return model.float().train()
+
+
+MOE_KINDS = ("mixtral", "qwen2_moe", "olmoe")
+
+
+def _hf_moe(tf, kind, layers, common):
+    """4 experts, top-2, with the router's auxiliary loss in ``out.loss`` (and ``out.aux_loss``)."""
+    moe = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=128, num_experts_per_tok=2,
+               output_router_logits=True, router_aux_loss_coef=0.1, **common)
+    if kind == "mixtral":
+        return tf.MixtralForCausalLM(tf.MixtralConfig(num_local_experts=4, sliding_window=None, **moe))
+    if kind == "qwen2_moe":  # every layer sparse, with the shared expert and its gate
+        return tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(num_experts=4, moe_intermediate_size=24,
+                                                        shared_expert_intermediate_size=40, decoder_sparse_step=1,
+                                                        mlp_only_layers=[], **moe))
+    return tf.OlmoeForCausalLM(tf.OlmoeConfig(num_experts=4, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+                                              **moe))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

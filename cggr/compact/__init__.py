@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..adapters import is_moe_module
 from ..routing import Routing
 from .gpt2 import GPT2BlockRouted, gpt2_block_params, gpt2_block_spec, gpt2_dropout_off
 from .llama import LlamaBlockRouted, LlamaBlockRoutedCheckpointed, llama_block_params, llama_block_spec
@@ -60,6 +61,8 @@ FAMILIES: dict[str, Family] = {
 
 def compact_family(block: torch.nn.Module) -> tuple[str, Any] | None:
     """``(family, spec)`` of the first family whose compacted backward handles ``block``, else None."""
+    if any(is_moe_module(m) for m in block.modules()):
+        return None  # the compacted Functions know dense MLPs only; MoE blocks take the generic path
     for name, family in FAMILIES.items():
         spec = family.spec(block)
         if spec is not None:
