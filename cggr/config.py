@@ -24,7 +24,7 @@ class RoutingConfig:
     warmup_steps: int = 1000
     leak_rate: float = 0.0
     mode: str = "sparse"
-    policy: str = "difficulty"
+    policy: str = "random"
     depths: tuple[float, ...] | None = None
     scorer: str = "entropy_confidence"
     ignore_index: int = -100

@@ -27,7 +27,6 @@ backward runs on bf16 weights; under autocast it falls back to its generic one).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -136,7 +135,7 @@ def _train_arm(arm: str, cfg: dict, model_config, init_state, train_stream, val_
     from transformers import LlamaForCausalLM
 
     from .data import TokenBatches
-    from .training import Budget, train_arm
+    from .training import Budget, free_memory, train_arm
 
     device = torch.device(cfg["device"])
     torch.manual_seed(cfg["seed"])
@@ -173,9 +172,7 @@ def _train_arm(arm: str, cfg: dict, model_config, init_state, train_stream, val_
     if router is not None:
         router.detach()
     del model, router
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_memory(device)
     return result
 
 

@@ -40,7 +40,6 @@ steps and against training seconds); a table per regime is printed last.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import platform
 import shlex
@@ -247,7 +246,7 @@ def _val_batches(cfg: dict, stream: torch.Tensor) -> list[torch.Tensor]:
 
 def run_regime(regime: str, cfg: dict, prep: dict) -> dict:
     from . import data
-    from .training import median_step_ms, train_arm
+    from .training import free_memory, median_step_ms, train_arm
 
     device = torch.device(cfg["device"])
     corpus = "B" if regime == "finetune" else "A"
@@ -294,9 +293,7 @@ def run_regime(regime: str, cfg: dict, prep: dict) -> dict:
         if router is not None:
             router.detach()
         del model, router
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_memory(device)
     return {"regime": regime, "corpus": corpus, "lr": lr, "checkpoint": checkpoint_info,
             "arms": results, "summary": summarise(results)}
 
@@ -309,6 +306,8 @@ def _warm_up(cfg: dict, prep: dict, start_state, stream: torch.Tensor) -> None:
     Progress 0, 0.5 and 1 cover full-depth, partial and target routing (the shapes the guards see).
     """
     import cggr
+
+    from .training import free_memory
 
     _, model = _new_model(cfg, prep, seed=0)
     if start_state is not None:
@@ -326,10 +325,7 @@ def _warm_up(cfg: dict, prep: dict, start_state, stream: torch.Tensor) -> None:
         router.detach()
     model.zero_grad(set_to_none=True)
     del model
-    gc.collect()
-    if torch.device(cfg["device"]).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+    free_memory(torch.device(cfg["device"]))
 
 
 def summarise(arms: list[dict]) -> dict:

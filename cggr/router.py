@@ -530,7 +530,7 @@ def _refuse_wrappers(model: nn.Module) -> None:
 
 
 def attach(model: nn.Module, num_buckets: int = 4, warmup_steps: int = 1000, leak_rate: float = 0.0, *,
-           mode: str = "sparse", policy: str = "difficulty", layers=None, depths: Sequence[float] | None = None,
+           mode: str = "sparse", policy: str = "random", layers=None, depths: Sequence[float] | None = None,
            scorer: str = "entropy_confidence", ignore_index: int = -100, seed: int = 0,
            label_shift: int | None = None, backward: str = "auto", buckets: str = "local",
            handback_steps: int = 0, total_steps: int | None = None) -> Router:
@@ -542,8 +542,9 @@ def attach(model: nn.Module, num_buckets: int = 4, warmup_steps: int = 1000, lea
         warmup_steps: curriculum length in optimizer steps (0 = target depths at once).
         leak_rate: λ in [0, 1]: inactive rows carry λ times their gradient (λ > 0 makes them dense again).
         mode: ``"sparse"`` (exact token-sparse backward) or ``"mask"`` (gate block outputs only; no saving).
-        policy: ``"difficulty"`` (rank by score, the seed's rule), ``"random"`` (the control) or
-            ``"sampled"`` (random buckets, deep ones likelier for harder tokens).
+        policy: ``"random"`` (the default: the best in the quality benchmark, see the README; also the
+            control), ``"difficulty"`` (rank by score, the seed's rule) or ``"sampled"`` (random buckets,
+            deep ones likelier for harder tokens).
         layers: the block stack: attribute path, ``nn.ModuleList`` or list; found automatically when None.
         depths: target depth fractions per bucket, hardest first (default ``(K-k)/K``).
         scorer: ``"entropy_confidence"`` (default), ``"entropy"`` or ``"margin"``.

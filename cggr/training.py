@@ -20,6 +20,7 @@ means training seconds.
 
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import sys
@@ -94,6 +95,13 @@ def val_loss(model: torch.nn.Module, batches: Sequence[torch.Tensor], device: to
         total += model(input_ids=x, labels=x).loss.double()
     model.train()
     return total.item() / len(batches)
+
+
+def free_memory(device: torch.device) -> None:
+    """Collect the last arm's model and optimizer and hand cached GPU memory back, so arms start equal."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def sync(device: torch.device) -> None:

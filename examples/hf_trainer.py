@@ -86,7 +86,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=6e-4)
-    p.add_argument("--policy", default="difficulty")
+    p.add_argument("--policy", default="random", help="routing policy of the cggr arm (default: the library default)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer d64 model and 64-token sequences (CPU smoke)")
     p.add_argument("--out", default="cggr-out/hf-trainer")
     args = p.parse_args(argv)

@@ -110,12 +110,14 @@ def _run_case(rank: int, world: int, kind: str, backward: str, order: str, data:
         return m
 
     if order == "right":
-        router = cggr.attach(model, warmup_steps=0, num_buckets=2, backward=backward, buckets=buckets)
+        router = cggr.attach(model, warmup_steps=0, num_buckets=2, backward=backward, buckets=buckets,
+                             policy="difficulty")
         wrapped = wrap(model)
     else:
         wrapped = wrap(model)
         try:
-            router = cggr.attach(wrapped, warmup_steps=0, num_buckets=2, backward=backward, buckets=buckets)
+            router = cggr.attach(wrapped, warmup_steps=0, num_buckets=2, backward=backward, buckets=buckets,
+                                 policy="difficulty")
         except ValueError as e:  # DDP: refused, cggr must go on first
             return dict(refused=str(e))
     ids, labels = _batch(rank, data)
