@@ -115,6 +115,23 @@ def test_compile_graph_breaks():
 
 
 # --------------------------------------------------------------------------- (b) bf16 autocast on the CPU
+def test_autocast_fallback_is_announced_once(caplog, monkeypatch):
+    """The usual HF setup (fp32 weights, bf16 autocast) misses the fast path: the user is told once, how to fix."""
+    import cggr.compact as compact
+
+    monkeypatch.setattr(compact, "_warned_dtype", False)
+    model = hf_model("llama", seed=4)
+    router = cggr.attach(model, num_buckets=4, warmup_steps=0)
+    batch = _hf_batch(seed=2)
+    with caplog.at_level("WARNING", logger="cggr"):
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model(**batch).loss.backward()
+    said = [r.getMessage() for r in caplog.records if "compacted backward needs the weights" in r.getMessage()]
+    assert len(said) == 1 and "autocast is on" in said[0] and "torch_dtype=torch.bfloat16" in said[0]
+    assert not router.routing.compact_blocks  # the generic path ran
+
+
 @pytest.mark.parametrize("backward", _BACKWARDS)
 def test_bf16_autocast_hf_llama_close_to_fp32_reference(backward):
     model = hf_model("llama", seed=4)

@@ -10,6 +10,7 @@ non-zero leak), use the generic path of :mod:`cggr.sparse`.
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -19,6 +20,20 @@ from ..adapters import is_moe_module
 from ..routing import Routing
 from .gpt2 import GPT2BlockRouted, gpt2_block_params, gpt2_block_spec, gpt2_dropout_off
 from .llama import LlamaBlockRouted, LlamaBlockRoutedCheckpointed, llama_block_params, llama_block_spec
+
+logger = logging.getLogger("cggr")
+_warned_dtype = False  # once per process: the advice is the same for every block and every model
+
+
+def _warn_dtype_fallback(reason: str) -> None:
+    """Say once why the fast path is not taken where the user can fix it (the usual HF bf16=True setup)."""
+    global _warned_dtype
+    if not _warned_dtype:
+        _warned_dtype = True
+        logger.warning("cggr: %s: the compacted backward needs the weights in the dtype the block computes in, so "
+                       "these blocks use the generic routed backward, which saves far less (on an H100 it is "
+                       "slower than dense training). For the fast path load the model in bf16 "
+                       "(torch_dtype=torch.bfloat16) and train without autocast (Trainer: bf16=False).", reason)
 
 
 @dataclass(frozen=True)
@@ -104,9 +119,13 @@ def make_compact_forward(get_routing: Callable[[], Routing | None], block: torch
                 or hidden_states.dim() != 3 or tuple(block.modules()) != modules  # e.g. linears wrapped by PEFT
                 or any(kwargs.get(c) is not None for c in ("cache", "past_key_values", "layer_past"))
                 or kwargs.get("output_attentions", False)
-                or torch.is_autocast_enabled(hidden_states.device.type)
-                or any(p is not None and p.dtype != hidden_states.dtype for p in fam.params(block))
                 or (checkpointing() and fam.checkpointed is None)):
+            return None
+        if torch.is_autocast_enabled(hidden_states.device.type):
+            _warn_dtype_fallback("autocast is on")
+            return None
+        if any(p is not None and p.dtype != hidden_states.dtype for p in fam.params(block)):
+            _warn_dtype_fallback(f"weights and hidden states differ in dtype ({hidden_states.dtype} states)")
             return None
         mask = kwargs.get("attention_mask")
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4
