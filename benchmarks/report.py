@@ -74,7 +74,8 @@ def demo_table(records):
                  "|---|---:|---:|---:|---:|---:|"]
         for a in run["arms"]:
             depth = a.get("mean_depth_fraction")
-            lines.append(f"| {a['arm']} | {a['step_ms_median']:.1f} | {a['tokens_per_s']:,.0f} | {a['final_val_loss']:.3f} | "
+            name = a["arm"] if a.get("policy") in (None, a["arm"]) else f"{a['arm']} ({a['policy']})"
+            lines.append(f"| {name} | {a['step_ms_median']:.1f} | {a['tokens_per_s']:,.0f} | {a['final_val_loss']:.3f} | "
                          f"{a['speedup_vs_dense']:.3f}x | {'—' if depth is None else format(depth, '.3f')} |")
         out.append(f"`{run.get('command', 'cggr demo')}` on {run.get('device', '?')}:\n\n" + "\n".join(lines))
     return "\n\n".join(out)

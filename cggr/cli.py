@@ -15,9 +15,10 @@ import sys
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     from .demo import add_demo_arguments
 
-    p = sub.add_parser("demo", help="train a small Llama dense, with cggr and with random routing; plot val loss",
-                       description="Train a small Llama-style model three ways (dense, cggr difficulty routing, "
-                                   "random routing control) from identical weights on identical batches; print "
+    p = sub.add_parser("demo", help="train a small Llama dense, with cggr's default (random) routing and with "
+                                         "difficulty routing; plot val loss",
+                       description="Train a small Llama-style model three ways (dense, cggr's default random "
+                                   "routing, the seed's difficulty routing) from identical weights on identical batches; print "
                                    "step times and validation losses, save a plot and a JSON of the curves.")
     add_demo_arguments(p)
 

@@ -4,9 +4,10 @@ Arms, trained one after another from IDENTICAL initial weights on the SAME
 batches in the same order:
 
 * ``dense``  -- plain training, the baseline;
-* ``cggr``   -- ``cggr.attach(policy="difficulty")``, the seed's routing;
-* ``random`` -- ``cggr.attach(policy="random")``, the random routing control
-  (same bucket sizes and depths, tokens assigned at random).
+* ``random`` -- ``cggr.attach()`` with its default policy: random routing (the
+  best in the quality benchmark), which is also the control;
+* ``difficulty`` -- ``cggr.attach(policy="difficulty")``, the seed's routing by
+  difficulty rank (same bucket sizes and depths).
 
 Each arm: AdamW, linear LR warm-up then cosine decay to 10 %; validation loss
 on held-out documents (eval mode, no_grad, a fixed list of batches) at step
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-ARMS = {"dense": None, "cggr": "difficulty", "random": "random"}
+ARMS = {"dense": None, "random": "random", "difficulty": "difficulty"}
 """Arm name -> routing policy passed to ``cggr.attach`` (``None``: no routing)."""
 
 NUM_BUCKETS = 4
@@ -74,7 +75,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     r.add_argument("--out", default="cggr-out", help="folder for demo.png and demo.json (default ./cggr-out)")
     r.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     r.add_argument("--seed", type=int, default=0, help="weights, data order and random routing seed (default 0)")
-    r.add_argument("--arms", default="dense,cggr,random",
+    r.add_argument("--arms", default="dense,random,difficulty",
                    help=f"comma list from {','.join(ARMS)} (default all three)")
     return p
 
@@ -112,7 +113,7 @@ def _require_attach():
     import cggr  # lazily: the router is optional for the dense arm
 
     if not hasattr(cggr, "attach"):
-        raise RuntimeError("the cggr and random arms need cggr.attach, which this install does not provide; "
+        raise RuntimeError("the routed arms need cggr.attach, which this install does not provide; "
                            "run with --arms dense")
     return cggr.attach
 

@@ -132,8 +132,10 @@ def train_arm(model: torch.nn.Module, batches: Iterator[torch.Tensor], val_batch
     bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5, file=sys.stderr,
                disable=None)
     while fraction < 1.0:
+        # A step budget knows where this step ends: its rate rises to the peak at the warm-up's last step.
+        lr_at = budget.fraction(step + 1, elapsed) if budget.steps is not None else fraction
         for group in opt.param_groups:
-            group["lr"] = lr * lr_factor(fraction, lr_warmup)
+            group["lr"] = lr * lr_factor(lr_at, lr_warmup)
         if router is not None:
             p = schedule_progress(fraction, routing_warmup, 1.0, routing_handback)
             router.set_progress(p)

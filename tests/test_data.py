@@ -214,15 +214,15 @@ def test_demo_smoke_routed_arms(tmp_path, capsys):
         pytest.skip("cggr.attach is not available yet")
     from cggr.cli import main
 
-    assert main(_demo_argv(tmp_path, "dense,cggr,random")) == 0
+    assert main(_demo_argv(tmp_path, "dense,random,difficulty")) == 0
     record = json.loads((tmp_path / "out" / "demo.json").read_text())
     arms = {a["arm"]: a for a in record["arms"]}
-    assert list(arms) == ["dense", "cggr", "random"]
+    assert list(arms) == ["dense", "random", "difficulty"]
     # Identical initial weights: the step-0 validation loss is the same in every arm.
-    assert arms["dense"]["val_loss"][0] == arms["cggr"]["val_loss"][0] == arms["random"]["val_loss"][0]
-    for name in ("cggr", "random"):
-        assert arms[name]["policy"] == ("difficulty" if name == "cggr" else "random")
+    assert arms["dense"]["val_loss"][0] == arms["difficulty"]["val_loss"][0] == arms["random"]["val_loss"][0]
+    for name in ("difficulty", "random"):
+        assert arms[name]["policy"] == name
         assert len(arms[name]["router_metrics"]) == 3
         assert 0.0 < arms[name]["mean_depth_fraction"] < 1.0
     printed = capsys.readouterr().out
-    assert "\ncggr " in printed and "\nrandom " in printed
+    assert "\ndifficulty " in printed and "\nrandom " in printed
