@@ -399,3 +399,19 @@ def test_sampled_policy_routes_like_reference():
         model(x).float().pow(2).mean().backward()
     want = flat_grads(model)
     assert max(rel_err(got[n], want[n]) for n in want) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_one_bucket_is_dense_training(kind):
+    """num_buckets=1 (the README's no-routing fast path): with a label on every token, the gradients of
+    plain dense training, through cggr's compacted backward."""
+    model = hf_model(kind, seed=5)
+    ref = copy.deepcopy(model)
+    router = cggr.attach(model, num_buckets=1, warmup_steps=0, policy="random")
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(2))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert router.routing.compact_blocks == set(range(router.num_layers))
+    ref(input_ids=ids, labels=ids).loss.backward()
+    got, want = flat_grads(model), flat_grads(ref)
+    for n in want:
+        assert (rel_err(got[n], want[n]) < 1e-5) if want[n].norm() > 0 else got[n].norm() == 0, n
