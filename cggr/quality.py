@@ -108,9 +108,12 @@ def parse_arm(spec: str) -> dict:
 def add_quality_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("what to compare")
     g.add_argument("--regimes", default="pretrain", help=f"comma list from {','.join(REGIMES)} (default pretrain)")
-    g.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma list of arm specs (default {DEFAULT_ARMS})")
+    g.add_argument("--arms", default=DEFAULT_ARMS,
+                   help=f"comma list of arm specs: a base ({', '.join(BASES)}) and /key=value options (seed, "
+                        f"buckets, depths=1:0.75, warmup, handback as budget fractions, mode, scorer), e.g. "
+                        f"random/handback=0.3 (default {DEFAULT_ARMS})")
     b = g.add_mutually_exclusive_group()
-    b.add_argument("--steps", type=int, help="equal-step budget: optimizer steps per arm")
+    b.add_argument("--steps", type=int, help="equal-step budget: optimizer steps per arm (default 300)")
     b.add_argument("--seconds", type=float, help="equal wall-clock budget: training seconds per arm")
     m = p.add_argument_group("model and data")
     m.add_argument("--model", default=None, choices=list(MODELS),
