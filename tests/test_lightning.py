@@ -162,3 +162,10 @@ def test_lightning_callback_options():
     assert getattr(module.model, "_cggr_router", None) is None
     with pytest.raises(AttributeError, match="model_attr"):
         CGGRLightningCallback(model_attr="missing").on_fit_start(None, module)
+
+
+def test_lightning_callback_handback_takes_max_steps(tmp_path):
+    """handback_steps without total_steps: the Trainer's max_steps is the length of training."""
+    _, _, callback, _, _ = _fit(tmp_path, max_steps=6, handback_steps=2, detach_on_teardown=False)
+    assert callback.router.config.total_steps == 6 and callback.router.config.handback_steps == 2
+    assert callback.router.bucket_depths() == [4, 4, 4, 4]  # handed back: full depth at the end
