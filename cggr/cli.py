@@ -77,5 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         # Configuration mistakes read as one line, not a traceback.
-        print(f"cggr {args.command}: error: {e}", file=sys.stderr)
+        command = " ".join(c for c in (args.command, getattr(args, "benchmark", None)) if c)
+        print(f"cggr {command}: error: {e}", file=sys.stderr)
         return 1

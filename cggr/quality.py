@@ -101,7 +101,10 @@ def parse_arm(spec: str) -> dict:
             arm["attach"]["num_buckets"] = len(arm["attach"]["depths"])
         from .config import RoutingConfig
 
-        RoutingConfig(policy=arm["policy"], **arm["attach"])  # the library's own checks, now
+        try:
+            RoutingConfig(policy=arm["policy"], **arm["attach"])  # the library's own checks, now
+        except ValueError as e:
+            raise ValueError(f"--arms: {spec!r}: {e}") from None
     return arm
 
 
@@ -154,6 +157,12 @@ def resolve_config(args: argparse.Namespace) -> dict:
         raise ValueError(f"--arms must be distinct arm specs, got {args.arms!r}")
     if cfg["d_model"] % cfg["heads"]:
         raise ValueError(f"--d-model {cfg['d_model']} is not divisible by --heads {cfg['heads']}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.seconds is not None and not args.seconds > 0:
+        raise ValueError(f"--seconds must be > 0, got {args.seconds}")
+    if args.pretrain_steps is not None and args.pretrain_steps < 1:
+        raise ValueError(f"--pretrain-steps must be >= 1, got {args.pretrain_steps}")
     steps = args.steps if args.steps is not None or args.seconds is not None else 300
     budget = Budget(steps=steps if args.seconds is None else None, seconds=args.seconds)
     if args.evals < 1 or args.eval_batches < 1:

@@ -22,7 +22,7 @@ def test_parse_arm():
     ("random/handback=2", "bad value"),
     ("random/warmup=0.8/handback=0.5", "must not exceed"),
     ("dense/handback=0.2", "a dense arm takes only seed="),
-    ("random/mode=dense", "mode must be one of"),
+    ("random/mode=dense", "'random/mode=dense': mode must be one of"),
     ("random/depths=0.5:1", "strictly decreasing"),
 ])
 def test_parse_arm_errors(spec, match):
@@ -120,3 +120,9 @@ def test_quality_bench_seconds_budget_and_errors(tmp_path, monkeypatch, capsys):
     assert main(base + ["--regimes", "finetune"]) == 1
     assert "--regimes finetune needs --finetune-data" in capsys.readouterr().err
     assert main(base + ["--arms", "dense,dense"]) == 1
+    for flags, said in [(["--seconds", "0"], "--seconds must be > 0"), (["--steps", "0"], "--steps must be >= 1"),
+                        (["--pretrain-steps", "-1"], "--pretrain-steps must be >= 1"),
+                        (["--arms", "random/depths=1:2"], "--arms: 'random/depths=1:2': depths must be")]:
+        assert main(base + flags) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("cggr bench quality: error: ") and said in err, err
