@@ -21,8 +21,8 @@ seconds) and ``demo.json`` (every curve, the configuration and versions).
 
 The defaults depend on the device: on CPU a tiny model that runs all three
 arms, tokenizer training included, in under 3 minutes on 2 cores; on CUDA a
-larger one with bf16 weights (as in the speed benchmark: cggr's compacted
-backward runs on bf16 weights; under autocast it falls back to its generic one).
+larger one with bf16 weights, as in the speed benchmark (the measured setting
+of cggr's compacted backward).
 """
 
 from __future__ import annotations

@@ -115,8 +115,8 @@ def test_compile_graph_breaks():
 
 
 # --------------------------------------------------------------------------- (b) bf16 autocast on the CPU
-def test_autocast_fallback_is_announced_once(caplog, monkeypatch):
-    """The usual HF setup (fp32 weights, bf16 autocast) misses the fast path: the user is told once, how to fix."""
+def test_fp16_autocast_fallback_is_announced_once(caplog, monkeypatch):
+    """fp16 autocast misses the (bf16) fast path: the user is told once, with the fix; the generic path runs."""
     import cggr.compact as compact
 
     monkeypatch.setattr(compact, "_warned_dtype", False)
@@ -125,11 +125,11 @@ def test_autocast_fallback_is_announced_once(caplog, monkeypatch):
     batch = _hf_batch(seed=2)
     with caplog.at_level("WARNING", logger="cggr"):
         for _ in range(2):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.float16):
                 model(**batch).loss.backward()
-    said = [r.getMessage() for r in caplog.records if "compacted backward needs the weights" in r.getMessage()]
-    assert len(said) == 1 and "autocast is on" in said[0] and "torch_dtype=torch.bfloat16" in said[0]
-    assert not router.routing.compact_blocks  # the generic path ran
+    said = [r.getMessage() for r in caplog.records if "compacted backward runs in bf16" in r.getMessage()]
+    assert len(said) == 1 and "autocast to torch.float16" in said[0] and "bf16=True" in said[0]
+    assert not router.routing.compact_blocks
 
 
 @pytest.mark.parametrize("backward", _BACKWARDS)
@@ -143,13 +143,40 @@ def test_bf16_autocast_hf_llama_close_to_fp32_reference(backward):
     loss.backward()
     depth = router.routing.depth.clone()
     assert _routed_depth_is_mixed(depth, router.num_layers)
-    assert all(p.dtype == torch.float32 for p in model.parameters())
+    # bf16 autocast over fp32 weights takes the compacted backward (in bf16, on casts of the weights).
+    assert router.routing.compact_blocks == (set(range(router.num_layers)) if backward == "auto" else set())
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
     g_ref = _reference_grads(ref, depth, lambda m: m(**batch).loss)  # fp32, no autocast
     g = flat_grads(model)
     scale = max(v.norm().item() for v in g_ref.values())
     for name, r in g_ref.items():
         if r.norm().item() < 1e-3 * scale:
             continue  # (near-)zero reference gradients: relative error is noise
+        assert rel_err(g[name], r) < 3e-2, f"{name}: relative error {rel_err(g[name], r):.2e}"
+
+
+@pytest.mark.parametrize("kind,checkpointing", [("gpt2", False), ("llama", True)])
+def test_bf16_autocast_compacted_families_close_to_fp32_reference(kind, checkpointing):
+    """The compacted backward under bf16 autocast over fp32 weights: GPT-2, and Llama's routed checkpointing."""
+    model = hf_model(kind, seed=6)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref = copy.deepcopy(model)
+    router = cggr.attach(model, num_buckets=4, warmup_steps=0)
+    batch = _hf_batch(seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    depth = router.routing.depth.clone()
+    assert _routed_depth_is_mixed(depth, router.num_layers)
+    assert router.routing.compact_blocks == set(range(router.num_layers))
+    g_ref = _reference_grads(ref, depth, lambda m: m(**batch).loss)  # fp32, no autocast
+    g = flat_grads(model)
+    scale = max(v.norm().item() for v in g_ref.values())
+    for name, r in g_ref.items():
+        assert g[name].dtype == torch.float32
+        if r.norm().item() < 1e-3 * scale:
+            continue
         assert rel_err(g[name], r) < 3e-2, f"{name}: relative error {rel_err(g[name], r):.2e}"
 
 

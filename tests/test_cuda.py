@@ -92,6 +92,31 @@ def test_bf16_routed_gradients_match_fp32_reference(mode, family):
     assert (len(router.routing.compact_blocks) == 12) == (mode == "sparse")
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_bf16_autocast_compacted_gradients_match_fp32_reference(family):
+    """fp32 master weights under bf16 autocast (the HF Trainer's bf16=True) take the compacted backward."""
+    import cggr
+    from cggr.adapters import find_layer_stack
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    base = _llama(torch.float32, family)
+    ref = copy.deepcopy(base)
+    ids = torch.randint(0, 32000, (4, 512), device="cuda")
+    router = cggr.attach(base, warmup_steps=0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = base(input_ids=ids, labels=ids).loss
+    loss.backward()
+    depth = router.routing.depth
+    assert len(router.routing.compact_blocks) == 12
+    with cggr.reference_routing(find_layer_stack(ref)[1], depth):
+        ref(input_ids=ids, labels=ids).loss.backward()
+    g, gr = _grads(base), _grads(ref)
+    worst = max(((g[n] - r).norm() / r.norm()).item() for n, r in gr.items() if r.norm() > 0)
+    print(f"{family} bf16 autocast: worst per-tensor relative error vs fp32 reference = {worst:.3e}")
+    assert worst < 5e-2
+    assert all(p.grad.dtype == torch.float32 for p in base.parameters() if p.grad is not None)
+
+
 def test_fp32_routed_gradients_match_reference_on_gpu():
     import cggr
     from cggr.adapters import find_layer_stack

@@ -325,9 +325,12 @@ def test_compacted_path_falls_back_where_it_cannot_run():
     model = hf_model("llama", layers=2)
     router = cggr.attach(model, warmup_steps=0)
     ids = torch.randint(0, 61, (2, 8))
+    with torch.autocast("cpu", dtype=torch.float16):
+        model(input_ids=ids, labels=ids)
+    assert router.routing.compact_blocks == set()  # fp16 autocast: the generic path
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(input_ids=ids, labels=ids)
-    assert router.routing.compact_blocks == set()  # autocast: the generic path
+    assert router.routing.compact_blocks == {0, 1}  # bf16 autocast: compacted, in bf16
     model(input_ids=ids, labels=ids, use_cache=True)
     assert router.routing.compact_blocks == set()  # an explicit KV cache: the generic path
     model(input_ids=ids, labels=ids)

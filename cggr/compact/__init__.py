@@ -3,8 +3,10 @@
 A compacted backward replaces a whole block's backward by one that works on
 the block's active rows only (DESIGN.md §2: per-linear sparsity alone cannot
 approach the FLOP ratio). Blocks of families not in :data:`FAMILIES`, and
-calls the fast path cannot take (a KV cache, autocast, mixed dtypes, a
-non-zero leak), use the generic path of :mod:`cggr.sparse`.
+calls the fast path cannot take (a KV cache, fp16 autocast, weights in another
+dtype than the hidden states without autocast, a non-zero leak), use the
+generic path of :mod:`cggr.sparse`. Under bf16 autocast over fp32 weights the
+block runs in bf16 on casts of its weights and input.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ def _warn_dtype_fallback(reason: str) -> None:
     global _warned_dtype
     if not _warned_dtype:
         _warned_dtype = True
-        logger.warning("cggr: %s: the compacted backward needs the weights in the dtype the block computes in, so "
-                       "these blocks use the generic routed backward, which saves far less (on an H100 it is "
-                       "slower than dense training). For the fast path load the model in bf16 "
-                       "(torch_dtype=torch.bfloat16) and train without autocast (Trainer: bf16=False).", reason)
+        logger.warning("cggr: %s: the compacted backward runs in bf16 (bf16 weights, or bf16 autocast), so these "
+                       "blocks use the generic routed backward, which saves far less (on an H100 it is slower "
+                       "than dense training). For the fast path use bf16 weights or bf16 autocast "
+                       "(Trainer: bf16=True, not fp16=True).", reason)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,25 @@ FAMILIES: dict[str, Family] = {
                     LlamaBlockRoutedCheckpointed),
     "gpt2": Family(gpt2_block_spec, gpt2_block_params, _gpt2_inputs, GPT2BlockRouted, None),
 }
+
+
+def _compute_dtype(hidden_states: torch.Tensor, params) -> torch.dtype | None:
+    """The dtype a compacted block runs in, or None when it cannot (a warning says why, once).
+
+    Without autocast: the hidden states' dtype, which every weight must have. Under bf16 autocast (the HF
+    Trainer's ``bf16=True``, fp32 master weights): bf16, on casts of the weights and of the block input.
+    """
+    dev = hidden_states.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        if dt != torch.bfloat16 or not hidden_states.is_floating_point():
+            _warn_dtype_fallback(f"autocast to {dt}")
+            return None
+        return dt
+    if any(p is not None and p.dtype != hidden_states.dtype for p in params):
+        _warn_dtype_fallback(f"weights and hidden states differ in dtype ({hidden_states.dtype} states)")
+        return None
+    return hidden_states.dtype
 
 
 def compact_family(block: torch.nn.Module) -> tuple[str, Any] | None:
@@ -121,26 +142,38 @@ def make_compact_forward(get_routing: Callable[[], Routing | None], block: torch
                 or kwargs.get("output_attentions", False)
                 or (checkpointing() and fam.checkpointed is None)):
             return None
-        if torch.is_autocast_enabled(hidden_states.device.type):
-            _warn_dtype_fallback("autocast is on")
-            return None
-        if any(p is not None and p.dtype != hidden_states.dtype for p in fam.params(block)):
-            _warn_dtype_fallback(f"weights and hidden states differ in dtype ({hidden_states.dtype} states)")
+        dt = _compute_dtype(hidden_states, fam.params(block))
+        if dt is None:
             return None
         mask = kwargs.get("attention_mask")
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4
                                      and tuple(mask.shape[-2:]) == (hidden_states.shape[1],) * 2):
             return None
-        return fam.inputs(block, kwargs, hidden_states.dtype)
+        extra = fam.inputs(block, kwargs, dt)
+        if extra is None:
+            return None
+        # A float attention mask follows the compute dtype (under autocast HF builds it in the weights' fp32).
+        return dt, tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in extra)
 
     def forward(hidden_states, *args, **kwargs):
         r = get_routing()
-        extra = inputs(r, hidden_states, args, kwargs)
-        if extra is None:
+        found = inputs(r, hidden_states, args, kwargs)
+        if found is None:
             return plain_forward(hidden_states, *args, **kwargs)
+        dt, extra = found
         # With activation checkpointing on, the block checkpoints itself, routed: only the block input is kept.
         function = fam.checkpointed if checkpointing() else fam.saving
-        y = function.apply(hidden_states, *extra, r, block_index, spec, *fam.params(block))
+        params = fam.params(block)
+        if hidden_states.dtype == dt and all(p is None or p.dtype == dt for p in params):
+            y = function.apply(hidden_states, *extra, r, block_index, spec, *params)
+        else:
+            # bf16 autocast over fp32 weights: the block runs in bf16 on bf16 casts of its weights and input,
+            # as the benchmarked bf16 path does; the casts are autograd ops, so the weights' fp32 .grad and
+            # the fp32 input gradient come back through them.
+            params = tuple(None if p is None else p.to(dt) for p in params)
+            with torch.autocast(hidden_states.device.type, enabled=False):
+                y = function.apply(hidden_states.to(dt), *extra, r, block_index, spec, *params)
+            y = y.to(hidden_states.dtype)
         r.compact_blocks.add(block_index)
         return (y,) if as_tuple else y
 
