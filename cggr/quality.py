@@ -208,14 +208,14 @@ def _prepare(cfg: dict) -> dict:
     return out
 
 
-def _new_model(cfg: dict, prep: dict, seed: int):
+def _model(cfg: dict, prep: dict, seed: int, state: dict | None = None):
+    """A model of the configuration in training mode on the device: random weights from ``seed``, or ``state``."""
     from .training import build_llama
 
     torch.manual_seed(seed)
-    return build_llama(cfg["d_model"], cfg["layers"], cfg["heads"], prep["vocab"], cfg["seq_len"], prep["eot"])
-
-
-def _to_device(model, cfg: dict):
+    _, model = build_llama(cfg["d_model"], cfg["layers"], cfg["heads"], prep["vocab"], cfg["seq_len"], prep["eot"])
+    if state is not None:
+        model.load_state_dict(state)
     device = torch.device(cfg["device"])
     # bf16 weights on CUDA, no autocast: every arm the same, and cggr's compacted backward applies.
     return model.to(device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).train()
@@ -233,8 +233,7 @@ def _checkpoint(cfg: dict, prep: dict) -> tuple[dict, dict]:
     if path.exists():
         saved = torch.load(path, weights_only=True)
         return saved["state"], dict(saved["info"], cache_hit=True)
-    _, model = _new_model(cfg, prep, seed=0)
-    _to_device(model, cfg)
+    model = _model(cfg, prep, seed=0)
     batches = data.TokenBatches(prep["A"][0], cfg["batch_size"], cfg["seq_len"], seed=0)
     print(f"checkpoint: dense pretraining on A for {cfg['pretrain_steps']} steps (cached afterwards)", flush=True)
     r = train_arm(model, iter(batches), _val_batches(cfg, prep["A"][1]), budget=Budget(steps=cfg["pretrain_steps"]),
@@ -273,10 +272,7 @@ def run_regime(regime: str, cfg: dict, prep: dict) -> dict:
     eval_at = [k / cfg["evals"] for k in range(1, cfg["evals"])]
     results = []
     for arm in cfg["arms"]:
-        _, model = _new_model(cfg, prep, seed=arm["seed"])
-        if start_state is not None:
-            model.load_state_dict(start_state)
-        _to_device(model, cfg)
+        model = _model(cfg, prep, seed=arm["seed"], state=start_state)
         router = None
         if arm["policy"] is not None:
             import cggr
@@ -321,10 +317,7 @@ def _warm_up(cfg: dict, prep: dict, start_state, stream: torch.Tensor) -> None:
 
     from .training import free_memory
 
-    _, model = _new_model(cfg, prep, seed=0)
-    if start_state is not None:
-        model.load_state_dict(start_state)
-    _to_device(model, cfg)
+    model = _model(cfg, prep, seed=0, state=start_state)
     x = stream[: cfg["batch_size"] * cfg["seq_len"]].view(cfg["batch_size"], cfg["seq_len"]).to(cfg["device"])
     model(input_ids=x, labels=x).loss.backward()
     for arm in cfg["arms"]:
