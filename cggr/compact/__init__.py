@@ -164,14 +164,15 @@ def make_compact_forward(get_routing: Callable[[], Routing | None], block: torch
         # With activation checkpointing on, the block checkpoints itself, routed: only the block input is kept.
         function = fam.checkpointed if checkpointing() else fam.saving
         params = fam.params(block)
-        if hidden_states.dtype == dt and all(p is None or p.dtype == dt for p in params):
-            y = function.apply(hidden_states, *extra, r, block_index, spec, *params)
+        device_type = hidden_states.device.type
+        if not torch.is_autocast_enabled(device_type):
+            y = function.apply(hidden_states, *extra, r, block_index, spec, *params)  # dtypes checked in inputs()
         else:
-            # bf16 autocast over fp32 weights: the block runs in bf16 on bf16 casts of its weights and input,
-            # as the benchmarked bf16 path does; the casts are autograd ops, so the weights' fp32 .grad and
-            # the fp32 input gradient come back through them.
+            # bf16 autocast (over fp32 weights, say): the block runs in bf16 on bf16 casts of its weights and
+            # input, as the benchmarked bf16 path does; the casts are autograd ops (no-ops for bf16 tensors),
+            # so the weights' fp32 .grad and the fp32 input gradient come back through them.
             params = tuple(None if p is None else p.to(dt) for p in params)
-            with torch.autocast(hidden_states.device.type, enabled=False):
+            with torch.autocast(device_type, enabled=False):
                 y = function.apply(hidden_states.to(dt), *extra, r, block_index, spec, *params)
             y = y.to(hidden_states.dtype)
         r.compact_blocks.add(block_index)
