@@ -132,7 +132,24 @@ def _load_quality(_name):
     return records
 
 
-TABLES = {"speed": speed_table, "kernels": kernels_table, "demo": demo_table, "quality": quality_table}
+def hf_trainer_table(records):
+    if not records:
+        return "_No HF Trainer example results committed yet._"
+    out = []
+    for run in records:
+        a = run["args"]
+        by_arm = {r["arm"]: r for r in run["results"]}
+        plain, routed = by_arm["plain"], by_arm["cggr"]
+        out.append(f"On {run['device']} (`--steps {a['steps']} --batch-size {a['batch_size']} --policy {a['policy']}`, "
+                   f"rev {(run.get('git_rev') or '?')[:7]}): {plain['step_ms_median']:.1f} ms/step plain, "
+                   f"{routed['step_ms_median']:.1f} ms/step with the callback "
+                   f"({plain['step_ms_median'] / routed['step_ms_median']:.2f}x), final training loss "
+                   f"{plain['final_train_loss']:.2f} against {routed['final_train_loss']:.2f}.")
+    return "\n\n".join(out)
+
+
+TABLES = {"speed": speed_table, "kernels": kernels_table, "demo": demo_table, "quality": quality_table,
+          "hf-trainer": hf_trainer_table}
 LOADERS = {"quality": _load_quality}
 
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from cggr import data
+from cggr.demo import _git_revision
 from cggr.integrations import CGGRCallback
 from cggr.training import build_llama
 
@@ -109,7 +112,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     (out / "hf-trainer.json").write_text(json.dumps({
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__, "args": vars(args), "results": results}, indent=1, default=str))
+        "torch": torch.__version__, "git_rev": _git_revision(), "command": shlex.join(sys.argv),
+        "args": vars(args), "results": results}, indent=1, default=str))
     return results
 
 
