@@ -4,7 +4,8 @@ Data flows one way: scores -> buckets -> depths.
 
 * Valid tokens are ranked hardest first; with ``n`` valid tokens and ``K``
   buckets the token of rank ``r`` goes to bucket ``floor(r*K/n)`` (bucket 0 =
-  hardest). Non-finite scores rank hardest of all. Ties keep token order.
+  hardest). Non-finite scores rank hardest of all, under every policy. Ties keep
+  token order.
 * Bucket ``k`` has target depth ``ceil(L*(K-k)/K)`` blocks, or
   ``ceil(L*f_k)`` for user fractions ``f``.
 * Curriculum: at progress ``p`` bucket ``k`` has depth
@@ -111,9 +112,15 @@ def rank_buckets(scores: torch.Tensor, valid: torch.Tensor, num_buckets: int) ->
 
 @torch.no_grad()
 def random_buckets(valid: torch.Tensor, num_buckets: int, generator: torch.Generator | None = None,
-                   rank: Callable = rank_buckets) -> torch.Tensor:
-    """The random control: same bucket sizes as :func:`rank_buckets` (or ``rank``), tokens drawn uniformly."""
+                   rank: Callable = rank_buckets, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """The random control: same bucket sizes as :func:`rank_buckets` (or ``rank``), tokens drawn uniformly.
+
+    Tokens whose ``scores`` (when given) are non-finite are the hardest, as in every policy: they fill the
+    first buckets.
+    """
     keys = torch.rand(valid.shape, device=valid.device, generator=generator)
+    if scores is not None:
+        keys = torch.where(torch.isfinite(scores), keys, torch.full_like(keys, float("inf")))
     return rank(keys, valid, num_buckets)
 
 
@@ -222,13 +229,21 @@ def sampled_buckets(scores: torch.Tensor, valid: torch.Tensor, num_buckets: int,
     q = (position - n_invalid).float() / (ok.sum() - 1).clamp_min(1).float()  # 0 easiest .. 1 hardest
     w = 1.0 + (SAMPLED_WEIGHT_RATIO - 1.0) * q.clamp(0, 1)
     u = torch.rand(keys.shape, device=keys.device, generator=generator).clamp_min(1e-12)
-    return rank((u.log() / w).reshape(scores.shape), valid, num_buckets)
+    drawn = torch.where(keys == float("inf"), keys, u.log() / w)  # non-finite scores: the hardest, first
+    return rank(drawn.reshape(scores.shape), valid, num_buckets)
 
 
 @torch.no_grad()
-def buckets_to_depths(buckets: torch.Tensor, bucket_depths: Sequence[int]) -> torch.Tensor:
-    """Depth in blocks of each token; 0 where ``buckets`` is -1 (invalid)."""
-    table = torch.tensor([0, *bucket_depths], dtype=torch.long, device=buckets.device)
+def buckets_to_depths(buckets: torch.Tensor, bucket_depths: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Depth in blocks of each token; 0 where ``buckets`` is -1 (invalid).
+
+    ``bucket_depths``: a sequence, hardest bucket first, or the table ``[0, *depths]`` as a tensor on the
+    buckets' device (made once by the caller: building it here would copy from host memory every call).
+    """
+    if isinstance(bucket_depths, torch.Tensor):
+        table = bucket_depths
+    else:
+        table = torch.tensor([0, *bucket_depths], dtype=torch.long, device=buckets.device)
     return table[buckets + 1]
 
 
@@ -263,7 +278,7 @@ def _difficulty_policy(scores, valid, num_buckets, generator, rank=rank_buckets)
 
 
 def _random_policy(scores, valid, num_buckets, generator, rank=rank_buckets):
-    return random_buckets(valid, num_buckets, generator, rank)
+    return random_buckets(valid, num_buckets, generator, rank, scores)
 
 
 def _sampled_policy(scores, valid, num_buckets, generator, rank=rank_buckets):

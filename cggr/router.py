@@ -32,7 +32,7 @@ from .bucketing import (POLICY_FNS, buckets_to_depths, curriculum_depths, rank_b
                         schedule_progress, target_depths)
 from .config import RoutingConfig
 from .moe import RoutedExperts
-from .routing import Routing
+from .routing import Routing, block_counts
 from .scoring import score_difficulty
 from .sparse import GateRows, RoutedLinear
 
@@ -109,6 +109,7 @@ class Router(nn.Module):
         self._generators: dict[torch.device, torch.Generator] = {}
         self._warned: set[str] = set()
         self._nonfinite_pending = None
+        self._constants: dict[tuple, torch.Tensor] = {}
         self._handles: list = []
         self._patched: list[tuple[nn.Module, Any]] = []
         self._checkpoint_patched: list[tuple[nn.Module, Any]] = []  # (block, its own checkpoint function)
@@ -307,6 +308,13 @@ class Router(nn.Module):
                 raise ValueError(f"cggr: attention_mask has shape {tuple(am.shape)} but the input tokens have "
                                  f"shape {tuple(tokens_shape)}")
             self._forward_state = {"valid_mask": extra, "tokens_shape": tokens_shape}
+            device = _input_device(args, kwargs)
+            if tokens_shape is not None and device is not None:
+                # The valid tokens are known before the forward runs: their number starts its way to the host
+                # now and is read once the forward is done (without waiting for the forward's GPU work).
+                valid = self._forward_state["valid"] = self._valid_mask(tokens_shape, kwargs, device)
+                if self._needs_counts():
+                    self._forward_state["num_valid"] = _copy_to_host_later(valid.sum())
             if self._drop_cache and "use_cache" not in kwargs:
                 kwargs["use_cache"] = False  # a KV cache is useless in a training forward and blocks the fast path
         else:
@@ -371,10 +379,13 @@ class Router(nn.Module):
         if rows - {n}:
             raise ValueError(f"cggr: blocks produced {sorted(rows)} rows but the logits have {n} tokens; "
                              "the routed stack must keep one row per token")
-        valid = self._valid_mask(tokens_shape, kwargs, logits.device)
-        self._route(r, logits.detach(), valid)
-        if self.config.leak_rate == 0 and any(self.sparse_blocks):
-            r.plan()  # the step's one host synchronisation, here rather than mid-backward
+        valid = self._forward_state.get("valid")
+        valid = self._valid_mask(tokens_shape, kwargs, logits.device) if valid is None else valid.to(logits.device)
+        self._route(r, logits.detach(), valid, self._forward_state.get("num_valid"))
+        if self._needs_counts():
+            # Global buckets: the counts are read back from the device, the step's one host synchronisation,
+            # here rather than mid-backward. Otherwise _route has set them from the host (no-op here).
+            r.plan()
         self.routing = r
         self._micro += 1
         return None
@@ -408,19 +419,31 @@ class Router(nn.Module):
             valid &= extra.bool()
         return valid
 
+    def _needs_counts(self) -> bool:
+        """Whether sparse backwards need every block's active count on the host."""
+        return self.config.leak_rate == 0 and any(self.sparse_blocks)
+
     @torch.no_grad()
-    def _route(self, r: Routing, logits: torch.Tensor, valid: torch.Tensor) -> None:
+    def _route(self, r: Routing, logits: torch.Tensor, valid: torch.Tensor, num_valid=None) -> None:
         c, L = self.config, self.num_layers
         scores = score_difficulty(logits, c.scorer)
         finite = torch.isfinite(scores.difficulty)
         nonfinite = valid & ~finite
         rank = rank_buckets_global if c.buckets == "global" and _world_size() > 1 else rank_buckets
         buckets = POLICY_FNS[c.policy](scores.difficulty, valid, c.num_buckets, self._generator(valid.device), rank)
-        depth = buckets_to_depths(buckets, self.bucket_depths())
+        bucket_depths = self.bucket_depths()
+        depth = buckets_to_depths(buckets, self._constant((0, *bucket_depths), valid.device))
         depth = torch.where(nonfinite, torch.full_like(depth, L), depth)  # no distribution: full depth
         r.depth = depth
+        if rank is rank_buckets and self._needs_counts():
+            # Bucket sizes follow from the number of valid tokens: every block's count without a synchronisation
+            # (only when the valid tokens were not known before the forward, reading it here waits for the GPU).
+            n = _read_from_host(num_valid) if num_valid is not None else int(valid.sum())
+            counts = block_counts(n, L, bucket_depths)
+            r.set_counts(counts, self._constant(tuple(counts), valid.device))
         r.metrics = self._metrics(r, buckets, valid, finite, scores)
-        self._check_nonfinite_later(r.metrics["nonfinite_tokens"])
+        if "nonfinite" not in self._warned:
+            self._check_nonfinite_later(r.metrics["nonfinite_tokens"], (nonfinite & (r.depth < L)).any())
 
     def _metrics(self, r: Routing, buckets, valid, finite, scores) -> dict[str, torch.Tensor]:
         c, L = self.config, self.num_layers
@@ -434,7 +457,7 @@ class Router(nn.Module):
         out["mean_depth_fraction"] = depth.sum().float() / (denom * L)
         # Backward block work skipped: rows inactive in each sparse-routed block, over all rows of all blocks.
         n = depth.numel()
-        sparse = torch.tensor(self.sparse_blocks, device=depth.device)
+        sparse = self._constant(tuple(self.sparse_blocks), depth.device) != 0
         inactive = torch.where(sparse, n - r.active_counts_tensor(), torch.zeros_like(sparse, dtype=torch.long))
         skipped = inactive.sum().float() / max(1, n * L)
         out["backward_flops_skipped"] = skipped if c.leak_rate == 0 else torch.zeros_like(skipped)
@@ -445,6 +468,20 @@ class Router(nn.Module):
         out["mean_confidence"] = torch.where(ok, scores.confidence, zero).sum() / n_ok
         out["nonfinite_tokens"] = (valid & ~finite).sum()
         return out
+
+    def _constant(self, values: tuple, device: torch.device) -> torch.Tensor:
+        """A small int64 tensor of ``values`` on ``device``, made once: ``torch.tensor(..., device=cuda)``
+        would synchronise the host with the GPU at every call (a copy from pageable memory)."""
+        key = (values, device)
+        t = self._constants.get(key)
+        if t is None:
+            if len(self._constants) > 1024:  # batch shapes and curriculum steps seen: a handful in practice
+                self._constants.clear()
+            host = torch.tensor(values, dtype=torch.long)
+            if device.type == "cuda":
+                host = host.pin_memory()
+            t = self._constants[key] = host.to(device, non_blocking=True)
+        return t
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         if self.config.policy == "difficulty":
@@ -465,20 +502,21 @@ class Router(nn.Module):
             self._warned.add(key)
             logger.warning("cggr: %s", message)
 
-    def _check_nonfinite_later(self, count: torch.Tensor) -> None:
+    def _check_nonfinite_later(self, count: torch.Tensor, overflow: torch.Tensor) -> None:
         """Warn about non-finite logits without a host synchronisation in the step.
 
-        On CUDA the count is copied to pinned memory asynchronously and read at
-        the next forward, once it has landed.
+        ``overflow``: some non-finite tokens did not fit at full depth (see :meth:`Routing.set_counts`). On
+        CUDA both are copied to pinned memory asynchronously and read at the next forward, once landed.
         """
         if "nonfinite" in self._warned:
             return
+        both = torch.stack([count.long(), overflow.long()])
         if count.device.type != "cuda":
-            self._nonfinite_pending = (count, None)
+            self._nonfinite_pending = (both, None)
             self._report_nonfinite()
             return
-        host = torch.empty((), dtype=count.dtype, pin_memory=True)
-        host.copy_(count, non_blocking=True)
+        host = torch.empty(2, dtype=torch.long, pin_memory=True)
+        host.copy_(both, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         self._nonfinite_pending = (host, event)
@@ -491,14 +529,44 @@ class Router(nn.Module):
         if event is not None and not event.query():
             return
         self._nonfinite_pending = None
-        n = int(value)
+        n, overflow = value.tolist()
         if n:
+            how = ("at full depth" if not overflow else
+                   "at full depth as far as the blocks' row counts, which follow the bucket sizes, had room; "
+                   "the rest got less (routing.depth says how much). With their loss counted, the step's "
+                   "gradient is non-finite either way")
             self._warn_once("nonfinite", f"{n} token(s) had non-finite logits (NaN or +inf); they were routed "
-                                         "at full depth. The metric 'nonfinite_tokens' counts them")
+                                         f"{how}. The metric 'nonfinite_tokens' counts them")
 
     @staticmethod
     def _sync_step_mirror(module, incompatible_keys) -> None:
         module._step = int(module.step_count)
+
+
+def _input_device(args, kwargs) -> torch.device | None:
+    for t in (kwargs.get("input_ids"), args[0] if args else None, kwargs.get("inputs_embeds")):
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return None
+
+
+def _copy_to_host_later(t: torch.Tensor):
+    """Start copying a device scalar to the host without waiting; :func:`_read_from_host` gets it."""
+    if t.device.type != "cuda":
+        return t, None
+    host = torch.empty((), dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def _read_from_host(pending) -> int:
+    """The value :func:`_copy_to_host_later` started copying (waits only until the GPU has made it)."""
+    value, event = pending
+    if event is not None:
+        event.synchronize()
+    return int(value)
 
 
 def _world_size() -> int:

@@ -8,13 +8,36 @@ any backward can run.
 Block ``i`` (0-based, bottom first) of an ``L``-block stack sees token ``t`` as
 active when ``depth[t] > L - 1 - i`` (DESIGN.md §1: active in blocks
 ``b > L - d`` with ``b = i + 1``).
+
+A backward that works on a block's active rows as a tensor of their own size
+needs their number on the host. Reading it back from the device would be a
+host synchronisation after the forward: the GPU's queue drains and the whole
+backward then runs at the pace of the host's Python launches. When bucket
+sizes depend only on the number of valid tokens (per-rank buckets), the router
+computes every block's count on the host from that one number
+(:func:`block_counts`), read early in the forward, and hands it over with
+:meth:`Routing.set_counts`; only global buckets read the counts back.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
+
+
+def block_counts(num_valid: int, num_layers: int, bucket_depths: Sequence[int]) -> list[int]:
+    """Active rows of every block, bottom first, from the number of valid tokens alone.
+
+    With ``n`` valid tokens and ``K`` buckets, bucket ``k`` holds the ranks ``r`` with ``floor(r*K/n) == k``:
+    ``ceil((k+1)*n/K) - ceil(k*n/K)`` tokens; block ``i`` counts those of the buckets deeper than
+    ``L - 1 - i``. Exact, except that tokens with non-finite logits are raised to full depth, beyond their
+    bucket's (the router warns when that made a count larger than this).
+    """
+    K, n = len(bucket_depths), num_valid
+    sizes = [-(-(k + 1) * n // K) - -(-k * n // K) for k in range(K)]
+    return [sum(size for size, d in zip(sizes, bucket_depths) if d > num_layers - 1 - i) for i in range(num_layers)]
 
 
 @dataclass(eq=False)
@@ -54,13 +77,33 @@ class Routing:
         return self.depth.reshape(-1)
 
     def _plan(self) -> None:
-        """Sort rows by depth (deepest first) and fetch the active count of every block.
-
-        This is the step's one host synchronisation: slicing needs the counts on
-        the host. Rows active in block ``i`` are the first ``count_i`` of the order.
-        """
-        self._order = torch.sort(self.flat_depth(), descending=True, stable=True).indices
+        """Fetch the active count of every block from the device: a host synchronisation."""
         self._active_counts = self.active_counts_tensor().tolist()
+
+    def set_counts(self, counts: Sequence[int], counts_on_device: torch.Tensor) -> None:
+        """Every block's active count, computed on the host (:func:`block_counts`): no synchronisation.
+
+        ``counts_on_device``: the same numbers on the depth's device. Block ``i``'s rows are then the first
+        ``counts[i]`` of the tokens sorted by depth, deepest first, and ``depth`` becomes the depth that
+        this gives each token: the same, except where tokens raised to full depth (non-finite logits)
+        outnumber the room the counts leave: those keep less depth, and ``depth`` says how much.
+        """
+        if len(counts) != self.num_layers:
+            raise ValueError(f"cggr: {len(counts)} counts for {self.num_layers} blocks")
+        self._require()
+        self._active_counts = [int(c) for c in counts]
+        d = self.flat_depth()
+        self._order = torch.sort(d, descending=True, stable=True).indices
+        position = torch.empty_like(self._order)
+        position[self._order] = torch.arange(d.numel(), device=d.device)
+        # Counts rise from the bottom block up: the token at sorted position p is active in the blocks whose
+        # count exceeds p, the top L - (number of counts <= p) blocks.
+        depth = self.num_layers - torch.searchsorted(counts_on_device, position, right=True)
+        self.depth = depth.view(self.depth.shape)
+
+    @property
+    def counts_known(self) -> bool:
+        return self._active_counts is not None
 
     def active_counts_tensor(self) -> torch.Tensor:
         """Rows active in each block, bottom first, as a device tensor (no synchronisation)."""
@@ -92,6 +135,8 @@ class Routing:
         rows = self._rows_by_block.get(block_index)
         if rows is None:
             n = self.active_count(block_index)
+            if self._order is None:  # rows sorted by depth, deepest first: block i's rows are a prefix
+                self._order = torch.sort(self.flat_depth(), descending=True, stable=True).indices
             rows = self._order[:n]
             self._rows_by_block[block_index] = rows
         return rows

@@ -104,12 +104,14 @@ def test_sampled_buckets_sizes_and_bias(n, k):
         assert 0.2 < (b[valid] == exact[valid]).float().mean().item() < 0.9
 
 
-def test_sampled_buckets_non_finite_and_all_invalid():
+def test_random_and_sampled_buckets_non_finite_and_all_invalid():
     from cggr.bucketing import sampled_buckets
 
     scores = torch.tensor([float("nan"), 1.0, float("-inf"), float("inf"), 0.0])
     b = sampled_buckets(scores, torch.ones(5, dtype=torch.bool), 2, torch.Generator().manual_seed(0))
-    assert sorted(b.tolist()) == [0, 0, 0, 1, 1]
+    assert b.tolist() == [0, 1, 0, 0, 1]  # non-finite scores are the hardest under every policy
+    r = random_buckets(torch.ones(5, dtype=torch.bool), 2, torch.Generator().manual_seed(0), scores=scores)
+    assert r.tolist() == [0, 1, 0, 0, 1]
     none = sampled_buckets(scores, torch.zeros(5, dtype=torch.bool), 2)
     assert (none == -1).all()
 
@@ -153,3 +155,21 @@ def test_global_buckets_without_a_process_group_are_local():
         model(ids).sum().backward()
         depths.append(router.routing.depth)
     assert torch.equal(*depths)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_block_counts_from_the_host_equal_the_device_counts(seed):
+    """The sparse backward's row counts come from the number of valid tokens alone (no read-back)."""
+    from cggr.routing import Routing, block_counts
+
+    g = torch.Generator().manual_seed(seed)
+    L = int(torch.randint(1, 13, (), generator=g))
+    K = int(torch.randint(1, 9, (), generator=g))
+    n_rows = int(torch.randint(1, 300, (), generator=g))
+    depths = (None if seed % 2 else torch.rand(K, generator=g).tolist())  # user fractions, in any order
+    progress = float(torch.rand((), generator=g))
+    bucket_depths = curriculum_depths(target_depths(L, K, depths), L, progress)
+    valid = torch.rand(n_rows, generator=g) > float(torch.rand((), generator=g))
+    for policy in (rank_buckets(torch.randn(n_rows, generator=g), valid, K), random_buckets(valid, K, g)):
+        r = Routing(num_layers=L, depth=buckets_to_depths(policy, bucket_depths))
+        assert block_counts(int(valid.sum()), L, bucket_depths) == r.active_counts_tensor().tolist()

@@ -133,3 +133,42 @@ def test_fp32_routed_gradients_match_reference_on_gpu():
     for name, r in gr.items():
         if r.norm() > 0:
             assert ((g[name] - r).norm() / r.norm()).item() < 1e-4, name
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_routed_step_never_waits_for_the_forward(family):
+    """No synchronising call in a routed training step (forward, routing, backward), with padding and labels.
+
+    The one wait left is on an event recorded before the forward's work (the number of valid tokens), which
+    ``set_sync_debug_mode`` does not count: the host keeps its lead over the GPU through the backward.
+    """
+    import cggr
+
+    model = _llama(torch.bfloat16, family)
+    ids = torch.randint(0, 32000, (4, 512), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[0, 400:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def step():
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step()  # HF's own forward: must not synchronise either, or this test cannot tell
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        step()
+    except RuntimeError as e:
+        pytest.skip(f"the dense HF step itself synchronises here: {e}")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    router = cggr.attach(model, warmup_steps=0)
+    step()  # compiles the pointwise kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert router.routing.counts_known and len(router.routing.compact_blocks) == 12

@@ -197,10 +197,12 @@ def test_each_backward_uses_its_own_forward_routing():
     _assert_equal_grads(flat_grads(model), flat_grads(ref))
 
 
-def test_nonfinite_logits_route_at_full_depth(caplog):
+@pytest.mark.parametrize("depths", [None, [0.75, 0.5, 0.25, 0.25 / 2]])
+def test_nonfinite_logits_route_at_full_depth(caplog, depths):
     torch.manual_seed(0)
     model = TinyLM()
-    router = cggr.attach(model, warmup_steps=0, depths=[0.75, 0.5, 0.25, 0.25 / 2])
+    ref = copy.deepcopy(model)
+    router = cggr.attach(model, warmup_steps=0, depths=depths)
     poison = {"on": True}
 
     def hook(module, args, out):
@@ -217,10 +219,38 @@ def test_nonfinite_logits_route_at_full_depth(caplog):
         logits.nan_to_num(0.0, 0.0, 0.0).sum().backward()
         logits = model(ids)
     depth = router.routing.depth
-    assert depth[0, 2] == 4 and depth[1, 4] == 4  # full depth, beyond bucket 0's target of 3
+    warnings = [r.message for r in caplog.records if "non-finite" in r.message]
+    assert len(warnings) == 1
+    if depths is None:
+        assert depth[0, 2] == 4 and depth[1, 4] == 4  # the hardest bucket, at full depth
+    else:
+        # Full depth would go beyond every bucket's target (3): the blocks' row counts follow the bucket sizes
+        # and leave no room below, so they keep 3, and the depth and the warning say so.
+        assert depth[0, 2] == 3 and depth[1, 4] == 3 and "got less" in warnings[0]
     assert router.metrics()["nonfinite_tokens"] == 2
-    assert sum("non-finite" in r.message for r in caplog.records) == 1
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    # The gradient is the reference's for the depths the routing reports, also where they fell short.
+    ref.head.register_forward_hook(hook)
+    model.zero_grad()
+    logits.nan_to_num(0.0, 0.0, 0.0).sum().backward()
+    with cggr.reference_routing(list(ref.blocks), depth):
+        ref(ids).nan_to_num(0.0, 0.0, 0.0).sum().backward()
+    _assert_equal_grads(flat_grads(model), flat_grads(ref))
+
+
+@pytest.mark.parametrize("kind", ["tiny", "llama", "llama-generic", "gpt2"])
+def test_no_count_is_read_back_from_the_device(kind, monkeypatch):
+    """Per-rank buckets: every block's count comes from the number of valid tokens (DESIGN: at most one host
+    synchronisation per step; this one waits only for the mask, read before the forward's work)."""
+    from cggr.routing import Routing
+
+    def refuse(self):
+        raise AssertionError("counts read back from the device")
+
+    monkeypatch.setattr(Routing, "_plan", refuse)
+    router, g_fast, g_ref, depth = _routed_and_reference(kind, "sparse", 0.0, 1.0, seed=5, padded=kind != "tiny")
+    assert router.routing.counts_known
+    _assert_equal_grads(g_fast, g_ref)
 
 
 def test_all_tokens_invalid_is_not_an_error():
