@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..routing import Routing
-from .pointwise import kernel
+from .pointwise import gelu_tanh_rows, head_rows, kernel, layer_norm_backward_add, layer_norm_rows
 
 
 @dataclass(frozen=True)
@@ -80,44 +80,60 @@ class GPT2BlockRouted(torch.autograd.Function):
             return (torch.zeros_like(x), None, None, None, None,
                     *[None if w is None else torch.zeros_like(w) for w in weights])
         idx, bi, si = r.active_positions(ctx.block_index, S)
-        n = idx.numel()
         K = functools.partial(kernel, on_cuda=x.is_cuda)
-        dt = x.dtype
         x2, h2 = x.view(N, D), h.view(N, D)
-        # ---- MLP: y = h + c_proj(gelu(c_fc(ln_2(h))))
-        dy_a = dy.reshape(N, D).index_select(0, idx).to(dt)
-        dact = dy_a @ w_out.t()
-        act_a, df = K("gelu_tanh_rows")(dact, f.view(N, -1), idx)
-        dw_out, db_out = act_a.t() @ dy_a, dy_a.sum(0)
-        a2_a = K("layer_norm_rows")(h2, mean2.view(N, 1), rstd2.view(N, 1), ln2_w, ln2_b, idx)
-        dw_fc, db_fc = a2_a.t() @ df, df.sum(0)
-        da2 = df @ w_fc.t()
-        dh, dln2_w, dln2_b = K("layer_norm_backward_add")(da2, dy_a, h2, mean2.view(N, 1), rstd2.view(N, 1),
-                                                          ln2_w, idx)
-        # ---- attention output projection: h = x + c_proj(o)
-        o_a = o.view(N, D).index_select(0, idx)
-        dw_proj, db_proj = o_a.t() @ dh, dh.sum(0)
-        do_a = dh @ w_proj.t()
-        if n == N:  # every row active: idx is 0..N-1 in order
-            do = do_a.view(B, S, spec.num_heads, spec.head_dim).transpose(1, 2)
-        else:
-            do = do_a.new_zeros(N, D).index_copy_(0, idx, do_a).view(B, S, spec.num_heads, spec.head_dim)
-            do = do.transpose(1, 2)
+        dh, do, dln2_w, dln2_b, dw_fc, db_fc, dw_out, db_out, dw_proj, db_proj = K(mlp_backward_rows)(
+            dy.reshape(N, D), idx, f.view(N, -1), h2, mean2.view(N, 1), rstd2.view(N, 1), o.view(N, D),
+            ln2_w, ln2_b, w_fc, w_out, w_proj)
+        do = do.view(B, S, spec.num_heads, spec.head_dim).transpose(1, 2)
         with torch.enable_grad():
             qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
             out = _attention(qq, kk, vv, mask, spec)
             dq, dk, dv = torch.autograd.grad(out, (qq, kk, vv), do)
-        # ---- fused q/k/v projection, on active rows only (inactive keys/values are constants)
-        dqkv = torch.cat([K("head_rows")(t, bi, si) for t in (dq, dk, dv)], dim=1)  # [n, 3D]
-        a1_a = K("layer_norm_rows")(x2, mean1.view(N, 1), rstd1.view(N, 1), ln1_w, ln1_b, idx)
-        dw_attn, db_attn = a1_a.t() @ dqkv, dqkv.sum(0)
-        da1 = dqkv @ w_attn.t()
-        dx_a, dln1_w, dln1_b = K("layer_norm_backward_add")(da1, dh, x2, mean1.view(N, 1), rstd1.view(N, 1),
-                                                            ln1_w, idx)
-        dx = dx_a if n == N else dx_a.new_zeros(N, D).index_copy_(0, idx, dx_a)  # the one scatter
+        dx, dln1_w, dln1_b, dw_attn, db_attn = K(qkv_backward_rows)(
+            dq, dk, dv, x2, mean1.view(N, 1), rstd1.view(N, 1), ln1_w, ln1_b, w_attn, idx, bi, si, dh)
         grads = (dln1_w, dln1_b, dw_attn, db_attn, dw_proj, db_proj, dln2_w, dln2_b, dw_fc, db_fc, dw_out, db_out)
         grads = [gr.to(w.dtype) for gr, w in zip(grads, weights)]
         return (dx.view(B, S, D), None, None, None, None, *grads)
+
+
+def mlp_backward_rows(dy, idx, f, h, mean2, rstd2, o, ln2_w, ln2_b, w_fc, w_out, w_proj):
+    """First half of the block backward, on rows ``idx``: the MLP, ``ln_2`` and the attention's output projection.
+
+    ``dy`` ``[N, D]``: the block's output gradient; ``f, h, mean2, rstd2, o``: saved values ``[N, *]`` (read at
+    rows ``idx``). Returns ``dh`` (active rows), ``do`` ``[N, D]`` (zero on inactive rows) and the gradients of
+    ``ln_2``, ``c_fc``, the MLP's ``c_proj`` and the attention's ``c_proj``. One compiled graph on CUDA.
+    """
+    N, n = dy.shape[0], idx.shape[0]
+    # ---- MLP: y = h + c_proj(gelu(c_fc(ln_2(h))))
+    dy_a = dy.index_select(0, idx).to(h.dtype)
+    dact = dy_a @ w_out.t()
+    act_a, df = gelu_tanh_rows(dact, f, idx)
+    dw_out, db_out = act_a.t() @ dy_a, dy_a.sum(0)
+    a2_a = layer_norm_rows(h, mean2, rstd2, ln2_w, ln2_b, idx)
+    dw_fc, db_fc = a2_a.t() @ df, df.sum(0)
+    da2 = df @ w_fc.t()
+    dh, dln2_w, dln2_b = layer_norm_backward_add(da2, dy_a, h, mean2, rstd2, ln2_w, idx)
+    # ---- attention output projection: h = x + c_proj(o)
+    o_a = o.index_select(0, idx)
+    dw_proj, db_proj = o_a.t() @ dh, dh.sum(0)
+    do_a = dh @ w_proj.t()
+    do = do_a if n == N else do_a.new_zeros(N, do_a.shape[1]).index_copy(0, idx, do_a)  # every row active: in order
+    return dh, do, dln2_w, dln2_b, dw_fc, db_fc, dw_out, db_out, dw_proj, db_proj
+
+
+def qkv_backward_rows(dq, dk, dv, x, mean1, rstd1, ln1_w, ln1_b, w_attn, idx, bi, si, dh):
+    """Second half, on rows ``idx``: the fused q/k/v projection and ``ln_1`` (inactive keys and values are
+    constants: only active rows of ``dq, dk, dv`` ``[B, H, S, hd]`` are read). Returns ``dx`` ``[N, D]`` (zero
+    on inactive rows: the one scatter) and the gradients of ``ln_1`` and ``c_attn``."""
+    N, n = x.shape[0], idx.shape[0]
+    dqkv = torch.cat([head_rows(t, bi, si) for t in (dq, dk, dv)], dim=1)  # [n, 3D]
+    a1_a = layer_norm_rows(x, mean1, rstd1, ln1_w, ln1_b, idx)
+    dw_attn, db_attn = a1_a.t() @ dqkv, dqkv.sum(0)
+    da1 = dqkv @ w_attn.t()
+    dx_a, dln1_w, dln1_b = layer_norm_backward_add(da1, dh, x, mean1, rstd1, ln1_w, idx)
+    dx = dx_a if n == N else dx_a.new_zeros(N, dx_a.shape[1]).index_copy(0, idx, dx_a)
+    return dx, dln1_w, dln1_b, dw_attn, db_attn
 
 
 def gpt2_block_spec(block) -> GPT2BlockSpec | None:

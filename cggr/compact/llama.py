@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..routing import Routing
-from .pointwise import kernel
+from .pointwise import kernel, mlp_rows, qkv_rows, rms_backward_add
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,55 @@ def _zero_grads(x, weights):
             *[None if w is None else torch.zeros_like(w) for w in weights])
 
 
+def _bias_grad(grad, b):
+    return None if b is None else grad.sum(0)
+
+
+def mlp_backward_rows(dy, idx, g, u, h, rstd2, mlp_idx, o_a, w_n2, wo, bo, wg, bg, wu, bu, wd, bd):
+    """First half of the block backward, on rows ``idx``: the MLP, the post-attention norm, the output projection.
+
+    ``dy`` ``[N, D]``: the block's output gradient; ``g, u, h, rstd2``: the MLP's saved values, read at rows
+    ``mlp_idx``; ``o_a``: the attention output of rows ``idx``. Returns ``dh`` (gradient of the residual
+    stream after attention, active rows), ``do`` ``[N, H*hd]`` (the attention output's gradient, zero on
+    inactive rows) and the weight gradients ``(dw_n2, dwo, dbo, dwg, dbg, dwu, dbu, dwd, dbd)``.
+    One compiled graph on CUDA: its matmuls and row-wise kernels are launched by Inductor's wrapper, far
+    cheaper on the host than as separate eager ops.
+    """
+    N, n = dy.shape[0], idx.shape[0]
+    # ---- MLP: y = h + down(silu(gate(r2)) * up(r2)), r2 = rmsnorm(h)
+    dy_a = dy.index_select(0, idx).to(h.dtype)  # the one gather of the output gradient
+    dm = dy_a @ wd
+    m_a, dg, du, r2_a = mlp_rows(dm, g, u, h, rstd2, w_n2, mlp_idx)
+    dwd, dbd = dy_a.t() @ m_a, _bias_grad(dy_a, bd)
+    dwg, dwu = dg.t() @ r2_a, du.t() @ r2_a
+    dbg, dbu = _bias_grad(dg, bg), _bias_grad(du, bu)
+    dr2 = torch.addmm(dg @ wg, du, wu)
+    dh, dw_n2 = rms_backward_add(dr2, dy_a, h, rstd2, w_n2, mlp_idx)
+    # ---- attention output projection: h = x + o_proj(o)
+    dwo, dbo = dh.t() @ o_a, _bias_grad(dh, bo)
+    do_a = dh @ wo
+    do = do_a if n == N else do_a.new_zeros(N, do_a.shape[1]).index_copy(0, idx, do_a)  # every row active: in order
+    return dh, do, dw_n2, dwo, dbo, dwg, dbg, dwu, dbu, dwd, dbd
+
+
+def qkv_backward_rows(dq, dk, dv, cos, sin, x, rstd1, w_n1, idx, bi, si, dh, wq, bq, wk, bk, wv, bv):
+    """Second half, on rows ``idx``: rotary, the q/k/v projections and the input norm, after the attention.
+
+    ``dq, dk, dv`` ``[B, heads, S, hd]``: the attention's input gradients (inactive keys and values are
+    constants here: only the active rows are read); ``x`` ``[N, D]``: the block input; ``dh``: from
+    :func:`mlp_backward_rows`. Returns ``dx`` ``[N, D]`` (zero on inactive rows: the one scatter) and
+    ``(dw_n1, dwq, dbq, dwk, dbk, dwv, dbv)``.
+    """
+    N, n = x.shape[0], idx.shape[0]
+    dq_a, dk_a, dv_a, r1_a = qkv_rows(dq, dk, dv, cos, sin, x, rstd1, w_n1, idx, bi, si)
+    dwq, dwk, dwv = dq_a.t() @ r1_a, dk_a.t() @ r1_a, dv_a.t() @ r1_a
+    dbq, dbk, dbv = _bias_grad(dq_a, bq), _bias_grad(dk_a, bk), _bias_grad(dv_a, bv)
+    dr1 = torch.addmm(torch.addmm(dq_a @ wq, dk_a, wk), dv_a, wv)
+    dx_a, dw_n1 = rms_backward_add(dr1, dh, x, rstd1, w_n1, idx)
+    dx = dx_a if n == N else dx_a.new_zeros(N, dx_a.shape[1]).index_copy(0, idx, dx_a)
+    return dx, dw_n1, dwq, dbq, dwk, dbk, dwv, dbv
+
+
 def _backward_on_active_rows(dy, idx, bi, si, mlp_rows_src, o_a, attention_grad, x, rstd1, cos, sin,
                              spec: LlamaBlockSpec, weights):
     """The block backward on its active rows; shared by the saved and the checkpointed variants.
@@ -107,40 +156,13 @@ def _backward_on_active_rows(dy, idx, bi, si, mlp_rows_src, o_a, attention_grad,
     N = B * S
     H, hd = spec.num_heads, spec.head_dim
     K = functools.partial(kernel, on_cuda=x.is_cuda)
-    dt = x.dtype
-    n = idx.numel()
-
-    def bias_grad(grad, b):
-        return None if b is None else grad.sum(0)
-
-    # ---- MLP: y = h + down(silu(gate(r2)) * up(r2)), r2 = rmsnorm(h)
-    dy_a = dy.reshape(N, D).index_select(0, idx).to(dt)  # the one gather of the output gradient
-    dm = dy_a @ wd
-    g_src, u_src, h_src, rs2_src, mlp_idx = mlp_rows_src
-    m_a, dg, du, r2_a = K("mlp_rows")(dm, g_src, u_src, h_src, rs2_src, w_n2, mlp_idx)
-    dwd, dbd = dy_a.t() @ m_a, bias_grad(dy_a, bd)
-    dwg, dwu = dg.t() @ r2_a, du.t() @ r2_a
-    dbg, dbu = bias_grad(dg, bg), bias_grad(du, bu)
-    dr2 = torch.addmm(dg @ wg, du, wu)
-    dh, dw_n2 = K("rms_backward_add")(dr2, dy_a, h_src, rs2_src, w_n2, mlp_idx)
-    # ---- attention output projection: h = x + o_proj(o)
-    dwo, dbo = dh.t() @ o_a, bias_grad(dh, bo)
-    do_a = dh @ wo
+    dh, do, dw_n2, dwo, dbo, dwg, dbg, dwu, dbu, dwd, dbd = K(mlp_backward_rows)(
+        dy.reshape(N, D), idx, *mlp_rows_src, o_a, w_n2, wo, bo, wg, bg, wu, bu, wd, bd)
     # ---- attention: dense over the sequence; inactive queries' output gradient is zero
-    if n == N:  # every row active: idx is 0..N-1 in order
-        do = do_a.view(B, S, H, hd).transpose(1, 2)
-    else:
-        do = do_a.new_zeros(N, H * hd).index_copy_(0, idx, do_a).view(B, S, H, hd).transpose(1, 2)
-    dq, dk, dv = attention_grad(do)
-    # ---- rotary and q/k/v projections, on active rows only (inactive keys/values are constants)
-    cos_b, sin_b = cos.expand(B, S, hd), sin.expand(B, S, hd)
-    dq_a, dk_a, dv_a, r1_a = K("qkv_rows")(dq, dk, dv, cos_b, sin_b, x.view(N, D), rstd1.view(N, 1), w_n1,
-                                           idx, bi, si)
-    dwq, dwk, dwv = dq_a.t() @ r1_a, dk_a.t() @ r1_a, dv_a.t() @ r1_a
-    dbq, dbk, dbv = bias_grad(dq_a, bq), bias_grad(dk_a, bk), bias_grad(dv_a, bv)
-    dr1 = torch.addmm(torch.addmm(dq_a @ wq, dk_a, wk), dv_a, wv)
-    dx_a, dw_n1 = K("rms_backward_add")(dr1, dh, x.view(N, D), rstd1.view(N, 1), w_n1, idx)
-    dx = dx_a if n == N else dx_a.new_zeros(N, D).index_copy_(0, idx, dx_a)  # the one scatter
+    dq, dk, dv = attention_grad(do.view(B, S, H, hd).transpose(1, 2))
+    dx, dw_n1, dwq, dbq, dwk, dbk, dwv, dbv = K(qkv_backward_rows)(
+        dq, dk, dv, cos.expand(B, S, hd), sin.expand(B, S, hd), x.view(N, D), rstd1.view(N, 1), w_n1, idx, bi, si,
+        dh, wq, bq, wk, bk, wv, bv)
     grads = (dw_n1, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dw_n2, dwg, dbg, dwu, dbu, dwd, dbd)
     grads = [None if gr is None else gr.to(w.dtype) for gr, w in zip(grads, weights)]
     return (dx.view(B, S, D), None, None, None, None, None, None, *grads)

@@ -132,8 +132,7 @@ _EAGER = {f.__name__: f for f in (mlp_rows, qkv_rows, rms_backward_add, head_row
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(name: str):
-    fn = _EAGER[name]
+def _compiled(fn):
     try:
         return torch.compile(fn, dynamic=True)
     except Exception as e:  # no compiler toolchain, unsupported platform
@@ -141,10 +140,12 @@ def _compiled(name: str):
         return fn
 
 
-def kernel(name: str, on_cuda: bool):
-    """The implementation of ``name`` to run: compiled on CUDA unless ``CGGR_COMPILE=0``, else eager."""
+def kernel(name, on_cuda: bool):
+    """The implementation of ``name`` (an entry point's name, or a function made of them, such as a whole
+    stage of a compacted backward) to run: compiled on CUDA unless ``CGGR_COMPILE=0``, else eager."""
+    eager = _EAGER[name] if isinstance(name, str) else name
     if on_cuda and os.environ.get("CGGR_COMPILE", "1") != "0":
-        fn = _compiled(name)
+        fn = _compiled(eager)
         # Detached inputs: a requires_grad flag that differs between calls would make dynamo recompile.
-        return lambda *args: fn(*(a.detach() for a in args))
-    return _EAGER[name]
+        return lambda *args: fn(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+    return eager
