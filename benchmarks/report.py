@@ -41,7 +41,8 @@ def speed_table(records):
     lines = ["| model | tokens/step | act. ckpt | arm | step ms (median) | tokens/s | peak GiB | speedup vs dense | FLOP-ratio ceiling |",
              "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in records:
-        lines.append(f"| {r['model']} | {r['batch']}x{r['seq']} | {'on' if r.get('checkpointing') else 'off'} | {r['arm']} | "
+        model = r["model"] + (" (fp32 weights, bf16 autocast)" if r.get("precision") == "autocast" else "")
+        lines.append(f"| {model} | {r['batch']}x{r['seq']} | {'on' if r.get('checkpointing') else 'off'} | {r['arm']} | "
                      f"{r['step_ms_median']:.1f} | {r['tokens_per_s']:,} | {r['peak_mem_gib']:.2f} | "
                      f"{r['speedup_vs_dense']:.3f}x | {r['flop_ratio_ceiling']:.2f}x |")
     return "\n".join(lines) + "\n\n" + _source_line(records)

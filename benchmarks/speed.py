@@ -1,7 +1,8 @@
 """Step-time benchmark: dense training against cggr, side by side, one process, one GPU.
 
 Builds Llama-style models from configs (random weights, random tokens), bf16
-weights, AdamW, HF's own loss; for each arm measures the median step time
+weights (or, with ``--precision autocast``, fp32 weights under bf16 autocast),
+AdamW, HF's own loss; for each arm measures the median step time
 (forward + backward + optimizer) over ``--steps`` steps after ``--warmup``,
 tokens/s and peak memory. Writes ``speed-<gpu>.json`` (a list of records) and
 ``speed-<gpu>.md`` into ``--out``, and prints the table last.
@@ -54,7 +55,7 @@ def flop_ratio_ceiling(hidden, layers, mlp, seq, vocab, mean_depth_fraction=0.62
     return dense / routed
 
 
-def build(name, seed=0):
+def build(name, seed=0, dtype=torch.bfloat16):
     import transformers as tf
 
     hidden, layers, heads, mlp, _, _ = MODELS[name]
@@ -65,7 +66,7 @@ def build(name, seed=0):
         torch.manual_seed(seed)
         with torch.device("cuda"):
             model = tf.GPT2LMHeadModel(cfg)
-        return model.to(torch.bfloat16).train()
+        return model.to(dtype).train()
     cfg = tf.LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=heads, vocab_size=VOCAB,
                          max_position_embeddings=4096, tie_word_embeddings=False)
@@ -74,14 +75,19 @@ def build(name, seed=0):
     torch.manual_seed(seed)
     with torch.device("cuda"):
         model = tf.LlamaForCausalLM(cfg)
-    return model.to(torch.bfloat16).train()
+    return model.to(dtype).train()
 
 
-def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None):
+def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision="bf16"):
+    import contextlib
+
     import cggr
 
     hidden, layers, heads, mlp, batch, seq = MODELS[name]
-    model = build(name)
+    # "bf16": bf16 weights; "autocast": fp32 weights under bf16 autocast (the HF Trainer's bf16=True)
+    autocast = precision == "autocast"
+    model = build(name, dtype=torch.float32 if autocast else torch.bfloat16)
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     options = dict(num_buckets=4, warmup_steps=0)
@@ -97,7 +103,8 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None):
         ids = batches[i % len(batches)]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        loss = model(input_ids=ids, labels=ids).loss
+        with amp():
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -112,7 +119,9 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None):
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for ids in batches[:2]:
-                model(input_ids=ids, labels=ids).loss.backward()
+                with amp():
+                    loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
                 opt.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
         averages = prof.key_averages()
@@ -129,7 +138,7 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None):
     gc.collect()
     torch.cuda.empty_cache()
     med = statistics.median(times)
-    return dict(model=name, batch=batch, seq=seq, arm=arm, checkpointing=checkpointing,
+    return dict(model=name, batch=batch, seq=seq, arm=arm, checkpointing=checkpointing, precision=precision,
                 step_ms_median=round(med, 3), step_ms_min=round(min(times), 3),
                 tokens_per_s=round(batch * seq / (med / 1e3)), peak_mem_gib=round(peak, 3),
                 mean_depth_fraction=metrics.get("mean_depth_fraction"),
@@ -160,6 +169,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--checkpointing", default="off", help="off, on or both")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "autocast"],
+                   help="bf16 weights, or fp32 weights under bf16 autocast (the HF Trainer's bf16=True)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--profile", default="", help="model whose arms are also profiled (kernel table per arm)")
     p.add_argument("--profile-dir", default=None, help="where profile tables go (default --out)")
@@ -173,7 +184,7 @@ def main(argv=None):
             for arm in a.arms.split(","):
                 t0 = time.time()
                 prof = (a.profile_dir or a.out) if name == a.profile else None
-                rec = run_arm(name, arm, a.steps, a.warmup, ck, prof)
+                rec = run_arm(name, arm, a.steps, a.warmup, ck, prof, a.precision)
                 group.append(rec)
                 print(f"{name} ckpt={ck} {arm}: {rec['step_ms_median']:.1f} ms, peak {rec['peak_mem_gib']:.2f} GiB "
                       f"({time.time() - t0:.0f}s)", flush=True)
@@ -186,13 +197,14 @@ def main(argv=None):
     slug = env["gpu"].lower().replace(" ", "-")
     path = os.path.join(a.out, f"speed-{slug}.json")
     # Merge with earlier runs in the same file: a new record replaces the one of the same configuration.
-    key = lambda r: (r["model"], r["arm"], bool(r.get("checkpointing")))
+    key = lambda r: (r["model"], r["arm"], bool(r.get("checkpointing")), r.get("precision", "bf16"))
     if os.path.exists(path):
         with open(path) as f:
             fresh = {key(r) for r in records}
             records = [r for r in json.load(f) if key(r) not in fresh] + records
     order = {m: i for i, m in enumerate(MODELS)}
-    records.sort(key=lambda r: (order.get(r["model"], 99), bool(r.get("checkpointing")), list(ARMS).index(r["arm"])))
+    records.sort(key=lambda r: (r.get("precision", "bf16") != "bf16", order.get(r["model"], 99),
+                                bool(r.get("checkpointing")), list(ARMS).index(r["arm"])))
     with open(path, "w") as f:
         json.dump(records, f, indent=1)
     table = speed_table(records)  # the README's table, from the same function
