@@ -137,38 +137,39 @@ def test_fp32_routed_gradients_match_reference_on_gpu():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_routed_step_never_waits_for_the_forward(family):
-    """No synchronising call in a routed training step (forward, routing, backward), with padding and labels.
+    """cggr adds no synchronising call to a training step (forward, routing, backward), with masked labels.
 
-    The one wait left is on an event recorded before the forward's work (the number of valid tokens), which
-    ``set_sync_debug_mode`` does not count: the host keeps its lead over the GPU through the backward.
+    Counted with ``set_sync_debug_mode("warn")`` against the same dense HF step (HF's own mask code may
+    synchronise; cggr must add nothing). The one wait cggr keeps is on an event recorded before the forward's
+    work (the number of valid tokens), which this mode does not count: the host keeps its lead over the GPU.
     """
+    import warnings
+
     import cggr
 
     model = _llama(torch.bfloat16, family)
     ids = torch.randint(0, 32000, (4, 512), device="cuda")
-    mask = torch.ones_like(ids)
-    mask[0, 400:] = 0
-    labels = ids.masked_fill(mask == 0, -100)
+    labels = ids.clone()
+    labels[0, 400:] = -100
+    labels[1, :100] = -100
 
-    def step():
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    def synchronising_calls():
+        model(input_ids=ids, labels=labels, use_cache=False).loss.backward()  # warm-up (and compilation)
         model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                model(input_ids=ids, labels=labels, use_cache=False).loss.backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        model.zero_grad(set_to_none=True)
+        return sum("synchronizing" in str(w.message) for w in caught)
 
-    step()  # HF's own forward: must not synchronise either, or this test cannot tell
-    torch.cuda.synchronize()
-    try:
-        torch.cuda.set_sync_debug_mode("error")
-        step()
-    except RuntimeError as e:
-        pytest.skip(f"the dense HF step itself synchronises here: {e}")
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    dense = synchronising_calls()
     router = cggr.attach(model, warmup_steps=0)
-    step()  # compiles the pointwise kernels
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    routed = synchronising_calls()
+    print(f"{family}: synchronising calls per step: dense {dense}, routed {routed}")
+    assert routed <= dense  # H100, transformers 5.17: llama 2 dense, 1 routed (cggr's blocks skip one of HF's)
     assert router.routing.counts_known and len(router.routing.compact_blocks) == 12
