@@ -55,16 +55,17 @@ def flop_ratio_ceiling(hidden, layers, mlp, seq, vocab, mean_depth_fraction=0.62
     return dense / routed
 
 
-def build(name, seed=0, dtype=torch.bfloat16):
+def build(name, seed=0, dtype=torch.bfloat16, device="cuda", shape=None):
+    """The model ``name`` of :data:`MODELS` (or of ``shape``, a tuple like theirs) with random weights."""
     import transformers as tf
 
-    hidden, layers, heads, mlp, _, _ = MODELS[name]
+    hidden, layers, heads, mlp, _, _ = shape or MODELS[name]
     if name.startswith("gpt2"):
         cfg = tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=mlp, vocab_size=VOCAB,
                             n_positions=4096, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
         cfg._attn_implementation = "sdpa"
         torch.manual_seed(seed)
-        with torch.device("cuda"):
+        with torch.device(device):
             model = tf.GPT2LMHeadModel(cfg)
         return model.to(dtype).train()
     cfg = tf.LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
@@ -73,7 +74,7 @@ def build(name, seed=0, dtype=torch.bfloat16):
     cfg._attn_implementation = "sdpa"
     cfg.use_cache = False
     torch.manual_seed(seed)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = tf.LlamaForCausalLM(cfg)
     return model.to(dtype).train()
 
@@ -149,7 +150,11 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision
 
 
 def environment():
-    import triton
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
 
     # $CGGR_GIT_REV first: a copied tree on the GPU machine may carry a stale .git.
     try:
@@ -158,7 +163,8 @@ def environment():
         rev = out.stdout.strip() if out.returncode == 0 else None
     except OSError:
         rev = None
-    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return dict(gpu=gpu, torch=torch.__version__, triton=triton_version,
                 git_rev=os.environ.get("CGGR_GIT_REV") or rev, command=" ".join([os.path.basename(sys.executable)] + sys.argv))
 
 
