@@ -12,7 +12,7 @@ Then, per mode, one check of the routed gradient: one data-parallel step of the 
 process running the concatenated global batch under the same routing (every rank's depths, concatenated in
 rank order) through :func:`cggr.reference_routing`: the worst per-tensor relative error of the gradients.
 
-Rank 0 writes ``speed-parallel-<gpu>.json`` into ``--out`` (records as the speed benchmark's plus
+Rank 0 writes ``parallel-<gpu>.json`` into ``--out`` (records as the speed benchmark's plus
 ``world_size`` and ``parallel``; one ``gradient_check`` record per mode) and prints a table last. Without
 GPUs it runs on CPU processes over gloo in fp32 (what the tests do, with ``--model tiny``).
 """
@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import speed  # noqa: E402  (benchmarks/speed.py: the models, their builder, the environment record)
+from report import parallel_table  # noqa: E402  (the README's table, from the same function)
 
 MODELS = dict(speed.MODELS, tiny=(64, 4, 4, 128, 2, 32))  # tiny: the CPU test's model
 CHECK_BATCH = (2, 256)  # per-rank batch of the gradient check (its reference runs the global batch on one GPU)
@@ -153,23 +154,6 @@ def gradient_check(name, parallel, rank, world, device) -> dict:
                 worst_rel_err=worst, tolerance=tolerance, ok=worst < tolerance)
 
 
-def table(records) -> str:
-    lines = ["| model | parallel | ranks | tokens/step (global) | arm | step ms (median, slowest rank) | tokens/s | "
-             "peak GiB (fullest rank) | speedup vs dense |", "|---|---|---:|---|---|---:|---:|---:|---:|"]
-    checks = []
-    for r in records:
-        if r["arm"] == "gradient_check":
-            checks.append(f"- {r['model']} {r['parallel']} x{r['world_size']}: routed gradients vs one process on "
-                          f"the global batch, worst relative error {r['worst_rel_err']:.2e} "
-                          f"({'within' if r['ok'] else 'ABOVE'} {r['tolerance']:g})")
-            continue
-        peak = "—" if r.get("peak_mem_gib") is None else f"{r['peak_mem_gib']:.2f}"
-        lines.append(f"| {r['model']} | {r['parallel']} | {r['world_size']} | {r['world_size']}x{r['batch']}x{r['seq']} | "
-                     f"{r['arm']} | {r['step_ms_median']:.1f} | {r['tokens_per_s']:,} | {peak} | "
-                     f"{r['speedup_vs_dense']:.3f}x |")
-    return "\n".join(lines + [""] + checks)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="1B", choices=sorted(MODELS))
@@ -196,7 +180,7 @@ def main(argv=None):
         r.update(env)
     if rank == 0:
         os.makedirs(a.out, exist_ok=True)
-        path = os.path.join(a.out, f"speed-parallel-{env['gpu'].lower().replace(' ', '-')}.json")
+        path = os.path.join(a.out, f"parallel-{env['gpu'].lower().replace(' ', '-')}.json")
         key = lambda r: (r["model"], r["arm"], r["parallel"], r["world_size"])
         if os.path.exists(path):  # a new record replaces the one of the same configuration
             fresh = {key(r) for r in records}
@@ -204,7 +188,7 @@ def main(argv=None):
                 records = [r for r in json.load(f) if key(r) not in fresh] + records
         with open(path, "w") as f:
             json.dump(records, f, indent=1)
-        print(table(records))
+        print(parallel_table(records))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -48,6 +48,25 @@ def speed_table(records):
     return "\n".join(lines) + "\n\n" + _source_line(records)
 
 
+def parallel_table(records) -> str:
+    if not records:
+        return "_No data-parallel results committed yet._"
+    lines = ["| model | parallel | ranks | tokens/step (global) | arm | step ms (median, slowest rank) | tokens/s | "
+             "peak GiB (fullest rank) | speedup vs dense |", "|---|---|---:|---|---|---:|---:|---:|---:|"]
+    checks = []
+    for r in records:
+        if r["arm"] == "gradient_check":
+            checks.append(f"- {r['model']} {r['parallel']} x{r['world_size']}: routed gradients vs one process on "
+                          f"the global batch, worst relative error {r['worst_rel_err']:.2e} "
+                          f"({'within' if r['ok'] else 'ABOVE'} {r['tolerance']:g})")
+            continue
+        peak = "—" if r.get("peak_mem_gib") is None else f"{r['peak_mem_gib']:.2f}"
+        lines.append(f"| {r['model']} | {r['parallel']} | {r['world_size']} | {r['world_size']}x{r['batch']}x{r['seq']} | "
+                     f"{r['arm']} | {r['step_ms_median']:.1f} | {r['tokens_per_s']:,} | {peak} | "
+                     f"{r['speedup_vs_dense']:.3f}x |")
+    return "\n".join(lines + [""] + checks + ["", _source_line(records)])
+
+
 def kernels_table(records):
     if not records:
         return "_No kernel results committed yet._"
@@ -149,7 +168,7 @@ def hf_trainer_table(records):
     return "\n\n".join(out)
 
 
-TABLES = {"speed": speed_table, "kernels": kernels_table, "demo": demo_table, "quality": quality_table,
+TABLES = {"speed": speed_table, "parallel": parallel_table, "kernels": kernels_table, "demo": demo_table, "quality": quality_table,
           "hf-trainer": hf_trainer_table}
 LOADERS = {"quality": _load_quality}
 

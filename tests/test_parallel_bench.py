@@ -15,7 +15,7 @@ def test_parallel_benchmark_runs_and_routed_gradients_match_one_process(tmp_path
            "--out", str(tmp_path)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (path,) = tmp_path.glob("speed-parallel-*.json")
+    (path,) = tmp_path.glob("parallel-*.json")
     records = json.loads(path.read_text())
     timed = [r for r in records if r["arm"] != "gradient_check"]
     checks = [r for r in records if r["arm"] == "gradient_check"]
