@@ -133,9 +133,10 @@ def test_fp16_autocast_fallback_is_announced_once(caplog, monkeypatch):
 
 
 @pytest.mark.parametrize("kind,backward,checkpointing", [
-    ("llama", "generic", False), ("llama", "auto", False), ("gpt2", "auto", False), ("llama", "auto", True)])
+    ("llama", "generic", False), ("llama", "auto", False), ("gpt2", "auto", False), ("llama", "auto", True),
+    ("gpt2", "auto", True)])
 def test_bf16_autocast_hf_close_to_fp32_reference(kind, backward, checkpointing):
-    """bf16 autocast over fp32 weights: the compacted backward (in bf16, on casts of the weights; Llama's routed
+    """bf16 autocast over fp32 weights: the compacted backward (in bf16, on casts of the weights; routed
     checkpointing too) and the generic one stay within bf16 tolerance of the fp32 reference."""
     model = hf_model(kind, seed=4)
     if checkpointing:

@@ -64,8 +64,10 @@ def _grads(model):
     return {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("mode,family", [("sparse", "llama"), ("mask", "llama"), ("sparse", "gpt2")])
-def test_bf16_routed_gradients_match_fp32_reference(mode, family):
+@pytest.mark.parametrize("mode,family,checkpointing", [("sparse", "llama", False), ("mask", "llama", False),
+                                                       ("sparse", "gpt2", False), ("sparse", "llama", True),
+                                                       ("sparse", "gpt2", True)])
+def test_bf16_routed_gradients_match_fp32_reference(mode, family, checkpointing):
     import cggr
     from cggr.adapters import find_layer_stack
 
@@ -73,6 +75,8 @@ def test_bf16_routed_gradients_match_fp32_reference(mode, family):
     base = _llama(torch.float32, family)  # ~110M parameters
     ref = copy.deepcopy(base)
     fast = copy.deepcopy(base).to(torch.bfloat16)
+    if checkpointing:  # routed activation checkpointing
+        fast.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = torch.randint(0, 32000, (4, 512), device="cuda")
     router = cggr.attach(fast, warmup_steps=0, mode=mode)
     fast(input_ids=ids, labels=ids).loss.backward()

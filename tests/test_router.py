@@ -367,16 +367,23 @@ def test_compacted_path_falls_back_where_it_cannot_run():
     assert router.routing.compact_blocks == {0, 1}
 
 
-def test_gpt2_with_activation_checkpointing_uses_hf_checkpointing_and_stays_exact():
-    """GPT-2 has no routed checkpointing: its checkpointed calls take HF's checkpoint and the generic path."""
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gpt2_with_activation_checkpointing_takes_routed_checkpointing_and_stays_exact(reentrant):
+    """HF checkpointing on: each GPT-2 block checkpoints itself, routed (only its input is kept)."""
     torch.manual_seed(0)
     model = hf_model("gpt2")
     ref = copy.deepcopy(model)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     router = cggr.attach(model, warmup_steps=0)
+    outputs = []
+    for block in router.blocks:
+        block.register_forward_hook(
+            lambda m, a, out: outputs.append(type((out[0] if isinstance(out, tuple) else out).grad_fn).__name__))
     ids = torch.randint(0, 61, (3, 12))
     _loss("gpt2", model, ids).backward()
-    assert router.routing.compact_blocks == set()
+    assert router.routing.compact_blocks == set(range(router.num_layers))
+    assert set(outputs) == {"GPT2BlockRoutedCheckpointedBackward"}
+    assert router.routing.depth.min() < router.num_layers
     with cggr.reference_routing(find_layer_stack(ref)[1], router.routing.depth):
         _loss("gpt2", ref, ids).backward()
     _assert_equal_grads(flat_grads(model), flat_grads(ref))

@@ -20,7 +20,7 @@ import torch
 
 from ..adapters import is_moe_module
 from ..routing import Routing
-from .gpt2 import GPT2BlockRouted, gpt2_block_params, gpt2_block_spec, gpt2_dropout_off
+from .gpt2 import GPT2BlockRouted, GPT2BlockRoutedCheckpointed, gpt2_block_params, gpt2_block_spec, gpt2_dropout_off
 from .llama import LlamaBlockRouted, LlamaBlockRoutedCheckpointed, llama_block_params, llama_block_spec
 
 logger = logging.getLogger("cggr")
@@ -72,7 +72,7 @@ def _gpt2_inputs(block, kwargs, dtype):
 FAMILIES: dict[str, Family] = {
     "llama": Family(llama_block_spec, llama_block_params, _llama_inputs, LlamaBlockRouted,
                     LlamaBlockRoutedCheckpointed),
-    "gpt2": Family(gpt2_block_spec, gpt2_block_params, _gpt2_inputs, GPT2BlockRouted, None),
+    "gpt2": Family(gpt2_block_spec, gpt2_block_params, _gpt2_inputs, GPT2BlockRouted, GPT2BlockRoutedCheckpointed),
 }
 
 

@@ -6,7 +6,9 @@ block whose forward is the HF block's maths with the block's own weights
 LayerNorm, ``Conv1D`` MLP with tanh-GELU, residual) and whose backward
 gathers the active rows once, runs every projection, LayerNorm and GELU
 backward on them alone, and scatters the input gradient once; the attention
-backward stays dense over the sequence. Dropout must be off (p = 0 or eval).
+backward stays dense over the sequence; with activation checkpointing on, a
+second function keeps only the block input (routed checkpointing, as Llama's).
+Dropout must be off (p = 0 or eval).
 HF ``Conv1D`` stores weights ``[in, out]``: ``y = x @ W + b``.
 """
 
@@ -49,73 +51,153 @@ def _attention(q, k, v, mask, spec: GPT2BlockSpec):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=spec.scaling)
 
 
+def _qkv(x, spec: GPT2BlockSpec, ln1_w, ln1_b, w_attn, b_attn):
+    """``ln_1`` and the fused projection: ``(mean1, rstd1, q, k, v)`` with q/k/v as ``[B, H, S, hd]``."""
+    B, S, D = x.shape
+    a1, mean1, rstd1 = _layer_norm(x, ln1_w, ln1_b, spec.eps1)
+    q, k, v = (t.view(B, S, spec.num_heads, spec.head_dim).transpose(1, 2)
+               for t in _conv1d(a1, w_attn, b_attn).split(D, dim=2))
+    return mean1, rstd1, q, k, v
+
+
+def _mlp_input(x, o, spec: GPT2BlockSpec, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc):
+    """``h = x + c_proj(o)``, ``ln_2``'s statistics and ``f = c_fc(ln_2(h))``: ``(h, mean2, rstd2, f)``."""
+    h = x + _conv1d(o, w_proj, b_proj)
+    a2, mean2, rstd2 = _layer_norm(h, ln2_w, ln2_b, spec.eps2)
+    return h, mean2, rstd2, _conv1d(a2, w_fc, b_fc)
+
+
+def _block_forward(x, mask, spec: GPT2BlockSpec, weights):
+    """The HF block's forward; returns ``y`` and what a backward may save."""
+    (ln1_w, ln1_b, w_attn, b_attn, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_out, b_out) = weights
+    B, S, D = x.shape
+    mean1, rstd1, q, k, v = _qkv(x, spec, ln1_w, ln1_b, w_attn, b_attn)
+    o = _attention(q, k, v, mask, spec).transpose(1, 2).reshape(B, S, D)
+    h, mean2, rstd2, f = _mlp_input(x, o, spec, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc)
+    y = h + _conv1d(F.gelu(f, approximate="tanh"), w_out, b_out)
+    return y, (mean1, rstd1, q, k, v, o, h, mean2, rstd2, f)
+
+
+def _zero_grads(x, weights):
+    return (torch.zeros_like(x), None, None, None, None, *[None if w is None else torch.zeros_like(w) for w in weights])
+
+
+def _backward_on_active_rows(dy, idx, bi, si, mlp_src, attention_grad, x, mean1, rstd1, spec: GPT2BlockSpec,
+                             weights):
+    """The block backward on its active rows; shared by the saved and the checkpointed variants.
+
+    ``mlp_src = (f, h, mean2, rstd2, o, rows)``: where the values after the attention are read (rows ``rows``);
+    ``attention_grad(do)``: gradients of the attention's q, k, v for an output gradient ``do`` ``[B, H, S, hd]``.
+    """
+    (ln1_w, ln1_b, w_attn, b_attn, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_out, b_out) = weights
+    B, S, D = x.shape
+    N = B * S
+    K = functools.partial(kernel, on_cuda=x.is_cuda)
+    dh, do, dln2_w, dln2_b, dw_fc, db_fc, dw_out, db_out, dw_proj, db_proj = K(mlp_backward_rows)(
+        dy.reshape(N, D), idx, *mlp_src, ln2_w, ln2_b, w_fc, w_out, w_proj)
+    dq, dk, dv = attention_grad(do.view(B, S, spec.num_heads, spec.head_dim).transpose(1, 2))
+    dx, dln1_w, dln1_b, dw_attn, db_attn = K(qkv_backward_rows)(
+        dq, dk, dv, x.view(N, D), mean1.view(N, 1), rstd1.view(N, 1), ln1_w, ln1_b, w_attn, idx, bi, si, dh)
+    grads = (dln1_w, dln1_b, dw_attn, db_attn, dw_proj, db_proj, dln2_w, dln2_b, dw_fc, db_fc, dw_out, db_out)
+    grads = [gr.to(w.dtype) for gr, w in zip(grads, weights)]
+    return (dx.view(B, S, D), None, None, None, None, *grads)
+
+
+def _attention_grad_by_recompute(q, k, v, mask, spec):
+    def grad(do):
+        with torch.enable_grad():
+            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+            out = _attention(qq, kk, vv, mask, spec)
+            return torch.autograd.grad(out, (qq, kk, vv), do)
+    return grad
+
+
 class GPT2BlockRouted(torch.autograd.Function):
     """``y = block(x)`` with a backward restricted to the rows active in ``block_index``."""
 
     @staticmethod
     def forward(ctx, x, mask, routing: Routing, block_index: int, spec: GPT2BlockSpec, *weights):
-        (ln1_w, ln1_b, w_attn, b_attn, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_out, b_out) = weights
-        B, S, D = x.shape
-        H, hd = spec.num_heads, spec.head_dim
-        a1, mean1, rstd1 = _layer_norm(x, ln1_w, ln1_b, spec.eps1)
-        q, k, v = (t.view(B, S, H, hd).transpose(1, 2) for t in _conv1d(a1, w_attn, b_attn).split(D, dim=2))
-        o = _attention(q, k, v, mask, spec).transpose(1, 2).reshape(B, S, D)
-        h = x + _conv1d(o, w_proj, b_proj)
-        a2, mean2, rstd2 = _layer_norm(h, ln2_w, ln2_b, spec.eps2)
-        f = _conv1d(a2, w_fc, b_fc)
-        y = h + _conv1d(F.gelu(f, approximate="tanh"), w_out, b_out)
-        ctx.save_for_backward(x, mean1, rstd1, q, k, v, o, h, mean2, rstd2, f, mask, *weights)
+        y, saved = _block_forward(x, mask, spec, weights)
+        ctx.save_for_backward(x, *saved, mask, *weights)
         ctx.routing, ctx.block_index, ctx.spec = routing, block_index, spec
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, mean1, rstd1, q, k, v, o, h, mean2, rstd2, f, mask, *weights = ctx.saved_tensors
+        r: Routing = ctx.routing
+        B, S, D = x.shape
+        N = B * S
+        if r.active_count(ctx.block_index) == 0:
+            return _zero_grads(x, weights)
+        idx, bi, si = r.active_positions(ctx.block_index, S)
+        mlp_src = (f.view(N, -1), h.view(N, D), mean2.view(N, 1), rstd2.view(N, 1), o.view(N, D), idx)
+        return _backward_on_active_rows(dy, idx, bi, si, mlp_src, _attention_grad_by_recompute(q, k, v, mask, ctx.spec),
+                                        x, mean1, rstd1, ctx.spec, weights)
+
+
+class GPT2BlockRoutedCheckpointed(torch.autograd.Function):
+    """Routed activation checkpointing: saves only the block input, recomputes in backward what is needed.
+
+    The recompute runs ``ln_1``, the q/k/v projection and the attention for every row (active queries attend
+    to every key) but the output projection, ``ln_2`` and ``c_fc`` for the active rows only; the attention's
+    recomputed forward also serves its backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, mask, routing: Routing, block_index: int, spec: GPT2BlockSpec, *weights):
+        y, _ = _block_forward(x, mask, spec, weights)  # activations dropped: recomputed in backward
+        ctx.save_for_backward(x, mask, *weights)
+        ctx.routing, ctx.block_index, ctx.spec = routing, block_index, spec
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mask, *weights = ctx.saved_tensors
         (ln1_w, ln1_b, w_attn, b_attn, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_out, b_out) = weights
         r: Routing = ctx.routing
         spec: GPT2BlockSpec = ctx.spec
         B, S, D = x.shape
         N = B * S
         if r.active_count(ctx.block_index) == 0:
-            return (torch.zeros_like(x), None, None, None, None,
-                    *[None if w is None else torch.zeros_like(w) for w in weights])
+            return _zero_grads(x, weights)
         idx, bi, si = r.active_positions(ctx.block_index, S)
-        K = functools.partial(kernel, on_cuda=x.is_cuda)
-        x2, h2 = x.view(N, D), h.view(N, D)
-        dh, do, dln2_w, dln2_b, dw_fc, db_fc, dw_out, db_out, dw_proj, db_proj = K(mlp_backward_rows)(
-            dy.reshape(N, D), idx, f.view(N, -1), h2, mean2.view(N, 1), rstd2.view(N, 1), o.view(N, D),
-            ln2_w, ln2_b, w_fc, w_out, w_proj)
-        do = do.view(B, S, spec.num_heads, spec.head_dim).transpose(1, 2)
+        mean1, rstd1, q, k, v = _qkv(x, spec, ln1_w, ln1_b, w_attn, b_attn)
         with torch.enable_grad():
             qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
             out = _attention(qq, kk, vv, mask, spec)
-            dq, dk, dv = torch.autograd.grad(out, (qq, kk, vv), do)
-        dx, dln1_w, dln1_b, dw_attn, db_attn = K(qkv_backward_rows)(
-            dq, dk, dv, x2, mean1.view(N, 1), rstd1.view(N, 1), ln1_w, ln1_b, w_attn, idx, bi, si, dh)
-        grads = (dln1_w, dln1_b, dw_attn, db_attn, dw_proj, db_proj, dln2_w, dln2_b, dw_fc, db_fc, dw_out, db_out)
-        grads = [gr.to(w.dtype) for gr, w in zip(grads, weights)]
-        return (dx.view(B, S, D), None, None, None, None, *grads)
+        o_a = kernel("head_rows", x.is_cuda)(out.detach(), bi, si)
+        h_a, mean2_a, rstd2_a, f_a = _mlp_input(x.view(N, D).index_select(0, idx), o_a, spec, w_proj, b_proj,
+                                                ln2_w, ln2_b, w_fc, b_fc)
+        local = torch.arange(idx.numel(), device=idx.device)
+        mlp_src = (f_a, h_a, mean2_a, rstd2_a, o_a, local)
+
+        def attention_grad(do):
+            return torch.autograd.grad(out, (qq, kk, vv), do)
+
+        return _backward_on_active_rows(dy, idx, bi, si, mlp_src, attention_grad, x, mean1, rstd1, spec, weights)
 
 
-def mlp_backward_rows(dy, idx, f, h, mean2, rstd2, o, ln2_w, ln2_b, w_fc, w_out, w_proj):
+def mlp_backward_rows(dy, idx, f, h, mean2, rstd2, o, rows, ln2_w, ln2_b, w_fc, w_out, w_proj):
     """First half of the block backward, on rows ``idx``: the MLP, ``ln_2`` and the attention's output projection.
 
-    ``dy`` ``[N, D]``: the block's output gradient; ``f, h, mean2, rstd2, o``: saved values ``[N, *]`` (read at
-    rows ``idx``). Returns ``dh`` (active rows), ``do`` ``[N, D]`` (zero on inactive rows) and the gradients of
-    ``ln_2``, ``c_fc``, the MLP's ``c_proj`` and the attention's ``c_proj``. One compiled graph on CUDA.
+    ``dy`` ``[N, D]``: the block's output gradient; ``f, h, mean2, rstd2, o``: the values after the attention,
+    read at rows ``rows`` (``idx`` when saved for all rows; ``0..n-1`` when recomputed for the active rows).
+    Returns ``dh`` (active rows), ``do`` ``[N, D]`` (zero on inactive rows) and the gradients of ``ln_2``,
+    ``c_fc``, the MLP's ``c_proj`` and the attention's ``c_proj``. One compiled graph on CUDA.
     """
     N, n = dy.shape[0], idx.shape[0]
     # ---- MLP: y = h + c_proj(gelu(c_fc(ln_2(h))))
     dy_a = dy.index_select(0, idx).to(h.dtype)
     dact = dy_a @ w_out.t()
-    act_a, df = gelu_tanh_rows(dact, f, idx)
+    act_a, df = gelu_tanh_rows(dact, f, rows)
     dw_out, db_out = act_a.t() @ dy_a, dy_a.sum(0)
-    a2_a = layer_norm_rows(h, mean2, rstd2, ln2_w, ln2_b, idx)
+    a2_a = layer_norm_rows(h, mean2, rstd2, ln2_w, ln2_b, rows)
     dw_fc, db_fc = a2_a.t() @ df, df.sum(0)
     da2 = df @ w_fc.t()
-    dh, dln2_w, dln2_b = layer_norm_backward_add(da2, dy_a, h, mean2, rstd2, ln2_w, idx)
+    dh, dln2_w, dln2_b = layer_norm_backward_add(da2, dy_a, h, mean2, rstd2, ln2_w, rows)
     # ---- attention output projection: h = x + c_proj(o)
-    o_a = o.index_select(0, idx)
+    o_a = o.index_select(0, rows)
     dw_proj, db_proj = o_a.t() @ dh, dh.sum(0)
     do_a = dh @ w_proj.t()
     do = do_a if n == N else do_a.new_zeros(N, do_a.shape[1]).index_copy(0, idx, do_a)  # every row active: in order
