@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..routing import Routing
+from .attention import attention_grad_by_recompute, attention_with_grad
 from .pointwise import gelu_tanh_rows, head_rows, kernel, layer_norm_backward_add, layer_norm_rows
 
 
@@ -103,15 +104,6 @@ def _backward_on_active_rows(dy, idx, bi, si, mlp_src, attention_grad, x, mean1,
     return (dx.view(B, S, D), None, None, None, None, *grads)
 
 
-def _attention_grad_by_recompute(q, k, v, mask, spec):
-    def grad(do):
-        with torch.enable_grad():
-            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-            out = _attention(qq, kk, vv, mask, spec)
-            return torch.autograd.grad(out, (qq, kk, vv), do)
-    return grad
-
-
 class GPT2BlockRouted(torch.autograd.Function):
     """``y = block(x)`` with a backward restricted to the rows active in ``block_index``."""
 
@@ -132,8 +124,8 @@ class GPT2BlockRouted(torch.autograd.Function):
             return _zero_grads(x, weights)
         idx, bi, si = r.active_positions(ctx.block_index, S)
         mlp_src = (f.view(N, -1), h.view(N, D), mean2.view(N, 1), rstd2.view(N, 1), o.view(N, D), idx)
-        return _backward_on_active_rows(dy, idx, bi, si, mlp_src, _attention_grad_by_recompute(q, k, v, mask, ctx.spec),
-                                        x, mean1, rstd1, ctx.spec, weights)
+        attention_grad = attention_grad_by_recompute(functools.partial(_attention, mask=mask, spec=ctx.spec), q, k, v)
+        return _backward_on_active_rows(dy, idx, bi, si, mlp_src, attention_grad, x, mean1, rstd1, ctx.spec, weights)
 
 
 class GPT2BlockRoutedCheckpointed(torch.autograd.Function):
@@ -163,17 +155,12 @@ class GPT2BlockRoutedCheckpointed(torch.autograd.Function):
             return _zero_grads(x, weights)
         idx, bi, si = r.active_positions(ctx.block_index, S)
         mean1, rstd1, q, k, v = _qkv(x, spec, ln1_w, ln1_b, w_attn, b_attn)
-        with torch.enable_grad():
-            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-            out = _attention(qq, kk, vv, mask, spec)
+        out, attention_grad = attention_with_grad(functools.partial(_attention, mask=mask, spec=spec), q, k, v)
         o_a = kernel("head_rows", x.is_cuda)(out.detach(), bi, si)
         h_a, mean2_a, rstd2_a, f_a = _mlp_input(x.view(N, D).index_select(0, idx), o_a, spec, w_proj, b_proj,
                                                 ln2_w, ln2_b, w_fc, b_fc)
         local = torch.arange(idx.numel(), device=idx.device)
         mlp_src = (f_a, h_a, mean2_a, rstd2_a, o_a, local)
-
-        def attention_grad(do):
-            return torch.autograd.grad(out, (qq, kk, vv), do)
 
         return _backward_on_active_rows(dy, idx, bi, si, mlp_src, attention_grad, x, mean1, rstd1, spec, weights)
 

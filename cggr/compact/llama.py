@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..routing import Routing
+from .attention import attention_grad_by_recompute, attention_with_grad
 from .pointwise import kernel, mlp_rows, qkv_rows, rms_backward_add
 
 
@@ -168,15 +169,6 @@ def _backward_on_active_rows(dy, idx, bi, si, mlp_rows_src, o_a, attention_grad,
     return (dx.view(B, S, D), None, None, None, None, None, None, *grads)
 
 
-def _attention_grad_by_recompute(q, k, v, mask, spec):
-    def grad(do):
-        with torch.enable_grad():
-            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-            out = _attention(qq, kk, vv, mask, spec)
-            return torch.autograd.grad(out, (qq, kk, vv), do)
-    return grad
-
-
 class LlamaBlockRouted(torch.autograd.Function):
     """``y = block(x)`` with a backward restricted to the rows active in ``block_index``.
 
@@ -201,9 +193,9 @@ class LlamaBlockRouted(torch.autograd.Function):
         idx, bi, si = r.active_positions(ctx.block_index, S)
         o_a = o.view(N, -1).index_select(0, idx)
         mlp_src = (g.view(N, -1), u.view(N, -1), h.view(N, D), rstd2.view(N, 1), idx)
-        return _backward_on_active_rows(dy, idx, bi, si, mlp_src, o_a,
-                                        _attention_grad_by_recompute(q, k, v, mask, ctx.spec),
-                                        x, rstd1, cos, sin, ctx.spec, weights)
+        attention_grad = attention_grad_by_recompute(functools.partial(_attention, mask=mask, spec=ctx.spec), q, k, v)
+        return _backward_on_active_rows(dy, idx, bi, si, mlp_src, o_a, attention_grad, x, rstd1, cos, sin, ctx.spec,
+                                        weights)
 
 
 class LlamaBlockRoutedCheckpointed(torch.autograd.Function):
@@ -233,18 +225,13 @@ class LlamaBlockRoutedCheckpointed(torch.autograd.Function):
             return _zero_grads(x, weights)
         idx, bi, si = r.active_positions(ctx.block_index, S)
         rstd1, q, k, v = _qkv(x, cos, sin, spec, w_n1, wq, bq, wk, bk, wv, bv)
-        with torch.enable_grad():
-            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-            out = _attention(qq, kk, vv, mask, spec)
+        out, attention_grad = attention_with_grad(functools.partial(_attention, mask=mask, spec=spec), q, k, v)
         o_a = kernel("head_rows", x.is_cuda)(out.detach(), bi, si)
         x_a = x.view(N, D).index_select(0, idx)
         h_a, r2_a, rstd2_a = _mlp_input(x_a, o_a, w_n2, wo, bo, spec)
         g_a, u_a = _lin(r2_a, wg, bg), _lin(r2_a, wu, bu)
         local = torch.arange(idx.numel(), device=idx.device)
         mlp_src = (g_a, u_a, h_a, rstd2_a, local)
-
-        def attention_grad(do):
-            return torch.autograd.grad(out, (qq, kk, vv), do)
 
         return _backward_on_active_rows(dy, idx, bi, si, mlp_src, o_a, attention_grad, x, rstd1, cos, sin, spec,
                                         weights)
