@@ -32,8 +32,8 @@ def block_counts(num_valid: int, num_layers: int, bucket_depths: Sequence[int]) 
 
     With ``n`` valid tokens and ``K`` buckets, bucket ``k`` holds the ranks ``r`` with ``floor(r*K/n) == k``:
     ``ceil((k+1)*n/K) - ceil(k*n/K)`` tokens; block ``i`` counts those of the buckets deeper than
-    ``L - 1 - i``. Exact, except that tokens with non-finite logits are raised to full depth, beyond their
-    bucket's (the router warns when that made a count larger than this).
+    ``L - 1 - i``. Exact for the buckets' depths; tokens with non-finite logits, raised to full depth, get it
+    only as far as these counts leave room (:meth:`Routing.set_counts`).
     """
     K, n = len(bucket_depths), num_valid
     sizes = [-(-(k + 1) * n // K) - -(-k * n // K) for k in range(K)]
