@@ -115,12 +115,10 @@ class Routing:
         return at_least[L - torch.arange(L, device=d.device)]  # block i: depth >= L - i
 
     def plan(self) -> None:
-        """Fetch the active counts now (the step's one host synchronisation), if not done yet.
+        """Fetch the active counts from the device now, if neither fetched nor set from the host.
 
-        The router calls this right after the forward, while the GPU still has the
-        forward's work queued: the host then starts the backward with the whole
-        loss and head backward as a lead, instead of synchronising in the middle of
-        the backward and launching every block's work with no lead at all.
+        Only global buckets get here with unknown counts (the router sets them otherwise): the router calls
+        this right after the forward, so that this read-back happens once there rather than mid-backward.
         """
         if self._active_counts is None:
             self._plan()

@@ -156,7 +156,7 @@ class GPT2BlockRoutedCheckpointed(torch.autograd.Function):
         idx, bi, si = r.active_positions(ctx.block_index, S)
         mean1, rstd1, q, k, v = _qkv(x, spec, ln1_w, ln1_b, w_attn, b_attn)
         out, attention_grad = attention_with_grad(functools.partial(_attention, mask=mask, spec=spec), q, k, v)
-        o_a = kernel("head_rows", x.is_cuda)(out.detach(), bi, si)
+        o_a = kernel(head_rows, x.is_cuda)(out.detach(), bi, si)
         h_a, mean2_a, rstd2_a, f_a = _mlp_input(x.view(N, D).index_select(0, idx), o_a, spec, w_proj, b_proj,
                                                 ln2_w, ln2_b, w_fc, b_fc)
         local = torch.arange(idx.numel(), device=idx.device)

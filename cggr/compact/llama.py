@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..routing import Routing
 from .attention import attention_grad_by_recompute, attention_with_grad
-from .pointwise import kernel, mlp_rows, qkv_rows, rms_backward_add
+from .pointwise import head_rows, kernel, mlp_rows, qkv_rows, rms_backward_add
 
 
 @dataclass(frozen=True)
@@ -226,7 +226,7 @@ class LlamaBlockRoutedCheckpointed(torch.autograd.Function):
         idx, bi, si = r.active_positions(ctx.block_index, S)
         rstd1, q, k, v = _qkv(x, cos, sin, spec, w_n1, wq, bq, wk, bk, wv, bv)
         out, attention_grad = attention_with_grad(functools.partial(_attention, mask=mask, spec=spec), q, k, v)
-        o_a = kernel("head_rows", x.is_cuda)(out.detach(), bi, si)
+        o_a = kernel(head_rows, x.is_cuda)(out.detach(), bi, si)
         x_a = x.view(N, D).index_select(0, idx)
         h_a, r2_a, rstd2_a = _mlp_input(x_a, o_a, w_n2, wo, bo, spec)
         g_a, u_a = _lin(r2_a, wg, bg), _lin(r2_a, wu, bu)

@@ -4,10 +4,11 @@ Each function reads the active rows of full saved tensors through an index
 (the gather is fused into its consumer) and does one row-wise job: the
 SwiGLU backward, an RMSNorm recompute or backward with its residual, the
 rotary backward. Written in plain PyTorch: that is the reference, and what
-runs on CPU. On CUDA each is compiled once by ``torch.compile`` with dynamic
-shapes (the number of active rows changes every block and step), which fuses
-the gather and the arithmetic into one or two kernels; ``CGGR_COMPILE=0``
-turns that off.
+runs on CPU. On CUDA :func:`kernel` compiles them by ``torch.compile`` with
+dynamic shapes (the number of active rows changes every block and step),
+mostly inside the two stage functions of each compacted backward, which fuses
+the gather and the arithmetic into few kernels; ``CGGR_COMPILE=0`` turns that
+off.
 """
 
 from __future__ import annotations
@@ -125,12 +126,6 @@ def layer_norm_backward_add(dout: torch.Tensor, residual: torch.Tensor, x: torch
     return (residual.float() + dx).to(dout.dtype), dw, db
 
 
-# The entry points the compacted backwards call by name (each compiled once on CUDA); the functions above
-# that are not listed are their building blocks.
-_EAGER = {f.__name__: f for f in (mlp_rows, qkv_rows, rms_backward_add, head_rows, gelu_tanh_rows,
-                                  layer_norm_rows, layer_norm_backward_add)}
-
-
 @functools.lru_cache(maxsize=None)
 def _compiled(fn):
     try:
@@ -140,10 +135,9 @@ def _compiled(fn):
         return fn
 
 
-def kernel(name, on_cuda: bool):
-    """The implementation of ``name`` (an entry point's name, or a function made of them, such as a whole
-    stage of a compacted backward) to run: compiled on CUDA unless ``CGGR_COMPILE=0``, else eager."""
-    eager = _EAGER[name] if isinstance(name, str) else name
+def kernel(eager, on_cuda: bool):
+    """What to run for the function ``eager`` (a row-wise piece, or a whole stage of a compacted backward made
+    of them): compiled on CUDA unless ``CGGR_COMPILE=0``, else ``eager`` itself."""
     if on_cuda and os.environ.get("CGGR_COMPILE", "1") != "0":
         fn = _compiled(eager)
         # Detached inputs: a requires_grad flag that differs between calls would make dynamo recompile.
