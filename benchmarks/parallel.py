@@ -84,6 +84,7 @@ def _max_over_ranks(value: float, device) -> float:
 
 def time_arm(name, parallel, arm, steps, warmup, rank, world, device) -> dict:
     import cggr
+    from cggr.training import train_step
 
     *_, batch, seq = MODELS[name]
     model = _build(name, device)
@@ -98,11 +99,7 @@ def time_arm(name, parallel, arm, steps, warmup, rank, world, device) -> dict:
     for i in range(warmup + steps):
         ids = batches[i % len(batches)]
         t0 = time.perf_counter()
-        wrapped(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if router is not None:
-            router.step()
+        train_step(wrapped, ids, opt, router)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:

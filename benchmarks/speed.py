@@ -83,12 +83,13 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision
     import contextlib
 
     import cggr
+    from cggr.training import train_step
 
     hidden, layers, heads, mlp, batch, seq = MODELS[name]
     # "bf16": bf16 weights; "autocast": fp32 weights under bf16 autocast (the HF Trainer's bf16=True)
     autocast = precision == "autocast"
     model = build(name, dtype=torch.float32 if autocast else torch.bfloat16)
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if autocast else None
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     options = dict(num_buckets=4, warmup_steps=0)
@@ -104,13 +105,7 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision
         ids = batches[i % len(batches)]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        with amp():
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if router is not None:
-            router.step()
+        train_step(model, ids, opt, router, amp)
         end.record()
         torch.cuda.synchronize()
         if i >= warmup:
@@ -120,7 +115,7 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for ids in batches[:2]:
-                with amp():
+                with amp() if amp else contextlib.nullcontext():
                     loss = model(input_ids=ids, labels=ids).loss
                 loss.backward()
                 opt.zero_grad(set_to_none=True)

@@ -109,6 +109,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def train_step(model: torch.nn.Module, ids: torch.Tensor, opt: torch.optim.Optimizer, router=None,
+               autocast=None) -> torch.Tensor:
+    """One language-model training step on ``ids`` (labels = inputs, HF's loss): forward (under
+    ``autocast()`` when given), backward, optimizer step, curriculum step. Returns the loss.
+
+    The step every cggr loop and benchmark times (the timing, and any synchronisation, stay the caller's).
+    """
+    if autocast is None:
+        loss = model(input_ids=ids, labels=ids).loss
+    else:
+        with autocast():
+            loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if router is not None:
+        router.step()
+    return loss
+
+
 def train_arm(model: torch.nn.Module, batches: Iterator[torch.Tensor], val_batches: Sequence[torch.Tensor], *,
               budget: Budget, lr: float, lr_warmup: float = 0.1, router=None, routing_warmup: float = 0.2,
               routing_handback: float = 0.0, eval_at: Sequence[float] = (), device: torch.device,
@@ -143,12 +163,7 @@ def train_arm(model: torch.nn.Module, batches: Iterator[torch.Tensor], val_batch
         x = next(batches).to(device, non_blocking=True)
         sync(device)
         t0 = time.perf_counter()
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if router is not None:
-            router.step()
+        loss = train_step(model, x, opt, router)
         sync(device)
         dt = time.perf_counter() - t0
         elapsed += dt
