@@ -52,6 +52,11 @@ class Routing:
     _rows_by_block: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _positions: dict = field(default_factory=dict, repr=False)
 
+    @classmethod
+    def from_depth(cls, depth: torch.Tensor, num_layers: int, leak_rate: float = 0.0) -> "Routing":
+        """A routing given each token's depth (tests, verification, the reference): counts read on demand."""
+        return cls(num_layers=num_layers, leak_rate=leak_rate, depth=depth)
+
     @property
     def ready(self) -> bool:
         return self.depth is not None

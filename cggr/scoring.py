@@ -101,7 +101,7 @@ def score_difficulty(logits: torch.Tensor, scorer: str = "entropy_confidence") -
     if _use_triton(logits):
         from .kernels.scoring import entropy_confidence_triton
 
-        scores = entropy_confidence_triton(logits)
+        scores = Scores(*entropy_confidence_triton(logits))
     else:
         scores = entropy_confidence_reference(logits)
     if scorer == "entropy":

@@ -22,7 +22,12 @@ from cggr.bucketing import rank_buckets_reference  # noqa: E402
 from cggr.gate import gate_rows_reference  # noqa: E402
 from cggr.kernels.bucketing import _rank_buckets, rank_buckets_triton  # noqa: E402
 from cggr.kernels.gate import gate_rows_triton  # noqa: E402
-from cggr.kernels.scoring import _entropy_confidence, entropy_confidence_triton  # noqa: E402
+from cggr.kernels.scoring import _entropy_confidence, entropy_confidence_triton as _triton_scores  # noqa: E402
+from cggr.scoring import Scores  # noqa: E402
+
+
+def entropy_confidence_triton(x):
+    return Scores(*_triton_scores(x))
 from cggr.scoring import entropy_confidence_reference  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -84,7 +89,7 @@ def test_scoring_nonfinite_and_masked_rows(dtype):
     ref = entropy_confidence_reference(x)
     assert ref.entropy[[0, 1, 2, 6, 8]].isnan().all()
     for block_v in (None, 64):              # one chunk, and several chunks per row
-        got = entropy_confidence_triton(x) if block_v is None else _entropy_confidence(x, block_v=block_v)
+        got = entropy_confidence_triton(x) if block_v is None else Scores(*_entropy_confidence(x, block_v=block_v))
         _assert_scores(got, ref, dtype, (10,))
     assert float(got.entropy[4]) == 0.0 and float(got.confidence[4]) == 1.0
 
@@ -97,7 +102,7 @@ def test_scoring_online_rescaling(order):
         x = x.sort(dim=-1, descending=order == "descending").values
     x[0] += 300.0  # large offsets must cancel exactly as in the reference
     x = x.to(DEVICE)
-    _assert_scores(_entropy_confidence(x, block_v=16), entropy_confidence_reference(x), torch.float32, (6,))
+    _assert_scores(Scores(*_entropy_confidence(x, block_v=16)), entropy_confidence_reference(x), torch.float32, (6,))
 
 
 def test_scoring_shapes_and_strides():

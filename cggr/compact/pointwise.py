@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
+from ..env import compile_enabled
 
 import torch
 
@@ -138,7 +138,7 @@ def _compiled(fn):
 def kernel(eager, on_cuda: bool):
     """What to run for the function ``eager`` (a row-wise piece, or a whole stage of a compacted backward made
     of them): compiled on CUDA unless ``CGGR_COMPILE=0``, else ``eager`` itself."""
-    if on_cuda and os.environ.get("CGGR_COMPILE", "1") != "0":
+    if on_cuda and compile_enabled():
         fn = _compiled(eager)
         # Detached inputs: a requires_grad flag that differs between calls would make dynamo recompile.
         return lambda *args: fn(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))

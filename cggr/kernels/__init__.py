@@ -11,7 +11,7 @@ every kernel on the CPU with ``TRITON_INTERPRET=1``.
 from __future__ import annotations
 
 import functools
-import os
+from ..env import triton_disabled
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,6 +26,6 @@ def _import_triton() -> bool:
 
 def triton_available() -> bool:
     """True when Triton kernels can run (installed, and not disabled by ``CGGR_DISABLE_TRITON=1``)."""
-    if os.environ.get("CGGR_DISABLE_TRITON", "0") == "1":
+    if triton_disabled():
         return False
     return _import_triton()

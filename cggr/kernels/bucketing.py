@@ -38,7 +38,7 @@ programs one after another, runs one program, or one launch per phase.
 from __future__ import annotations
 
 import functools
-import os
+from ..env import triton_interpret
 
 import torch
 import triton
@@ -256,7 +256,7 @@ def _rank_buckets_kernel(
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return triton_interpret()
 
 
 def rank_buckets_triton(scores: torch.Tensor, valid: torch.Tensor, num_buckets: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ which is what PyTorch's elementwise multiply does for half types.
 
 from __future__ import annotations
 
-import os
+from ..env import triton_interpret
 import struct
 
 import torch
@@ -49,7 +49,7 @@ def _gate_rows_kernel(
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return triton_interpret()
 
 
 @torch.no_grad()

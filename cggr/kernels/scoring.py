@@ -21,13 +21,12 @@ is clamped to a finite value before the product, since ``0 * -inf`` is NaN.
 
 from __future__ import annotations
 
-import os
+from ..env import triton_interpret
 
 import torch
 import triton
 import triton.language as tl
 
-from ..scoring import Scores, _check_logits
 
 
 @triton.jit
@@ -95,26 +94,30 @@ _entropy_confidence_autotuned = triton.autotune(
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return triton_interpret()
 
 
 @torch.no_grad()
-def entropy_confidence_triton(logits: torch.Tensor) -> Scores:
+def entropy_confidence_triton(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`cggr.scoring.entropy_confidence_reference` in one read of ``logits``.
+
+    The caller (:func:`cggr.scoring.score_difficulty`) validates ``logits``; this module imports nothing
+    of cggr's scoring, which wraps the result in :class:`cggr.scoring.Scores`.
 
     Args:
         logits: ``[..., V]`` float tensor (fp32, fp16 or bf16; fp64 is read
             as fp32, as the reference does). The last dimension must be
             contiguous (it is copied otherwise); the leading ones may be strided.
     Returns:
-        :class:`cggr.scoring.Scores`, fp32 tensors shaped ``logits.shape[:-1]``.
+        ``(difficulty, entropy, confidence)``, fp32 tensors shaped ``logits.shape[:-1]``.
     """
     return _entropy_confidence(logits)
 
 
-def _entropy_confidence(logits: torch.Tensor, block_v: int | None = None) -> Scores:
+def _entropy_confidence(logits: torch.Tensor, block_v: int | None = None):
     """The launcher; ``block_v`` forces a chunk width (tests use it to exercise rescaling)."""
-    _check_logits(logits)
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
     lead = logits.shape[:-1]
     V = logits.shape[-1]
     if logits.dtype == torch.float64:
@@ -135,4 +138,4 @@ def _entropy_confidence(logits: torch.Tensor, block_v: int | None = None) -> Sco
         else:
             _entropy_confidence_autotuned[grid](x, out[0], out[1], out[2], V, stride_row)
     d, ent, conf = (o.reshape(lead) for o in out)
-    return Scores(d, ent, conf)
+    return d, ent, conf

@@ -1,0 +1,34 @@
+"""Every environment variable cggr reads, in one place (the README's "Environment variables" lists them).
+
+Read at call time, not import time, so that tests and scripts can set them after ``import cggr``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def triton_disabled() -> bool:
+    """``CGGR_DISABLE_TRITON=1``: never use cggr's Triton kernels (the PyTorch references run instead)."""
+    return os.environ.get("CGGR_DISABLE_TRITON", "0") == "1"
+
+
+def triton_interpret() -> bool:
+    """``TRITON_INTERPRET=1`` (Triton's own variable): kernels run on the CPU through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def compile_enabled() -> bool:
+    """``CGGR_COMPILE=0``: the compacted backward's stages run eagerly on CUDA instead of under torch.compile."""
+    return os.environ.get("CGGR_COMPILE", "1") != "0"
+
+
+def cache_dir() -> Path:
+    """``CGGR_CACHE``: where tokenizers and tokenized corpora are cached (default ``~/.cache/cggr``)."""
+    return Path(os.environ.get("CGGR_CACHE") or Path.home() / ".cache" / "cggr")
+
+
+def git_rev_override() -> str | None:
+    """``CGGR_GIT_REV``: the revision results files record (a copied tree's .git may be stale or absent)."""
+    return os.environ.get("CGGR_GIT_REV") or None
