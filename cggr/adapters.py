@@ -1,7 +1,8 @@
 """Model-family adapters: where a model keeps its block stack, how its labels align.
 
-Supporting a family is one row of :data:`LAYER_STACKS`, keyed by HF
-``config.model_type``. Models outside the table get the generic search: the
+Supporting a family is one row of :data:`FAMILY_TABLE`, keyed by HF
+``config.model_type``: where its block stack is, how its labels align, and
+which compacted backward its blocks take (if any). Models outside the table get the generic search: the
 longest outermost ``nn.ModuleList`` of blocks, or a ``ValueError`` listing
 the candidates when that is ambiguous or there is none.
 """
@@ -9,33 +10,61 @@ the candidates when that is ambiguous or there is none.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch.nn as nn
 
-# config.model_type -> attribute path of the block stack, relative to the *ForCausalLM model.
-LAYER_STACKS: dict[str, str] = {
-    "llama": "model.layers",
-    "mistral": "model.layers",
-    "mixtral": "model.layers",
-    "qwen2": "model.layers",
-    "qwen2_moe": "model.layers",
-    "qwen3": "model.layers",
-    "qwen3_moe": "model.layers",
-    "gemma": "model.layers",
-    "gemma2": "model.layers",
-    "gemma3_text": "model.layers",
-    "phi": "model.layers",
-    "phi3": "model.layers",
-    "olmo": "model.layers",
-    "olmo2": "model.layers",
-    "olmoe": "model.layers",
-    "granite": "model.layers",
-    "gpt2": "transformer.h",
-    "gptj": "transformer.h",
-    "gpt_neox": "gpt_neox.layers",
-    "opt": "model.decoder.layers",
+@dataclass(frozen=True)
+class FamilyInfo:
+    """What cggr knows of one HF model family (``config.model_type``)."""
+
+    stack: str
+    """Attribute path of the block stack, relative to the ``*ForCausalLM`` model (the bare base model's path
+    is the same without its first part)."""
+    label_shift: int = 1
+    """1: the LM-head model's logits at t predict ``labels[t+1]`` (HF causal LMs shift labels inside)."""
+    compact: str | None = None
+    """The compacted backward that matches this family's blocks (a key of ``cggr.compact.FAMILIES``), or None.
+    Even when named here, each block type is verified against the model's own layer at attach."""
+
+
+# One row per supported family. Families without a compacted backward take the generic routed backward.
+FAMILY_TABLE: dict[str, FamilyInfo] = {
+    "llama": FamilyInfo("model.layers", compact="llama"),
+    "mistral": FamilyInfo("model.layers", compact="llama"),
+    "qwen2": FamilyInfo("model.layers", compact="llama"),
+    "mixtral": FamilyInfo("model.layers"),  # MoE: generic backward, experts replayed on active rows
+    "qwen2_moe": FamilyInfo("model.layers"),
+    "qwen3": FamilyInfo("model.layers"),  # q/k norms
+    "qwen3_moe": FamilyInfo("model.layers"),
+    "gemma": FamilyInfo("model.layers"),  # (1 + w) RMSNorm, GELU
+    "gemma2": FamilyInfo("model.layers"),
+    "gemma3_text": FamilyInfo("model.layers"),
+    "phi": FamilyInfo("model.layers"),
+    "phi3": FamilyInfo("model.layers"),  # fused qkv_proj
+    "olmo": FamilyInfo("model.layers"),
+    "olmo2": FamilyInfo("model.layers"),
+    "olmoe": FamilyInfo("model.layers"),
+    "granite": FamilyInfo("model.layers"),  # residual / attention multipliers
+    "gpt2": FamilyInfo("transformer.h", compact="gpt2"),
+    "gptj": FamilyInfo("transformer.h"),
+    "gpt_neox": FamilyInfo("gpt_neox.layers"),
+    "opt": FamilyInfo("model.decoder.layers"),
 }
+
+# The old name of the stack paths, kept for readers of earlier versions.
+LAYER_STACKS: dict[str, str] = {k: v.stack for k, v in FAMILY_TABLE.items()}
+
+
+def model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def family_of(model: nn.Module) -> FamilyInfo | None:
+    """The table's row for ``model``, or None for a model outside the table (structural detection then)."""
+    return FAMILY_TABLE.get(model_type(model))
+
 
 # Modules with their own parameters that the sparse routed backward handles.
 _LINEAR_CLASS_NAMES = ("Linear", "Conv1D")
@@ -144,9 +173,9 @@ def find_layer_stack(model: nn.Module, layers=None) -> tuple[str, list[nn.Module
             return layers, _as_blocks(stack, layers)
         return "<given>", _as_blocks(layers, "layers")
 
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    path = LAYER_STACKS.get(model_type)
-    if path is not None:
+    family = family_of(model)
+    if family is not None:
+        path = family.stack
         # The table's path is relative to the *ForCausalLM model; also accept the bare base model.
         for p in (path, path.split(".", 1)[1] if "." in path else path):
             stack = _get_path(model, p)
@@ -177,16 +206,27 @@ def _as_blocks(stack, what: str) -> list[nn.Module]:
     return blocks
 
 
-def default_label_shift(model: nn.Module) -> int:
-    """1 where logits at position t predict label t+1 (HF causal LMs shift labels inside), else 0."""
-    name = type(model).__name__
-    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
-        return 1
+_CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def _is_causal_lm(m: nn.Module) -> bool:
+    return type(m).__name__.endswith(_CAUSAL_LM_SUFFIXES)
+
+
+def default_label_shift(model: nn.Module) -> int | None:
+    """1 where logits at position t predict label t+1 (HF causal LMs shift labels inside), 0 where they
+    predict label t, None where it cannot be known: a module of another class that holds an HF causal LM
+    (it may or may not shift the labels it passes on), which must then say ``label_shift=``."""
+    if _is_causal_lm(model):
+        family = family_of(model)
+        return family.label_shift if family is not None else 1
     inner = getattr(model, "base_model", None)
-    if inner is not None and inner is not model:
+    if inner is not None and inner is not model:  # PEFT: PeftModelForCausalLM.base_model.model
         inner_model = getattr(inner, "model", None)
         if isinstance(inner_model, nn.Module) and inner_model is not model:
             return default_label_shift(inner_model)
+    if any(_is_causal_lm(m) for m in model.modules()):
+        return None
     return 0
 
 

@@ -1,45 +1,101 @@
-"""User-facing options of the router, validated in one place.
+"""Every option of cggr, in one typed object validated in one place.
 
-Every error a user can make here is a ``ValueError`` naming the argument and
-the allowed values.
+:class:`RoutingConfig` is the single source of the options and their defaults:
+:func:`cggr.attach`, :class:`cggr.CGGRWrapper` and both training callbacks take
+``config=RoutingConfig(...)`` and/or the same fields as keyword overrides, and
+nothing restates a default elsewhere. Every error a user can make here is a
+``ValueError`` naming the argument and the allowed values.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Literal, Sequence, get_args
 
 from .bucketing import POLICIES
 from .scoring import SCORERS
 
-MODES = ("sparse", "mask")
-BACKWARDS = ("auto", "generic")
-BUCKETS = ("local", "global")
+Mode = Literal["sparse", "mask"]
+Policy = Literal["random", "difficulty", "sampled"]
+Scorer = Literal["entropy_confidence", "entropy", "margin"]
+Backward = Literal["auto", "generic"]
+Buckets = Literal["local", "global"]
+
+MODES = get_args(Mode)
+BACKWARDS = get_args(Backward)
+BUCKETS = get_args(Buckets)
+assert set(get_args(Policy)) == set(POLICIES) and set(get_args(Scorer)) == set(SCORERS)
+
+# More buckets than this make no sense for any stack (each bucket is a depth, and depths are whole blocks)
+# and cost host time and memory per step that grows with the count.
+MAX_BUCKETS = 256
 
 
 @dataclass(frozen=True)
 class RoutingConfig:
+    """The options of one router. Build it directly or pass its fields to :func:`cggr.attach`."""
+
     num_buckets: int = 4
+    """K: valid tokens are split into K equal buckets; bucket k's target depth is ``ceil(L*(K-k)/K)`` blocks
+    (K = 4: 100/75/50/25 % of the stack). 1 means every token at full depth (cggr's backward, no routing)."""
+
     warmup_steps: int = 1000
+    """Curriculum length in optimizer steps: depths fall linearly from full to the targets (0 = at once)."""
+
     leak_rate: float = 0.0
-    mode: str = "sparse"
-    policy: str = "random"
+    """λ in [0, 1]: inactive rows carry λ times their gradient instead of none. Any λ > 0 makes every row
+    dense again in the backward, so it costs the whole saving."""
+
+    mode: Mode = "sparse"
+    """``"sparse"``: exact token-sparse backward (inactive rows of every linear inside a block are constants);
+    ``"mask"``: only block outputs are gated (no saving; the fallback for blocks sparse mode cannot route)."""
+
+    policy: Policy = "random"
+    """Which tokens go into which bucket: ``"random"`` (uniformly at random, fresh each step; needs no logits),
+    ``"difficulty"`` (ranked by the scorer, hardest deepest: the seed's rule) or ``"sampled"`` (random, deep
+    buckets likelier for harder tokens)."""
+
     depths: tuple[float, ...] | None = None
-    scorer: str = "entropy_confidence"
+    """Target depth fraction of each bucket, hardest first, strictly decreasing in (0, 1]; None = (K-k)/K."""
+
+    scorer: Scorer = "entropy_confidence"
+    """Difficulty score of a token from its logits: entropy minus confidence, entropy, or margin (1 - max p)."""
+
     ignore_index: int = -100
+    """Label value of tokens without a target: such tokens get depth 0 and take no part in bucketing."""
+
     seed: int = 0
+    """Seed of the random policies (combined with the data-parallel rank, the step and the micro-batch)."""
+
     label_shift: int | None = None
-    backward: str = "auto"
+    """1 when logits at position t predict ``labels[t+1]`` (HF causal LMs shift labels inside), 0 when they
+    predict ``labels[t]``; None = from the model family table (refused where it cannot be known)."""
+
+    backward: Backward = "auto"
+    """``"auto"``: a block takes its family's compacted backward where one exists and is verified equal to the
+    block at attach; ``"generic"``: always the per-linear routed backward (also supports double backward)."""
+
+    buckets: Buckets = "local"
+    """``"local"``: each data-parallel rank buckets its own tokens; ``"global"``: the valid tokens of all ranks
+    of the default process group are ranked together (three small all-reduces per forward)."""
+
     handback_steps: int = 0
+    """Over the last ``handback_steps`` of ``total_steps`` the depths return linearly to full (0 = never)."""
+
     total_steps: int | None = None
-    buckets: str = "local"
+    """Length of training in optimizer steps (needed by ``handback_steps``; the callbacks fill it in)."""
+
+    layers: Any = None
+    """The block stack: an attribute path (``"model.layers"``), an ``nn.ModuleList`` or a list of blocks;
+    None = from the model family table, else the longest outermost ``nn.ModuleList`` of blocks."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_buckets, bool) or not isinstance(self.num_buckets, int) or self.num_buckets < 1:
-            raise ValueError(f"num_buckets must be an integer >= 1, got {self.num_buckets!r}")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        _check_int("num_buckets", self.num_buckets, 1)
+        if self.num_buckets > MAX_BUCKETS:
+            raise ValueError(f"num_buckets must be an integer in [1, {MAX_BUCKETS}], got {self.num_buckets!r}")
+        _check_int("warmup_steps", self.warmup_steps, 0)
         try:
             leak = float(self.leak_rate)
         except (TypeError, ValueError):
@@ -47,30 +103,60 @@ class RoutingConfig:
         if not (0.0 <= leak <= 1.0):
             raise ValueError(f"leak_rate must be a number in [0, 1], got {self.leak_rate!r}")
         object.__setattr__(self, "leak_rate", leak)
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if self.scorer not in SCORERS:
-            raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("policy", self.policy, POLICIES)
+        _check_choice("scorer", self.scorer, SCORERS)
         if self.depths is not None:
             object.__setattr__(self, "depths", _check_depths(self.depths, self.num_buckets))
-        if self.label_shift not in (None, 0, 1):
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise ValueError(f"ignore_index must be an integer (the label of tokens without a target, usually "
+                             f"-100), got {self.ignore_index!r}")
+        if self.label_shift not in (None, 0, 1) or isinstance(self.label_shift, bool):
             raise ValueError(f"label_shift must be None (auto), 0 or 1, got {self.label_shift!r}")
-        if self.backward not in BACKWARDS:
-            raise ValueError(f"backward must be one of {BACKWARDS}, got {self.backward!r}")
-        if isinstance(self.handback_steps, bool) or not isinstance(self.handback_steps, int) or self.handback_steps < 0:
-            raise ValueError(f"handback_steps must be an integer >= 0, got {self.handback_steps!r}")
-        if self.total_steps is not None and (isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int)
-                                             or self.total_steps < 1):
-            raise ValueError(f"total_steps must be None or an integer >= 1, got {self.total_steps!r}")
+        _check_choice("backward", self.backward, BACKWARDS)
+        _check_int("handback_steps", self.handback_steps, 0)
+        if self.total_steps is not None:
+            if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1:
+                raise ValueError(f"total_steps must be None or an integer >= 1, got {self.total_steps!r}")
         if self.handback_steps and (self.total_steps is None or self.handback_steps > self.total_steps):
             raise ValueError(f"handback_steps={self.handback_steps} needs total_steps (the length of training, in "
                              f"optimizer steps) >= handback_steps, got total_steps={self.total_steps!r}")
-        if self.buckets not in BUCKETS:
-            raise ValueError(f"buckets must be one of {BUCKETS}, got {self.buckets!r}")
+        _check_choice("buckets", self.buckets, BUCKETS)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    def replace(self, **overrides: Any) -> "RoutingConfig":
+        """A copy with ``overrides`` applied (validated); an unknown name is a TypeError listing the options."""
+        unknown = sorted(set(overrides) - set(OPTION_NAMES))
+        if unknown:
+            raise TypeError(f"unknown cggr option(s) {', '.join(map(repr, unknown))}; the options are: "
+                            f"{', '.join(OPTION_NAMES)}")
+        return dataclasses.replace(self, **overrides) if overrides else self
+
+
+OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RoutingConfig))
+
+
+def resolve_config(config: RoutingConfig | None, overrides: dict[str, Any], owner: str = "cggr.attach"
+                   ) -> RoutingConfig:
+    """``config`` (default: every default) with keyword ``overrides`` applied: what every entry point calls."""
+    if config is not None and not isinstance(config, RoutingConfig):
+        raise TypeError(f"{owner}: config must be a cggr.RoutingConfig or None, got {type(config).__name__} "
+                        f"(options go by name: {owner}(..., num_buckets=4))")
+    try:
+        return (config or RoutingConfig()).replace(**overrides)
+    except TypeError as e:
+        raise TypeError(f"{owner}: {e}") from None
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 def _check_depths(depths: Sequence[float], num_buckets: int) -> tuple[float, ...]:

@@ -39,6 +39,8 @@ def _replace_first(out, fn):
     if isinstance(out, torch.Tensor):
         return fn(out)
     if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+        if hasattr(out, "_fields"):  # a NamedTuple keeps its type
+            return out._replace(**{out._fields[0]: fn(out[0])})
         return (fn(out[0]),) + tuple(out[1:])
     raise TypeError(f"reference: cannot route a block output of type {type(out).__name__}")
 

@@ -9,8 +9,11 @@ hook and gives the original module back.
 from __future__ import annotations
 
 
+from typing import Any
+
 import torch.nn as nn
 
+from .config import RoutingConfig, resolve_config
 from .router import Router, attach
 from .routing import Routing
 
@@ -18,16 +21,17 @@ from .routing import Routing
 class CGGRWrapper(nn.Module):
     """Wrap ``model`` so that its backward pass is routed by token difficulty.
 
-    Arguments are those of :func:`cggr.attach`. The curriculum step lives in the
+    Arguments are those of :func:`cggr.attach`: a :class:`cggr.RoutingConfig` and/or its fields by name.
+    The curriculum step lives in the
     router's registered buffer, so ``state_dict()`` / ``load_state_dict()``
     save and restore it with the weights.
     """
 
-    def __init__(self, model: nn.Module, num_buckets: int = 4, warmup_steps: int = 1000, leak_rate: float = 0.0,
-                 **options):
+    def __init__(self, model: nn.Module, config: RoutingConfig | None = None, /, **overrides: Any):
         super().__init__()
+        config = resolve_config(config, overrides, "CGGRWrapper")
         self.model = model
-        self.router: Router = attach(model, num_buckets, warmup_steps, leak_rate, **options)
+        self.router: Router = attach(model, config)
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)

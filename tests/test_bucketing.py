@@ -173,3 +173,19 @@ def test_block_counts_from_the_host_equal_the_device_counts(seed):
     for policy in (rank_buckets(torch.randn(n_rows, generator=g), valid, K), random_buckets(valid, K, g)):
         r = Routing(num_layers=L, depth=buckets_to_depths(policy, bucket_depths))
         assert block_counts(int(valid.sum()), L, bucket_depths) == r.active_counts_tensor().tolist()
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(num_layers=0), ValueError, "num_layers must be an integer >= 1"),
+    (dict(num_buckets=0), ValueError, "num_buckets must be an integer"),
+    (dict(depths=[0.5]), ValueError, "depths must be a sequence of num_buckets=4"),
+    (dict(progress=1.5), ValueError, r"progress must be a number in \[0, 1\]"),
+    (dict(valid="all"), ValueError, "valid must be a bool tensor"),
+    (dict(valid=torch.ones(3, dtype=torch.bool)), ValueError, "valid must be a bool tensor shaped like scores"),
+    (dict(scores=torch.ones(2, 5, dtype=torch.long)), TypeError, "scores must be a floating-point tensor"),
+])
+def test_assign_depths_validates_its_arguments(kwargs, error, match):
+    args = dict(scores=torch.randn(2, 5), valid=torch.ones(2, 5, dtype=torch.bool), num_layers=4)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        assign_depths(**args)

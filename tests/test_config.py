@@ -49,3 +49,42 @@ def test_wrappers_are_refused_with_the_right_order_in_the_message():
     compiled = torch.compile(TinyLM(), backend="eager")
     with pytest.raises(ValueError, match="torch.compile"):
         cggr.attach(compiled)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(ignore_index=None), "ignore_index must be an integer"),
+    (dict(ignore_index=1.5), "ignore_index must be an integer"),
+    (dict(num_buckets=10**6), r"num_buckets must be an integer in \[1, 256\]"),
+    (dict(label_shift=True), "label_shift"),
+])
+def test_more_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cggr.attach(TinyLM(), **kwargs)
+
+
+def test_config_object_and_overrides():
+    config = cggr.RoutingConfig(num_buckets=2, warmup_steps=0, policy="difficulty")
+    router = cggr.attach(TinyLM(), config, seed=3)
+    assert router.config == cggr.RoutingConfig(num_buckets=2, warmup_steps=0, policy="difficulty", seed=3)
+    wrapper = cggr.CGGRWrapper(TinyLM(), config)
+    assert wrapper.router.config == config
+
+
+def test_unknown_option_and_positional_option_name_the_fix():
+    with pytest.raises(TypeError, match="unknown cggr option.*'num_bucket'.*num_buckets"):
+        cggr.attach(TinyLM(), num_bucket=4)
+    with pytest.raises(TypeError, match=r"options go by name: cggr.attach\(..., num_buckets=4\)"):
+        cggr.attach(TinyLM(), 4)
+
+
+def test_every_option_has_a_docstring():
+    import ast
+    import inspect
+
+    import cggr.config as config_module
+
+    tree = ast.parse(inspect.getsource(config_module.RoutingConfig))
+    body = tree.body[0].body
+    documented = {a.target.id for a, d in zip(body, body[1:])
+                  if isinstance(a, ast.AnnAssign) and isinstance(d, ast.Expr) and isinstance(d.value, ast.Constant)}
+    assert documented == set(config_module.OPTION_NAMES)

@@ -455,3 +455,128 @@ def test_one_bucket_is_dense_training(kind):
     got, want = flat_grads(model), flat_grads(ref)
     for n in want:
         assert (rel_err(got[n], want[n]) < 1e-5) if want[n].norm() > 0 else got[n].norm() == 0, n
+
+
+# ---------------------------------------------------------------- never silently wrong: lifecycle
+def test_routing_is_not_live_after_the_forward():
+    """A block called directly after a routed forward is the plain block (no stale routing)."""
+    torch.manual_seed(0)
+    model = hf_model("llama")
+    plain = copy.deepcopy(model)
+    cggr.attach(model, warmup_steps=0)
+    ids = torch.randint(0, 61, (2, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    pos = torch.arange(9)[None].expand(2, -1)
+    pe = model.model.rotary_emb(x, pos)
+    block, ref_block = model.model.layers[0], plain.model.layers[0]
+    out = block(x, position_embeddings=pe)
+    out = out[0] if isinstance(out, tuple) else out
+    ref = ref_block(x_ref, position_embeddings=pe)
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    torch.testing.assert_close(out, ref)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert model._cggr_router.current_routing() is None
+
+
+def test_routing_is_cleared_when_the_forward_raises():
+    model = TinyLM()
+    router = cggr.attach(model, warmup_steps=0)
+    with pytest.raises(IndexError):
+        model(torch.full((2, 5), 10_000))  # out of the embedding's range
+    assert router.current_routing() is None
+
+
+def test_peft_after_attach_is_refused():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = hf_model("llama")
+    cggr.attach(model, warmup_steps=0)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ids = torch.randint(0, 61, (2, 7))
+    with pytest.raises(RuntimeError, match="get_peft_model first, then cggr.attach"):
+        model(input_ids=ids, labels=ids)
+
+
+def test_causal_lm_inside_another_module_needs_label_shift():
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = hf_model("llama")
+
+        def forward(self, input_ids, labels=None):
+            return self.lm(input_ids=input_ids, labels=labels)
+
+    ids = torch.randint(0, 61, (2, 7))
+    cggr.attach(holder := Holder())
+    with pytest.raises(ValueError, match="pass label_shift=1 or label_shift=0"):
+        holder(ids, labels=ids)
+    holder(ids)  # no labels: no shift needed
+    holder._cggr_router.detach()
+    router = cggr.attach(holder, label_shift=1, warmup_steps=0)
+    labels = ids.clone()
+    labels[:, 4:] = -100
+    holder(ids, labels=labels)
+    # logits at t predict labels[t+1]: positions 0..2 have a label after them
+    assert (router.routing.depth[:, :3] > 0).all() and (router.routing.depth[:, 3:] == 0).all()
+
+
+def test_return_dict_false_with_labels_finds_the_logits():
+    torch.manual_seed(0)
+    model = hf_model("llama")
+    ref = copy.deepcopy(model)
+    router = cggr.attach(model, warmup_steps=0, policy="difficulty")
+    ids = torch.randint(0, 61, (2, 7))
+    loss, logits = model(input_ids=ids, labels=ids, return_dict=False)[:2]
+    assert logits.shape == (2, 7, 97) and loss.dim() == 0
+    loss.backward()
+    with cggr.reference_routing(find_layer_stack(ref)[1], router.routing.depth):
+        ref(input_ids=ids, labels=ids).loss.backward()
+    _assert_equal_grads(flat_grads(model), flat_grads(ref))
+
+
+def test_fused_loss_without_logits_routes_with_the_random_policy_only():
+    class LossOnly(TinyLM):
+        def forward(self, input_ids):
+            return F.cross_entropy(super().forward(input_ids).flatten(0, 1), input_ids.flatten())
+
+    torch.manual_seed(0)
+    model = LossOnly()
+    router = cggr.attach(model, warmup_steps=0)
+    ids = torch.randint(0, 61, (2, 8))
+    model(ids).backward()
+    assert router.routing.depth.shape == (2, 8) and (router.routing.depth > 0).all()
+    router.detach()
+    cggr.attach(model, policy="difficulty")
+    with pytest.raises(TypeError, match="policy='difficulty' scores tokens from the model's logits"):
+        model(ids)
+
+
+def test_position_ids_keep_hf_attention_for_packed_sequences(caplog):
+    """With restarting position_ids HF builds a block-diagonal mask only without a KV cache: cggr must not
+    switch the cache off behind the user's back (the logits would change)."""
+    torch.manual_seed(0)
+    model = hf_model("llama")
+    plain = copy.deepcopy(model)
+    cggr.attach(model, warmup_steps=0)
+    ids = torch.randint(0, 61, (1, 10))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
+    with caplog.at_level(logging.WARNING, logger="cggr"):
+        got = model(input_ids=ids, position_ids=pos).logits
+    torch.testing.assert_close(got, plain(input_ids=ids, position_ids=pos).logits)
+    assert "position_ids are given" in caplog.text
+
+
+def test_describe_says_which_backward_each_block_takes():
+    model = hf_model("llama", layers=2)
+    router = cggr.attach(model, warmup_steps=0)
+    text = router.describe()
+    assert text.count("compacted (llama)") == 2 and "model_type 'llama'" in text
+    ids = torch.randint(0, 61, (2, 5))
+    model(input_ids=ids, labels=ids)
+    assert router.describe().count("last forward: compacted") == 2
+    generic = cggr.attach(hf_model("gpt_neox", layers=2))
+    assert "no compacted backward" in generic.describe()

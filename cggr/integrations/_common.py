@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 from typing import Any
 
 import torch.nn as nn
 
-from ..config import RoutingConfig
-from ..router import attach
+from ..config import RoutingConfig, resolve_config
 
 METRIC_PREFIX = "cggr/"
 
@@ -25,26 +22,26 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def checked_attach_options(owner: str, num_buckets: int, warmup_steps: int, leak_rate: float,
-                           attach_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The options of :func:`cggr.attach`, checked now (unknown names, bad values) rather than at train time."""
-    try:
-        inspect.signature(attach).bind(None, num_buckets, warmup_steps, leak_rate, **attach_kwargs)
-    except TypeError as e:
-        raise TypeError(f"{owner}: {e} (it takes the options of cggr.attach)") from None
-    fields = {f.name for f in dataclasses.fields(RoutingConfig)}
-    checked = {k: v for k, v in attach_kwargs.items() if k in fields}
-    if checked.get("handback_steps") and checked.get("total_steps") is None:
-        checked["total_steps"] = checked["handback_steps"]  # the trainer's length fills it in at train begin
-    RoutingConfig(num_buckets=num_buckets, warmup_steps=warmup_steps, leak_rate=leak_rate, **checked)
-    return dict(num_buckets=num_buckets, warmup_steps=warmup_steps, leak_rate=leak_rate, **attach_kwargs)
+class CallbackOptions:
+    """A callback's cggr options: a :class:`~cggr.RoutingConfig` and/or its fields by name, as :func:`cggr.attach`
+    takes them. Checked when the callback is built (unknown names, bad values), resolved at train begin, when
+    the trainer knows the length of training that ``handback_steps`` needs."""
 
+    def __init__(self, owner: str, config: RoutingConfig | None, overrides: dict[str, Any]):
+        self.owner, self.config, self.overrides = owner, config, dict(overrides)
+        base = resolve_config(config, {}, owner)
+        handback = self.overrides.get("handback_steps", base.handback_steps)
+        self.wants_length = bool(handback) and self.overrides.get("total_steps", base.total_steps) is None
+        # Every check now; the trainer's length stands in for total_steps until it is known.
+        self.checked = resolve_config(config, {**overrides, "total_steps": handback} if self.wants_length
+                                      else overrides, owner)
 
-def with_total_steps(owner: str, attach_kwargs: dict[str, Any], total_steps: int | None) -> dict[str, Any]:
-    """``attach_kwargs`` with ``total_steps`` taken from the trainer when ``handback_steps`` needs it."""
-    if not attach_kwargs.get("handback_steps") or attach_kwargs.get("total_steps") is not None:
-        return attach_kwargs
-    if total_steps is None or total_steps < 1:
-        raise ValueError(f"{owner}: handback_steps needs the length of training; the trainer does not know it "
-                         f"(got {total_steps!r}): pass total_steps=")
-    return {**attach_kwargs, "total_steps": int(total_steps)}
+    def resolve(self, total_steps: int | None) -> RoutingConfig:
+        """The config to attach with; ``total_steps``: the trainer's length of training, in optimizer steps."""
+        overrides = dict(self.overrides)
+        if self.wants_length:
+            if total_steps is None or total_steps < 1:
+                raise ValueError(f"{self.owner}: handback_steps needs the length of training; the trainer does not "
+                                 f"know it (got {total_steps!r}): pass total_steps=")
+            overrides["total_steps"] = int(total_steps)
+        return resolve_config(self.config, overrides, self.owner)

@@ -44,9 +44,10 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import DefaultFlowCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..config import RoutingConfig
 from ..router import Router, attach
 from ..wrapper import CGGRWrapper
-from ._common import METRIC_PREFIX, checked_attach_options, unwrap_model, with_total_steps
+from ._common import METRIC_PREFIX, CallbackOptions, unwrap_model
 
 logger = logging.getLogger("cggr")
 
@@ -61,19 +62,17 @@ _EVAL_PREFIXES = ("eval_", "test_")
 class CGGRCallback(TrainerCallback):
     """Routes the backward pass of a ``transformers.Trainer``'s model with cggr.
 
-    Takes the options of :func:`cggr.attach` (``num_buckets``, ``warmup_steps``,
-    ``leak_rate``, ``mode``, ``policy``, ``layers``, ``depths``, ``scorer``,
-    ``ignore_index``, ``seed``, ``label_shift``); ``warmup_steps`` counts
-    optimizer steps. ``log_metrics=False`` leaves the logs alone.
+    Takes the options of :func:`cggr.attach`: a :class:`cggr.RoutingConfig` and/or
+    its fields by name (``num_buckets=4``, ``warmup_steps=200``, ...);
+    ``warmup_steps`` counts optimizer steps. ``log_metrics=False`` leaves the logs alone.
 
     The router is ``callback.router`` once training has begun. It stays
     attached after training; ``callback.router.detach()`` removes it.
     """
 
-    def __init__(self, num_buckets: int = 4, warmup_steps: int = 1000, leak_rate: float = 0.0, *,
-                 log_metrics: bool = True, **attach_kwargs: Any):
-        self.attach_kwargs = checked_attach_options("CGGRCallback", num_buckets, warmup_steps, leak_rate,
-                                                    attach_kwargs)
+    def __init__(self, config: RoutingConfig | None = None, /, *,
+                 log_metrics: bool = True, **overrides: Any):
+        self.options = CallbackOptions("CGGRCallback", config, overrides)
         self.log_metrics = log_metrics
         self.router: Router | None = None
 
@@ -131,7 +130,7 @@ class CGGRCallback(TrainerCallback):
                            "options", existing.extra_repr())
             self.router = existing
         else:
-            self.router = attach(model, **with_total_steps("CGGRCallback", self.attach_kwargs, max_steps))
+            self.router = attach(model, self.options.resolve(max_steps))
         return self.router
 
     def _restore_step(self, router: Router, args, state) -> None:

@@ -33,6 +33,7 @@ older ``pytorch_lightning`` package is accepted when it is the only one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -47,9 +48,10 @@ except ImportError:  # pragma: no cover - depends on what is installed
     except ImportError as e:
         raise ImportError("CGGRLightningCallback needs PyTorch Lightning: pip install lightning") from e
 
+from ..config import RoutingConfig
 from ..router import Router, attach
 from ..wrapper import CGGRWrapper
-from ._common import METRIC_PREFIX, checked_attach_options, unwrap_model, with_total_steps
+from ._common import METRIC_PREFIX, CallbackOptions, unwrap_model
 
 logger = logging.getLogger("cggr")
 
@@ -60,10 +62,9 @@ logger = logging.getLogger("cggr")
 class CGGRLightningCallback(Callback):
     """Routes the backward pass of a Lightning ``Trainer``'s model with cggr.
 
-    Takes the options of :func:`cggr.attach` (``num_buckets``, ``warmup_steps``,
-    ``leak_rate``, ``mode``, ``policy``, ``layers``, ``depths``, ``scorer``,
-    ``ignore_index``, ``seed``, ``label_shift``, ``backward``); ``warmup_steps``
-    counts optimizer steps.
+    Takes the options of :func:`cggr.attach`: a :class:`cggr.RoutingConfig` and/or
+    its fields by name (``num_buckets=4``, ``warmup_steps=200``, ...);
+    ``warmup_steps`` counts optimizer steps.
 
     Args:
         model_attr: dotted attribute path from the LightningModule to the model
@@ -76,11 +77,10 @@ class CGGRLightningCallback(Callback):
     The router is ``callback.router`` once ``fit`` has begun.
     """
 
-    def __init__(self, num_buckets: int = 4, warmup_steps: int = 1000, leak_rate: float = 0.0, *,
+    def __init__(self, config: RoutingConfig | None = None, /, *,
                  model_attr: str | None = None, log_metrics: bool = True, detach_on_teardown: bool = True,
-                 **attach_kwargs: Any):
-        self.attach_kwargs = checked_attach_options("CGGRLightningCallback", num_buckets, warmup_steps,
-                                                    leak_rate, attach_kwargs)
+                 **overrides: Any):
+        self.options = CallbackOptions("CGGRLightningCallback", config, overrides)
         self.model_attr = model_attr
         self.log_metrics = log_metrics
         self.detach_on_teardown = detach_on_teardown
@@ -93,8 +93,10 @@ class CGGRLightningCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(**{k: v for k, v in self.attach_kwargs.items()
-                                           if isinstance(v, (int, float, str, bool, type(None)))})
+        return self._generate_state_key(**{f.name: getattr(self.options.checked, f.name)
+                                           for f in dataclasses.fields(self.options.checked)
+                                           if isinstance(getattr(self.options.checked, f.name),
+                                                         (int, float, str, bool, type(None)))})
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -211,8 +213,7 @@ class CGGRLightningCallback(Callback):
                            "its own options", existing.extra_repr())
             self.router, self._owns_router = existing, False
         else:
-            self.router, self._owns_router = attach(target, **with_total_steps(
-                "CGGRLightningCallback", self.attach_kwargs, self._max_steps())), True
+            self.router, self._owns_router = attach(target, self.options.resolve(self._max_steps())), True
         state = self._pending_state if self._pending_state is not None else previous_state
         if state is not None:
             self.router.load_state_dict(state)

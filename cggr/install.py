@@ -1,0 +1,298 @@
+"""What :func:`cggr.attach` installs on a model's blocks, and how it is removed.
+
+Every patched forward and hook is a small module-level callable object
+holding the router, the module and the block index, never a closure: so that
+``copy.deepcopy(model)`` gives a copy whose routed forwards act on the copy's
+modules, and ``pickle`` / ``torch.save(model)`` work. Each reads the routing of
+the running forward through ``router.current_routing()``, which is None
+outside a routed training forward: then it does exactly what the module did.
+
+* every linear of a sparse block: :class:`~cggr.sparse.RoutedLinear`;
+* HF MoE routers and fused experts: gated outputs / :class:`~cggr.moe.RoutedExperts`;
+* every block: a gate of its output rows (:class:`BlockGate`), unless the
+  block took its compacted backward for this call (it gates itself);
+* blocks whose family has a verified compacted backward: their forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from .adapters import (family_of, is_fused_experts, is_moe_router, is_routable_linear, model_type,
+                       unsupported_parametrised_modules, weight_in_out)
+from .compact import compact_family, make_compact_forward
+from .config import RoutingConfig
+from .moe import RoutedExperts
+from .sparse import GateRows, RoutedLinear
+
+logger = logging.getLogger("cggr")
+
+# Incremented whenever any module anywhere is assigned a submodule (torch's global registration hook): the
+# router re-checks its blocks' structure only when this moved since its last check.
+_module_generation = 0
+
+
+def _count_registration(parent, name, submodule):
+    global _module_generation
+    _module_generation += 1
+    return None
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+
+
+def module_generation() -> int:
+    return _module_generation
+
+
+class _PatchedForward:
+    """Base of the patched forwards: calls the module's own forward when no routing runs."""
+
+    def __init__(self, router, module: nn.Module, block_index: int):
+        self.router = router
+        self.module = module
+        self.block_index = block_index
+        # An instance-level forward someone else installed, else None: the class's forward is then called
+        # through the module (never through a bound method stored here, which would unpickle as this object).
+        self.previous = module.__dict__.get("forward")
+
+    def plain(self, *args, **kwargs):
+        if self.previous is not None:
+            return self.previous(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+
+class LinearForward(_PatchedForward):
+    """``nn.Linear`` / HF ``Conv1D`` whose backward uses only the rows active in its block."""
+
+    def __call__(self, x, *args, **kwargs):
+        r = self.router.current_routing()
+        if r is None or args or kwargs:
+            return self.plain(x, *args, **kwargs)
+        m = self.module
+        return RoutedLinear.apply(x, m.weight, m.bias, r, self.block_index, weight_in_out(m))
+
+
+class MoERouterForward(_PatchedForward):
+    """HF top-k router: every float output row of an inactive token is a constant."""
+
+    def __call__(self, *args, **kwargs):
+        out = self.plain(*args, **kwargs)
+        r = self.router.current_routing()
+        if r is None:
+            return out
+        # Inside the forward, so every hook (HF's recorder of router logits for the aux loss) sees it.
+        return tuple(GateRows.apply(t, r, self.block_index) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                     else t for t in out)
+
+
+class ExpertsForward(_PatchedForward):
+    """HF fused experts: the experts' backward replayed on the active tokens only."""
+
+    def __call__(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+        r = self.router.current_routing()
+        if r is None:
+            return self.plain(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+        if args or kwargs:  # a call this path does not know: still exact, gating the output rows
+            return GateRows.apply(self.plain(hidden_states, top_k_index, top_k_weights, *args, **kwargs),
+                                  r, self.block_index)
+        m = self.module
+        return RoutedExperts.apply(hidden_states, top_k_weights, top_k_index, r, self.block_index, m,
+                                   self.plain, *m.parameters())
+
+
+def _first_tensor(out) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
+
+
+def _replace_first(out, first: torch.Tensor):
+    if isinstance(out, torch.Tensor):
+        return first
+    if hasattr(out, "_replace") and hasattr(out, "_fields"):  # a NamedTuple
+        return out._replace(**{out._fields[0]: first})
+    if isinstance(out, tuple):
+        return type(out)((first, *out[1:]))
+    return [first, *out[1:]]
+
+
+class BlockGate:
+    """Forward hook of block ``block_index``: gates the gradient rows of its output (sparse and mask mode)."""
+
+    def __init__(self, router, block_index: int, name: str):
+        self.router = router
+        self.block_index = block_index
+        self.name = name
+
+    def __call__(self, module, args, out):
+        r = self.router.current_routing()
+        if r is None or self.block_index in r.compact_blocks:  # a compacted backward gates its own rows
+            return out
+        h = _first_tensor(out)
+        if h is None:
+            raise TypeError(f"cggr: {self.name} returned {type(out).__name__}; a routed block must return a tensor "
+                            "or a tuple (or list, or NamedTuple) starting with one")
+        self.router.check_block_rows(self.name, h)
+        return _replace_first(out, GateRows.apply(h, r, self.block_index))
+
+
+class CheckpointWithRouting:
+    """Replaces a block's ``_gradient_checkpointing_func`` (HF layers checkpoint through it): the replayed
+    forward runs with the routing of the forward that ran it first, not whatever runs at backward time."""
+
+    def __init__(self, router, block: nn.Module, checkpoint_fn):
+        self.router = router
+        self.block = block
+        self.checkpoint_fn = checkpoint_fn
+
+    def __call__(self, function, *args, **kwargs):
+        routing = self.router.current_routing()
+        forward = self.block.__dict__.get("forward")
+        takes_call = getattr(forward, "takes_call", None) or getattr(forward, "cggr_routes_call", None)
+        if takes_call is not None and args and takes_call(args[0], args[1:], getattr(function, "keywords", {})):
+            # A compacted block checkpoints itself, routed (older HF layers checkpoint in __call__).
+            return function(*args, **kwargs)
+        return self.checkpoint_fn(_Replay(self.router, routing, function), *args, **kwargs)
+
+
+class _Replay:
+    def __init__(self, router, routing, function):
+        self.router, self.routing, self.function = router, routing, function
+
+    def __call__(self, *args, **kwargs):
+        with self.router.routing_of(self.routing):
+            return self.function(*args, **kwargs)
+
+
+def refuse_unroutable_stack(blocks: list[nn.Module]) -> None:
+    """Stacks cggr would route wrongly without an error: refuse them at attach, saying why."""
+    seen: dict[int, int] = {}
+    for i, block in enumerate(blocks):
+        for sub in block.modules():
+            j = seen.setdefault(id(sub), i)
+            if j != i:
+                what = "block" if sub is block else f"module {type(sub).__name__}"
+                raise ValueError(f"cggr: the same {what} is in blocks {j} and {i} of the stack (weight-shared layers, "
+                                 "e.g. ModuleList([block] * n)): one module cannot be routed as two blocks; cggr does "
+                                 "not support weight-shared stacks")
+            if isinstance(sub, nn.MultiheadAttention) and not sub.batch_first:
+                raise ValueError(f"cggr: block {i} holds an nn.MultiheadAttention with batch_first=False: its rows are "
+                                 "sequence-first ([S, B, D]), so cggr would route the wrong tokens; build the layers "
+                                 "with batch_first=True")
+
+
+
+def choose_backward(model: nn.Module, block: nn.Module, config: RoutingConfig):
+    """``((family, spec), why)`` when the block takes a compacted backward, else ``(None, why not)``."""
+    if config.backward == "generic":
+        return None, "generic backward (backward='generic')"
+    row = family_of(model)
+    if row is not None and row.compact is None:
+        return None, f"generic backward (model_type {model_type(model)!r} has no compacted backward)"
+    found = compact_family(block)
+    if found is None:
+        return None, "generic backward (no compacted backward matches this block)"
+    if row is not None and found[0] != row.compact:
+        return None, (f"generic backward (the block looks like {found[0]!r}, but model_type {model_type(model)!r} "
+                      f"maps to {row.compact!r})")
+    return found, "verified equal to the block at attach"
+
+
+class Installation:
+    """Every forward patched and hook registered on one model's blocks; :meth:`remove` restores it exactly.
+
+    Per block it decides sparse or mask mode (``sparse_blocks``), the compacted family or None
+    (``compact_blocks``) and says why (``reasons``).
+    """
+
+    def __init__(self, router, model: nn.Module, blocks: list[nn.Module], names: list[str], config: RoutingConfig):
+        self.router, self.blocks = router, blocks
+        self.handles: list = []
+        self.patched: list[tuple[nn.Module, Any]] = []  # (module, its instance-level forward before, or None)
+        self.checkpoints: list[tuple[nn.Module, Any]] = []  # (block, its own checkpoint function)
+        self.handles.append(model.register_forward_pre_hook(router._pre_forward, with_kwargs=True))
+        self.handles.append(model.register_forward_hook(router._post_forward, with_kwargs=True))
+        self.handles.append(model.register_forward_hook(router._end_forward, always_call=True))
+        self.sparse_blocks: list[bool] = []
+        self.compact_blocks: list[str | None] = []
+        self.reasons: list[str] = []
+        for i, block in enumerate(blocks):
+            sparse, family, reason = config.mode == "sparse", None, "mode='mask'"
+            if sparse:
+                bad = unsupported_parametrised_modules(block)
+                if bad:
+                    sparse, reason = False, f"parametrised layers sparse mode cannot route ({', '.join(bad)})"
+                    logger.warning("cggr: %s has %s; it uses mask mode", names[i], reason)
+            if sparse:
+                for sub in block.modules():
+                    if is_routable_linear(sub):
+                        self.patch_forward(sub, LinearForward(router, sub, i))
+                    elif is_moe_router(sub):
+                        self.patch_forward(sub, MoERouterForward(router, sub, i))
+                    elif is_fused_experts(sub):
+                        self.patch_forward(sub, ExpertsForward(router, sub, i))
+                found, reason = choose_backward(model, block, config)
+                if found is not None:
+                    family, spec = found
+                    self.patch_forward(block, make_compact_forward(router.current_routing, block, i, family, spec,
+                                                                   block.forward))
+            self.sparse_blocks.append(sparse)
+            self.compact_blocks.append(family)
+            self.reasons.append(reason)
+            self.handles.append(block.register_forward_hook(BlockGate(router, i, names[i])))
+        self.names = names
+        self._structure = [tuple(b.modules()) for b in blocks]
+        self._generation = module_generation()
+
+    def check_structure(self) -> None:
+        """Refuse to route blocks whose modules changed since attach (PEFT's get_peft_model after attach, say):
+        the new modules were never patched, so their gradients would not be routed."""
+        generation = module_generation()
+        if generation == self._generation:
+            return
+        for name, block, before in zip(self.names, self.blocks, self._structure):
+            now = tuple(block.modules())
+            if len(now) != len(before) or any(a is not b for a, b in zip(now, before)):
+                raise RuntimeError(
+                    f"cggr: the modules inside {name} changed after cggr.attach (e.g. PEFT's get_peft_model, or a "
+                    "layer replaced): cggr routed the old modules, so the new ones would get wrong gradients. Call "
+                    "router.detach() and attach again to the changed model (with PEFT: get_peft_model first, then "
+                    "cggr.attach)")
+        self._generation = generation
+    def patch_forward(self, module: nn.Module, forward) -> None:
+        self.patched.append((module, module.__dict__.get("forward")))
+        module.forward = forward
+
+    def bind_checkpoints(self) -> None:
+        """Wrap each HF block's checkpoint function (set by ``gradient_checkpointing_enable``, possibly after
+        attach, hence called at every training forward)."""
+        router = self.router
+        for block in self.blocks:
+            fn = block.__dict__.get("_gradient_checkpointing_func")
+            if fn is None or (isinstance(fn, CheckpointWithRouting) and fn.router is router):
+                continue
+            block._gradient_checkpointing_func = CheckpointWithRouting(router, block, fn)
+            self.checkpoints.append((block, fn))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        for module, previous in reversed(self.patched):
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+        self.patched.clear()
+        for block, previous in self.checkpoints:
+            if isinstance(block.__dict__.get("_gradient_checkpointing_func"), CheckpointWithRouting):
+                block._gradient_checkpointing_func = previous
+        self.checkpoints.clear()
