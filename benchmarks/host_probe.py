@@ -16,8 +16,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import speed  # noqa: E402  (benchmarks/speed.py: the models and arms; puts the checkout first on the path)
 import cggr  # noqa: E402
-import speed  # noqa: E402  (benchmarks/speed.py: the models and arms)
 from cggr import routing  # noqa: E402
 
 

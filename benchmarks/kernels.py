@@ -8,7 +8,8 @@ reference with ``triton.testing.do_bench`` (median ms), and writes
 ``kernels-<gpu>.json`` into ``--out``: a list of records
 
     kernel, shape, dtype, ms_median, gb_per_s, reference_ms, compiled_ms,
-    max_rel_err, gpu, torch, triton, git_rev, command, kernel_ms
+    max_rel_err, kernel_ms, and the provenance of cggr_lab.provenance (gpu: the device;
+    git_rev, git_dirty, torch, transformers, triton, python, command, timestamp)
 
 ``ms_median`` is ``do_bench``'s time on the CUDA stream, which includes any
 gap left by Python launch overhead when the GPU work is shorter than it (the
@@ -27,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -48,6 +47,7 @@ from cggr.kernels.bucketing import rank_buckets_triton  # noqa: E402
 from cggr.kernels.gate import gate_rows_triton  # noqa: E402
 from cggr.kernels.scoring import entropy_confidence_triton  # noqa: E402
 from cggr.scoring import entropy_confidence_reference  # noqa: E402
+from cggr_lab.provenance import provenance  # noqa: E402
 
 
 def _ms(fn, rep: int = 200) -> float:
@@ -90,16 +90,6 @@ def _max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
         return 0.0
     err = (got[fin] - ref[fin]).abs() / ref[fin].abs().clamp_min(1e-3)
     return float(err.max())
-
-
-def _git_rev() -> str | None:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return rev + ("-dirty" if dirty else "")
-    except Exception:  # no git where it runs (the GPU machine gets a copy of the tree): the caller says
-        return os.environ.get("CGGR_GIT_REV")
 
 
 def bench_scoring(rows: int, vocab: int, dtype: torch.dtype, compile_ref: bool) -> dict:
@@ -179,9 +169,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU")
 
-    gpu = torch.cuda.get_device_name()
-    meta = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, git_rev=_git_rev(),
-                command="python " + " ".join(sys.argv))
+    meta = provenance()
+    gpu = meta["gpu"] = meta.pop("device")  # the key the README's table reads
     jobs = [
         lambda: bench_scoring(16384, 32000, torch.bfloat16, not args.no_compile),
         lambda: bench_scoring(8192, 128256, torch.bfloat16, not args.no_compile),

@@ -23,6 +23,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -31,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import speed  # noqa: E402  (benchmarks/speed.py: the models, their builder, the environment record)
+import speed  # noqa: E402  (benchmarks/speed.py: the models, their builder, the provenance record)
 from report import parallel_table  # noqa: E402  (the README's table, from the same function)
 
 MODELS = dict(speed.MODELS, tiny=(64, 4, 4, 128, 2, 32))  # tiny: the CPU test's model
@@ -84,7 +85,7 @@ def _max_over_ranks(value: float, device) -> float:
 
 def time_arm(name, parallel, arm, steps, warmup, rank, world, device) -> dict:
     import cggr
-    from cggr.training import train_step
+    from cggr_lab.training import train_step
 
     *_, batch, seq = MODELS[name]
     model = _build(name, device)
@@ -177,7 +178,8 @@ def main(argv=None):
         r.update(env)
     if rank == 0:
         os.makedirs(a.out, exist_ok=True)
-        path = os.path.join(a.out, f"parallel-{env['gpu'].lower().replace(' ', '-')}.json")
+        slug = re.sub(r"[^a-z0-9]+", "-", env["gpu"].lower()).strip("-")  # on CPU the name holds the processor's
+        path = os.path.join(a.out, f"parallel-{slug}.json")
         key = lambda r: (r["model"], r["arm"], r["parallel"], r["world_size"])
         if os.path.exists(path):  # a new record replaces the one of the same configuration
             fresh = {key(r) for r in records}

@@ -17,13 +17,15 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
 from report import speed_table  # benchmarks/report.py, beside this script
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's cggr, cggr_lab
+from cggr_lab.provenance import provenance  # noqa: E402
 
 MODELS = {  # name: (hidden, layers, heads, mlp, batch, seq); Llama-style unless the name says gpt2
     "125M": (768, 12, 12, 2048, 16, 1024),
@@ -83,7 +85,7 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision
     import contextlib
 
     import cggr
-    from cggr.training import train_step
+    from cggr_lab.training import train_step
 
     hidden, layers, heads, mlp, batch, seq = MODELS[name]
     # "bf16": bf16 weights; "autocast": fp32 weights under bf16 autocast (the HF Trainer's bf16=True)
@@ -145,22 +147,10 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision
 
 
 def environment():
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-
-    # $CGGR_GIT_REV first: a copied tree on the GPU machine may carry a stale .git.
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        rev = out.stdout.strip() if out.returncode == 0 else None
-    except OSError:
-        rev = None
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return dict(gpu=gpu, torch=torch.__version__, triton=triton_version,
-                git_rev=os.environ.get("CGGR_GIT_REV") or rev, command=" ".join([os.path.basename(sys.executable)] + sys.argv))
+    """The provenance every record carries (``cggr_lab.provenance``), the device under the key ``gpu``."""
+    env = provenance()
+    env["gpu"] = env.pop("device")
+    return env
 
 
 def main(argv=None):

@@ -1,8 +1,12 @@
 """The ``cggr`` command: ``cggr demo [flags]`` and ``cggr bench quality [flags]``.
 
 Each subcommand is one ``_add_<name>`` function below that declares its flags
-and sets ``func``, the callable run with the parsed arguments. Heavy imports
-(torch, transformers) happen inside the subcommand, so ``cggr --help`` is fast.
+and sets ``func``, the callable run with the parsed arguments. Both commands
+live in :mod:`cggr_lab`, the harness beside the library; this file is the
+only place in ``cggr`` that imports it, and only when a parser is built or a
+command runs. Before a command runs, the harness's packages (the ``demo``
+extra) are checked, so a missing one reads as the ``pip install`` that brings
+it, not as a traceback after minutes of training.
 """
 
 from __future__ import annotations
@@ -12,8 +16,33 @@ import shlex
 import sys
 
 
+def _lab_command(module: str, function: str):
+    """A ``func`` that checks the harness's packages, then runs ``cggr_lab.<module>.<function>(args)``."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        import cggr_lab
+
+        missing = cggr_lab.missing_requirements()
+        if missing:
+            raise RuntimeError(f"this command needs {', '.join(missing)}: install the {cggr_lab.EXTRA!r} extra, "
+                               f'pip install ".[{cggr_lab.EXTRA}]" from the cggr source tree')
+        try:
+            getattr(importlib.import_module(f"cggr_lab.{module}"), function)(args)
+        except ModuleNotFoundError as e:
+            if (e.name or "").split(".")[0] in ("cggr", "cggr_lab"):
+                raise  # a bug in cggr itself, not a missing package: the traceback says where
+            raise RuntimeError(f"this command needs the module {e.name!r}, which is not installed "
+                               f'(the {cggr_lab.EXTRA!r} extra brings the usual ones: pip install '
+                               f'".[{cggr_lab.EXTRA}]" from the cggr source tree)') from e
+        return 0
+
+    return run
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from .demo import add_demo_arguments
+    from cggr_lab.demo import add_demo_arguments
 
     p = sub.add_parser("demo", help="train a small Llama dense, with cggr's default (random) routing and with "
                                          "difficulty routing; plot val loss",
@@ -21,18 +50,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                                    "routing, the seed's difficulty routing) from identical weights on identical batches; print "
                                    "step times and validation losses, save a plot and a JSON of the curves.")
     add_demo_arguments(p)
-
-    def run(args: argparse.Namespace) -> int:
-        from .demo import run_demo
-
-        run_demo(args)
-        return 0
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_lab_command("demo", "run_demo"))
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from .quality import add_quality_arguments
+    from cggr_lab.quality import add_quality_arguments
 
     bench = sub.add_parser("bench", help="benchmarks (quality: validation loss of routed vs dense training)")
     kinds = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
@@ -42,14 +64,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                                      "weights on identical batches, in the pretrain / continued / finetune regimes; "
                                      "write curves (JSON), plots (PNG) and a table.")
     add_quality_arguments(q)
-
-    def run(args: argparse.Namespace) -> int:
-        from .quality import run_quality
-
-        run_quality(args)
-        return 0
-
-    q.set_defaults(func=run)
+    q.set_defaults(func=_lab_command("quality", "run_quality"))
     # The speed benchmark is benchmarks/speed.py (it needs a GPU): see the README.
 
 

@@ -24,10 +24,10 @@ import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from cggr import data
-from cggr.demo import _git_revision
 from cggr.integrations import CGGRCallback
-from cggr.training import build_llama
+from cggr_lab import data
+from cggr_lab.provenance import provenance
+from cggr_lab.training import build_llama
 
 
 class Windows(Dataset):
@@ -111,9 +111,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "hf-trainer.json").write_text(json.dumps({
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__, "git_rev": _git_revision(), "command": shlex.join(sys.argv),
-        "args": vars(args), "results": results}, indent=1, default=str))
+        **provenance(shlex.join(sys.argv)), "args": vars(args), "results": results}, indent=1, default=str))
     return results
 
 

@@ -31,3 +31,7 @@ def test_hf_trainer_example(tmp_path, monkeypatch):
     assert not any(k.startswith("cggr/") for e in plain["log_history"] for k in e)
     saved = json.loads((tmp_path / "out" / "hf-trainer.json").read_text())
     assert [r["arm"] for r in saved["results"]] == ["plain", "cggr"]
+    from cggr_lab.provenance import provenance
+
+    expected = provenance()
+    assert set(expected) <= set(saved) and saved["git_rev"] == expected["git_rev"]

@@ -21,6 +21,11 @@ def test_parallel_benchmark_runs_and_routed_gradients_match_one_process(tmp_path
     checks = [r for r in records if r["arm"] == "gradient_check"]
     assert {(r["parallel"], r["arm"]) for r in timed} == {(p, a) for p in ("ddp", "fsdp2") for a in ("dense", "cggr")}
     assert all(r["world_size"] == 2 and r["step_ms_median"] > 0 and r["git_rev"] for r in timed)
+    # cggr_lab.provenance's record on every row, the device under the key the README's table reads.
+    from cggr_lab.provenance import provenance
+
+    expected = set(provenance()) - {"device"} | {"gpu"}
+    assert all(expected <= set(r) and r["gpu"].startswith("cpu") for r in records)
     assert {r["parallel"] for r in checks} == {"ddp", "fsdp2"}
     for r in checks:
         assert r["ok"] and r["worst_rel_err"] < 1e-4, r

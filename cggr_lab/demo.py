@@ -29,11 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -177,18 +174,6 @@ def _train_arm(arm: str, cfg: dict, model_config, init_state, train_stream, val_
     return result
 
 
-def _git_revision() -> str | None:
-    """``$CGGR_GIT_REV`` when set (a copied tree, whose .git may be stale or absent), else the checkout's."""
-    if os.environ.get("CGGR_GIT_REV"):
-        return os.environ["CGGR_GIT_REV"]
-    try:
-        done = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True,
-                              timeout=5, cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else None
-
-
 def _format_table(cfg: dict, results: dict) -> str:
     dense = results.get("dense")
     header = ("arm", "median step ms", "tokens/s", "final val loss", "speedup vs dense", "mean depth frac")
@@ -235,6 +220,7 @@ def _plot(cfg: dict, results: dict, path: Path) -> None:
 def run_demo(args: argparse.Namespace) -> dict:
     """Run the demo described in the module docstring; returns what ``demo.json`` holds."""
     from . import data
+    from .provenance import package_version, provenance
 
     cfg = resolve_config(args)
     if any(ARMS[a] is not None for a in cfg["arms"]):
@@ -285,18 +271,14 @@ def run_demo(args: argparse.Namespace) -> dict:
     _plot(cfg, results, png)
     record = {
         # Top-level keys shared with the benchmarks' JSON (benchmarks/report.py reads them).
-        "command": getattr(args, "command_line", None) or shlex.join(sys.argv),
-        "device": _device_name(device),
-        "torch": torch.__version__,
-        "git_rev": _git_revision(),
+        **provenance(getattr(args, "command_line", None), device=device),
         "config": cfg,
         "model": {"parameters": n_params, "llama_config": model_config.to_dict()},
         "data": {"source": cfg["data"] or "python-stdlib", "train_documents": len(train_docs),
                  "val_documents": len(val_docs), "train_tokens": train_stream.numel(),
                  "val_tokens": val_stream.numel(), "prep_seconds": prep_s},
         "arms": [{"arm": arm, **r} for arm, r in results.items()],
-        "environment": {"python": platform.python_version(), "transformers": _version("transformers"),
-                        "tokenizers": _version("tokenizers"), "platform": platform.platform(),
+        "environment": {"tokenizers": package_version("tokenizers"), "platform": platform.platform(),
                         "cpu_threads": torch.get_num_threads()},
     }
     js.write_text(json.dumps(record, indent=1, default=str) + "\n")
@@ -306,27 +288,8 @@ def run_demo(args: argparse.Namespace) -> dict:
     return record
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"cpu ({model}, {torch.get_num_threads()} threads)"
-
-
-def _version(module: str) -> str | None:
-    try:
-        return __import__(module).__version__
-    except (ImportError, AttributeError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> None:
-    """``python -m cggr.demo``: the same as ``cggr demo``."""
+    """``python -m cggr_lab.demo``: the same as ``cggr demo``."""
     run_demo(add_demo_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0])).parse_args(argv))
 
 

@@ -34,6 +34,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from cggr import env
+
 Document = tuple[str, str]
 
 EOT = "<|endoftext|>"
@@ -209,7 +211,7 @@ def _stdlib_documents() -> list[Document]:
 def resolve_cache_dir(path: str | os.PathLike | None = None) -> Path:
     """The cache folder: ``path``, else ``$CGGR_CACHE``, else ``~/.cache/cggr``."""
     if path is None:
-        path = os.environ.get("CGGR_CACHE") or Path.home() / ".cache" / "cggr"
+        path = env.cache_dir()
     p = Path(path).expanduser()
     p.mkdir(parents=True, exist_ok=True)
     return p

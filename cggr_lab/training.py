@@ -30,7 +30,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .bucketing import schedule_progress
+from cggr.bucketing import schedule_progress
 
 
 @dataclass(frozen=True)

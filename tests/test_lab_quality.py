@@ -1,11 +1,11 @@
-"""``cggr bench quality``: arm specs, the comparison figures, and a tiny end-to-end run on CPU."""
+"""cggr_lab.quality (``cggr bench quality``): arm specs, the comparison figures, and a tiny end-to-end run on CPU."""
 
 import json
 
 import pytest
 
-from cggr.quality import parse_arm, summarise
-from cggr.training import Budget, first_reach, lr_factor
+from cggr_lab.provenance import provenance
+from cggr_lab.quality import parse_arm, summarise
 
 
 def test_parse_arm():
@@ -28,22 +28,6 @@ def test_parse_arm():
 def test_parse_arm_errors(spec, match):
     with pytest.raises(ValueError, match=match):
         parse_arm(spec)
-
-
-def test_budget_and_schedules():
-    with pytest.raises(ValueError, match="exactly one"):
-        Budget()
-    with pytest.raises(ValueError, match="exactly one"):
-        Budget(steps=3, seconds=1.0)
-    assert Budget(steps=10).fraction(5, 99.0) == 0.5 and Budget(seconds=4.0).fraction(99, 1.0) == 0.25
-    assert lr_factor(0.05, 0.1) == pytest.approx(0.5) and lr_factor(0.1, 0.1) == pytest.approx(1.0)
-    assert lr_factor(1.0, 0.1) == pytest.approx(0.1)
-
-
-def test_first_reach_interpolates():
-    assert first_reach([0, 10, 20], [5.0, 4.0, 3.0], 3.5) == pytest.approx(15.0)
-    assert first_reach([0, 10, 20], [5.0, 4.0, 3.0], 2.0) is None
-    assert first_reach([0, 10], [1.0, 0.5], 2.0) == 0.0
 
 
 def test_summarise_against_dense():
@@ -91,6 +75,8 @@ def test_quality_bench_end_to_end(tmp_path, monkeypatch, capsys):
                            [("pretrain", "a"), ("continued", "a"), ("finetune", "b")] for e in ("json", "png"))
     rec = json.loads((tmp_path / "out" / "quality-finetune-tiny-b-4steps.json").read_text())
     assert rec["command"].startswith("cggr bench quality") and rec["checkpoint"]["pretrain_steps"] == 4
+    expected = provenance()
+    assert set(expected) <= set(rec) and rec["git_rev"] == expected["git_rev"] and rec["device"] == expected["device"]
     arms = {r["arm"]: r for r in rec["arms"]}
     assert set(arms) == {"dense", "dense/seed=1", "random/handback=0.5", "sampled"}
     for r in arms.values():

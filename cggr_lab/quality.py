@@ -16,7 +16,7 @@ and cached beside the tokenizer (``$CGGR_CACHE``); nothing is downloaded.
 Validation uses held-out *documents*. The budget is ``--steps`` (equal-step
 comparison) or ``--seconds`` of training time per arm (equal wall-clock: the
 learning-rate and routing schedules are defined on the elapsed fraction of the
-budget, see :mod:`cggr.training`).
+budget, see :mod:`cggr_lab.training`).
 
 Arms are named by a spec: a base (``dense``, ``difficulty``, ``random``,
 ``sampled``) and options after slashes, e.g. ``random/handback=0.25``,
@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -99,7 +97,7 @@ def parse_arm(spec: str) -> dict:
     if arm["policy"] is not None:
         if "depths" in arm["attach"] and "num_buckets" not in arm["attach"]:
             arm["attach"]["num_buckets"] = len(arm["attach"]["depths"])
-        from .config import RoutingConfig
+        from cggr.config import RoutingConfig
 
         try:
             RoutingConfig(policy=arm["policy"], **arm["attach"])  # the library's own checks, now
@@ -417,7 +415,7 @@ def _plot(result: dict, cfg: dict, path: Path) -> None:
 # --------------------------------------------------------------------------- entry point
 
 def run_quality(args: argparse.Namespace) -> list[dict]:
-    from .demo import _device_name, _git_revision, _version
+    from .provenance import provenance
 
     cfg = resolve_config(args)
     device = torch.device(cfg["device"])
@@ -437,10 +435,7 @@ def run_quality(args: argparse.Namespace) -> list[dict]:
         tag = "-".join(x for x in ("quality", regime, cfg["model"], corpus, cfg["budget"].describe().replace(" ", ""),
                                    cfg["tag"]) if x)
         record = {
-            "command": getattr(args, "command_line", None) or shlex.join(sys.argv),
-            "device": _device_name(device), "torch": torch.__version__, "git_rev": _git_revision(),
-            "environment": {"python": platform.python_version(), "transformers": _version("transformers"),
-                            "triton": _version("triton")},
+            **provenance(getattr(args, "command_line", None), device=device),
             "config": {**{k: v for k, v in cfg.items() if k not in ("budget", "arms")},
                        "budget": {"steps": cfg["budget"].steps, "seconds": cfg["budget"].seconds},
                        "arms": [a["name"] for a in cfg["arms"]]},
@@ -458,7 +453,7 @@ def run_quality(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m cggr.quality``: the same as ``cggr bench quality``."""
+    """``python -m cggr_lab.quality``: the same as ``cggr bench quality``."""
     parser = add_quality_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     run_quality(parser.parse_args(argv))
 
