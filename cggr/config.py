@@ -22,10 +22,14 @@ Policy = Literal["random", "difficulty", "sampled"]
 Scorer = Literal["entropy_confidence", "entropy", "margin"]
 Backward = Literal["auto", "generic"]
 Buckets = Literal["local", "global"]
+Inactive = Literal["stop", "skip"]
+Placement = Literal["nested", "per_block"]
 
 MODES = get_args(Mode)
 BACKWARDS = get_args(Backward)
 BUCKETS = get_args(Buckets)
+INACTIVE = get_args(Inactive)
+PLACEMENTS = get_args(Placement)
 assert set(get_args(Policy)) == set(POLICIES) and set(get_args(Scorer)) == set(SCORERS)
 
 # More buckets than this make no sense for any stack (each bucket is a depth, and depths are whole blocks)
@@ -87,6 +91,25 @@ class RoutingConfig:
     total_steps: int | None = None
     """Length of training in optimizer steps (needed by ``handback_steps``; the callbacks fill it in)."""
 
+    inactive: Inactive = "stop"
+    """What an inactive row means in a block: ``"stop"`` (the seed's: its gradient stops there, so the blocks
+    below and the embedding get none from it) or ``"skip"`` (its gradient passes unchanged along the residual
+    stream to the block's input; only the block's own work for it is skipped)."""
+
+    placement: Placement = "nested"
+    """Where a token is active: ``"nested"`` (the seed's: a token of depth d in the top d blocks) or
+    ``"per_block"`` (each block draws its own random subset of exactly ``round(f_b * n)`` valid tokens, fresh
+    each step; needs ``inactive="skip"`` and the random policy). The fractions keep the nested routing's total
+    work unless ``block_fractions`` gives them."""
+
+    dense_ends: int = 0
+    """Per-block placement: this many blocks at each end of the stack (bottom and top) keep every valid token;
+    the middle blocks share the rest of the work."""
+
+    block_fractions: tuple[float, ...] | None = None
+    """Per-block placement: the active fraction of each block, bottom first, one per block in [0, 1] (None =
+    from the buckets and curriculum)."""
+
     layers: Any = None
     """The block stack: an attribute path (``"model.layers"``), an ``nn.ModuleList`` or a list of blocks;
     None = from the model family table, else the longest outermost ``nn.ModuleList`` of blocks."""
@@ -122,6 +145,30 @@ class RoutingConfig:
             raise ValueError(f"handback_steps={self.handback_steps} needs total_steps (the length of training, in "
                              f"optimizer steps) >= handback_steps, got total_steps={self.total_steps!r}")
         _check_choice("buckets", self.buckets, BUCKETS)
+        _check_choice("inactive", self.inactive, INACTIVE)
+        _check_choice("placement", self.placement, PLACEMENTS)
+        _check_int("dense_ends", self.dense_ends, 0)
+        if self.block_fractions is not None:
+            try:
+                fr = tuple(float(f) for f in self.block_fractions)
+            except (TypeError, ValueError):
+                fr = (math.nan,)
+            if not fr or not all(0.0 <= f <= 1.0 for f in fr):
+                raise ValueError(f"block_fractions must be a sequence of fractions in [0, 1], one per block (bottom "
+                                 f"first), got {self.block_fractions!r}")
+            object.__setattr__(self, "block_fractions", fr)
+        if self.placement == "per_block":
+            if self.inactive != "skip":
+                raise ValueError("placement='per_block' needs inactive='skip': under 'stop' a row cut in a block gets no "
+                                 "gradient in any block below it, so per-block subsets would not be what they say")
+            if self.policy != "random":
+                raise ValueError(f"placement='per_block' draws each block's tokens at random; it needs policy='random', "
+                                 f"got policy={self.policy!r}")
+            if self.buckets != "local":
+                raise ValueError("placement='per_block' draws each rank's tokens on that rank; it needs buckets='local'")
+        elif self.dense_ends or self.block_fractions is not None:
+            raise ValueError("dense_ends and block_fractions choose per-block active fractions: they need "
+                             "placement='per_block'")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
@@ -146,7 +193,8 @@ def resolve_config(config: RoutingConfig | None, overrides: dict[str, Any], owne
     try:
         return (config or RoutingConfig()).replace(**overrides)
     except TypeError as e:
-        raise TypeError(f"{owner}: {e}") from None
+        raise TypeError(f"{owner}: {e} ({owner} takes the options of cggr.attach)" if owner != "cggr.attach"
+                        else f"{owner}: {e}") from None
 
 
 def _check_int(name: str, value, low: int) -> None:

@@ -28,7 +28,7 @@ from .adapters import (family_of, is_fused_experts, is_moe_router, is_routable_l
 from .compact import compact_family, make_compact_forward
 from .config import RoutingConfig
 from .moe import RoutedExperts
-from .sparse import GateRows, RoutedLinear
+from .sparse import GateRows, RoutedLinear, SkipRows
 
 logger = logging.getLogger("cggr")
 
@@ -124,15 +124,23 @@ def _replace_first(out, first: torch.Tensor):
     return [first, *out[1:]]
 
 
+def _block_input(args, kwargs) -> torch.Tensor | None:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    h = kwargs.get("hidden_states")
+    return h if isinstance(h, torch.Tensor) else None
+
+
 class BlockGate:
-    """Forward hook of block ``block_index``: gates the gradient rows of its output (sparse and mask mode)."""
+    """Forward hook of block ``block_index``: gates the gradient rows of its output (sparse and mask mode);
+    with skip semantics the inactive rows' gradient goes to the block's input instead."""
 
     def __init__(self, router, block_index: int, name: str):
         self.router = router
         self.block_index = block_index
         self.name = name
 
-    def __call__(self, module, args, out):
+    def __call__(self, module, args, kwargs, out):
         r = self.router.current_routing()
         if r is None or self.block_index in r.compact_blocks:  # a compacted backward gates its own rows
             return out
@@ -141,7 +149,14 @@ class BlockGate:
             raise TypeError(f"cggr: {self.name} returned {type(out).__name__}; a routed block must return a tensor "
                             "or a tuple (or list, or NamedTuple) starting with one")
         self.router.check_block_rows(self.name, h)
-        return _replace_first(out, GateRows.apply(h, r, self.block_index))
+        if not r.skip:
+            return _replace_first(out, GateRows.apply(h, r, self.block_index))
+        x = _block_input(args, kwargs)
+        if x is None or x.shape != h.shape:
+            raise ValueError(f"cggr: inactive='skip' passes an inactive row's gradient from {self.name}'s output to "
+                             f"its input, which must be a tensor of the output's shape {tuple(h.shape)}; got "
+                             + (type(x).__name__ if x is None else f"{tuple(x.shape)}"))
+        return _replace_first(out, SkipRows.apply(h, x, r, self.block_index))
 
 
 class CheckpointWithRouting:
@@ -247,26 +262,20 @@ class Installation:
             self.sparse_blocks.append(sparse)
             self.compact_blocks.append(family)
             self.reasons.append(reason)
-            self.handles.append(block.register_forward_hook(BlockGate(router, i, names[i])))
+            self.handles.append(block.register_forward_hook(BlockGate(router, i, names[i]), with_kwargs=True))
         self.names = names
         self._structure = [tuple(b.modules()) for b in blocks]
         self._generation = module_generation()
 
-    def check_structure(self) -> None:
-        """Refuse to route blocks whose modules changed since attach (PEFT's get_peft_model after attach, say):
-        the new modules were never patched, so their gradients would not be routed."""
+    def changed_blocks(self) -> list[str]:
+        """Names of the blocks whose modules changed since install (PEFT's get_peft_model after attach, say):
+        their new modules were never patched, so they must not be routed as they are."""
         generation = module_generation()
         if generation == self._generation:
-            return
-        for name, block, before in zip(self.names, self.blocks, self._structure):
-            now = tuple(block.modules())
-            if len(now) != len(before) or any(a is not b for a, b in zip(now, before)):
-                raise RuntimeError(
-                    f"cggr: the modules inside {name} changed after cggr.attach (e.g. PEFT's get_peft_model, or a "
-                    "layer replaced): cggr routed the old modules, so the new ones would get wrong gradients. Call "
-                    "router.detach() and attach again to the changed model (with PEFT: get_peft_model first, then "
-                    "cggr.attach)")
+            return []
         self._generation = generation
+        return [name for name, block, before in zip(self.names, self.blocks, self._structure)
+                if len(now := tuple(block.modules())) != len(before) or any(a is not b for a, b in zip(now, before))]
     def patch_forward(self, module: nn.Module, forward) -> None:
         self.patched.append((module, module.__dict__.get("forward")))
         module.forward = forward

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import torch
 
-from .gate import gate_rows
 from .routing import Routing
 
 # Replay the active rows when fewer than this fraction of rows is active (see the module docstring).
@@ -73,7 +72,7 @@ class RoutedExperts(torch.autograd.Function):
         if n_active == n or (graph is not None and n_active >= REPLAY_BELOW * n):
             rows = None  # every row: the inactive ones carry a gated (zero, or leak-scaled) gradient
             if n_active < n or r.leak_rate > 0:
-                g = gate_rows(g, r.flat_depth(), r.threshold(i), r.leak_rate)
+                g = r.gate(g, i)
         else:
             rows = r.active_rows(i)
             g = g.index_select(0, rows)

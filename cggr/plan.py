@@ -14,7 +14,7 @@ import torch
 from .bucketing import (POLICY_FNS, buckets_to_depths, curriculum_depths, rank_buckets, rank_buckets_global,
                         target_depths)
 from .config import RoutingConfig
-from .routing import Routing, block_counts
+from .routing import Routing, block_counts, per_block_counts
 from .scoring import Scores, score_difficulty
 
 # Policies that need per-token scores (hence logits); "random" needs only the valid tokens.
@@ -39,7 +39,7 @@ class Planner:
     @property
     def needs_counts(self) -> bool:
         """Whether a sparse backward will need every block's active count on the host."""
-        return self.config.leak_rate == 0 and any(self.sparse_blocks)
+        return self.config.placement == "per_block" or (self.config.leak_rate == 0 and any(self.sparse_blocks))
 
     def bucket_depths(self, progress: float) -> list[int]:
         """Depth in blocks of each bucket at curriculum ``progress``, hardest first."""
@@ -70,6 +70,13 @@ class Planner:
         nonfinite = valid & ~finite
         rank = rank_buckets_global if global_buckets else rank_buckets
         generator = self._generator(valid.device, draw_seed)
+        routing.inactive = c.inactive
+        if c.placement == "per_block":
+            n = num_valid if num_valid is not None else int(valid.sum())
+            self._place_per_block(routing, valid, nonfinite, n, progress, generator)
+            routing.metrics = self._metrics(routing, None, valid, finite, scores)
+            return routing, torch.stack([routing.metrics["nonfinite_tokens"],
+                                         (nonfinite & (routing.depth < L)).sum()])
         if scores is None:  # random policy without logits: only the valid tokens matter
             buckets = POLICY_FNS["random"](None, valid, c.num_buckets, generator, rank)
         else:
@@ -90,14 +97,35 @@ class Planner:
         nonfinite_summary = torch.stack([routing.metrics["nonfinite_tokens"], (nonfinite & (routing.depth < L)).sum()])
         return routing, nonfinite_summary
 
+    def _place_per_block(self, routing: Routing, valid, nonfinite, n: int, progress: float, generator) -> None:
+        """Each block's own random subset of exactly ``counts[i]`` valid tokens (non-finite ones first)."""
+        c, L = self.config, self.num_layers
+        if c.block_fractions is not None and len(c.block_fractions) != L:
+            raise ValueError(f"block_fractions has {len(c.block_fractions)} fractions for a stack of {L} blocks")
+        nested = block_counts(n, L, self.bucket_depths(progress))
+        counts = per_block_counts(n, L, nested, c.dense_ends, c.block_fractions)
+        N = valid.numel()
+        keys = torch.rand((L, N), device=valid.device, generator=generator)
+        keys = torch.where(nonfinite.reshape(1, N), 2.0, keys)  # no distribution: in every block first
+        keys = torch.where(valid.reshape(1, N), keys, -1.0)  # invalid tokens never
+        order = torch.argsort(keys, dim=1, descending=True)
+        rows = [order[i, :counts[i]] for i in range(L)]
+        position = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=order.device).expand(L, N))
+        block_active = position < self._constant(tuple(counts), valid.device)[:, None]
+        routing.block_active = block_active
+        routing.depth = block_active.long().sum(0).view(valid.shape)
+        routing.set_block_rows(rows)
+
     def _metrics(self, r: Routing, buckets, valid, finite, scores: Scores | None) -> dict[str, torch.Tensor]:
         c, L = self.config, self.num_layers
         depth = r.depth
         n_valid = valid.sum()
         denom = n_valid.clamp_min(1).float()
-        counts = torch.zeros(c.num_buckets + 1, dtype=torch.long, device=depth.device)
-        counts.scatter_add_(0, (buckets + 1).reshape(-1), torch.ones_like(buckets).reshape(-1))
-        out = {f"bucket_{k}_fraction": counts[k + 1].float() / denom for k in range(c.num_buckets)}
+        out = {}
+        if buckets is not None:
+            counts = torch.zeros(c.num_buckets + 1, dtype=torch.long, device=depth.device)
+            counts.scatter_add_(0, (buckets + 1).reshape(-1), torch.ones_like(buckets).reshape(-1))
+            out = {f"bucket_{k}_fraction": counts[k + 1].float() / denom for k in range(c.num_buckets)}
         out["valid_tokens"] = n_valid
         out["mean_depth_fraction"] = depth.sum().float() / (denom * L)
         # Backward block work skipped: rows inactive in each sparse-routed block, over all rows of all blocks.

@@ -50,38 +50,65 @@ def _replace_floats(out: tuple, fn) -> tuple:
 
 
 @contextlib.contextmanager
-def reference_routing(blocks: Sequence[nn.Module], depth: torch.Tensor, *, mode: str | Sequence[str] = "sparse",
-                      leak_rate: float = 0.0) -> Iterator[None]:
-    """Within this context, forwards through ``blocks`` apply the routing ``depth``.
+def reference_routing(blocks: Sequence[nn.Module], depth: torch.Tensor | None = None, *,
+                      mode: str | Sequence[str] = "sparse", leak_rate: float = 0.0, inactive: str = "stop",
+                      block_active: torch.Tensor | None = None) -> Iterator[None]:
+    """Within this context, forwards through ``blocks`` apply the routing ``depth`` (or ``block_active``).
 
     Args:
         blocks: the block stack, bottom first (``L = len(blocks)``).
-        depth: gradient depth of every token, shaped like the tokens.
+        depth: gradient depth of every token, shaped like the tokens (nested placement: active in the top
+            ``depth`` blocks).
         mode: ``"sparse"`` or ``"mask"``, or one of those per block.
         leak_rate: λ in [0, 1].
+        inactive: ``"stop"`` (an inactive row of the block output is a constant) or ``"skip"`` (it is
+            ``x + c``, ``x`` the block's input row: its gradient passes to the input).
+        block_active: instead of ``depth``, each block's active tokens, ``[L, *tokens]`` bool.
     """
     L = len(blocks)
     modes = [mode] * L if isinstance(mode, str) else list(mode)
-    flat = depth.reshape(-1)
+    if (depth is None) == (block_active is None):
+        raise ValueError("reference_routing takes depth or block_active, exactly one of them")
+    if block_active is not None:
+        active = block_active.reshape(L, -1).bool()
+    else:
+        flat = depth.reshape(-1)
+        active = torch.stack([flat > (L - 1 - i) for i in range(L)]) if L else flat.new_zeros((0, flat.numel()))
     handles = []
 
-    def make_hook(inactive, replace=_replace_first):
+    def make_hook(inactive_rows, replace=_replace_first):
         def hook(module, args, out):
-            return replace(out, lambda t: _freeze_rows(t, inactive, leak_rate))
+            return replace(out, lambda t: _freeze_rows(t, inactive_rows, leak_rate))
         return hook
 
+    def skip_hook(inactive_rows):
+        def hook(module, args, kwargs, out):
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs["hidden_states"]
+            # y -> x + (y - x).detach() on inactive rows (λ of the row stays on y with a leak)
+            return _replace_first(out, lambda y: torch.where(
+                inactive_rows.reshape(*y.shape[:-1], 1),
+                leak_rate * y + (1 - leak_rate) * (x + (y - x).detach()) if leak_rate > 0 else x + (y - x).detach(),
+                y))
+        return hook
+
+    if inactive not in ("stop", "skip"):
+        raise ValueError(f"inactive must be 'stop' or 'skip', got {inactive!r}")
     try:
         for i, block in enumerate(blocks):
-            inactive = flat <= (L - 1 - i)
-            handles.append(block.register_forward_hook(make_hook(inactive)))
+            inactive_rows = ~active[i]
+            if inactive == "skip":
+                handles.append(block.register_forward_hook(skip_hook(inactive_rows), with_kwargs=True))
+            else:
+                handles.append(block.register_forward_hook(make_hook(inactive_rows)))
             if modes[i] == "sparse":
                 for m in block.modules():
                     if is_routable_linear(m) or is_fused_experts(m):
-                        handles.append(m.register_forward_hook(make_hook(inactive)))
+                        handles.append(m.register_forward_hook(make_hook(inactive_rows)))
                     elif is_moe_router(m):
                         # First of its hooks: HF records the router logits for the auxiliary loss
                         # with a forward hook of its own, which must see the frozen rows.
-                        handles.append(m.register_forward_hook(make_hook(inactive, _replace_floats), prepend=True))
+                        handles.append(m.register_forward_hook(make_hook(inactive_rows, _replace_floats),
+                                                               prepend=True))
         yield
     finally:
         for h in handles:

@@ -80,12 +80,7 @@ class Router(nn.Module):
         self._forward: _Forward | None = None  # the running forward, between its start and its end
         self._warned: set[str] = set()
         self._pending_nonfinite: HostCopy | None = None
-        self._installation = install.Installation(self, model, blocks, self.block_names, config)
-        self.sparse_blocks = self._installation.sparse_blocks
-        self.compact_blocks = self._installation.compact_blocks  # family of each block's compacted backward, or None
-        self.backward_reasons = self._installation.reasons
-        self._planner = Planner(config, self.num_layers, self.sparse_blocks)
-        self.targets = self._planner.targets
+        self._install()
         if config.num_buckets > self.num_layers and config.depths is None:
             self._warn_once("buckets", f"num_buckets={config.num_buckets} exceeds the {self.num_layers} blocks "
                                        f"of the stack: bucket depths collapse to {self.targets}")
@@ -176,6 +171,25 @@ class Router(nn.Module):
                 f"warmup_steps={c.warmup_steps}, mode={c.mode!r}, policy={c.policy!r}, leak_rate={c.leak_rate}, "
                 f"buckets={c.buckets!r}")
 
+    def _install(self) -> None:
+        self._installation = install.Installation(self, self._model, self._blocks, self.block_names, self.config)
+        self.sparse_blocks = self._installation.sparse_blocks
+        self.compact_blocks = self._installation.compact_blocks  # family of each block's compacted backward, or None
+        self.backward_reasons = self._installation.reasons
+        self._planner = Planner(self.config, self.num_layers, self.sparse_blocks)
+        self.targets = self._planner.targets
+
+    def _reinstall_if_changed(self) -> None:
+        """Modules replaced inside the blocks since attach (PEFT's get_peft_model after attach, say) were never
+        patched: routing them as they are would give wrong gradients, so the routing is installed anew on them."""
+        changed = self._installation.changed_blocks()
+        if changed:
+            self._installation.remove()
+            self._install()
+            self._warn_once("reinstalled", f"the modules inside {', '.join(changed[:3])}"
+                                           f"{' and others' if len(changed) > 3 else ''} changed after cggr.attach "
+                                           "(e.g. PEFT's get_peft_model): cggr installed its routing on them anew")
+
     # -------------------------------------------- hand-off to the routed ops
     def current_routing(self) -> Routing | None:
         """The routing of the running training forward; None outside one (then routed ops pass through)."""
@@ -209,13 +223,14 @@ class Router(nn.Module):
                              f"{shape.numel()} tokens; the routed stack must keep one row per token")
 
     # ---------------------------------------------------------------- forward
+    @torch._dynamo.disable  # the decision point runs eagerly under torch.compile: a clean graph break
     def _pre_forward(self, module, args, kwargs):
         self._report_nonfinite()
         extra = kwargs.pop(VALID_MASK_KWARG, None)
         self._forward = None
         if not (module.training and torch.is_grad_enabled()):
             return args, kwargs
-        self._installation.check_structure()
+        self._reinstall_if_changed()
         self._installation.bind_checkpoints()
         tokens_shape = input_tokens_shape(args, kwargs)
         f = _Forward(Routing(num_layers=self.num_layers, leak_rate=self.config.leak_rate), tokens_shape, extra)
@@ -239,6 +254,7 @@ class Router(nn.Module):
         self._forward = f
         return args, kwargs
 
+    @torch._dynamo.disable  # the decision point runs eagerly under torch.compile: a clean graph break
     def _post_forward(self, module, args, kwargs, output):
         f = self._forward
         if f is None:
@@ -266,6 +282,7 @@ class Router(nn.Module):
         self._micro += 1
         return None
 
+    @torch._dynamo.disable  # the decision point runs eagerly under torch.compile: a clean graph break
     def _end_forward(self, module, args, output):
         """Always runs, even when the forward raised: the routing is live only inside its own forward."""
         self._forward = None

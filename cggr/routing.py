@@ -5,9 +5,18 @@ routed op of that forward (so a backward always uses the routing of *its own*
 forward, never a later batch's), and filled in once the logits exist, before
 any backward can run.
 
-Block ``i`` (0-based, bottom first) of an ``L``-block stack sees token ``t`` as
-active when ``depth[t] > L - 1 - i`` (DESIGN.md §1: active in blocks
-``b > L - d`` with ``b = i + 1``).
+Where a token is active (DESIGN.md §1, "placement"):
+
+* *nested* (the seed's): block ``i`` (0-based, bottom first) of an ``L``-block
+  stack sees token ``t`` as active when ``depth[t] > L - 1 - i`` (active in
+  blocks ``b > L - d`` with ``b = i + 1``);
+* *per-block*: each block has its own set of active tokens (``block_active``,
+  ``[L, tokens]``), and ``depth[t]`` counts the blocks where ``t`` is active.
+
+What an inactive row means (``inactive``): ``"stop"``, its gradient stops at
+the block (the block's input row gets none from it); ``"skip"``, the gradient
+reaching the block's output row passes unchanged to its input row (the
+residual stream), and no other part of the block receives gradient from it.
 
 A backward that works on a block's active rows as a tensor of their own size
 needs their number on the host. Reading it back from the device would be a
@@ -21,6 +30,7 @@ computes every block's count on the host from that one number
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -40,6 +50,27 @@ def block_counts(num_valid: int, num_layers: int, bucket_depths: Sequence[int]) 
     return [sum(size for size, d in zip(sizes, bucket_depths) if d > num_layers - 1 - i) for i in range(num_layers)]
 
 
+def per_block_counts(num_valid: int, num_layers: int, nested_counts: Sequence[int], dense_ends: int = 0,
+                     fractions: Sequence[float] | None = None) -> list[int]:
+    """Active rows of every block under per-block placement, bottom first.
+
+    ``fractions`` given: ``round(f_b * n)`` per block. Otherwise the same total work as the nested counts
+    (``sum(nested_counts)`` rows over the stack), with ``dense_ends`` blocks at each end of the stack at
+    every valid token and the rest spread evenly over the middle blocks (upper blocks first take the rest).
+    """
+    n, L = num_valid, num_layers
+    if fractions is not None:
+        return [min(n, max(0, int(math.floor(f * n + 0.5)))) for f in fractions]
+    ends = min(dense_ends, L // 2)
+    middle = L - 2 * ends
+    if middle <= 0:
+        return [n] * L
+    remaining = max(0, sum(nested_counts) - 2 * ends * n)
+    base, extra = divmod(remaining, middle)
+    mid = [min(n, base + (1 if j >= middle - extra else 0)) for j in range(middle)]
+    return [n] * ends + mid + [n] * ends
+
+
 @dataclass(eq=False)
 class Routing:
     num_layers: int
@@ -47,15 +78,31 @@ class Routing:
     depth: torch.Tensor | None = None  # LongTensor shaped like the tokens, set after the forward
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # device tensors, read lazily
     compact_blocks: set[int] = field(default_factory=set)  # blocks whose forward took a compacted backward
+    inactive: str = "stop"  # "stop" or "skip": see the module docstring
+    block_active: torch.Tensor | None = None  # [L, tokens] bool under per-block placement, else None (nested)
     _order: torch.Tensor | None = field(default=None, repr=False)
     _active_counts: list[int] | None = field(default=None, repr=False)
     _rows_by_block: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _positions: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_depth(cls, depth: torch.Tensor, num_layers: int, leak_rate: float = 0.0) -> "Routing":
-        """A routing given each token's depth (tests, verification, the reference): counts read on demand."""
-        return cls(num_layers=num_layers, leak_rate=leak_rate, depth=depth)
+    def from_depth(cls, depth: torch.Tensor, num_layers: int, leak_rate: float = 0.0, inactive: str = "stop"
+                   ) -> "Routing":
+        """A nested routing given each token's depth (tests, verification): counts read on demand."""
+        return cls(num_layers=num_layers, leak_rate=leak_rate, depth=depth, inactive=inactive)
+
+    @classmethod
+    def from_block_active(cls, block_active: torch.Tensor, leak_rate: float = 0.0, inactive: str = "skip"
+                          ) -> "Routing":
+        """A per-block routing given each block's active tokens (``[L, *token grid]`` bool)."""
+        L = block_active.shape[0]
+        r = cls(num_layers=L, leak_rate=leak_rate, depth=block_active.long().sum(0), inactive=inactive)
+        r.block_active = block_active.reshape(L, -1).bool()
+        return r
+
+    @property
+    def skip(self) -> bool:
+        return self.inactive == "skip"
 
     @property
     def ready(self) -> bool:
@@ -73,8 +120,27 @@ class Routing:
                 "The routed model's forward must return logits (a tensor, a tuple starting with logits, "
                 "or an object with .logits) and finish before backward.")
 
+    def gate_keys(self, block_index: int) -> tuple[torch.Tensor, int]:
+        """``(keys, threshold)``: a row is active in ``block_index`` when its key is above the threshold."""
+        self._require()
+        if self.block_active is not None:
+            return self.block_active[block_index].to(torch.int32), 0
+        return self.depth.reshape(-1), self.num_layers - 1 - block_index
+
+    def inactive_mask(self, block_index: int) -> torch.Tensor:
+        """Bool per row (flattened tokens): inactive in ``block_index``."""
+        keys, threshold = self.gate_keys(block_index)
+        return keys <= threshold
+
+    def gate(self, grad: torch.Tensor, block_index: int) -> torch.Tensor:
+        """``grad`` (rows = tokens) with the rows inactive in ``block_index`` scaled by the leak (0 by default)."""
+        from .gate import gate_rows
+
+        keys, threshold = self.gate_keys(block_index)
+        return gate_rows(grad, keys, threshold, self.leak_rate)
+
     def threshold(self, block_index: int) -> int:
-        """Tokens with depth strictly above this value are active in ``block_index``."""
+        """Nested placement: tokens with depth strictly above this value are active in ``block_index``."""
         return self.num_layers - 1 - block_index
 
     def flat_depth(self) -> torch.Tensor:
@@ -88,9 +154,9 @@ class Routing:
     def set_counts(self, counts: Sequence[int], counts_on_device: torch.Tensor) -> None:
         """Every block's active count, computed on the host (:func:`block_counts`): no synchronisation.
 
-        ``counts_on_device``: the same numbers on the depth's device. Block ``i``'s rows are then the first
-        ``counts[i]`` of the tokens sorted by depth, deepest first, and ``depth`` becomes the depth that
-        this gives each token: the same, except where tokens raised to full depth (non-finite logits)
+        Nested placement only. ``counts_on_device``: the same numbers on the depth's device. Block ``i``'s rows
+        are then the first ``counts[i]`` of the tokens sorted by depth, deepest first, and ``depth`` becomes the
+        depth that this gives each token: the same, except where tokens raised to full depth (non-finite logits)
         outnumber the room the counts leave: those keep less depth, and ``depth`` says how much.
         """
         if len(counts) != self.num_layers:
@@ -106,12 +172,21 @@ class Routing:
         depth = self.num_layers - torch.searchsorted(counts_on_device, position, right=True)
         self.depth = depth.view(self.depth.shape)
 
+    def set_block_rows(self, rows: Sequence[torch.Tensor]) -> None:
+        """Per-block placement: each block's active rows (flat token indices), their counts known on the host."""
+        if len(rows) != self.num_layers:
+            raise ValueError(f"cggr: {len(rows)} row sets for {self.num_layers} blocks")
+        self._rows_by_block = dict(enumerate(rows))
+        self._active_counts = [int(r.numel()) for r in rows]
+
     @property
     def counts_known(self) -> bool:
         return self._active_counts is not None
 
     def active_counts_tensor(self) -> torch.Tensor:
         """Rows active in each block, bottom first, as a device tensor (no synchronisation)."""
+        if self.block_active is not None:
+            return self.block_active.long().sum(1)
         d = self.flat_depth()
         L = self.num_layers
         hist = torch.zeros(L + 2, dtype=torch.long, device=d.device)
@@ -134,13 +209,16 @@ class Routing:
         return self._active_counts[block_index]
 
     def active_rows(self, block_index: int) -> torch.Tensor:
-        """Indices (into the flattened tokens) of the rows active in ``block_index``, deepest first."""
+        """Indices (into the flattened tokens) of the rows active in ``block_index`` (nested: deepest first)."""
         rows = self._rows_by_block.get(block_index)
         if rows is None:
-            n = self.active_count(block_index)
-            if self._order is None:  # rows sorted by depth, deepest first: block i's rows are a prefix
-                self._order = torch.sort(self.flat_depth(), descending=True, stable=True).indices
-            rows = self._order[:n]
+            if self.block_active is not None:
+                rows = torch.nonzero(self.block_active[block_index]).reshape(-1)  # a read-back: tests only
+            else:
+                n = self.active_count(block_index)
+                if self._order is None:  # rows sorted by depth, deepest first: block i's rows are a prefix
+                    self._order = torch.sort(self.flat_depth(), descending=True, stable=True).indices
+                rows = self._order[:n]
             self._rows_by_block[block_index] = rows
         return rows
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 
-from .gate import gate_rows
 from .routing import Routing
 
 
@@ -83,7 +82,7 @@ class RoutedLinear(torch.autograd.Function):
         leak = routing.leak_rate
         n_active = n if leak > 0 else routing.active_count(i)
         if leak > 0:
-            g2 = gate_rows(g2, routing.flat_depth(), routing.threshold(i), leak)
+            g2 = routing.gate(g2, i)
         gx = gw = gb = None
         if n_active == n:  # every row active (or leaking): the dense backward
             if need_x:
@@ -133,4 +132,27 @@ class GateRows(torch.autograd.Function):
             raise RuntimeError(
                 f"cggr: block {ctx.block_index} output has {g.numel() // max(1, g.shape[-1])} rows "
                 f"but the batch has {r.num_rows} tokens")
-        return gate_rows(g, r.flat_depth(), r.threshold(ctx.block_index), r.leak_rate), None, None
+        return r.gate(g, ctx.block_index), None, None
+
+
+class SkipRows(torch.autograd.Function):
+    """Skip semantics at a block's output (DESIGN.md §1): identity in forward; in backward the gradient rows of
+    tokens inactive in ``block_index`` go to the block's *input* (the residual stream) instead of into the
+    block (by ``1 - leak_rate``; the block keeps ``leak_rate`` of them). Active rows are untouched.
+
+    ``y``: the block output; ``x``: the block input, of the same shape.
+    """
+
+    @staticmethod
+    def forward(ctx, y, x, routing: Routing, block_index: int):
+        ctx.routing, ctx.block_index, ctx.x_dtype = routing, block_index, x.dtype
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        r: Routing = ctx.routing
+        if g.numel() // max(1, g.shape[-1]) != r.num_rows:
+            raise RuntimeError(f"cggr: block {ctx.block_index} output has {g.numel() // max(1, g.shape[-1])} rows "
+                               f"but the batch has {r.num_rows} tokens")
+        into_block = r.gate(g, ctx.block_index)
+        return into_block, (g - into_block).to(ctx.x_dtype), None, None

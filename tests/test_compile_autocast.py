@@ -8,7 +8,6 @@
 """
 
 import copy
-import inspect
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from cggr.adapters import find_layer_stack
 from tiny import TinyLM, flat_grads, hf_model, rel_err
 
 VOCAB = 97
-_HAS_BACKWARD_OPTION = "backward" in inspect.signature(cggr.attach).parameters
+_HAS_BACKWARD_OPTION = "backward" in cggr.config.OPTION_NAMES
 _BACKWARDS = ["generic", "auto"] if _HAS_BACKWARD_OPTION else [None]
 
 

@@ -3,7 +3,6 @@
 model taken before attaching (a deep copy of an attached model shares its routing)."""
 
 import copy
-import inspect
 import logging
 import os
 import subprocess
@@ -50,7 +49,7 @@ def _batch(seed, batch=2, seq=12, pad_from=None):
 
 # The committed core has one routed backward; a core with ``attach(..., backward=)`` has the generic per-linear one
 # and a compacted per-family one ("auto", taken by Llama blocks). Both are checked where they exist.
-_HAS_BACKWARD_OPTION = "backward" in inspect.signature(cggr.attach).parameters
+_HAS_BACKWARD_OPTION = "backward" in cggr.config.OPTION_NAMES
 _BACKWARDS = ["generic", "auto"] if _HAS_BACKWARD_OPTION else [None]
 
 

@@ -490,15 +490,32 @@ def test_routing_is_cleared_when_the_forward_raises():
     assert router.current_routing() is None
 
 
-def test_peft_after_attach_is_refused():
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_peft_after_attach_reinstalls_the_routing_and_stays_exact(kind, caplog):
+    """get_peft_model after attach adds modules cggr never patched: the routing is installed anew on them, and
+    the LoRA gradients equal the reference's."""
     peft = pytest.importorskip("peft")
+    targets = ["q_proj", "v_proj"] if kind == "llama" else ["c_attn"]
+    lora = dict(r=4, target_modules=targets, init_lora_weights=False)
     torch.manual_seed(0)
-    model = hf_model("llama")
-    cggr.attach(model, warmup_steps=0)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    ids = torch.randint(0, 61, (2, 7))
-    with pytest.raises(RuntimeError, match="get_peft_model first, then cggr.attach"):
-        model(input_ids=ids, labels=ids)
+    base = hf_model(kind)
+    plain_base = copy.deepcopy(base)
+    router = cggr.attach(base, warmup_steps=0)
+    torch.manual_seed(1)
+    model = peft.get_peft_model(base, peft.LoraConfig(**lora))
+    torch.manual_seed(1)
+    ref = peft.get_peft_model(plain_base, peft.LoraConfig(**lora))
+    ids = torch.randint(0, 61, (2, 9))
+    with caplog.at_level(logging.WARNING, logger="cggr"):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert "installed its routing on them anew" in caplog.text
+    with cggr.reference_routing(find_layer_stack(ref.base_model.model)[1], router.routing.depth):
+        ref(input_ids=ids, labels=ids).loss.backward()
+    got = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+    want = {n: p.grad for n, p in ref.named_parameters() if "lora_" in n}
+    assert got and got.keys() == want.keys()
+    for n in want:
+        assert rel_err(got[n], want[n]) < TOL, n
 
 
 def test_causal_lm_inside_another_module_needs_label_shift():

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..config import RoutingConfig, resolve_config
+from ..config import OPTION_NAMES, RoutingConfig, resolve_config
 
 METRIC_PREFIX = "cggr/"
 
@@ -35,6 +35,11 @@ class CallbackOptions:
         # Every check now; the trainer's length stands in for total_steps until it is known.
         self.checked = resolve_config(config, {**overrides, "total_steps": handback} if self.wants_length
                                       else overrides, owner)
+
+    @property
+    def by_name(self) -> dict[str, Any]:
+        """Every option by name, as checked (``total_steps`` as given: the trainer may fill it in later)."""
+        return {f: (self.overrides.get(f) if f == "total_steps" else getattr(self.checked, f)) for f in OPTION_NAMES}
 
     def resolve(self, total_steps: int | None) -> RoutingConfig:
         """The config to attach with; ``total_steps``: the trainer's length of training, in optimizer steps."""

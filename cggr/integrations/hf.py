@@ -76,6 +76,11 @@ class CGGRCallback(TrainerCallback):
         self.log_metrics = log_metrics
         self.router: Router | None = None
 
+    @property
+    def attach_kwargs(self) -> dict[str, Any]:
+        """The cggr options this callback attaches with, by name."""
+        return self.options.by_name
+
     def install(self, trainer) -> "CGGRCallback":
         """Add this callback to ``trainer`` ahead of the reporting integrations, so they log ``cggr/`` metrics."""
         callbacks = trainer.callback_handler.callbacks

@@ -92,6 +92,11 @@ class CGGRLightningCallback(Callback):
         self._trainer = None  # set at setup: handback_steps may need its length of training
 
     @property
+    def attach_kwargs(self) -> dict[str, Any]:
+        """The cggr options this callback attaches with, by name."""
+        return self.options.by_name
+
+    @property
     def state_key(self) -> str:
         return self._generate_state_key(**{f.name: getattr(self.options.checked, f.name)
                                            for f in dataclasses.fields(self.options.checked)
