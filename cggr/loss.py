@@ -65,6 +65,10 @@ class LossWithScores(NamedTuple):
 # --------------------------------------------------------------------------- arguments
 
 
+def _shape_of(t) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 def _validate(hidden, weight, labels, bias, ignore_index, reduction, shift_labels, chunk_rows) -> None:
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
         raise TypeError("hidden must be a floating-point tensor [..., D], got "
@@ -72,8 +76,7 @@ def _validate(hidden, weight, labels, bias, ignore_index, reduction, shift_label
     if hidden.dim() < 1:
         raise ValueError("hidden must have a last (hidden-size) dimension, got a 0-d tensor")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError("weight must be the LM head's 2-D weight [V, D], got "
-                         + (f"shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else type(weight).__name__))
+        raise ValueError(f"weight must be the LM head's 2-D weight [V, D], got {_shape_of(weight)}")
     V, D = weight.shape
     if V < 1:
         raise ValueError("weight must have at least one row (vocabulary entry), got shape (0, D)")
@@ -84,8 +87,7 @@ def _validate(hidden, weight, labels, bias, ignore_index, reduction, shift_label
                         "or run under torch.autocast")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (V,):
-            raise ValueError(f"bias must be None or a tensor of shape ({V},), got "
-                             + (f"shape {tuple(bias.shape)}" if isinstance(bias, torch.Tensor) else type(bias).__name__))
+            raise ValueError(f"bias must be None or a tensor of shape ({V},), got {_shape_of(bias)}")
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias's dtype ({bias.dtype}) must equal hidden's ({hidden.dtype})")
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() \
