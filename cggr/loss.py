@@ -362,7 +362,9 @@ def linear_cross_entropy(
         reduction: ``"mean"`` over tokens whose label is not ``ignore_index``
             (NaN when there is none, as ``F.cross_entropy``; the gradients are
             then zero), ``"sum"`` (0 when there is none), or ``"none"`` (per
-            token, shaped like ``labels``, 0 at ignored tokens).
+            token, shaped like ``labels``, 0 at ignored tokens). For Hugging
+            Face's ``num_items_in_batch`` (gradient accumulation), take the
+            ``"sum"`` and divide it by that count.
         shift_labels: label convention. ``False`` (default): the logits at
             position t are scored against ``labels[..., t]`` (already-shifted
             labels, as ``F.cross_entropy`` and Liger take them). ``True``: Hugging

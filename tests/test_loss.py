@@ -381,6 +381,28 @@ def test_strided_inputs(backend, monkeypatch):
         _assert_close_scaled(a, r, torch.float32, f"grad {name}")
 
 
+def test_hf_causal_lm_loss_and_gradients(monkeypatch):
+    """On a tiny HF Llama: the model's own loss (labels shifted inside) and every parameter's gradient."""
+    pytest.importorskip("transformers")
+    from tiny import hf_model
+
+    _backend(monkeypatch, "torch")
+    model = hf_model("llama", layers=2, vocab=97)
+    g = _gen(101)
+    ids = torch.randint(0, 97, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100                                        # e.g. a masked prompt
+    out = model(input_ids=ids, labels=labels)
+    ref_grads = torch.autograd.grad(out.loss, list(model.parameters()))
+    hidden = model.model(input_ids=ids).last_hidden_state
+    got = linear_cross_entropy(hidden, model.lm_head.weight, labels, shift_labels=True, chunk_rows=5)
+    torch.testing.assert_close(got.loss, out.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.scores.difficulty, cl.entropy_confidence_reference(out.logits).difficulty,
+                               rtol=1e-5, atol=1e-6)
+    for p, a, r in zip(model.parameters(), torch.autograd.grad(got.loss, list(model.parameters())), ref_grads):
+        _assert_close_scaled(a, r, torch.float32, f"grad {tuple(p.shape)}")
+
+
 def test_autocast_matches_reference(monkeypatch):
     """Under CPU autocast (bf16) fp32 parameters are cast as F.linear would cast them."""
     _backend(monkeypatch, "torch")
