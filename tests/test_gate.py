@@ -189,5 +189,5 @@ def test_cuda_dispatch_stays_differentiable_for_double_backward():
     assert out.requires_grad
     (back,) = torch.autograd.grad(out, grad, torch.ones_like(out))
     assert torch.equal(back.cpu(), gate_rows_reference(torch.ones(7, 6), depth.cpu(), 1, 0.3))
-    with torch.no_grad():
-        assert torch.equal(gate_rows(grad, depth, 1, 0.3).cpu(), gate_rows_reference(grad.detach(), depth, 1, 0.3).cpu())
+    with torch.no_grad():  # the kernel (rounding as the reference does: bit-exact on CUDA)
+        assert torch.equal(gate_rows(grad, depth, 1, 0.3), gate_rows_reference(grad, depth, 1, 0.3))
