@@ -12,6 +12,13 @@ from __future__ import annotations
 import torch
 
 
+def _check_rows(grad: torch.Tensor, rows: int) -> None:
+    """``grad`` must split into ``rows`` rows of equal length (and be empty when there is no row)."""
+    fits = grad.numel() % rows == 0 if rows else grad.numel() == 0
+    if not fits:
+        raise ValueError(f"grad of shape {tuple(grad.shape)} does not split into {rows} rows (one per depth)")
+
+
 def gate_rows_reference(grad: torch.Tensor, depth: torch.Tensor, threshold: int, leak_rate: float) -> torch.Tensor:
     """``grad`` with rows whose ``depth <= threshold`` scaled by ``leak_rate``.
 
@@ -20,7 +27,8 @@ def gate_rows_reference(grad: torch.Tensor, depth: torch.Tensor, threshold: int,
     tensor of ``grad``'s shape and dtype.
     """
     rows = depth.numel()
-    g = grad.reshape(rows, -1)
+    _check_rows(grad, rows)
+    g = grad.reshape(rows, grad.numel() // rows if rows else 0)
     keep = (depth.reshape(rows, 1) > threshold)
     scale = torch.where(keep, torch.ones((), dtype=g.dtype, device=g.device),
                         torch.full((), leak_rate, dtype=g.dtype, device=g.device))
@@ -28,8 +36,12 @@ def gate_rows_reference(grad: torch.Tensor, depth: torch.Tensor, threshold: int,
 
 
 def gate_rows(grad: torch.Tensor, depth: torch.Tensor, threshold: int, leak_rate: float) -> torch.Tensor:
-    """Dispatch: the Triton kernel on CUDA when available, else the reference."""
-    if grad.is_cuda:
+    """Dispatch: the Triton kernel on CUDA when available, else the reference.
+
+    The kernel is not differentiable; where the result must be (a backward with ``create_graph=True``, whose
+    incoming gradient requires grad), the reference runs, so that a double backward stays exact.
+    """
+    if grad.is_cuda and not (grad.requires_grad and torch.is_grad_enabled()):
         from .kernels import triton_available
 
         if triton_available():

@@ -61,6 +61,7 @@ class RoutedLinear(torch.autograd.Function):
         ctx.weight_in_out = weight_in_out
         ctx.has_bias = bias is not None
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.cast = xc is not x or wc is not weight  # saved copies (a cast bias is not saved)
         return y
 
     @staticmethod
@@ -76,6 +77,13 @@ class RoutedLinear(torch.autograd.Function):
             raise RuntimeError(
                 f"cggr: a routed linear in block {i} saw {x2.shape[0]} rows but the batch has {n} tokens; "
                 "this block cannot be routed row by row")
+        if ctx.cast and torch.is_grad_enabled():
+            # A create_graph backward differentiates this one; the cast copies saved in forward carry no graph
+            # back to the input and weights, so the second derivative would silently miss their terms.
+            raise RuntimeError(
+                f"cggr: a double backward (create_graph=True) through the routed linear in block {i} is not "
+                "supported when its forward cast the input or weights (autocast, or weights in another dtype "
+                "than the input): run that forward outside autocast, with input and weights in one dtype")
         # w as [out, in] for the maths below
         w_oi = w.t() if ctx.weight_in_out else w
 

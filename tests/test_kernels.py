@@ -1,4 +1,6 @@
-"""Every Triton kernel against its PyTorch reference, on random and adversarial inputs.
+"""The scoring and bucketing Triton kernels against their PyTorch references, on random and adversarial inputs.
+
+(The gate kernel is tested in test_gate.py, beside its reference.)
 
 By default the kernels run on the CPU under Triton's interpreter
 (``TRITON_INTERPRET=1``, set below before Triton is imported). On a GPU
@@ -19,9 +21,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from cggr.bucketing import rank_buckets_reference  # noqa: E402
-from cggr.gate import gate_rows_reference  # noqa: E402
 from cggr.kernels.bucketing import _rank_buckets, rank_buckets_triton  # noqa: E402
-from cggr.kernels.gate import gate_rows_triton  # noqa: E402
 from cggr.kernels.scoring import _entropy_confidence, entropy_confidence_triton as _triton_scores  # noqa: E402
 from cggr.scoring import Scores  # noqa: E402
 
@@ -235,42 +235,3 @@ def test_buckets_dtypes_and_shapes(dtype):
     valid = (torch.rand(3, 7, 29, generator=g) > 0.25).to(torch.int32)  # a numeric mask
     _check_buckets(scores.to(DEVICE), valid.to(DEVICE), 4, exact=True)
 
-
-# --------------------------------------------------------------------------- gate
-
-def _assert_gate(got, ref):
-    assert got.dtype == ref.dtype and got.shape == ref.shape and got.is_contiguous()
-    if INTERPRET and got.dtype == torch.bfloat16:
-        # The interpreter rounds fp32 -> bf16 toward zero (CUDA rounds to nearest
-        # even and is bit-exact): allow one bf16 ulp there.
-        torch.testing.assert_close(got.cpu(), ref.cpu(), rtol=2**-7, atol=0, equal_nan=True)
-    else:
-        torch.testing.assert_close(got.cpu(), ref.cpu(), rtol=0, atol=0, equal_nan=True)
-
-
-@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
-@pytest.mark.parametrize("shape", [(1, 1), (37, 5), (3, 11, 130), (4, 2500)])
-def test_gate_matches_reference(shape, dtype):
-    g = _gen("gate", shape, dtype)
-    grad = torch.randn(shape, generator=g).to(dtype).to(DEVICE)
-    depth = torch.randint(0, 6, shape[:-1], generator=g).to(DEVICE)
-    for threshold in (-1, 0, 2, 5):
-        for leak in (0.0, 0.3):
-            _assert_gate(gate_rows_triton(grad, depth, threshold, leak), gate_rows_reference(grad, depth, threshold, leak))
-
-
-def test_gate_layouts_and_specials():
-    g = _gen("gate-layouts")
-    grad = torch.randn(8, 12, 64, generator=g).to(DEVICE)
-    depth = torch.randint(0, 4, (12, 8), generator=g, dtype=torch.int32).to(DEVICE)
-    t = grad.transpose(0, 1)  # non-contiguous, [12, 8, 64] rows
-    _assert_gate(gate_rows_triton(t, depth, 1, 0.5), gate_rows_reference(t, depth, 1, 0.5))
-    flat = torch.randn(12 * 8 * 64, generator=g).to(DEVICE)  # rows inferred from depth.numel()
-    _assert_gate(gate_rows_triton(flat, depth, 2, 0.0), gate_rows_reference(flat, depth, 2, 0.0))
-    special = torch.tensor([[float("inf"), float("nan"), -0.0, 1.0]] * 3, device=DEVICE)
-    d = torch.tensor([0, 5, 1], device=DEVICE)
-    _assert_gate(gate_rows_triton(special, d, 1, 0.0), gate_rows_reference(special, d, 1, 0.0))
-    out = gate_rows_triton(grad, depth.T, 10, 0.0)
-    assert out.data_ptr() != grad.data_ptr() and not out.any()
-    with pytest.raises(ValueError):
-        gate_rows_triton(torch.randn(10, 3, device=DEVICE), torch.zeros(4, dtype=torch.long, device=DEVICE), 0, 0.0)

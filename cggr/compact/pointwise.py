@@ -23,17 +23,22 @@ import torch
 logger = logging.getLogger("cggr")
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the precision the pieces compute in: fp32, or fp64 for fp64 tensors (not rounded down)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def swiglu_backward(dm: torch.Tensor, g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor):
     """Rows ``idx`` of ``m = silu(g) * u``, and its input gradients given ``dm`` (active rows).
 
     Returns ``(m_a, dg_a, du_a)`` in ``dm``'s dtype.
     """
     dt = dm.dtype
-    ga = g[idx].float()
-    ua = u[idx].float()
+    ga = _acc(g[idx])
+    ua = _acc(u[idx])
     sig = torch.sigmoid(ga)
-    act = (ga * sig).to(dt).float()  # the layer's forward rounds silu(g) to the activation dtype
-    dmf = dm.float()
+    act = _acc((ga * sig).to(dt))  # the layer's forward rounds silu(g) to the activation dtype
+    dmf = _acc(dm)
     m_a = act * ua
     du = dmf * act
     dg = dmf * ua * (sig * (1.0 + ga * (1.0 - sig)))
@@ -42,21 +47,21 @@ def swiglu_backward(dm: torch.Tensor, g: torch.Tensor, u: torch.Tensor, idx: tor
 
 def rms_rows(x: torch.Tensor, rstd: torch.Tensor, w: torch.Tensor, idx: torch.Tensor):
     """Rows ``idx`` of ``w * (x * rstd).to(x.dtype)`` (an RMSNorm output, recomputed)."""
-    return w * (x[idx].float() * rstd[idx]).to(x.dtype)
+    return w * (_acc(x[idx]) * rstd[idx]).to(x.dtype)
 
 
 def rms_backward_add(dout: torch.Tensor, residual: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor,
                      w: torch.Tensor, idx: torch.Tensor):
-    """``residual + d(RMSNorm)/dx · dout`` on rows ``idx``, and the norm weight's gradient (fp32).
+    """``residual + d(RMSNorm)/dx · dout`` on rows ``idx``, and the norm weight's gradient (fp32; fp64 for fp64).
 
     Backward of ``w * (x * rstd).to(dtype)`` with ``rstd = rsqrt(mean(x^2) + eps)``.
     """
-    xhat = x[idx].float() * rstd[idx]
-    dof = dout.float()
-    dw = (dof * xhat.to(x.dtype).float()).sum(0)
-    dxhat = dof * w.float()
+    xhat = _acc(x[idx]) * rstd[idx]
+    dof = _acc(dout)
+    dw = (dof * _acc(xhat.to(x.dtype))).sum(0)
+    dxhat = dof * _acc(w)
     dx = rstd[idx] * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
-    return (residual.float() + dx).to(dout.dtype), dw
+    return (_acc(residual) + dx).to(dout.dtype), dw
 
 
 def rope_backward(dt_heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bi: torch.Tensor,
@@ -67,19 +72,19 @@ def rope_backward(dt_heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     ``dt = dt'*cos + rotate_half^T(dt'*sin)`` with ``rotate_half^T([a, b]) = [b, -a]``.
     Returns ``[n, heads * hd]``.
     """
-    t = dt_heads[bi, :, si].float()  # [n, heads, hd]
-    c = cos[bi, si].float().unsqueeze(1)
-    s = sin[bi, si].float().unsqueeze(1)
+    t = _acc(dt_heads[bi, :, si])  # [n, heads, hd]
+    c = _acc(cos[bi, si]).unsqueeze(1)
+    s = _acc(sin[bi, si]).unsqueeze(1)
     ts = t * s
     half = ts.shape[-1] // 2
     rot_t = torch.cat((ts[..., half:], -ts[..., :half]), dim=-1)
-    return (t * c + rot_t).to(dt_heads.dtype).reshape(t.shape[0], -1)
+    return (t * c + rot_t).to(dt_heads.dtype).reshape(t.shape[0], t.shape[1] * t.shape[2])  # n may be 0
 
 
 def head_rows(t_heads: torch.Tensor, bi: torch.Tensor, si: torch.Tensor):
     """Rows ``(bi, si)`` of a ``[B, heads, S, hd]`` tensor as ``[n, heads * hd]``."""
     t = t_heads[bi, :, si]
-    return t.reshape(t.shape[0], -1)
+    return t.reshape(t.shape[0], t.shape[1] * t.shape[2])  # not (n, -1): n may be 0
 
 
 def mlp_rows(dm: torch.Tensor, g: torch.Tensor, u: torch.Tensor, h: torch.Tensor, rstd: torch.Tensor,
@@ -101,29 +106,30 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 
 def gelu_tanh_rows(dact: torch.Tensor, f: torch.Tensor, idx: torch.Tensor):
     """Rows ``idx`` of ``gelu_tanh(f)`` and ``d/df`` given ``dact``: ``(act_a, df_a)`` in ``dact``'s dtype."""
-    fa = f[idx].float()
+    fa = _acc(f[idx])
     t = torch.tanh(_GELU_C * (fa + 0.044715 * fa * fa * fa))
     act = 0.5 * fa * (1.0 + t)
     grad = 0.5 * (1.0 + t) + 0.5 * fa * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * 0.044715 * fa * fa)
-    return act.to(dact.dtype), (dact.float() * grad).to(dact.dtype)
+    return act.to(dact.dtype), (_acc(dact) * grad).to(dact.dtype)
 
 
 def layer_norm_rows(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
                     idx: torch.Tensor):
-    """Rows ``idx`` of ``LayerNorm(x)`` from saved fp32 statistics."""
-    return ((x[idx].float() - mean[idx]) * rstd[idx] * w.float() + b.float()).to(x.dtype)
+    """Rows ``idx`` of ``LayerNorm(x)`` from saved statistics (fp32, or fp64 for fp64 inputs)."""
+    return ((_acc(x[idx]) - mean[idx]) * rstd[idx] * _acc(w) + _acc(b)).to(x.dtype)
 
 
 def layer_norm_backward_add(dout: torch.Tensor, residual: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
                             rstd: torch.Tensor, w: torch.Tensor, idx: torch.Tensor):
-    """``residual + d(LayerNorm)/dx · dout`` on rows ``idx``, and the weight and bias gradients (fp32)."""
-    xhat = (x[idx].float() - mean[idx]) * rstd[idx]
-    dof = dout.float()
+    """``residual + d(LayerNorm)/dx · dout`` on rows ``idx``, and the weight and bias gradients (fp32; fp64 for
+    fp64)."""
+    xhat = (_acc(x[idx]) - mean[idx]) * rstd[idx]
+    dof = _acc(dout)
     dw = (dof * xhat).sum(0)
     db = dof.sum(0)
-    dxhat = dof * w.float()
+    dxhat = dof * _acc(w)
     dx = rstd[idx] * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
-    return (residual.float() + dx).to(dout.dtype), dw, db
+    return (_acc(residual) + dx).to(dout.dtype), dw, db
 
 
 @functools.lru_cache(maxsize=None)

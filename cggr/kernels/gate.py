@@ -13,12 +13,14 @@ which is what PyTorch's elementwise multiply does for half types.
 
 from __future__ import annotations
 
-from ..env import triton_interpret
 import struct
 
 import torch
 import triton
 import triton.language as tl
+
+from ..env import triton_interpret
+from ..gate import _check_rows
 
 
 @triton.jit(do_not_specialize=["threshold", "leak_bits"])
@@ -68,10 +70,9 @@ def gate_rows_triton(grad: torch.Tensor, depth: torch.Tensor, threshold: int, le
     if not grad.is_floating_point():
         raise TypeError(f"grad must be a floating-point tensor, got {grad.dtype}")
     rows = depth.numel()
+    _check_rows(grad, rows)
     if rows == 0 or grad.numel() == 0:
         return torch.empty_like(grad, memory_format=torch.contiguous_format)
-    if grad.numel() % rows:
-        raise ValueError(f"grad of shape {tuple(grad.shape)} does not split into {rows} rows")
     H = grad.numel() // rows
     g = grad.contiguous()
     d = depth.reshape(-1)
