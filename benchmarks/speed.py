@@ -330,11 +330,30 @@ def measure(a, name, arm, ck):
                 precision=a.precision, steps=a.steps, warmup=a.warmup, error=error, failed_at="process")
 
 
+def run_group(a, env, name, ck, arms, group, records, save):
+    """Measure ``arms`` of one configuration, one process each, saving the results after every arm."""
+    for arm in arms:
+        t0 = time.time()
+        rec = measure(a, name, arm, ck)
+        rec.update(env)
+        group.append(rec)
+        records.append(rec)
+        add_speedups(group)
+        save()  # after every arm: a run stopped by a time limit keeps what it measured
+        peak = "" if rec.get("peak_mem_gib") is None else f", peak {rec['peak_mem_gib']:.2f} GiB"
+        state = (f"{rec['step_ms_median']:.1f} ms{peak}" if rec.get("step_ms_median") else
+                 f"SKIPPED ({rec['skipped']})" if rec.get("skipped") else
+                 f"FAILED at {rec.get('failed_at')}: {rec['error'].splitlines()[0][:200]}")
+        print(f"== {name} ckpt={ck} {arm}: {state} ({time.time() - t0:.0f}s)", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="125M,350M,1B,gpt2-124M", help=f"comma-separated, of {', '.join(MODELS)}")
-    p.add_argument("--arms", default="eager,compile,liger,cggr,full,light,compile+cggr,liger+cggr",
-                   help="comma-separated, in the order they run, of: " + "; ".join(f"{k} = {v.doc}" for k, v in ARMS.items()))
+    p.add_argument("--arms", default="eager,compile,liger,cggr/full,light,compile+cggr,liger+cggr",
+                   help="comma-separated, in the order they run; '/' separates tiers: every model runs the first "
+                        "tier before any model runs the next (a time limit then cuts the least important arms). "
+                        "Arms: " + "; ".join(f"{k} = {v.doc}" for k, v in ARMS.items()))
     p.add_argument("--steps", type=int, default=12, help="timed steps per arm (the median is reported)")
     p.add_argument("--warmup", type=int, default=6, help="untimed steps first (compilation happens here)")
     p.add_argument("--checkpointing", default="off", choices=["off", "on", "both"])
@@ -347,7 +366,9 @@ def main(argv=None):
     p.add_argument("--profile-dir", default=None, help="where profile tables go (default --out)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one arm, write its record here
     a = p.parse_args(argv)
-    models, arms = a.models.split(","), a.arms.split(",")
+    models = a.models.split(",")
+    tiers = [tier.split(",") for tier in a.arms.split("/")]
+    arms = [arm for tier in tiers for arm in tier]
     for kind, names, known in (("--models", models, MODELS), ("--arms", arms, ARMS)):
         unknown = [n for n in names if n not in known]
         if unknown:
@@ -378,23 +399,11 @@ def main(argv=None):
             json.dump(out, f, indent=1)
         return out
 
-    for name in models:
-        for ck in ckpts:
-            group = []
-            for arm in arms:
-                t0 = time.time()
-                rec = measure(a, name, arm, ck)
-                rec.update(env)
-                group.append(rec)
-                records.append(rec)
-                add_speedups(group)
-                save()  # after every arm: a run stopped by a time limit keeps what it measured
-                peak = "" if rec.get("peak_mem_gib") is None else f", peak {rec['peak_mem_gib']:.2f} GiB"
-                state = (f"{rec['step_ms_median']:.1f} ms{peak}"
-                         if rec.get("step_ms_median") else
-                         f"SKIPPED ({rec['skipped']})" if rec.get("skipped") else
-                         f"FAILED at {rec.get('failed_at')}: {rec['error'].splitlines()[0][:200]}")
-                print(f"== {name} ckpt={ck} {arm}: {state} ({time.time() - t0:.0f}s)", flush=True)
+    groups = {}  # (model, checkpointing): its records so far; the best dense arm is the best of the group
+    for tier in tiers:  # every model runs the first tier before any runs the second
+        for name in models:
+            for ck in ckpts:
+                run_group(a, env, name, ck, tier, groups.setdefault((name, ck), []), records, save)
     table = speed_table(save())  # the README's table, from the same function
     with open(os.path.join(a.out, f"speed-{slug}.md"), "w") as f:
         f.write(table + "\n")
