@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -53,7 +52,6 @@ MODELS = {  # name: (hidden, layers, heads, mlp, batch, seq); Llama-style unless
     "tiny": (64, 4, 4, 176, 2, 64),  # the CPU smoke test's
 }
 VOCAB = 32000
-TINY_VOCAB = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,9 +119,8 @@ def build(name, seed=0, dtype=torch.bfloat16, device="cuda", shape=None):
     import transformers as tf
 
     hidden, layers, heads, mlp, _, _ = shape or MODELS[name]
-    vocab = TINY_VOCAB if name == "tiny" else VOCAB
     if name.startswith("gpt2"):
-        cfg = tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=mlp, vocab_size=vocab,
+        cfg = tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=mlp, vocab_size=VOCAB,
                             n_positions=4096, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
         cfg._attn_implementation = "sdpa"
         torch.manual_seed(seed)
@@ -131,7 +128,7 @@ def build(name, seed=0, dtype=torch.bfloat16, device="cuda", shape=None):
             model = tf.GPT2LMHeadModel(cfg)
         return model.to(dtype).train()
     cfg = tf.LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=VOCAB,
                          max_position_embeddings=4096, tie_word_embeddings=False)
     cfg._attn_implementation = "sdpa"
     cfg.use_cache = False
@@ -162,7 +159,6 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision
     from cggr.training import train_step
 
     hidden, layers, heads, mlp, batch, seq = MODELS[name]
-    vocab = TINY_VOCAB if name == "tiny" else VOCAB
     spec = ARMS[arm]
     # "bf16": bf16 weights; "autocast": fp32 weights under bf16 autocast (the HF Trainer's bf16=True)
     autocast = precision == "autocast"
@@ -173,7 +169,7 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision
     fraction = record["planned_depth_fraction"]
     record["flop_ratio_ceiling"] = None  # dense arms: no routing, no ceiling
     if spec.cggr is not None and fraction is not None:
-        record["flop_ratio_ceiling"] = round(flop_ratio_ceiling(hidden, layers, mlp, seq, vocab, fraction,
+        record["flop_ratio_ceiling"] = round(flop_ratio_ceiling(hidden, layers, mlp, seq, VOCAB, fraction,
                                                                 2 if name.startswith("gpt2") else 3), 3)
     stage = "build"
     try:
@@ -194,7 +190,7 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision
             stepped = torch.compile(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
         g = torch.Generator(device=device).manual_seed(1)
-        batches = [torch.randint(0, vocab, (batch, seq), device=device, generator=g) for _ in range(4)]
+        batches = [torch.randint(0, VOCAB, (batch, seq), device=device, generator=g) for _ in range(4)]
         cuda = device == "cuda"
         if cuda:
             torch.cuda.synchronize()
@@ -215,9 +211,10 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision
                 warm_s.append(time.perf_counter() - t0)
             else:
                 times.append(start.elapsed_time(end) if cuda else 1e3 * (time.perf_counter() - t0))
-        stage = "profile"
         if profile_dir:
+            stage = "profile"
             _profile(stepped, batches, opt, amp, profile_dir, f"{name} {arm} ckpt={checkpointing}")
+        stage = "router.metrics"
         metrics = router.metrics() if router is not None else {}
     except Skipped as e:
         return dict(record, skipped=str(e))
