@@ -146,3 +146,16 @@ def test_cpu_smoke_run(tmp_path):
         assert key in by["eager"]
     assert by["eager"]["gpu"] == "cpu" and "speed.py" in by["eager"]["command"]
     assert "| liger | skipped [1] |" in r.stdout and r.stdout.splitlines()[-1].startswith("| tiny | cggr |")
+
+
+def test_gpu_run_script_names_existing_arms_and_parses():
+    """benchmarks/gpu_run.sh is only ever run on the GPU machine: check here that bash parses it and that every
+    arm it asks for exists, the dense baselines first."""
+    path = os.path.join(ROOT, "benchmarks", "gpu_run.sh")
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    text = open(path).read()
+    arms = text.split('--arms "', 1)[1].split('"', 1)[0]
+    tiers = [t.split(",") for t in arms.split("/")]
+    assert all(arm in speed.ARMS for tier in tiers for arm in tier)
+    assert tiers[0][:3] == ["eager", "compile", "liger"] and "cggr" in tiers[0]
+    assert {"full", "light", "compile+cggr", "liger+cggr"} <= {arm for tier in tiers for arm in tier}
