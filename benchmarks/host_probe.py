@@ -6,7 +6,7 @@ time spent reading routing counts back from the device (``plan``: 0 when they co
 wall-clock of the step (CUDA-synchronised at its end) and the GPU's time between the same points (CUDA
 events). A phase whose host time matches its GPU time is bound by the host.
 
-    python benchmarks/host_probe.py 125M dense,random,full
+    python benchmarks/host_probe.py 125M eager,cggr,full
 """
 import os
 import statistics
@@ -35,8 +35,10 @@ def main(name: str, arms: list[str]) -> None:
     for arm in arms:
         model = speed.build(name)
         options = dict(num_buckets=4, warmup_steps=0)
-        options.update(speed.ARMS[arm] or {})
-        router = cggr.attach(model, **options) if speed.ARMS[arm] else None
+        if speed.ARMS[arm].base != "eager":
+            raise SystemExit(f"host_probe times HF eager models only, not {arm!r} ({speed.ARMS[arm].doc})")
+        options.update(speed.ARMS[arm].cggr or {})
+        router = cggr.attach(model, **options) if speed.ARMS[arm].cggr is not None else None
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         ids = torch.randint(0, speed.VOCAB, (batch, seq), device="cuda")
         rows = []
@@ -71,4 +73,4 @@ def main(name: str, arms: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "125M", (sys.argv[2] if len(sys.argv) > 2 else "dense,random,full").split(","))
+    main(sys.argv[1] if len(sys.argv) > 1 else "125M", (sys.argv[2] if len(sys.argv) > 2 else "eager,cggr,full").split(","))

@@ -35,17 +35,99 @@ def _source_line(records):
     return "Measured on " + "; ".join(parts) + "."
 
 
+def _cell(v, fmt, suffix=""):
+    return "—" if v is None else format(v, fmt) + suffix
+
+
+def _speed_model(r):
+    return r["model"] + (" (fp32 weights, bf16 autocast)" if r.get("precision") == "autocast" else "")
+
+
 def speed_table(records):
+    """The README's speed table: every arm against HF eager and against the fastest dense arm of its run.
+
+    Failed and skipped arms get a row that says so and a numbered note with the error or the reason.
+    Records from runs before the compile and Liger arms have no best-dense figure: "—", and a note.
+    """
     if not records:
         return "_No speed results committed yet._"
-    lines = ["| model | tokens/step | act. ckpt | arm | step ms (median) | tokens/s | peak GiB | speedup vs dense | FLOP-ratio ceiling |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | tokens/step | act. ckpt | arm | step ms (median) | tokens/s | peak GiB | vs HF eager | "
+             "vs best dense | FLOP-ratio ceiling |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    notes, legacy = {}, set()  # note text -> number; (gpu, rev) of runs measured against HF eager only
     for r in records:
-        model = r["model"] + (" (fp32 weights, bf16 autocast)" if r.get("precision") == "autocast" else "")
-        lines.append(f"| {model} | {r['batch']}x{r['seq']} | {'on' if r.get('checkpointing') else 'off'} | {r['arm']} | "
-                     f"{r['step_ms_median']:.1f} | {r['tokens_per_s']:,} | {r['peak_mem_gib']:.2f} | "
-                     f"{r['speedup_vs_dense']:.3f}x | {r['flop_ratio_ceiling']:.2f}x |")
-    return "\n".join(lines) + "\n\n" + _source_line(records)
+        head = f"| {_speed_model(r)} | {r['batch']}x{r['seq']} | {'on' if r.get('checkpointing') else 'off'} | {r['arm']} |"
+        if r.get("step_ms_median") is None:
+            if r.get("skipped"):
+                text, word = f"{r['arm']}: skipped: {r['skipped']}", "skipped"
+            else:
+                first = (r.get("error") or "no result").splitlines()[0]
+                text = f"{r['arm']}: failed at {r.get('failed_at', '?')}: {first[:240]}{'…' if len(first) > 240 else ''}"
+                word = "failed"
+            n = notes.setdefault(text, len(notes) + 1)
+            lines.append(f"{head} {word} [{n}] | — | — | — | — | {_cell(r.get('flop_ratio_ceiling'), '.2f', 'x')} |")
+            continue
+        if "speedup_vs_best_dense" in r:
+            best = _cell(r["speedup_vs_best_dense"], ".3f", "x")
+            if r["arm"] == r.get("best_dense_arm"):
+                best += " (best dense)"
+        else:
+            best = "—"
+            legacy.add((r.get("gpu"), (r.get("git_rev") or "?")[:7]))
+        lines.append(f"{head} {r['step_ms_median']:.1f} | {r['tokens_per_s']:,} | {_cell(r.get('peak_mem_gib'), '.2f')} | "
+                     f"{_cell(r.get('speedup_vs_dense'), '.3f', 'x')} | {best} | "
+                     f"{_cell(r.get('flop_ratio_ceiling'), '.2f', 'x')} |")
+    out = ["\n".join(lines), ""]
+    out += [f"[{n}] {text}" + "  " * (n < len(notes)) for text, n in notes.items()]
+    if legacy:
+        runs = "; ".join(f"{gpu}, rev {rev}" for gpu, rev in sorted(legacy, key=str))
+        out += ["" if notes else None, f"Rows with — under *vs best dense* come from runs whose only dense arm was HF eager "
+                f"(`dense`), measured against HF eager only ({runs}); there `cggr` routed by difficulty and `random` at "
+                "random."]
+    out += ["", _speed_source_line(records)]
+    return "\n".join(line for line in out if line is not None)
+
+
+def _speed_source_line(records):
+    seen = {(r.get("gpu"), r.get("torch"), r.get("transformers"), r.get("triton"), r.get("liger_kernel"), r.get("git_rev"))
+            for r in records}
+    parts = []
+    for gpu, t, tf, tr, liger, rev in sorted(seen, key=str):
+        extra = (f", transformers {tf}" if tf else "") + (f", Liger-Kernel {liger}" if liger else "")
+        parts.append(f"{gpu}, torch {t}{extra}, Triton {tr}, rev {(rev or '?')[:10]}")
+    return "Measured on " + "; ".join(parts) + "."
+
+
+def speed_summary(records):
+    """A short table (model, arm, step ms, against HF eager and against the best dense arm), printed last."""
+    lines = ["| model | arm | step ms | vs HF eager | vs best dense |", "|---|---|---:|---:|---:|"]
+    for r in records:
+        ms = r.get("step_ms_median")
+        state = (f"{ms:.1f}" if ms is not None else "skipped" if r.get("skipped") else "failed")
+        best = _cell(r.get("speedup_vs_best_dense"), ".3f", "x")
+        if ms is not None and r["arm"] == r.get("best_dense_arm"):
+            best += " (best dense)"
+        lines.append(f"| {_speed_model(r)}{' ckpt' if r.get('checkpointing') else ''} | {r['arm']} | {state} | "
+                     f"{_cell(r.get('speedup_vs_dense'), '.3f', 'x')} | {best} |")
+    return "\n".join(lines)
+
+
+def speed_headline(records):
+    """The README headline's sentence: cggr's step against the fastest dense arm of the same run."""
+    config = lambda r: (r.get("gpu"), r["model"], bool(r.get("checkpointing")), r.get("precision", "bf16"))
+    measured = {config(r) + (r["arm"],): r for r in records if r.get("step_ms_median") is not None}
+    runs = {}
+    for r in records:
+        if r["arm"] == "cggr" and r.get("speedup_vs_best_dense") is not None:
+            best = measured[config(r) + (r["best_dense_arm"],)]
+            runs.setdefault(r.get("gpu"), []).append(
+                f"{r['speedup_vs_best_dense']:.2f}x ({_speed_model(r)}{', act. ckpt' if r.get('checkpointing') else ''}: "
+                f"{r['step_ms_median']:.1f} ms against {best['arm']}'s {best['step_ms_median']:.1f} ms)")
+    if not runs:
+        return ("_No committed speed run has the `torch.compile` and Liger-Kernel dense arms yet: the speedups above "
+                "are against HF eager only._")
+    return "\n\n".join(f"On {gpu}, against the fastest dense arm of the same run (HF eager, `torch.compile` or "
+                        f"Liger-Kernel), a cggr step with 4 buckets at target depth runs at {', '.join(parts)}."
+                        for gpu, parts in sorted(runs.items(), key=str))
 
 
 def parallel_table(records) -> str:
@@ -168,9 +250,9 @@ def hf_trainer_table(records):
     return "\n\n".join(out)
 
 
-TABLES = {"speed": speed_table, "parallel": parallel_table, "kernels": kernels_table, "demo": demo_table, "quality": quality_table,
+TABLES = {"speed": speed_table, "speed-headline": speed_headline, "parallel": parallel_table, "kernels": kernels_table, "demo": demo_table, "quality": quality_table,
           "hf-trainer": hf_trainer_table}
-LOADERS = {"quality": _load_quality}
+LOADERS = {"quality": _load_quality, "speed-headline": lambda _name: _load("speed")}
 
 
 def render(readme: str) -> str:

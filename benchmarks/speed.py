@@ -1,28 +1,45 @@
-"""Step-time benchmark: dense training against cggr, side by side, one process, one GPU.
+"""Step-time benchmark: dense training against cggr, side by side on one GPU, one process per arm.
 
 Builds Llama-style models from configs (random weights, random tokens), bf16
 weights (or, with ``--precision autocast``, fp32 weights under bf16 autocast),
-AdamW, HF's own loss; for each arm measures the median step time
-(forward + backward + optimizer) over ``--steps`` steps after ``--warmup``,
-tokens/s and peak memory. Writes ``speed-<gpu>.json`` (a list of records) and
-``speed-<gpu>.md`` into ``--out``, and prints the table last.
+fused AdamW, HF's own loss (or Liger's fused one in the Liger arms). The dense
+baselines are the ones users run: HF eager, HF under ``torch.compile`` and HF
+with Liger-Kernel's patches; every arm is reported against HF eager
+(``speedup_vs_dense``) and against the fastest dense arm of the same run
+(``speedup_vs_best_dense``, DESIGN.md §3). For each arm: the median step time
+(forward + backward + optimizer) over ``--steps`` steps after ``--warmup``
+untimed ones (torch.compile's and Triton's compilation happen there),
+tokens/s, peak memory, and the FLOP-ratio ceiling of its routing.
 
-    python benchmarks/speed.py --models 125M,350M,1B --out benchmarks/results
+Each arm runs in a fresh process, so memory, monkey patches (Liger patches
+HF's modules) and compile caches do not leak from one arm into the next. An
+arm that fails (Inductor on cggr's kernels, cggr on Liger's logit-free loss)
+is recorded with its error and shown as failed; one that cannot run here
+(Liger on a CPU) is recorded as skipped with the reason. Writes
+``speed-<gpu>.json`` (a list of records, rewritten after every arm so that a
+timeout keeps what was measured) and ``speed-<gpu>.md`` into ``--out``, and
+prints the table last.
+
+    python benchmarks/speed.py --models 350M,1B --arms eager,compile,liger,cggr,full --out benchmarks/results
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import contextlib
+import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
+import tempfile
 import time
+import traceback
 
 import torch
 
-from report import speed_table  # benchmarks/report.py, beside this script
+from report import speed_summary, speed_table  # benchmarks/report.py, beside this script
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's cggr, cggr_lab
 from cggr_lab.provenance import provenance  # noqa: E402
@@ -32,18 +49,58 @@ MODELS = {  # name: (hidden, layers, heads, mlp, batch, seq); Llama-style unless
     "350M": (1024, 24, 16, 2816, 16, 1024),
     "1B": (2048, 16, 16, 5632, 8, 2048),
     "gpt2-124M": (768, 12, 12, 3072, 16, 1024),
+    "tiny": (64, 4, 4, 176, 2, 64),  # the CPU smoke test's
 }
 VOCAB = 32000
-ARMS = {  # arm: attach options (None = dense)
-    "dense": None,
-    "cggr": dict(mode="sparse", policy="difficulty"),          # compacted backward where the family has one
-    "random": dict(mode="sparse", policy="random"),            # same bucket sizes: same work as cggr
-    "generic": dict(mode="sparse", backward="generic"),        # per-linear routed backward only
-    "mask": dict(mode="mask", policy="difficulty"),            # gates gradients, saves nothing
-    # cggr's own machinery with every token at full depth (one bucket): how much of the speedup is the
-    # implementation (fused backward, fewer saved activations) rather than the skipped rows
-    "full": dict(mode="sparse", num_buckets=1),
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One way to train the model: a dense baseline, with cggr attached on top when ``cggr`` is set.
+
+    Order of preparation: Liger's patches (they replace modules and the forward), then ``cggr.attach``,
+    then ``torch.compile`` (cggr goes on the model before any wrapper; it refuses a compiled one).
+    """
+
+    base: str  # "eager" (plain HF), "compile" (torch.compile(model), default mode) or "liger"
+    cggr: dict | None = None  # cggr.attach options (with num_buckets=4, warmup_steps=0 unless given); None = dense
+    doc: str = ""
+
+
+ARMS = {
+    "eager": Arm("eager", doc="HF eager"),
+    "compile": Arm("compile", doc="HF under torch.compile(model), default mode"),
+    "liger": Arm("liger", doc="HF with Liger-Kernel's patches (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy)"),
+    "cggr": Arm("eager", dict(policy="random"), "cggr, 4 buckets at target depth, random routing (the default)"),
+    "full": Arm("eager", dict(num_buckets=1), "cggr's compacted backward with every token at full depth"),
+    "light": Arm("eager", dict(num_buckets=2, depths=(1.0, 0.75)), "cggr, 2 buckets at depths 1 and 0.75"),
+    "compile+cggr": Arm("compile", dict(policy="random"), "cggr attached, then torch.compile(model)"),
+    "liger+cggr": Arm("liger", dict(policy="random"), "Liger's patches, then cggr attached"),
+    "difficulty": Arm("eager", dict(policy="difficulty"), "cggr, 4 buckets, routing by difficulty (the seed's rule)"),
+    "generic": Arm("eager", dict(backward="generic"), "cggr's per-linear routed backward only"),
+    "mask": Arm("eager", dict(mode="mask", policy="difficulty"), "mask mode: gates gradients, saves nothing"),
 }
+DENSE_ARMS = [name for name, arm in ARMS.items() if arm.cggr is None]
+# Names earlier files use: "dense" was HF eager; "cggr" was difficulty routing and "random" random routing.
+LEGACY_ORDER = ["dense", "random"]
+# Liger-Kernel's arguments, the same for every family it patches (its apply_liger_kernel_to_<family>).
+LIGER_OPTIONS = dict(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True, cross_entropy=False)
+
+
+class Skipped(Exception):
+    """The arm cannot run here (not a failure of the arm): recorded as skipped, with the reason."""
+
+
+def planned_depth_fraction(options: dict | None, layers: int) -> float:
+    """Mean active fraction of the block stack per token (equal-size buckets, DESIGN.md §1's target depths)."""
+    if options is None:
+        return 1.0
+    k = options.get("num_buckets", 4)
+    if not isinstance(k, int) or k < 1:
+        return None  # not a valid configuration: cggr.attach says why
+    fractions = options.get("depths") or [(k - b) / k for b in range(k)]
+    blocks = [max(1, min(layers, math.ceil(layers * f - 1e-9))) for f in fractions]
+    return sum(blocks) / (len(blocks) * layers)
 
 
 def flop_ratio_ceiling(hidden, layers, mlp, seq, vocab, mean_depth_fraction=0.625, mlp_matrices=3):
@@ -81,128 +138,267 @@ def build(name, seed=0, dtype=torch.bfloat16, device="cuda", shape=None):
     return model.to(dtype).train()
 
 
-def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision="bf16"):
-    import contextlib
+def apply_liger(model, device):
+    """Liger-Kernel's patches on this model instance (its fused linear cross-entropy included)."""
+    if device != "cuda":
+        raise Skipped("Liger-Kernel's Triton kernels need a CUDA device")
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError as e:
+        raise RuntimeError(f"liger-kernel is not installed ({e}); pip install liger-kernel") from e
+    family = model.config.model_type
+    fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(family)
+    if fn is None:
+        raise Skipped(f"Liger-Kernel has no patch for model_type {family!r}")
+    fn(model=model, **LIGER_OPTIONS)
 
+
+def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision="bf16", device="cuda"):
+    """Measure one arm in this process; returns its record (no speedups: those need the whole group)."""
     import cggr
     from cggr_lab.training import train_step
 
     hidden, layers, heads, mlp, batch, seq = MODELS[name]
+    spec = ARMS[arm]
     # "bf16": bf16 weights; "autocast": fp32 weights under bf16 autocast (the HF Trainer's bf16=True)
     autocast = precision == "autocast"
-    model = build(name, dtype=torch.float32 if autocast else torch.bfloat16)
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if autocast else None
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    options = dict(num_buckets=4, warmup_steps=0)
-    options.update(ARMS[arm] or {})
-    router = cggr.attach(model, **options) if ARMS[arm] else None
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    g = torch.Generator(device="cuda").manual_seed(1)
-    batches = [torch.randint(0, VOCAB, (batch, seq), device="cuda", generator=g) for _ in range(4)]
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(warmup + steps):
-        ids = batches[i % len(batches)]
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        train_step(model, ids, opt, router, amp)
-        end.record()
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
-    if profile_dir:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for ids in batches[:2]:
-                with amp() if amp else contextlib.nullcontext():
-                    loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
-                opt.zero_grad(set_to_none=True)
+    record = dict(model=name, batch=batch, seq=seq, arm=arm, arm_doc=spec.doc, checkpointing=checkpointing,
+                  precision=precision, steps=steps, warmup=warmup,
+                  cggr_options=None if spec.cggr is None else dict(dict(num_buckets=4, warmup_steps=0), **spec.cggr),
+                  planned_depth_fraction=planned_depth_fraction(spec.cggr, layers))
+    fraction = record["planned_depth_fraction"]
+    record["flop_ratio_ceiling"] = None  # dense arms: no routing, no ceiling
+    if spec.cggr is not None and fraction is not None:
+        record["flop_ratio_ceiling"] = round(flop_ratio_ceiling(hidden, layers, mlp, seq, VOCAB, fraction,
+                                                                2 if name.startswith("gpt2") else 3), 3)
+    stage = "build"
+    try:
+        model = build(name, dtype=torch.float32 if autocast else torch.bfloat16, device=device)
+        amp = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if autocast else None
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if spec.base == "liger":
+            stage = "liger"
+            apply_liger(model, device)
+        router = None
+        if spec.cggr is not None:
+            stage = "cggr.attach"
+            router = cggr.attach(model, **record["cggr_options"])
+        stepped = model
+        if spec.base == "compile":
+            stage = "torch.compile"
+            stepped = torch.compile(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+        g = torch.Generator(device=device).manual_seed(1)
+        batches = [torch.randint(0, VOCAB, (batch, seq), device=device, generator=g) for _ in range(4)]
+        cuda = device == "cuda"
+        if cuda:
             torch.cuda.synchronize()
-        averages = prof.key_averages()
-        table = (averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60)
-                 + "\nby host time:\n" + averages.table(sort_by="self_cpu_time_total", row_limit=15,
-                                                         max_name_column_width=60))
-        os.makedirs(profile_dir, exist_ok=True)
-        with open(os.path.join(profile_dir, f"profile-{name}.txt"), "a") as f:
-            f.write(f"\n=== {name} {arm} ckpt={checkpointing}: 2 forward+backward steps (no optimizer), "
-                    f"CUDA time by kernel\n{table}\n")
-    metrics = router.metrics() if router is not None else {}
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    del model, opt, router, batches
-    gc.collect()
-    torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        times, warm_s = [], []
+        for i in range(warmup + steps):
+            stage = "warm-up step" if i < warmup else "timed step"
+            ids = batches[i % len(batches)]
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
+            train_step(stepped, ids, opt, router, amp)
+            if cuda:
+                end.record()
+                torch.cuda.synchronize()
+            if i < warmup:  # wall-clock seconds: compilation is host time
+                warm_s.append(time.perf_counter() - t0)
+            else:
+                times.append(start.elapsed_time(end) if cuda else 1e3 * (time.perf_counter() - t0))
+        if profile_dir:
+            stage = "profile"
+            _profile(stepped, batches, opt, amp, profile_dir, f"{name} {arm} ckpt={checkpointing}")
+        stage = "router.metrics"
+        metrics = router.metrics() if router is not None else {}
+    except Skipped as e:
+        return dict(record, skipped=str(e))
+    except Exception as e:  # noqa: BLE001 - a failing arm is a result: recorded, not fatal to the run
+        traceback.print_exc()
+        message = f"{type(e).__name__}: {e}".strip()
+        return dict(record, error=message[:4000], failed_at=stage)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     med = statistics.median(times)
-    return dict(model=name, batch=batch, seq=seq, arm=arm, checkpointing=checkpointing, precision=precision,
-                step_ms_median=round(med, 3), step_ms_min=round(min(times), 3),
-                tokens_per_s=round(batch * seq / (med / 1e3)), peak_mem_gib=round(peak, 3),
+    return dict(record, step_ms_median=round(med, 3), step_ms_min=round(min(times), 3),
+                step_ms=[round(t, 3) for t in times], warmup_s=[round(t, 3) for t in warm_s],
+                tokens_per_s=round(batch * seq / (med / 1e3)), peak_mem_gib=None if peak is None else round(peak, 3),
                 mean_depth_fraction=metrics.get("mean_depth_fraction"),
-                backward_flops_skipped=metrics.get("backward_flops_skipped"),
-                flop_ratio_ceiling=round(flop_ratio_ceiling(hidden, layers, mlp, seq, VOCAB,
-                                                            1.0 if arm == "full" else 0.625,
-                                                            2 if name.startswith("gpt2") else 3), 3))
+                backward_flops_skipped=metrics.get("backward_flops_skipped"))
 
 
-def environment():
-    """The provenance every record carries (``cggr_lab.provenance``), the device under the key ``gpu``."""
-    env = provenance()
+def _profile(model, batches, opt, amp, profile_dir, title):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for ids in batches[:2]:
+            with amp() if amp else contextlib.nullcontext():
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    table = (averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60)
+             + "\nby host time:\n" + averages.table(sort_by="self_cpu_time_total", row_limit=15,
+                                                     max_name_column_width=60))
+    os.makedirs(profile_dir, exist_ok=True)
+    with open(os.path.join(profile_dir, f"profile-{title.split()[0]}.txt"), "a") as f:
+        f.write(f"\n=== {title}: 2 forward+backward steps (no optimizer), CUDA time by kernel\n{table}\n")
+
+
+def add_speedups(group):
+    """Set ``speedup_vs_dense`` (vs HF eager) and ``speedup_vs_best_dense`` (vs the fastest dense arm that ran)
+    on every measured record of one configuration (model, checkpointing, precision)."""
+    measured = {r["arm"]: r["step_ms_median"] for r in group if r.get("step_ms_median")}
+    eager = measured.get("eager")
+    dense = {a: ms for a, ms in measured.items() if a in DENSE_ARMS}
+    best = min(dense, key=dense.get) if dense else None
+    for r in group:
+        ms = r.get("step_ms_median")
+        r["speedup_vs_dense"] = round(eager / ms, 4) if eager and ms else None
+        r["best_dense_arm"] = best
+        r["dense_arms_measured"] = sorted(dense, key=DENSE_ARMS.index)
+        r["speedup_vs_best_dense"] = round(dense[best] / ms, 4) if best and ms else None
+    return group
+
+
+def environment(device="cuda"):
+    """The provenance every record carries (``cggr_lab.provenance``): the device under the key ``gpu``, plus the
+    CUDA and Liger-Kernel versions the speed arms depend on."""
+    from importlib import metadata
+
+    env = provenance(device=torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else "cpu")
     env["gpu"] = env.pop("device")
+    env["cuda"] = torch.version.cuda
+    try:
+        env["liger_kernel"] = metadata.version("liger-kernel")
+    except metadata.PackageNotFoundError:
+        env["liger_kernel"] = None
     return env
+
+
+def _order(r):
+    arms = list(ARMS) + LEGACY_ORDER
+    return (r.get("precision", "bf16") != "bf16", list(MODELS).index(r["model"]) if r["model"] in MODELS else 99,
+            bool(r.get("checkpointing")), arms.index(r["arm"]) if r["arm"] in arms else 99)
+
+
+def _child(a, path):
+    """Run one arm (``--models`` and ``--arms`` name exactly one each) and write its record to ``path``."""
+    ck = {"off": False, "on": True}[a.checkpointing]
+    rec = run_arm(a.models, a.arms, a.steps, a.warmup, ck, a.profile_dir if a.profile == a.models else None,
+                  a.precision, a.device)
+    with open(path, "w") as f:
+        json.dump(rec, f)
+
+
+def measure(a, name, arm, ck):
+    """One arm in a fresh process; its record, or a failed record when the process died without one."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "record.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", path, "--models", name, "--arms", arm,
+               "--checkpointing", "on" if ck else "off", "--steps", str(a.steps), "--warmup", str(a.warmup),
+               "--precision", a.precision, "--device", a.device, "--profile", a.profile,
+               "--profile-dir", a.profile_dir or a.out]
+        try:
+            proc = subprocess.run(cmd, timeout=a.arm_timeout)
+            error = f"the arm's process exited with code {proc.returncode} without a result (see its log)"
+        except subprocess.TimeoutExpired:
+            error = f"the arm's process ran past --arm-timeout {a.arm_timeout:g} s and was stopped"
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+    hidden, layers, heads, mlp, batch, seq = MODELS[name]
+    return dict(model=name, batch=batch, seq=seq, arm=arm, arm_doc=ARMS[arm].doc, checkpointing=ck,
+                precision=a.precision, steps=a.steps, warmup=a.warmup, error=error, failed_at="process")
+
+
+def run_group(a, env, name, ck, arms, group, records, save):
+    """Measure ``arms`` of one configuration, one process each, saving the results after every arm."""
+    for arm in arms:
+        t0 = time.time()
+        rec = measure(a, name, arm, ck)
+        rec.update(env)
+        group.append(rec)
+        records.append(rec)
+        add_speedups(group)
+        save()  # after every arm: a run stopped by a time limit keeps what it measured
+        peak = "" if rec.get("peak_mem_gib") is None else f", peak {rec['peak_mem_gib']:.2f} GiB"
+        state = (f"{rec['step_ms_median']:.1f} ms{peak}" if rec.get("step_ms_median") else
+                 f"SKIPPED ({rec['skipped']})" if rec.get("skipped") else
+                 f"FAILED at {rec.get('failed_at')}: {rec['error'].splitlines()[0][:200]}")
+        print(f"== {name} ckpt={ck} {arm}: {state} ({time.time() - t0:.0f}s)", flush=True)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="125M,350M,1B,gpt2-124M")
-    p.add_argument("--arms", default="dense,cggr,random,generic,mask,full")
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--checkpointing", default="off", help="off, on or both")
+    p.add_argument("--models", default="125M,350M,1B,gpt2-124M", help=f"comma-separated, of {', '.join(MODELS)}")
+    p.add_argument("--arms", default="eager,compile,liger,cggr/full,light,compile+cggr,liger+cggr",
+                   help="comma-separated, in the order they run; '/' separates tiers: every model runs the first "
+                        "tier before any model runs the next (a time limit then cuts the least important arms). "
+                        "Arms: " + "; ".join(f"{k} = {v.doc}" for k, v in ARMS.items()))
+    p.add_argument("--steps", type=int, default=12, help="timed steps per arm (the median is reported)")
+    p.add_argument("--warmup", type=int, default=6, help="untimed steps first (compilation happens here)")
+    p.add_argument("--checkpointing", default="off", choices=["off", "on", "both"])
     p.add_argument("--precision", default="bf16", choices=["bf16", "autocast"],
                    help="bf16 weights, or fp32 weights under bf16 autocast (the HF Trainer's bf16=True)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: the smoke test (tiny model)")
+    p.add_argument("--arm-timeout", type=float, default=900.0, help="seconds before one arm's process is stopped")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--profile", default="", help="model whose arms are also profiled (kernel table per arm)")
     p.add_argument("--profile-dir", default=None, help="where profile tables go (default --out)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one arm, write its record here
     a = p.parse_args(argv)
-    env = environment()
-    ckpts = {"off": [False], "on": [True], "both": [False, True]}[a.checkpointing]
-    records = []
-    for name in a.models.split(","):
-        for ck in ckpts:
-            group = []
-            for arm in a.arms.split(","):
-                t0 = time.time()
-                prof = (a.profile_dir or a.out) if name == a.profile else None
-                rec = run_arm(name, arm, a.steps, a.warmup, ck, prof, a.precision)
-                group.append(rec)
-                print(f"{name} ckpt={ck} {arm}: {rec['step_ms_median']:.1f} ms, peak {rec['peak_mem_gib']:.2f} GiB "
-                      f"({time.time() - t0:.0f}s)", flush=True)
-            dense = next((r["step_ms_median"] for r in group if r["arm"] == "dense"), None)
-            for r in group:
-                r["speedup_vs_dense"] = round(dense / r["step_ms_median"], 4) if dense else None
-                r.update(env)
-            records += group
+    models = a.models.split(",")
+    tiers = [tier.split(",") for tier in a.arms.split("/")]
+    arms = [arm for tier in tiers for arm in tier]
+    for kind, names, known in (("--models", models, MODELS), ("--arms", arms, ARMS)):
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            p.error(f"{kind}: unknown {', '.join(map(repr, unknown))}; allowed: {', '.join(known)}")
+    if a.steps < 1 or a.warmup < 0:
+        p.error(f"--steps must be >= 1 and --warmup >= 0, got {a.steps} and {a.warmup}")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here (use --device cpu for the smoke test)")
+    if a.child:
+        return _child(a, a.child)
+    env = environment(a.device)
     os.makedirs(a.out, exist_ok=True)
     slug = env["gpu"].lower().replace(" ", "-")
     path = os.path.join(a.out, f"speed-{slug}.json")
-    # Merge with earlier runs in the same file: a new record replaces the one of the same configuration.
-    key = lambda r: (r["model"], r["arm"], bool(r.get("checkpointing")), r.get("precision", "bf16"))
+    earlier = []
     if os.path.exists(path):
         with open(path) as f:
-            fresh = {key(r) for r in records}
-            records = [r for r in json.load(f) if key(r) not in fresh] + records
-    order = {m: i for i, m in enumerate(MODELS)}
-    records.sort(key=lambda r: (r.get("precision", "bf16") != "bf16", order.get(r["model"], 99),
-                                bool(r.get("checkpointing")), list(ARMS).index(r["arm"])))
-    with open(path, "w") as f:
-        json.dump(records, f, indent=1)
-    table = speed_table(records)  # the README's table, from the same function
+            earlier = json.load(f)
+    # A new record replaces an earlier one of the same configuration in the same file.
+    key = lambda r: (r["model"], r["arm"], bool(r.get("checkpointing")), r.get("precision", "bf16"))
+    ckpts = {"off": [False], "on": [True], "both": [False, True]}[a.checkpointing]
+    records = []
+
+    def save():
+        fresh = {key(r) for r in records}
+        out = sorted([r for r in earlier if key(r) not in fresh] + records, key=_order)
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+        return out
+
+    groups = {}  # (model, checkpointing): its records so far; the best dense arm is the best of the group
+    for tier in tiers:  # every model runs the first tier before any runs the second
+        for name in models:
+            for ck in ckpts:
+                run_group(a, env, name, ck, tier, groups.setdefault((name, ck), []), records, save)
+    table = speed_table(save())  # the README's table, from the same function
     with open(os.path.join(a.out, f"speed-{slug}.md"), "w") as f:
         f.write(table + "\n")
     print(table)
+    print()
+    print(speed_summary(records))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -70,7 +70,6 @@ class Planner:
         nonfinite = valid & ~finite
         rank = rank_buckets_global if global_buckets else rank_buckets
         generator = self._generator(valid.device, draw_seed)
-        routing.inactive = c.inactive
         if c.placement == "per_block":
             n = num_valid if num_valid is not None else int(valid.sum())
             self._place_per_block(routing, valid, nonfinite, n, progress, generator)

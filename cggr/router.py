@@ -233,7 +233,8 @@ class Router(nn.Module):
         self._reinstall_if_changed()
         self._installation.bind_checkpoints()
         tokens_shape = input_tokens_shape(args, kwargs)
-        f = _Forward(Routing(num_layers=self.num_layers, leak_rate=self.config.leak_rate), tokens_shape, extra)
+        routing = Routing(num_layers=self.num_layers, leak_rate=self.config.leak_rate, inactive=self.config.inactive)
+        f = _Forward(routing, tokens_shape, extra)
         device = input_device(args, kwargs)
         if tokens_shape is not None and device is not None:
             # The valid tokens are known before the forward runs: their number starts its way to the host

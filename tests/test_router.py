@@ -597,3 +597,87 @@ def test_describe_says_which_backward_each_block_takes():
     assert router.describe().count("last forward: compacted") == 2
     generic = cggr.attach(hf_model("gpt_neox", layers=2))
     assert "no compacted backward" in generic.describe()
+
+
+# ---------------------------------------------------------------- skip semantics and per-block placement
+SKIP_CASES = [  # placement, dense_ends, leak_rate
+    ("nested", 0, 0.0), ("per_block", 0, 0.0), ("per_block", 1, 0.0), ("nested", 0, 0.25), ("per_block", 1, 0.3),
+]
+
+
+@pytest.mark.parametrize("kind", ["tiny", "llama", "llama-generic", "gpt2", "gpt2-generic", "gpt_neox"])
+@pytest.mark.parametrize("placement,dense_ends,leak", SKIP_CASES)
+@pytest.mark.parametrize("seed", [0, 1], ids=lambda s: f"seed={s}")
+def test_skip_semantics_gradients_equal_reference(kind, placement, dense_ends, leak, seed):
+    model = _build(kind, seed)
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 61, (3, 11), generator=g)
+    backward = "generic" if kind.endswith("-generic") else "auto"
+    router = cggr.attach(model, warmup_steps=0, inactive="skip", placement=placement, dense_ends=dense_ends,
+                         leak_rate=leak, seed=seed, backward=backward)
+    _loss(kind, model, ids).backward()
+    r = router.routing
+    _, ref_blocks = find_layer_stack(ref)
+    how = dict(block_active=r.block_active.view(-1, *ids.shape)) if placement == "per_block" else dict(depth=r.depth)
+    with cggr.reference_routing(ref_blocks, inactive="skip", leak_rate=leak, **how):
+        _loss(kind, ref, ids).backward()
+    _assert_equal_grads(flat_grads(model), flat_grads(ref))
+    if placement == "per_block":
+        counts = r.block_active.sum(1).tolist()
+        n = int(r.metrics["valid_tokens"])  # HF models: the last position of each row has no label
+        if dense_ends:
+            assert counts[0] == counts[-1] == n
+        # the same total backward work as nested routing at the same depths
+        nested = cggr.routing.block_counts(n, router.num_layers, router.bucket_depths())
+        assert sum(counts) == sum(nested) or dense_ends * 2 * n > sum(nested)
+
+
+def test_skip_semantics_reaches_the_embedding_of_every_token():
+    """The point of skip: a token cut in the top blocks still gets gradient at the bottom (stop gives none)."""
+    torch.manual_seed(0)
+    ids = torch.arange(40).view(2, 20)
+    grads = {}
+    for inactive in ("stop", "skip"):
+        model = TinyLM(vocab=61)
+        torch.manual_seed(0)
+        model = TinyLM(vocab=61)
+        cggr.attach(model, warmup_steps=0, inactive=inactive, seed=3)
+        _loss("tiny", model, ids).backward()
+        grads[inactive] = model.emb.weight.grad[ids.flatten()].norm(dim=1)
+    assert (grads["skip"] > 0).all()
+    assert (grads["stop"] == 0).any()
+
+
+def test_per_block_placement_is_fresh_each_step_and_exact_in_size():
+    torch.manual_seed(0)
+    model = TinyLM(layers=6)
+    router = cggr.attach(model, warmup_steps=0, inactive="skip", placement="per_block", dense_ends=1)
+    ids = torch.randint(0, 61, (2, 16))
+    labels_mask = torch.ones(2, 16, dtype=torch.bool)
+    labels_mask[1, 10:] = False
+    seen = []
+    for _ in range(2):
+        model(ids, cggr_valid_mask=labels_mask)
+        seen.append(router.routing.block_active.clone())
+        router.step()
+    a, b = seen
+    assert not torch.equal(a, b)
+    n = int(labels_mask.sum())
+    assert a[0].sum() == a[-1].sum() == n and not a[:, ~labels_mask.flatten()].any()
+    middle = a[1:-1].sum(1)
+    assert middle.max() - middle.min() <= 1  # evenly spread
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(placement="per_block"), "needs inactive='skip'"),
+    (dict(placement="per_block", inactive="skip", policy="difficulty"), "needs policy='random'"),
+    (dict(dense_ends=1), "need placement='per_block'"),
+    (dict(inactive="pass"), r"inactive must be one of \('stop', 'skip'\)"),
+    (dict(placement="per_block", inactive="skip", block_fractions=[1.0, 0.5]), "block_fractions has 2 fractions"),
+])
+def test_skip_and_placement_options_are_checked(kwargs, match):
+    model = TinyLM()
+    with pytest.raises(ValueError, match=match):
+        cggr.attach(model, **kwargs)
+        model(torch.randint(0, 61, (2, 5)))

@@ -136,7 +136,7 @@ def make_compact_forward(get_routing: Callable[[], Routing | None], block: torch
     def inputs(r: Routing | None, hidden_states, args, kwargs):
         """The family's per-call inputs when this call can take the compacted path, else None."""
         kwargs = by_name(args, kwargs)
-        if (r is None or kwargs is None or r.leak_rate != 0 or not isinstance(hidden_states, torch.Tensor)
+        if (r is None or kwargs is None or r.leak_rate != 0 or r.skip or not isinstance(hidden_states, torch.Tensor)
                 or hidden_states.dim() != 3 or tuple(block.modules()) != modules  # e.g. linears wrapped by PEFT
                 or any(kwargs.get(c) is not None for c in ("cache", "past_key_values", "layer_past"))
                 or kwargs.get("output_attentions", False)

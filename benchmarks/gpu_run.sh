@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The whole GPU run of the speed benchmark, one command (run from the repository root on the GPU machine,
+# with the wheels of .whl/ carried along: liger-kernel, see the README's Speed section):
+#
+#   CGGR_GIT_REV=<rev> bash benchmarks/gpu_run.sh
+#
+# The wheel is fetched once on a machine with the package index (.whl/ is git-ignored; Liger needs only torch
+# and triton, which the GPU machine has):
+#
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform any -d .whl liger-kernel==0.8.5
+#
+# 1. installs the carried wheels into /tmp/site (no index, no dependencies: the machine has torch and triton);
+# 2. runs tests/test_cuda.py with compiled Triton (TRITON_INTERPRET=0);
+# 3. runs benchmarks/speed.py at 350M (16x1024) and 1B (8x2048), one process per arm, 12 timed steps after 6
+#    untimed ones, most important arms first: the dense baselines and cggr on both models, then the other
+#    routed arms. The JSON is rewritten after every arm, so a stop at the time limit keeps what was measured;
+# 4. prints a short table last.
+#
+# Results go to $OUT (default ./gpu-out). The run stops itself after $BUDGET_S seconds (default 480 s; the CUDA tests get at
+# most 120 s of it). Estimated from DESIGN.md §2's step times (350M ~150 ms, 1B ~250 ms), ~10 s to start each
+# arm's process, and 30-60 s of compilation in each compiled arm: the first tier takes about 250 s.
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu-out}
+BUDGET_S=${BUDGET_S:-480}
+mkdir -p "$OUT"
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+else
+  echo "no .whl/*.whl here: the liger arms will fail with 'liger-kernel is not installed'" >&2
+fi
+python3 - <<'PY'
+import importlib.metadata as m, torch
+print("torch", torch.__version__, "| cuda", torch.version.cuda, "|", torch.cuda.get_device_name())
+for d in ("transformers", "triton", "liger-kernel"):
+    try:
+        print(d, m.version(d))
+    except m.PackageNotFoundError:
+        print(d, "not installed")
+PY
+
+echo "== tests/test_cuda.py (log: \$OUT/test_cuda.log)"
+TRITON_INTERPRET=0 timeout 120 python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider > "$OUT/test_cuda.log" 2>&1
+echo "exit $?"; tail -n 8 "$OUT/test_cuda.log"
+
+LEFT=$((BUDGET_S - SECONDS))
+echo "== speed benchmark, ${LEFT} s left (log: \$OUT/speed.log)"
+if [ "$LEFT" -gt 30 ]; then
+  # Tiers: every model runs a tier before any model runs the next. timeout signals the whole process
+  # group, so the arm running at the limit stops with the benchmark.
+  TRITON_INTERPRET=0 timeout "$LEFT" python3 benchmarks/speed.py --models 350M,1B \
+    --arms "eager,compile,liger,cggr/full,light/liger+cggr,compile+cggr" \
+    --steps 12 --warmup 6 --arm-timeout 150 --out "$OUT" > "$OUT/speed.log" 2>&1
+  echo "exit $?"; grep "^== " "$OUT/speed.log"
+fi
+
+echo "== summary ($SECONDS s)"
+python3 - "$OUT" <<'PY'
+import glob, json, os, sys
+sys.path.insert(0, "benchmarks")
+import report
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "speed-*.json"))):
+    records = json.load(open(path))
+    print(path)
+    print(report.speed_summary(records))
+    print(report.speed_headline(records))
+PY
