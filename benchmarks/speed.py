@@ -74,6 +74,8 @@ ARMS = {
     "cggr": Arm("eager", dict(policy="random"), "cggr, 4 buckets at target depth, random routing (the default)"),
     "full": Arm("eager", dict(num_buckets=1), "cggr's compacted backward with every token at full depth"),
     "light": Arm("eager", dict(num_buckets=2, depths=(1.0, 0.75)), "cggr, 2 buckets at depths 1 and 0.75"),
+    "skip": Arm("eager", dict(policy="random", inactive="skip", placement="per_block", dense_ends=1),
+                "cggr, skip semantics, per-block random subsets, first and last block dense (same work as cggr)"),
     "compile+cggr": Arm("compile", dict(policy="random"), "cggr attached, then torch.compile(model)"),
     "liger+cggr": Arm("liger", dict(policy="random"), "Liger's patches, then cggr attached"),
     "difficulty": Arm("eager", dict(policy="difficulty"), "cggr, 4 buckets, routing by difficulty (the seed's rule)"),

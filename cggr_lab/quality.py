@@ -29,7 +29,10 @@ Arms are named by a spec: a base (``dense``, ``difficulty``, ``random``,
 * ``handback`` -- fraction of the budget at the end over which depth returns to
   full (default 0);
 * ``mode``     -- ``sparse`` or ``mask``; ``scorer`` -- a scorer of
-  :mod:`cggr.scoring`.
+  :mod:`cggr.scoring`;
+* ``inactive`` -- ``stop`` or ``skip``; ``placement`` -- ``nested`` or
+  ``per_block``; ``dense_ends`` -- blocks kept dense at each end (per-block),
+  e.g. ``random/inactive=skip/placement=per_block/dense_ends=1``.
 
 Output (``--out``): ``quality-<tag>.json`` per regime (curves, configuration,
 versions, git revision) and ``quality-<tag>.png`` (validation loss against
@@ -61,7 +64,8 @@ MODELS = {
 # Peak learning rate of each regime relative to the model's (a checkpoint wants gentler steps).
 REGIME_LR = {"pretrain": 1.0, "continued": 0.5, "finetune": 1 / 3}
 
-_ARM_OPTIONS = {"seed", "buckets", "depths", "warmup", "handback", "mode", "scorer"}
+_ARM_OPTIONS = {"seed", "buckets", "depths", "warmup", "handback", "mode", "scorer", "inactive", "placement",
+                "dense_ends"}
 
 
 def parse_arm(spec: str) -> dict:
@@ -86,6 +90,8 @@ def parse_arm(spec: str) -> dict:
                 arm["attach"]["num_buckets"] = int(value)
             elif key == "depths":
                 arm["attach"]["depths"] = tuple(float(v) for v in value.split(":"))
+            elif key == "dense_ends":
+                arm["attach"]["dense_ends"] = int(value)
             else:
                 arm["attach"][key] = value
         except ValueError:
