@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .scoring import Scores, entropy_confidence_reference
+from .scoring import Scores, entropy_confidence_reference, offer_scores
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -405,4 +405,6 @@ def linear_cross_entropy(
                                                    _use_triton(h2), needs)
     if reduction == "none":
         loss = loss.reshape(lead)
-    return LossWithScores(loss, Scores(d.reshape(lead), ent.reshape(lead), conf.reshape(lead)))
+    scores = Scores(d.reshape(lead), ent.reshape(lead), conf.reshape(lead))
+    offer_scores(scores)  # inside a routed forward, its router routes by these (no logits needed)
+    return LossWithScores(loss, scores)

@@ -15,7 +15,7 @@ from .bucketing import (POLICY_FNS, buckets_to_depths, curriculum_depths, rank_b
                         target_depths)
 from .config import RoutingConfig
 from .routing import Routing, block_counts, per_block_counts
-from .scoring import Scores, score_difficulty
+from .scoring import Scores, score_difficulty, scores_for
 
 # Policies that need per-token scores (hence logits); "random" needs only the valid tokens.
 SCORING_POLICIES = ("difficulty", "sampled")
@@ -46,7 +46,8 @@ class Planner:
         return curriculum_depths(self.targets, self.num_layers, progress)
 
     @torch.no_grad()
-    def decide_into(self, routing: Routing, valid: torch.Tensor, logits: torch.Tensor | None, *, progress: float,
+    def decide_into(self, routing: Routing, valid: torch.Tensor, logits: torch.Tensor | None, *,
+                    scores: Scores | None = None, progress: float,
                     draw_seed: int, num_valid: int | None = None, global_buckets: bool = False
                     ) -> tuple[Routing, torch.Tensor]:
         """Decide the routing of one forward into ``routing`` (the object its routed ops captured when they ran;
@@ -55,8 +56,9 @@ class Planner:
 
         Args:
             valid: bool mask of the valid tokens (the token grid's shape).
-            logits: ``[*valid.shape, vocab]`` or None (needed by the scoring policies; used for the
-                non-finite check and the score metrics when given).
+            logits: ``[*valid.shape, vocab]`` or None (needed by the scoring policies unless ``scores`` are
+                given; used for the non-finite check and the score metrics when given).
+            scores: per-token scores already computed (by a fused loss, :mod:`cggr.loss`), instead of logits.
             progress: curriculum progress in [0, 1].
             draw_seed: seed of this forward's random draws.
             num_valid: the number of valid tokens when already on the host (per-rank buckets: every block's
@@ -64,7 +66,10 @@ class Planner:
             global_buckets: rank the valid tokens of all data-parallel ranks together.
         """
         c, L = self.config, self.num_layers
-        scores = score_difficulty(logits, c.scorer) if logits is not None else None
+        if scores is None and logits is not None:
+            scores = score_difficulty(logits, c.scorer)
+        elif scores is not None:
+            scores = scores_for(scores, c.scorer)
         difficulty = scores.difficulty if scores is not None else torch.zeros(valid.shape, device=valid.device)
         finite = torch.isfinite(difficulty)
         nonfinite = valid & ~finite

@@ -32,6 +32,7 @@ from .bucketing import schedule_progress
 from .config import RoutingConfig, resolve_config
 from .plan import Planner
 from .routing import Routing
+from .scoring import close_score_sink, open_score_sink
 from .tokens import find_logits, input_device, input_tokens_shape, no_logits_error, valid_tokens
 
 logger = logging.getLogger("cggr")
@@ -49,6 +50,10 @@ class _Forward:
         self.valid: torch.Tensor | None = None
         self.num_valid: HostCopy | None = None
         self.block_rows: set[int] = set()
+        self.scores = None  # per-token scores a fused loss offered during the forward (cggr.loss)
+
+    def take_scores(self, scores) -> None:
+        self.scores = scores
 
 
 class Router(nn.Module):
@@ -253,6 +258,7 @@ class Router(nn.Module):
             else:
                 kwargs["use_cache"] = False  # a KV cache is useless in a training forward and blocks the fast path
         self._forward = f
+        open_score_sink(f.take_scores)
         return args, kwargs
 
     @torch._dynamo.disable  # the decision point runs eagerly under torch.compile: a clean graph break
@@ -261,20 +267,29 @@ class Router(nn.Module):
         if f is None:
             return None
         logits = find_logits(output, f.tokens_shape)
-        if logits is None and (self._planner.needs_scores or f.tokens_shape is None):
+        scores = f.scores
+        if logits is None and scores is None and (self._planner.needs_scores or f.tokens_shape is None):
             raise no_logits_error(output, f.tokens_shape, self.config.policy)
-        shape = f.tokens_shape if f.tokens_shape is not None else logits.shape[:-1]
+        shape = f.tokens_shape if f.tokens_shape is not None else (
+            logits.shape[:-1] if logits is not None else scores.difficulty.shape)
+        if scores is not None:
+            if tuple(scores.difficulty.shape) != tuple(shape):
+                raise ValueError(f"cggr: the fused loss scored tokens shaped {tuple(scores.difficulty.shape)} but the "
+                                 f"input tokens are {tuple(shape)}; it must score every input position")
+            logits = None  # the fused loss's scores are the logits' scores
         if logits is not None and tuple(logits.shape[:-1]) != tuple(shape):
             raise ValueError(f"cggr: logits have leading shape {tuple(logits.shape[:-1])} but the input tokens have "
                              f"shape {tuple(shape)}; routing needs one logits row per token")
         if f.block_rows - {shape.numel()}:
             raise ValueError(f"cggr: blocks produced {sorted(f.block_rows)} rows but the logits have "
                              f"{shape.numel()} tokens; the routed stack must keep one row per token")
-        device = logits.device if logits is not None else f.valid.device
+        device = (logits.device if logits is not None else scores.difficulty.device if scores is not None
+                  else f.valid.device)
         valid = f.valid.to(device) if f.valid is not None else self._valid(shape, kwargs, f.extra_valid, device)
         seed = self.config.seed * 1_000_003 + _rank() * 100_003 + self._step * 1009 + self._micro
         r, nonfinite = self._planner.decide_into(
-            f.routing, valid, None if logits is None else logits.detach(), progress=self.progress, draw_seed=seed,
+            f.routing, valid, None if logits is None else logits.detach(), scores=scores, progress=self.progress,
+            draw_seed=seed,
             num_valid=None if f.num_valid is None else f.num_valid.get(), global_buckets=self._global_buckets())
         if "nonfinite" not in self._warned:
             self._pending_nonfinite = HostCopy(nonfinite)
@@ -286,6 +301,8 @@ class Router(nn.Module):
     @torch._dynamo.disable  # the decision point runs eagerly under torch.compile: a clean graph break
     def _end_forward(self, module, args, output):
         """Always runs, even when the forward raised: the routing is live only inside its own forward."""
+        if self._forward is not None:
+            close_score_sink(self._forward.take_scores)
         self._forward = None
 
     def _valid(self, shape, kwargs, extra, device) -> torch.Tensor:

@@ -20,7 +20,7 @@ treats the token as hardest (full depth).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -104,8 +104,34 @@ def score_difficulty(logits: torch.Tensor, scorer: str = "entropy_confidence") -
         scores = Scores(*entropy_confidence_triton(logits))
     else:
         scores = entropy_confidence_reference(logits)
+    return scores_for(scores, scorer)
+
+
+def scores_for(scores: Scores, scorer: str) -> Scores:
+    """``scores`` (entropy-minus-confidence difficulty) with the difficulty of ``scorer``."""
     if scorer == "entropy":
         return Scores(scores.entropy, scores.entropy, scores.confidence)
     if scorer == "margin":
         return Scores(1.0 - scores.confidence, scores.entropy, scores.confidence)
     return scores
+
+
+# Routed forwards in flight that take per-token scores from a fused loss (innermost last). A loss that never
+# materialises logits (:func:`cggr.loss.linear_cross_entropy`) offers its scores here; the router of the running
+# forward then routes by them instead of by logits. Nothing else reads or writes this list.
+_score_sinks: list[Callable[[Scores], None]] = []
+
+
+def offer_scores(scores: Scores) -> None:
+    """Hand per-token scores to the routed forward that is running, if any (else nothing happens)."""
+    if _score_sinks:
+        _score_sinks[-1](scores)
+
+
+def open_score_sink(sink: Callable[[Scores], None]) -> None:
+    _score_sinks.append(sink)
+
+
+def close_score_sink(sink: Callable[[Scores], None]) -> None:
+    if sink in _score_sinks:
+        _score_sinks.remove(sink)

@@ -681,3 +681,31 @@ def test_skip_and_placement_options_are_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):
         cggr.attach(model, **kwargs)
         model(torch.randint(0, 61, (2, 5)))
+
+
+def test_fused_loss_scores_route_by_difficulty_without_logits():
+    """A forward that returns only cggr's fused loss (no logits) is routed by the scores that loss computed,
+    exactly as the same model returning logits is routed by scores of its logits."""
+    from cggr.loss import linear_cross_entropy
+
+    class FusedLoss(TinyLM):
+        def forward(self, input_ids, labels=None, return_logits=False):
+            x = self.emb(input_ids)
+            for b in self.blocks:
+                x = b(x)
+            h = self.norm(x)
+            if return_logits:
+                return self.head(h)
+            return linear_cross_entropy(h, self.head.weight, labels).loss
+
+    torch.manual_seed(0)
+    model = FusedLoss()
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, 61, (3, 10))
+    router = cggr.attach(model, warmup_steps=0, policy="difficulty")
+    model(ids, labels=ids).backward()
+    twin_router = cggr.attach(twin, warmup_steps=0, policy="difficulty")
+    F.cross_entropy(twin(ids, return_logits=True).flatten(0, 1), ids.flatten()).backward()
+    assert torch.equal(router.routing.depth, twin_router.routing.depth)
+    _assert_equal_grads(flat_grads(model), flat_grads(twin))
+    assert router.metrics()["mean_entropy"] == pytest.approx(twin_router.metrics()["mean_entropy"], rel=1e-5)
