@@ -178,3 +178,28 @@ def test_bf16_autocast_tiny_lm_close_to_fp32_reference():
         if r.norm().item() < 1e-3 * scale:
             continue
         assert rel_err(grads[name], r) < 3e-2, f"{name}: relative error {rel_err(grads[name], r):.2e}"
+
+
+@pytest.mark.parametrize("inactive", ["stop", "skip"])
+def test_inductor_compiled_tiny_lm_matches_eager_reference(inactive):
+    """The default backend (Inductor, CPU C++ code) compiles the model around cggr's hooks and routed ops; two
+    steps (two routings) are exact against the reference."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyLM(vocab=VOCAB, layers=2)
+    ref = copy.deepcopy(model)
+    router = cggr.attach(model, num_buckets=2, warmup_steps=0, inactive=inactive)
+    compiled = torch.compile(model)
+    g = torch.Generator().manual_seed(5)
+    for step in range(2):
+        ids = torch.randint(0, VOCAB, (2, 16), generator=g)
+        targets = torch.randint(0, VOCAB, (2, 16), generator=g)
+        model.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        _tiny_loss(compiled, ids, targets).backward()
+        depth = router.routing.depth.clone()
+        assert _routed_depth_is_mixed(depth, router.num_layers)
+        with cggr.reference_routing(find_layer_stack(ref)[1], depth, inactive=inactive):
+            _tiny_loss(ref, ids, targets).backward()
+        _assert_close(flat_grads(model), flat_grads(ref), 1e-5)
+        router.step()
