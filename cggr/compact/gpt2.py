@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..routing import Routing
-from .attention import attention_grad_by_recompute, attention_with_grad
+from .attention import attention_grad_by_recompute, attention_with_grad, refuse_double_backward
 from .pointwise import gelu_tanh_rows, head_rows, kernel, layer_norm_backward_add, layer_norm_rows
 
 
@@ -116,6 +116,7 @@ class GPT2BlockRouted(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_double_backward()
         x, mean1, rstd1, q, k, v, o, h, mean2, rstd2, f, mask, *weights = ctx.saved_tensors
         r: Routing = ctx.routing
         B, S, D = x.shape
@@ -145,6 +146,7 @@ class GPT2BlockRoutedCheckpointed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_double_backward()
         x, mask, *weights = ctx.saved_tensors
         (ln1_w, ln1_b, w_attn, b_attn, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_out, b_out) = weights
         r: Routing = ctx.routing

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..routing import Routing
-from .attention import attention_grad_by_recompute, attention_with_grad
+from .attention import attention_grad_by_recompute, attention_with_grad, refuse_double_backward
 from .pointwise import head_rows, kernel, mlp_rows, qkv_rows, rms_backward_add
 
 
@@ -184,6 +184,7 @@ class LlamaBlockRouted(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_double_backward()
         x, rstd1, q, k, v, o, h, rstd2, g, u, cos, sin, mask, *weights = ctx.saved_tensors
         r: Routing = ctx.routing
         B, S, D = x.shape
@@ -215,6 +216,7 @@ class LlamaBlockRoutedCheckpointed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_double_backward()
         x, cos, sin, mask, *weights = ctx.saved_tensors
         (w_n1, wq, bq, wk, bk, wv, bv, wo, bo, w_n2, wg, bg, wu, bu, wd, bd) = weights
         r: Routing = ctx.routing
