@@ -72,6 +72,15 @@ class ScaledMlpLlamaLayer(tf.models.llama.modeling_llama.LlamaDecoderLayer):
         return hidden_states + 1.01 * self.mlp(self.post_attention_layernorm(hidden_states))
 
 
+class IndexedLlamaLayer(ScaledMlpLlamaLayer):
+    """A Llama layer whose forward reads its layer index: nothing in its attributes tells its layers apart."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.self_attn.layer_idx == 0:
+            return tf.models.llama.modeling_llama.LlamaDecoderLayer.forward(self, hidden_states, *args, **kwargs)
+        return super().forward(hidden_states, *args, **kwargs)
+
+
 def _lookalike(kind):
     """A model whose (some) decoder layers pass the Llama family's structural test but compute something else;
     the indices of those layers."""
@@ -82,15 +91,15 @@ def _lookalike(kind):
     if kind == "ernie4_5":  # rotary on interleaved pairs
         return _model("ernie4_5"), [0, 1, 2, 3]
     model = _model("llama")
-    config = model.config
-    for i in (1, 2):
-        layer = ScaledMlpLlamaLayer(config, i)
+    layers = (1, 2) if kind == "subclass" else (0, 1, 2, 3)
+    for i in layers:
+        layer = (ScaledMlpLlamaLayer if kind == "subclass" else IndexedLlamaLayer)(model.config, i)
         layer.load_state_dict(model.model.layers[i].state_dict())
         model.model.layers[i] = layer
-    return model, [1, 2]
+    return model, [1, 2] if kind == "subclass" else [1, 2, 3]  # the indexed one: its layer 0 is Llama's
 
 
-@pytest.mark.parametrize("kind", ["granite", "smollm3", "ernie4_5", "subclass"])
+@pytest.mark.parametrize("kind", ["granite", "smollm3", "ernie4_5", "subclass", "by_layer_index"])
 def test_check_rejects_lookalike_blocks_with_one_warning(kind, caplog):
     model, wrong = _lookalike(kind)
     blocks = _blocks(model)
@@ -103,7 +112,17 @@ def test_check_rejects_lookalike_blocks_with_one_warning(kind, caplog):
     name = type(blocks[wrong[0]]).__name__
     assert name in warnings[0] and "llama" in warnings[0] and "differs from it by" in warnings[0]
     assert decisions[wrong[0]][1] in warnings[0]
-    assert V.verify(blocks[wrong[0]], "llama", _structural_family(blocks[wrong[0]])[1]).max_diff > 1e-2
+    assert V.verify(blocks[wrong[0]], "llama", _structural_family(blocks[wrong[0]])[1]).max_diff > 10 * V.TOLERANCE
+
+
+def test_layers_that_differ_in_attributes_are_checked_each():
+    """GPT-2 scaling attention by the inverse layer index: each layer's scale is its own (spec and check)."""
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=61, resid_pdrop=0.0,
+                                             attn_pdrop=0.0, embd_pdrop=0.0, scale_attn_by_inverse_layer_idx=True))
+    decisions = [compact_decision(b) for b in model.transformer.h]
+    assert all(found is not None for found, _ in decisions), decisions
+    assert len({found[1].scaling for found, _ in decisions}) == 3
 
 
 def test_rejected_blocks_train_exactly_through_the_router():

@@ -7,6 +7,13 @@ calls the fast path cannot take (a KV cache, fp16 autocast, weights in another
 dtype than the hidden states without autocast, a non-zero leak), use the
 generic path of :mod:`cggr.sparse`. Under bf16 autocast over fp32 weights the
 block runs in bf16 on casts of its weights and input.
+
+A family is recognised by structure, and a block is admitted only once
+:mod:`cggr.compact.verify` has run it against the family's Functions
+(:func:`compact_decision`): layers with a Llama layer's modules but other
+maths (Granite's multipliers, interleaved rotary, layers without rotary) take
+the generic path, with a warning. The compacted backwards are first-order
+only: they refuse ``create_graph=True``.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ flags the check sets (train mode, gradient checkpointing, the attention implemen
 
 Verdicts are cached by what can make two blocks differ: the class, the spec, every plain attribute of every
 submodule, the parameter shapes, the model config's scalars and its per-layer entries (``layer_types``,
-``no_rope_layers``, ...). Blocks that share a verdict are still each checked once more, on one routed case,
-in case their forward reads its layer index.
+``no_rope_layers``, ...). Blocks that share a verdict still have their forward output checked, in case it
+reads their layer index. The check runs on the block's GPU where it has one (nothing compiled, TF32 off),
+else on the CPU.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 
 from ..reference import reference_routing
 from ..routing import Routing
+from .pointwise import eager_kernels
 
 logger = logging.getLogger("cggr")
 
@@ -85,11 +87,11 @@ def verify(block: torch.nn.Module, family: str, spec: Any) -> Verdict:
     if verdict is None:
         verdict = _verdicts[key] = check(block, family, spec)
     elif verdict.ok:
-        # Same kind of block, already proven: one routed case, in case its forward reads its layer index.
+        # Same kind of block, already proven: its forward once more, in case it reads its layer index.
         verdict = check(block, family, spec, full=False)
-    if not verdict.ok and (key, verdict.reason) not in _warned:
-        _warned.add((key, verdict.reason))
-        logger.warning("cggr: %s takes the generic routed backward: %s", type(block).__name__, verdict.reason)
+    if not verdict.ok and key not in _warned:
+        _warned.add(key)
+        logger.warning("cggr: %s; it takes the generic routed backward", verdict.reason)
     _by_block[block] = verdict
     return verdict
 
@@ -144,13 +146,13 @@ class _Holder(torch.nn.Module):
         return fn()
 
 
-def _random_weights(block: torch.nn.Module, g: torch.Generator) -> dict[str, torch.Tensor]:
-    """fp32 CPU stand-ins for the block's parameters (random, scaled so every part of the block shows in its
+def _random_weights(block: torch.nn.Module, g: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """fp32 stand-ins for the block's parameters (random, scaled so every part of the block shows in its
     output) and buffers (copies: their values may be constants the forward needs)."""
     subs = {}
     for name, p in block.named_parameters():
         shape = tuple(p.shape)
-        noise = torch.randn(shape, generator=g)
+        noise = torch.randn(shape, generator=g, device=device)
         if name.endswith("bias"):
             t = 0.5 * noise
         elif len(shape) < 2:  # norm weights, scalar gains
@@ -159,34 +161,43 @@ def _random_weights(block: torch.nn.Module, g: torch.Generator) -> dict[str, tor
             t = noise * (shape[-1] * shape[-2]) ** -0.25
         subs[name] = t.requires_grad_()
     for name, b in block.named_buffers():
-        subs[name] = b.detach().to("cpu", torch.float32 if b.is_floating_point() else b.dtype).clone()
+        subs[name] = b.detach().to(device, torch.float32 if b.is_floating_point() else b.dtype).clone()
     return subs
 
 
-def _causal_mask() -> torch.Tensor:
+def _device(block: torch.nn.Module) -> torch.device:
+    """Where the check runs: the block's CUDA device (milliseconds for a large block), else the CPU (a block
+    on the meta device, or on the CPU)."""
+    p = next(block.parameters(), None)
+    return p.device if p is not None and p.device.type == "cuda" else torch.device("cpu")
+
+
+def _causal_mask(device) -> torch.Tensor:
     """A 4-D float mask as HF builds it: causal, and the first key of sequence 1 padded (left padding)."""
     lowest = torch.finfo(torch.float32).min
-    allowed = torch.ones(SEQ, SEQ, dtype=torch.bool).tril().expand(BATCH, 1, SEQ, SEQ).clone()
+    allowed = torch.ones(SEQ, SEQ, dtype=torch.bool, device=device).tril().expand(BATCH, 1, SEQ, SEQ).clone()
     allowed[1, :, 1:, 0] = False
-    return torch.zeros(BATCH, 1, SEQ, SEQ).masked_fill(~allowed, lowest)
+    return torch.zeros(BATCH, 1, SEQ, SEQ, device=device).masked_fill(~allowed, lowest)
 
 
 def _call_kwargs(family: str, spec: Any, g: torch.Generator, masked: bool) -> dict:
-    mask = _causal_mask() if masked else None
+    device = g.device
+    mask = _causal_mask(device) if masked else None
     if family == "llama":
-        angle = (torch.rand(BATCH, SEQ, spec.head_dim, generator=g) * 2 - 1) * math.pi
+        angle = (torch.rand(BATCH, SEQ, spec.head_dim, generator=g, device=device) * 2 - 1) * math.pi
         # Unstructured cos/sin (not HF's duplicated halves): any other use of them than Llama's shows.
-        return dict(attention_mask=mask, position_ids=torch.arange(SEQ).expand(BATCH, SEQ),
+        return dict(attention_mask=mask, position_ids=torch.arange(SEQ, device=device).expand(BATCH, SEQ),
                     position_embeddings=(angle.cos(), angle.sin()))
     return dict(attention_mask=mask)
 
 
 @contextlib.contextmanager
-def _check_state(block: torch.nn.Module, training: bool, sdpa: bool):
+def _check_state(block: torch.nn.Module, training: bool, sdpa: bool, device: torch.device):
     """The module state the check runs in, restored afterwards: train/eval as asked, no gradient checkpointing
     (the maths is the same), an attention implementation that runs on the CPU (``sdpa``: SDPA whatever the
     model's, for calls without a mask: HF's eager attention gets a mask always, and None means no mask to
-    it), grad on, no autocast, and the global RNG state as it was."""
+    it), grad on, no autocast, fp32 matmuls in full precision (no TF32), nothing compiled, and the global RNG
+    state as it was."""
     flags = [(m, m.training) for m in block.modules()]
     checkpointing = [(m, m.__dict__["gradient_checkpointing"]) for m in block.modules()
                      if "gradient_checkpointing" in m.__dict__]
@@ -200,7 +211,14 @@ def _check_state(block: torch.nn.Module, training: bool, sdpa: bool):
         for c, impl in attention:
             if sdpa or impl not in (None, "eager", "sdpa"):
                 c._attn_implementation_internal = "sdpa"  # flash attention does not run on the CPU; same maths
-        with torch.random.fork_rng(devices=[]), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        cuda = device.type == "cuda"
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=[device] if cuda else []))
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(torch.autocast(device.type, enabled=False))
+            stack.enter_context(eager_kernels())
+            if cuda:
+                stack.enter_context(_full_fp32_matmuls())
             yield
     finally:
         for m, t in flags:
@@ -209,6 +227,18 @@ def _check_state(block: torch.nn.Module, training: bool, sdpa: bool):
             m.gradient_checkpointing = v
         for c, impl in attention:
             c._attn_implementation_internal = impl
+
+
+@contextlib.contextmanager
+def _full_fp32_matmuls():
+    """TF32 off (its ~1e-3 rounding would fail the check), as the user had it afterwards."""
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
 
 
 def _first(out):
@@ -236,12 +266,12 @@ def check(block: torch.nn.Module, family: str, spec: Any, *, seed: int = 0, full
     """Run ``block`` and ``family``'s compacted Functions side by side (uncached; :func:`verify` caches).
 
     ``full``: every case (every row active and some inactive, with and without a 4-D mask, saving and
-    checkpointed); else one (some rows inactive, no mask, saving).
+    checkpointed); else the forward output of one (some rows inactive, no mask, saving).
     """
     start = time.perf_counter()
     threads = torch.get_num_threads()
     try:
-        if sum(p.numel() for p in block.parameters()) < _ONE_THREAD_BELOW:
+        if _device(block).type == "cpu" and sum(p.numel() for p in block.parameters()) < _ONE_THREAD_BELOW:
             torch.set_num_threads(1)  # tensors this small: threads cost more than they save (10x on a busy host)
         worst, where = _compare(block, family, spec, seed, full)
     except Exception as e:  # noqa: BLE001 -- any failure to run the check is a failed check
@@ -263,17 +293,18 @@ def _compare(block, family, spec, seed, full) -> tuple[float, str]:
     from . import FAMILIES, CompactedForward
 
     fam = FAMILIES[family]
-    g = torch.Generator().manual_seed(seed)
-    subs = _random_weights(block, g)
+    device = _device(block)
+    g = torch.Generator(device).manual_seed(seed)
+    subs = _random_weights(block, g, device)
     names = ["output", "input gradient"] + [f"gradient of {n}" for n in subs if subs[n].requires_grad]
     leaves = [t for t in subs.values() if t.requires_grad]
     holder = _Holder(block)
     subs = {"block." + n: t for n, t in subs.items()}
     # Both families' first weight is the input norm's, one entry per hidden feature.
-    x = torch.randn(BATCH, SEQ, fam.params(block)[0].shape[0], generator=g)
-    routed_depth = (torch.rand(BATCH, SEQ, generator=g) < 0.5).long()
+    x = torch.randn(BATCH, SEQ, fam.params(block)[0].shape[0], generator=g, device=device)
+    routed_depth = (torch.rand(BATCH, SEQ, generator=g, device=device) < 0.5).long()
     routed_depth[0, 0], routed_depth[1, -1] = 0, 1  # some rows inactive, some active
-    depths = [torch.ones(BATCH, SEQ, dtype=torch.long), routed_depth] if full else [routed_depth]
+    depths = [torch.ones_like(routed_depth), routed_depth] if full else [routed_depth]
     functions = [False] + ([True] if full and fam.checkpointed is not None else [])
     compacted = CompactedForward(None, block, 0, family, spec, block.forward)
 
@@ -285,7 +316,9 @@ def _compare(block, family, spec, seed, full) -> tuple[float, str]:
             if y is None:
                 return None
             y = _first(y)
-            gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1))
+            if not full:  # the per-layer re-check: the forward shows a layer computing something else
+                return [y.detach()]
+            gy = torch.randn(y.shape, generator=torch.Generator(device).manual_seed(seed + 1), device=device)
             got = torch.autograd.grad(y, [xx, *leaves], gy, allow_unused=True)
             return [y.detach(), *got]
         return torch.func.functional_call(holder, subs, (run,))
@@ -294,7 +327,7 @@ def _compare(block, family, spec, seed, full) -> tuple[float, str]:
         """The worst difference over the cases in this mode, or None where the compacted path refuses it."""
         worst, where = 0.0, ""
         for masked in ([False, True] if full else [False]):
-            with _check_state(block, training, sdpa=not masked):
+            with _check_state(block, training, sdpa=not masked, device=device):
                 kwargs = _call_kwargs(family, spec, g, masked)
                 for depth in depths:
                     case = (f"{'every row active' if bool(depth.all()) else 'some rows inactive'}, "
