@@ -173,6 +173,22 @@ def test_check_leaves_the_users_state_alone():
     assert model.config._attn_implementation == "eager"
 
 
+def test_check_leaves_the_blocks_own_hooks_out():
+    """The block's own hooks run around either path alike; some must not run outside a training step (FSDP2's
+    lazy initialisation would make the block its own root), so the check leaves them out and puts them back."""
+    block = _model("llama").model.layers[0]
+
+    def hook(module, args):
+        raise AssertionError("the check ran the block's own hook")
+
+    handle = block.register_forward_pre_hook(hook)
+    found, reason = compact_decision(block)
+    assert found is not None, reason
+    with pytest.raises(AssertionError, match="own hook"):
+        block(torch.zeros(1, 2, 32))
+    handle.remove()
+
+
 def test_check_needs_no_weights():
     """Random weights stand in for the block's: a model built on the meta device is checked too."""
     with torch.device("meta"):

@@ -151,7 +151,7 @@ def _random_weights(block: torch.nn.Module, g: torch.Generator, device: torch.de
     output) and buffers (copies: their values may be constants the forward needs)."""
     subs = {}
     for name, p in block.named_parameters():
-        shape = tuple(p.shape)
+        shape = tuple(getattr(p, "ds_shape", p.shape))  # DeepSpeed ZeRO-3 keeps an empty tensor and its shape
         noise = torch.randn(shape, generator=g, device=device)
         if name.endswith("bias"):
             t = 0.5 * noise
@@ -191,13 +191,21 @@ def _call_kwargs(family: str, spec: Any, g: torch.Generator, masked: bool) -> di
     return dict(attention_mask=mask)
 
 
+# The block's own hooks: they run around the compacted forward as around the plain one, so the check leaves
+# them out; some must not run outside a training step (FSDP2's would make the block its own root).
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks")
+
+
 @contextlib.contextmanager
 def _check_state(block: torch.nn.Module, training: bool, sdpa: bool, device: torch.device):
-    """The module state the check runs in, restored afterwards: train/eval as asked, no gradient checkpointing
+    """The module state the check runs in, restored afterwards: the block's own hooks left out, train/eval as
+    asked, no gradient checkpointing
     (the maths is the same), an attention implementation that runs on the CPU (``sdpa``: SDPA whatever the
     model's, for calls without a mask: HF's eager attention gets a mask always, and None means no mask to
     it), grad on, no autocast, fp32 matmuls in full precision (no TF32), nothing compiled, and the global RNG
     state as it was."""
+    hooks = {name: getattr(block, name) for name in _HOOK_DICTS if isinstance(getattr(block, name, None), dict)}
     flags = [(m, m.training) for m in block.modules()]
     checkpointing = [(m, m.__dict__["gradient_checkpointing"]) for m in block.modules()
                      if "gradient_checkpointing" in m.__dict__]
@@ -205,6 +213,8 @@ def _check_state(block: torch.nn.Module, training: bool, sdpa: bool, device: tor
                if c is not None and hasattr(c, "_attn_implementation_internal")}
     attention = [(c, c._attn_implementation_internal) for c in configs.values()]
     try:
+        for name, d in hooks.items():
+            setattr(block, name, type(d)())
         block.train(training)
         for m, _ in checkpointing:
             m.gradient_checkpointing = False
@@ -221,6 +231,8 @@ def _check_state(block: torch.nn.Module, training: bool, sdpa: bool, device: tor
                 stack.enter_context(_full_fp32_matmuls())
             yield
     finally:
+        for name, d in hooks.items():
+            setattr(block, name, d)
         for m, t in flags:
             m.training = t
         for m, v in checkpointing:
