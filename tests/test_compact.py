@@ -197,6 +197,24 @@ def test_check_needs_no_weights():
     assert found is not None, reason
 
 
+def test_calls_the_function_cannot_compute_take_the_plain_forward():
+    """Inputs the check cannot see: a sliding window applied by the attention itself (flash attention gets no
+    mask) on a sequence longer than the window, and partial rotary (cos/sin narrower than a head)."""
+    model = _model("mistral", sliding_window=5)  # the check's sequences (5) fit in it
+    block = model.model.layers[0]
+    found, reason = compact_decision(block)
+    assert found is not None, reason
+    forward = CompactedForward(_Source(), block, 0, *found, block.forward)
+    forward.source.routing = Routing.from_depth(torch.ones(2, 6, dtype=torch.long), num_layers=4)
+    cos, sin = torch.ones(2, 6, 8), torch.zeros(2, 6, 8)
+    assert not forward.takes_call(torch.randn(2, 6, 32), (), dict(position_embeddings=(cos, sin)))
+    assert forward.takes_call(torch.randn(2, 5, 32), (), dict(position_embeddings=(cos[:, :5], sin[:, :5])))
+    mask = torch.zeros(2, 1, 6, 6)  # a mask carries the window: HF builds it with the window in
+    assert forward.takes_call(torch.randn(2, 6, 32), (), dict(position_embeddings=(cos, sin), attention_mask=mask))
+    assert not forward.takes_call(torch.randn(2, 6, 32), (), dict(position_embeddings=(cos[..., :4], sin[..., :4]),
+                                                                  attention_mask=mask))
+
+
 def test_decision_reasons():
     assert compact_decision(torch.nn.Linear(4, 4)) == (None, "Linear matches no compacted family (llama, gpt2)")
     moe = hf_model("mixtral", layers=1)
@@ -327,3 +345,28 @@ def test_compacted_forward_follows_deepcopy_and_pickle(family):
     y = copied(x.requires_grad_(), **kwargs)
     assert source.routing.compact_blocks == {3}
     assert torch.allclose(_first(y), plain, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_check_runs_on_the_blocks_gpu_without_tf32_or_compiling():
+    """A block on a GPU is checked there (a 1B-size block in well under a second), in full fp32 whatever the
+    user's TF32 setting, which is put back; nothing is compiled for the check's shapes."""
+    import time
+
+    config = tf.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=2, num_attention_heads=32,
+                            num_key_value_heads=4, vocab_size=64)
+    with torch.device("cuda"):
+        model = tf.LlamaForCausalLM(config).to(torch.bfloat16)
+    precision = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        torch._dynamo.reset()
+        start = time.perf_counter()
+        decisions = [compact_decision(b) for b in model.model.layers]
+        seconds = time.perf_counter() - start
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = precision
+    assert all(found is not None for found, _ in decisions), decisions
+    assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    print(f"check of 2 blocks of 44M parameters on {torch.cuda.get_device_name()}: {seconds:.2f} s")

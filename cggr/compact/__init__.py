@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import math
 import types
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -65,11 +66,24 @@ class Family:
     checkpointed: type | None
 
 
+def _sliding_window(attn) -> float:
+    """The attention's sliding window (Qwen2 sets it per layer, Mistral reads its config), else infinity."""
+    window = vars(attn)["sliding_window"] if "sliding_window" in vars(attn) else getattr(
+        getattr(attn, "config", None), "sliding_window", None)
+    return math.inf if window is None else window
+
+
 def _llama_inputs(block, kwargs, dtype):
     pe = kwargs.get("position_embeddings")
     if pe is None:
         return None
-    return tuple(t.to(dtype) for t in pe) + (kwargs.get("attention_mask"),)
+    cos, sin = pe
+    if cos.shape[-1] != block.self_attn.head_dim:
+        return None  # partial rotary (GLM): the layer rotates part of each head, the Function all of it
+    mask = kwargs.get("attention_mask")
+    if mask is None and cos.shape[-2] > _sliding_window(block.self_attn):
+        return None  # no mask (flash attention): the window is the attention's own to apply; the Function's is not
+    return cos.to(dtype), sin.to(dtype), mask
 
 
 def _gpt2_inputs(block, kwargs, dtype):
