@@ -22,7 +22,10 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_atten
 @pytest.fixture(autouse=True)
 def _fresh_verdicts():
     V.clear_cache()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tensors this small run several times faster on one thread on a busy CI host
     yield
+    torch.set_num_threads(threads)
     V.clear_cache()
 
 

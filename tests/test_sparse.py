@@ -11,6 +11,14 @@ from cggr.adapters import find_layer_stack
 from tiny import flat_grads, hf_model, rel_err
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tensors this small run several times faster on one thread on a busy CI host
+    yield
+    torch.set_num_threads(threads)
+
+
 def _penalty(model, params, ids):
     """A gradient penalty: the squared norm of the loss's gradient, differentiated again."""
     loss = model(input_ids=ids, labels=ids).loss
