@@ -4,7 +4,7 @@ A family is picked by structure (module names and classes, :func:`~cggr.compact.
 and structure is not behaviour: Granite's layers have a Llama layer's modules but scale the residual
 branches, Ernie 4.5 rotates interleaved pairs, SmolLM3 leaves rotary out of some layers. Each of those would
 silently change the forward output and the gradients. So before a block takes the compacted path,
-:func:`verify` runs it both ways, on the CPU in fp32, with fresh random weights (well scaled, so that every
+:func:`verify` runs it both ways, in fp32, with fresh random weights (well scaled, so that every
 part of the block shows in the output; the check holds for any weights or for none) and random inputs:
 
 * the block's own forward (with the keyword arguments HF passes it) under
@@ -13,9 +13,11 @@ part of the block shows in the output; the check holds for any weights or for no
   :class:`~cggr.compact.CompactedForward` call path the router installs;
 
 comparing the output, the input gradient and the gradient of every parameter, every row active and with some
-rows inactive, with and without a 4-D float attention mask. Nothing of the user's is touched: the block runs
-on substituted weights (``torch.func.functional_call``), the global RNG state is restored, and the module
-flags the check sets (train mode, gradient checkpointing, the attention implementation) are put back.
+rows inactive, with and without a 4-D float attention mask, within ``TOLERANCE`` of the largest entry of each
+tensor. Nothing of the user's is touched: the block runs on substituted weights
+(``torch.func.functional_call``: no ``.grad`` is written), the global RNG state is restored, and what the check
+sets (train mode, gradient checkpointing off, the attention implementation, the block's own hooks left out,
+TF32 off) is put back. A check that cannot run is a failed check.
 
 Verdicts are cached by what can make two blocks differ: the class, the spec, every plain attribute of every
 submodule, the parameter shapes, the model config's scalars and its per-layer entries (``layer_types``,
