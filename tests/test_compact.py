@@ -10,7 +10,7 @@ import torch
 import transformers as tf
 
 import cggr
-from cggr.compact import FAMILIES, CompactedForward, _structural_family, compact_decision, compact_family
+from cggr.compact import CompactedForward, _structural_family, compact_decision, compact_family
 from cggr.compact import verify as V
 from cggr.routing import Routing
 from tiny import hf_model, rel_err
