@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .adapters import (family_of, is_fused_experts, is_moe_router, is_routable_linear, model_type,
                        unsupported_parametrised_modules, weight_in_out)
-from .compact import compact_family, make_compact_forward
+from .compact import compact_decision, make_compact_forward
 from .config import RoutingConfig
 from .moe import RoutedExperts
 from .sparse import GateRows, RoutedLinear, SkipRows
@@ -171,7 +171,7 @@ class CheckpointWithRouting:
     def __call__(self, function, *args, **kwargs):
         routing = self.router.current_routing()
         forward = self.block.__dict__.get("forward")
-        takes_call = getattr(forward, "takes_call", None) or getattr(forward, "cggr_routes_call", None)
+        takes_call = getattr(forward, "takes_call", None)
         if takes_call is not None and args and takes_call(args[0], args[1:], getattr(function, "keywords", {})):
             # A compacted block checkpoints itself, routed (older HF layers checkpoint in __call__).
             return function(*args, **kwargs)
@@ -212,13 +212,13 @@ def choose_backward(model: nn.Module, block: nn.Module, config: RoutingConfig):
     row = family_of(model)
     if row is not None and row.compact is None:
         return None, f"generic backward (model_type {model_type(model)!r} has no compacted backward)"
-    found = compact_family(block)
+    found, why = compact_decision(block)
     if found is None:
-        return None, "generic backward (no compacted backward matches this block)"
+        return None, f"generic backward ({why})"
     if row is not None and found[0] != row.compact:
         return None, (f"generic backward (the block looks like {found[0]!r}, but model_type {model_type(model)!r} "
                       f"maps to {row.compact!r})")
-    return found, "verified equal to the block at attach"
+    return found, why
 
 
 class Installation:
@@ -257,7 +257,7 @@ class Installation:
                 found, reason = choose_backward(model, block, config)
                 if found is not None:
                     family, spec = found
-                    self.patch_forward(block, make_compact_forward(router.current_routing, block, i, family, spec,
+                    self.patch_forward(block, make_compact_forward(router, block, i, family, spec,
                                                                    block.forward))
             self.sparse_blocks.append(sparse)
             self.compact_blocks.append(family)

@@ -56,6 +56,9 @@ class RoutedExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        if torch.is_grad_enabled():  # create_graph=True: the replayed experts' gradients are not differentiable
+            raise RuntimeError("cggr: double backward through routed mixture-of-experts experts is not supported; "
+                               "attach with mode='mask' for create_graph/double backward")
         hidden, weights, index = ctx.saved_tensors
         graph, ctx.graph = ctx.graph, None  # used once: a second backward (retain_graph) replays
         r: Routing = ctx.routing

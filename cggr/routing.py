@@ -139,6 +139,15 @@ class Routing:
         keys, threshold = self.gate_keys(block_index)
         return gate_rows(grad, keys, threshold, self.leak_rate)
 
+    def block_input_grad(self, dx: torch.Tensor, dy: torch.Tensor, block_index: int) -> torch.Tensor:
+        """The gradient of a block's input under the inactive semantics, from ``dx`` (the block's own backward,
+        zero on inactive rows) and ``dy`` (the gradient of its output): ``dx`` under stop; under skip the
+        inactive rows' output gradient passes to the input unchanged (the residual stream)."""
+        if not self.skip:
+            return dx
+        inactive = self.inactive_mask(block_index).view(*dy.shape[:-1], 1)
+        return torch.where(inactive, dy.to(dx.dtype), dx)
+
     def threshold(self, block_index: int) -> int:
         """Nested placement: tokens with depth strictly above this value are active in ``block_index``."""
         return self.num_layers - 1 - block_index

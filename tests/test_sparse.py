@@ -8,6 +8,7 @@ hooks. Block ``i`` of ``L`` sees token ``t`` active when ``depth[t] > L - 1 - i`
 
 from __future__ import annotations
 
+import copy
 import zlib
 
 import pytest
@@ -16,9 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
+import cggr
 from cggr import reference_routing
+from cggr.adapters import find_layer_stack
 from cggr.routing import Routing
 from cggr.sparse import GateRows, RoutedLinear
+from tiny import flat_grads, hf_model, rel_err
 
 SEEDS = [0, 1, 2]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -314,3 +318,44 @@ def test_double_backward_through_a_cast_is_refused():
         y = RoutedLinear.apply(x, w, None, r, 1, False)
     gx, gw = torch.autograd.grad(torch.tanh(y).sum(), (x, w))  # a plain backward is fine
     assert gx.dtype == gw.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- double backward through whole models
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tensors this small run several times faster on one thread on a busy CI host
+    yield
+    torch.set_num_threads(threads)
+
+
+def _penalty(model, params, ids):
+    """A gradient penalty: the squared norm of the loss's gradient, differentiated again."""
+    loss = model(input_ids=ids, labels=ids).loss
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    return loss, sum(g.pow(2).sum() for g in grads)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("seed", [5, 808], ids=lambda s: f"seed{s}")
+def test_double_backward_through_the_generic_path_equals_reference(kind, seed):
+    model = hf_model(kind, layers=3, seed=seed)
+    model.config._attn_implementation = "eager"  # twice-differentiable attention
+    ref = copy.deepcopy(model)
+    router = cggr.attach(model, warmup_steps=0, backward="generic", seed=seed)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(seed))
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss, penalty = _penalty(model, params, ids)
+    penalty.backward()
+    depth = router.routing.depth
+    assert depth.min() < 3 and not router.routing.compact_blocks  # routed, through RoutedLinear and GateRows
+    with cggr.reference_routing(find_layer_stack(ref)[1], depth):
+        ref_loss, ref_penalty = _penalty(ref, [p for p in ref.parameters() if p.requires_grad], ids)
+        ref_penalty.backward()
+    assert rel_err(penalty.detach(), ref_penalty.detach()) < 1e-5
+    got, want = flat_grads(model), flat_grads(ref)
+    scale = max(v.norm().item() for v in want.values())
+    for name in want:
+        err = (got[name] - want[name]).norm().item() / max(want[name].norm().item(), 1e-3 * scale)
+        assert err < 1e-4, f"{name}: relative error {err:.2e}"

@@ -7,12 +7,21 @@ calls the fast path cannot take (a KV cache, fp16 autocast, weights in another
 dtype than the hidden states without autocast, a non-zero leak), use the
 generic path of :mod:`cggr.sparse`. Under bf16 autocast over fp32 weights the
 block runs in bf16 on casts of its weights and input.
+
+A family is recognised by structure, and a block is admitted only once
+:mod:`cggr.compact.verify` has run it against the family's Functions
+(:func:`compact_decision`): layers with a Llama layer's modules but other
+maths (Granite's multipliers, interleaved rotary, layers without rotary) take
+the generic path, with a warning. The compacted backwards are first-order
+only: they refuse ``create_graph=True``.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import math
+import types
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -56,11 +65,24 @@ class Family:
     checkpointed: type | None
 
 
+def _sliding_window(attn) -> float:
+    """The attention's sliding window (Qwen2 sets it per layer, Mistral reads its config), else infinity."""
+    window = vars(attn)["sliding_window"] if "sliding_window" in vars(attn) else getattr(
+        getattr(attn, "config", None), "sliding_window", None)
+    return math.inf if window is None else window
+
+
 def _llama_inputs(block, kwargs, dtype):
     pe = kwargs.get("position_embeddings")
     if pe is None:
         return None
-    return tuple(t.to(dtype) for t in pe) + (kwargs.get("attention_mask"),)
+    cos, sin = pe
+    if cos.shape[-1] != block.self_attn.head_dim:
+        return None  # partial rotary (GLM): the layer rotates part of each head, the Function all of it
+    mask = kwargs.get("attention_mask")
+    if mask is None and cos.shape[-2] > _sliding_window(block.self_attn):
+        return None  # no mask (flash attention): the window is the attention's own to apply; the Function's is not
+    return cos.to(dtype), sin.to(dtype), mask
 
 
 def _gpt2_inputs(block, kwargs, dtype):
@@ -95,10 +117,13 @@ def _compute_dtype(hidden_states: torch.Tensor, params) -> torch.dtype | None:
     return hidden_states.dtype
 
 
-def compact_family(block: torch.nn.Module) -> tuple[str, Any] | None:
-    """``(family, spec)`` of the first family whose compacted backward handles ``block``, else None."""
-    if any(is_moe_module(m) for m in block.modules()):
-        return None  # the compacted Functions know dense MLPs only; MoE blocks take the generic path
+
+def _structural_family(block: torch.nn.Module) -> tuple[str, Any] | None:
+    """``(family, spec)`` of the first family whose structure (modules, class names) ``block`` has, else None.
+
+    Structure is not behaviour: a layer can have a Llama layer's modules and compute something else (Granite's
+    multipliers, another rotary, layers without rotary). :func:`compact_decision` checks the behaviour.
+    """
     for name, family in FAMILIES.items():
         spec = family.spec(block)
         if spec is not None:
@@ -106,41 +131,102 @@ def compact_family(block: torch.nn.Module) -> tuple[str, Any] | None:
     return None
 
 
+def compact_decision(block: torch.nn.Module) -> tuple[tuple[str, Any] | None, str]:
+    """Whether ``block`` takes a compacted backward: ``((family, spec) or None, reason)``.
+
+    A block takes one when its structure matches a family and :func:`cggr.compact.verify.verify` finds the
+    family's compacted Functions equal to the block's own forward and backward (under the reference routing)
+    on random inputs and weights. The reason says why, for the router's report; a failed check also logs
+    one warning per kind of block.
+    """
+    if any(is_moe_module(m) for m in block.modules()):
+        return None, "mixture-of-experts block: the compacted backwards know dense MLPs only"
+    found = _structural_family(block)
+    if found is None:
+        return None, f"{type(block).__name__} matches no compacted family ({', '.join(FAMILIES)})"
+    from .verify import verify  # verify imports this module
+
+    family, spec = found
+    verdict = verify(block, family, spec)
+    if not verdict.ok:
+        return None, verdict.reason
+    return found, verdict.reason
+
+
+def compact_family(block: torch.nn.Module) -> tuple[str, Any] | None:
+    """``(family, spec)`` when ``block`` takes a compacted backward (:func:`compact_decision`), else None."""
+    return compact_decision(block)[0]
+
+
 def _returns_tuple(block: torch.nn.Module) -> bool:
     ann = inspect.signature(type(block).forward).return_annotation
     return "tuple" in str(ann).lower()
 
 
-def make_compact_forward(get_routing: Callable[[], Routing | None], block: torch.nn.Module, block_index: int,
-                         family: str, spec: Any, plain_forward: Callable) -> Callable:
-    """A forward for ``block`` that takes the compacted path when it can, else ``plain_forward``.
+class CompactedForward:
+    """The forward installed on a block whose backward is compacted: it takes the compacted path when the
+    running forward is routed and the call allows it (:meth:`takes_call`), else the block's plain forward.
 
-    ``get_routing`` returns the routing of the running forward (None outside routed training).
+    ``source.current_routing()`` returns the running forward's :class:`Routing`, or None outside routed
+    training (the router passes itself). ``plain_forward``: the forward the block had before (a bound method).
+    A plain object rather than a closure, so that ``copy.deepcopy(model)`` gives a forward bound to the copied
+    block and routed by the copied router (deepcopy's memo maps both), and the block pickles.
     """
-    fam = FAMILIES[family]
-    as_tuple = _returns_tuple(block)
-    modules = tuple(block.modules())  # what the spec was read from
-    # Names of the forward's parameters after hidden_states: models pass some positionally (GPT-2 does).
-    arg_names = list(inspect.signature(type(block).forward).parameters)[2:]
 
-    def by_name(args, kwargs) -> dict | None:
-        if len(args) > len(arg_names):
+    def __init__(self, source: Any, block: torch.nn.Module, block_index: int, family: str, spec: Any,
+                 plain_forward: Callable):
+        self.source = source
+        self.block = block
+        self.block_index = block_index
+        self.family = family
+        self.spec = spec
+        self.plain_forward = plain_forward
+        self._modules = tuple(block.modules())  # what the spec was read from
+        # Names of the forward's parameters after hidden_states: models pass some positionally (GPT-2 does).
+        self._arg_names = list(inspect.signature(type(block).forward).parameters)[2:]
+        self._as_tuple = _returns_tuple(block)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        f = self.plain_forward
+        if isinstance(f, types.MethodType) and f.__self__ is self.block:
+            # Rebound on loading: pickling the bound method would look up block.forward, i.e. this object.
+            state["plain_forward"] = _BoundToBlock(f.__func__)
+        return state
+
+    def __setstate__(self, state):
+        f = state["plain_forward"]
+        if isinstance(f, _BoundToBlock):
+            state["plain_forward"] = types.MethodType(f.func, state["block"])
+        self.__dict__.update(state)
+
+    # -- the forward
+    def current_routing(self) -> Routing | None:
+        s = self.source
+        return s.current_routing()
+
+    def _by_name(self, args, kwargs) -> dict | None:
+        if len(args) > len(self._arg_names):
             return None
-        named = dict(zip(arg_names, args))
+        named = dict(zip(self._arg_names, args))
         named.update(kwargs)
         return named
 
-    def checkpointing() -> bool:
+    def checkpointing(self) -> bool:
+        """Whether this call checkpoints (HF's ``gradient_checkpointing`` on the block, in training)."""
+        block = self.block
         return getattr(block, "gradient_checkpointing", False) and block.training and torch.is_grad_enabled()
 
-    def inputs(r: Routing | None, hidden_states, args, kwargs):
-        """The family's per-call inputs when this call can take the compacted path, else None."""
-        kwargs = by_name(args, kwargs)
-        if (r is None or kwargs is None or r.leak_rate != 0 or r.skip or not isinstance(hidden_states, torch.Tensor)
-                or hidden_states.dim() != 3 or tuple(block.modules()) != modules  # e.g. linears wrapped by PEFT
+    def _inputs(self, r: Routing | None, hidden_states, args, kwargs, checkpointing: bool):
+        """``(dtype, family inputs)`` when this call can take the compacted path, else None."""
+        fam = FAMILIES[self.family]
+        block = self.block
+        kwargs = self._by_name(args, kwargs)
+        if (r is None or kwargs is None or r.leak_rate != 0 or not isinstance(hidden_states, torch.Tensor)
+                or hidden_states.dim() != 3 or tuple(block.modules()) != self._modules  # e.g. PEFT wrapped linears
                 or any(kwargs.get(c) is not None for c in ("cache", "past_key_values", "layer_past"))
                 or kwargs.get("output_attentions", False)
-                or (checkpointing() and fam.checkpointed is None)):
+                or (checkpointing and fam.checkpointed is None)):
             return None
         dt = _compute_dtype(hidden_states, fam.params(block))
         if dt is None:
@@ -155,29 +241,56 @@ def make_compact_forward(get_routing: Callable[[], Routing | None], block: torch
         # A float attention mask follows the compute dtype (under autocast HF builds it in the weights' fp32).
         return dt, tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in extra)
 
-    def forward(hidden_states, *args, **kwargs):
-        r = get_routing()
-        found = inputs(r, hidden_states, args, kwargs)
+    def takes_call(self, hidden_states, args: tuple, kwargs: dict) -> bool:
+        """Whether a call with these arguments, now, takes the compacted path (the router skips HF's own
+        checkpointing of the block for such calls: the block then checkpoints itself, routed)."""
+        return self._inputs(self.current_routing(), hidden_states, args, kwargs, self.checkpointing()) is not None
+
+    def cggr_routes_call(self, hidden_states, args, kwargs) -> bool:
+        """:meth:`takes_call` under the name today's router looks up (until it calls ``takes_call``)."""
+        return self.takes_call(hidden_states, args, kwargs)
+
+    def run(self, r: Routing, hidden_states, args: tuple, kwargs: dict, checkpointed: bool, block_index: int):
+        """The compacted forward of this call under routing ``r`` (saving or checkpointed), or None when the
+        call cannot take it. The output is the block's (a tensor, or a 1-tuple where the block returns one)."""
+        found = self._inputs(r, hidden_states, args, kwargs, checkpointed)
         if found is None:
-            return plain_forward(hidden_states, *args, **kwargs)
+            return None
         dt, extra = found
-        # With activation checkpointing on, the block checkpoints itself, routed: only the block input is kept.
-        function = fam.checkpointed if checkpointing() else fam.saving
-        params = fam.params(block)
+        fam = FAMILIES[self.family]
+        function = fam.checkpointed if checkpointed else fam.saving
+        params = fam.params(self.block)
         device_type = hidden_states.device.type
         if not torch.is_autocast_enabled(device_type):
-            y = function.apply(hidden_states, *extra, r, block_index, spec, *params)  # dtypes checked in inputs()
+            y = function.apply(hidden_states, *extra, r, block_index, self.spec, *params)  # dtypes checked
         else:
             # bf16 autocast (over fp32 weights, say): the block runs in bf16 on bf16 casts of its weights and
             # input, as the benchmarked bf16 path does; the casts are autograd ops (no-ops for bf16 tensors),
             # so the weights' fp32 .grad and the fp32 input gradient come back through them.
             params = tuple(None if p is None else p.to(dt) for p in params)
             with torch.autocast(device_type, enabled=False):
-                y = function.apply(hidden_states.to(dt), *extra, r, block_index, spec, *params)
+                y = function.apply(hidden_states.to(dt), *extra, r, block_index, self.spec, *params)
             y = y.to(hidden_states.dtype)
         r.compact_blocks.add(block_index)
-        return (y,) if as_tuple else y
+        return (y,) if self._as_tuple else y
 
-    # Lets the router skip HF's own checkpointing of this block for calls that checkpoint themselves.
-    forward.cggr_routes_call = lambda h, args, kwargs: inputs(get_routing(), h, args, kwargs) is not None
-    return forward
+    def __call__(self, hidden_states, *args, **kwargs):
+        r = self.current_routing()
+        # With activation checkpointing on, the block checkpoints itself, routed: only the block input is kept.
+        y = None if r is None else self.run(r, hidden_states, args, kwargs, self.checkpointing(), self.block_index)
+        return self.plain_forward(hidden_states, *args, **kwargs) if y is None else y
+
+    def __repr__(self) -> str:
+        return f"CompactedForward({type(self.block).__name__} #{self.block_index}, family={self.family!r})"
+
+
+@dataclass(frozen=True)
+class _BoundToBlock:
+    func: Callable
+
+
+def make_compact_forward(source: Any, block: torch.nn.Module, block_index: int, family: str, spec: Any,
+                         plain_forward: Callable) -> CompactedForward:
+    """The forward to install on ``block`` (:class:`CompactedForward`); ``source.current_routing()`` returns the
+    running forward's routing."""
+    return CompactedForward(source, block, block_index, family, spec, plain_forward)

@@ -24,3 +24,14 @@ def attention_with_grad(attend: Callable, q: torch.Tensor, k: torch.Tensor, v: t
 def attention_grad_by_recompute(attend: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """``grad(do) -> (dq, dk, dv)`` that recomputes the forward only when called (nothing kept meanwhile)."""
     return lambda do: attention_with_grad(attend, q, k, v)[1](do)
+
+
+def refuse_double_backward() -> None:
+    """Called first in every compacted backward: raise when it runs with ``create_graph=True``.
+
+    The compacted backwards compute their gradients with ops autograd does not differentiate (recomputed,
+    detached, compiled pieces): a graph through them would give wrong second derivatives without an error.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError("cggr: double backward through a compacted block is not supported; attach with "
+                           "backward='generic' for create_graph/double backward")

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ..routing import Routing
-from .attention import attention_grad_by_recompute, attention_with_grad
-from .pointwise import gelu_tanh_rows, head_rows, kernel, layer_norm_backward_add, layer_norm_rows
+from .attention import attention_grad_by_recompute, attention_with_grad, refuse_double_backward
+from .pointwise import gelu_tanh_rows, head_rows, kernel, layer_norm_backward_add, layer_norm_rows, with_skip
 
 
 @dataclass(frozen=True)
@@ -116,16 +116,18 @@ class GPT2BlockRouted(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_double_backward()
         x, mean1, rstd1, q, k, v, o, h, mean2, rstd2, f, mask, *weights = ctx.saved_tensors
         r: Routing = ctx.routing
         B, S, D = x.shape
         N = B * S
         if r.active_count(ctx.block_index) == 0:
-            return _zero_grads(x, weights)
+            return with_skip(_zero_grads(x, weights), dy, r, ctx.block_index)
         idx, bi, si = r.active_positions(ctx.block_index, S)
         mlp_src = (f.view(N, -1), h.view(N, D), mean2.view(N, 1), rstd2.view(N, 1), o.view(N, D), idx)
         attention_grad = attention_grad_by_recompute(functools.partial(_attention, mask=mask, spec=ctx.spec), q, k, v)
-        return _backward_on_active_rows(dy, idx, bi, si, mlp_src, attention_grad, x, mean1, rstd1, ctx.spec, weights)
+        return with_skip(_backward_on_active_rows(dy, idx, bi, si, mlp_src, attention_grad, x, mean1, rstd1, ctx.spec,
+                                                  weights), dy, r, ctx.block_index)
 
 
 class GPT2BlockRoutedCheckpointed(torch.autograd.Function):
@@ -145,6 +147,7 @@ class GPT2BlockRoutedCheckpointed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_double_backward()
         x, mask, *weights = ctx.saved_tensors
         (ln1_w, ln1_b, w_attn, b_attn, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_out, b_out) = weights
         r: Routing = ctx.routing
@@ -152,7 +155,7 @@ class GPT2BlockRoutedCheckpointed(torch.autograd.Function):
         B, S, D = x.shape
         N = B * S
         if r.active_count(ctx.block_index) == 0:
-            return _zero_grads(x, weights)
+            return with_skip(_zero_grads(x, weights), dy, r, ctx.block_index)
         idx, bi, si = r.active_positions(ctx.block_index, S)
         mean1, rstd1, q, k, v = _qkv(x, spec, ln1_w, ln1_b, w_attn, b_attn)
         out, attention_grad = attention_with_grad(functools.partial(_attention, mask=mask, spec=spec), q, k, v)
@@ -162,7 +165,8 @@ class GPT2BlockRoutedCheckpointed(torch.autograd.Function):
         local = torch.arange(idx.numel(), device=idx.device)
         mlp_src = (f_a, h_a, mean2_a, rstd2_a, o_a, local)
 
-        return _backward_on_active_rows(dy, idx, bi, si, mlp_src, attention_grad, x, mean1, rstd1, spec, weights)
+        return with_skip(_backward_on_active_rows(dy, idx, bi, si, mlp_src, attention_grad, x, mean1, rstd1, spec,
+                                                  weights), dy, r, ctx.block_index)
 
 
 def mlp_backward_rows(dy, idx, f, h, mean2, rstd2, o, rows, ln2_w, ln2_b, w_fc, w_out, w_proj):

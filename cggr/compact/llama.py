@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..routing import Routing
-from .attention import attention_grad_by_recompute, attention_with_grad
-from .pointwise import head_rows, kernel, mlp_rows, qkv_rows, rms_backward_add
+from .attention import attention_grad_by_recompute, attention_with_grad, refuse_double_backward
+from .pointwise import head_rows, kernel, mlp_rows, qkv_rows, rms_backward_add, with_skip
 
 
 @dataclass(frozen=True)
@@ -184,18 +184,20 @@ class LlamaBlockRouted(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_double_backward()
         x, rstd1, q, k, v, o, h, rstd2, g, u, cos, sin, mask, *weights = ctx.saved_tensors
         r: Routing = ctx.routing
         B, S, D = x.shape
         N = B * S
         if r.active_count(ctx.block_index) == 0:
-            return _zero_grads(x, weights)
+            return with_skip(_zero_grads(x, weights), dy, r, ctx.block_index)
         idx, bi, si = r.active_positions(ctx.block_index, S)
         o_a = o.view(N, -1).index_select(0, idx)
         mlp_src = (g.view(N, -1), u.view(N, -1), h.view(N, D), rstd2.view(N, 1), idx)
         attention_grad = attention_grad_by_recompute(functools.partial(_attention, mask=mask, spec=ctx.spec), q, k, v)
-        return _backward_on_active_rows(dy, idx, bi, si, mlp_src, o_a, attention_grad, x, rstd1, cos, sin, ctx.spec,
-                                        weights)
+        grads = _backward_on_active_rows(dy, idx, bi, si, mlp_src, o_a, attention_grad, x, rstd1, cos, sin, ctx.spec,
+                                         weights)
+        return with_skip(grads, dy, r, ctx.block_index)
 
 
 class LlamaBlockRoutedCheckpointed(torch.autograd.Function):
@@ -215,6 +217,7 @@ class LlamaBlockRoutedCheckpointed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_double_backward()
         x, cos, sin, mask, *weights = ctx.saved_tensors
         (w_n1, wq, bq, wk, bk, wv, bv, wo, bo, w_n2, wg, bg, wu, bu, wd, bd) = weights
         r: Routing = ctx.routing
@@ -222,7 +225,7 @@ class LlamaBlockRoutedCheckpointed(torch.autograd.Function):
         B, S, D = x.shape
         N = B * S
         if r.active_count(ctx.block_index) == 0:
-            return _zero_grads(x, weights)
+            return with_skip(_zero_grads(x, weights), dy, r, ctx.block_index)
         idx, bi, si = r.active_positions(ctx.block_index, S)
         rstd1, q, k, v = _qkv(x, cos, sin, spec, w_n1, wq, bq, wk, bk, wv, bv)
         out, attention_grad = attention_with_grad(functools.partial(_attention, mask=mask, spec=spec), q, k, v)
@@ -233,8 +236,9 @@ class LlamaBlockRoutedCheckpointed(torch.autograd.Function):
         local = torch.arange(idx.numel(), device=idx.device)
         mlp_src = (g_a, u_a, h_a, rstd2_a, local)
 
-        return _backward_on_active_rows(dy, idx, bi, si, mlp_src, o_a, attention_grad, x, rstd1, cos, sin, spec,
-                                        weights)
+        grads = _backward_on_active_rows(dy, idx, bi, si, mlp_src, o_a, attention_grad, x, rstd1, cos, sin, spec,
+                                         weights)
+        return with_skip(grads, dy, r, ctx.block_index)
 
 
 def _linear_ok(m) -> bool:

@@ -13,6 +13,7 @@ off.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -141,11 +142,31 @@ def _compiled(fn):
         return fn
 
 
+_eager_only = False  # set while cggr.compact.verify runs a check: nothing is compiled for its one-off shapes
+
+
+@contextlib.contextmanager
+def eager_kernels():
+    """Within this context :func:`kernel` returns the eager functions, compiling nothing."""
+    global _eager_only
+    previous, _eager_only = _eager_only, True
+    try:
+        yield
+    finally:
+        _eager_only = previous
+
+
 def kernel(eager, on_cuda: bool):
     """What to run for the function ``eager`` (a row-wise piece, or a whole stage of a compacted backward made
-    of them): compiled on CUDA unless ``CGGR_COMPILE=0``, else ``eager`` itself."""
-    if on_cuda and compile_enabled():
+    of them): compiled on CUDA unless ``CGGR_COMPILE=0`` (or within :func:`eager_kernels`), else ``eager``."""
+    if on_cuda and compile_enabled() and not _eager_only:
         fn = _compiled(eager)
         # Detached inputs: a requires_grad flag that differs between calls would make dynamo recompile.
         return lambda *args: fn(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
     return eager
+
+
+def with_skip(grads: tuple, dy: torch.Tensor, routing, block_index: int) -> tuple:
+    """A compacted block's gradients ``(dx, ...)`` under the routing's inactive semantics: under skip the
+    inactive rows' output gradient ``dy`` passes to the block input (:meth:`cggr.routing.Routing.block_input_grad`)."""
+    return (routing.block_input_grad(grads[0], dy, block_index), *grads[1:])
