@@ -1,0 +1,1 @@
+"""cggr_lab: the experiment side of cggr (corpora, quality and speed runs); not part of the library API."""
