@@ -113,17 +113,28 @@ def test_verify_detects_a_changed_stream(built, tmp_path):
 def test_pack_unpack_round_trip(built, tmp_path):
     tmp, _, meta = built
     full = np.fromfile(tmp / "out" / "train.bin", dtype="<u2")
-    sub = corpus.pack(tmp / "out", tmp_path / "c.tar.xz", train_tokens=meta["train"]["tokens"] // 2)
+    sub = corpus.pack(tmp / "out", tmp_path / "c.tar", train_tokens=meta["train"]["tokens"] // 2)
     n = sub["train"]["tokens"]
     assert n <= meta["train"]["tokens"] // 2 and full[n - 1] == meta["eot_id"]
-    back = corpus.unpack(tmp_path / "c.tar.xz", tmp_path / "unpacked")
-    assert back == sub and back["packed_from"]["train_sha256"] == meta["train"]["sha256"]
+    back = corpus.unpack(tmp_path / "c.tar", tmp_path / "unpacked")
+    assert back == sub and back["packed_from"]["sha256"] == meta["train"]["sha256"]
     assert np.array_equal(np.fromfile(tmp_path / "unpacked" / "train.bin", dtype="<u2"), full[:n])
     assert (tmp_path / "unpacked" / "val.bin").read_bytes() == (tmp / "out" / "val.bin").read_bytes()
-    whole = corpus.pack(tmp / "out", tmp_path / "w.tar.xz", max_mb=1.0)  # everything fits in 1 MB
+    whole = corpus.pack(tmp / "out", tmp_path / "w.tar", max_mb=1.0)  # everything fits in 1 MB
     assert whole["train"]["tokens"] == meta["train"]["tokens"]
+    # A budget that holds about half the training stream: the prefix stops at a document boundary under it.
+    out = tmp / "out"
+    fixed = len(corpus._xz((out / "tokenizer.json").read_bytes())) + len(corpus._xz((out / "val.bin").read_bytes()))
+    half = len(corpus._xz(full.tobytes())) // 2
+    max_mb = (fixed + 64 * 1024 + half) / 1e6
+    cut = corpus.pack(out, tmp_path / "h.tar", max_mb=max_mb, chunk_tokens=64)
+    n = cut["train"]["tokens"]
+    assert 0 < n < full.size and full[n - 1] == meta["eot_id"]
+    assert (tmp_path / "h.tar").stat().st_size <= max_mb * 1e6
+    assert corpus.unpack(tmp_path / "h.tar", tmp_path / "h") == cut
+    assert np.array_equal(np.fromfile(tmp_path / "h" / "train.bin", dtype="<u2"), full[:n])
     with pytest.raises(ValueError, match="max-mb"):
-        corpus.pack(tmp / "out", tmp_path / "x.tar.xz", train_tokens=meta["train"]["tokens"], max_mb=0.001)
+        corpus.pack(tmp / "out", tmp_path / "x.tar", train_tokens=meta["train"]["tokens"], max_mb=0.001)
 
 
 def test_split_names_errors_and_edges():
