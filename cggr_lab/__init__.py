@@ -1,6 +1,7 @@
 """cggr's benchmark and research harness, beside the library (``cggr/`` holds the library only).
 
 * :mod:`cggr_lab.data` -- corpora, tokenizer and batches (DESIGN.md §4);
+* :mod:`cggr_lab.corpus` -- the large corpus built offline from Debian packages, its pack and memmap batches;
 * :mod:`cggr_lab.training` -- the training loop of the demo and the quality benchmark;
 * :mod:`cggr_lab.demo` -- ``cggr demo``;
 * :mod:`cggr_lab.quality` -- ``cggr bench quality``;
@@ -20,7 +21,7 @@ import importlib
 EXTRA = "demo"
 """The extra of the ``cggr`` distribution that installs what the harness imports."""
 
-REQUIREMENTS = ("transformers", "tokenizers", "matplotlib", "tqdm")
+REQUIREMENTS = ("transformers", "tokenizers", "matplotlib", "tqdm", "numpy")
 """The modules the demo and the quality benchmark import beyond torch: the ``demo`` extra's packages
 (a test keeps the two lists equal)."""
 
