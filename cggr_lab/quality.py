@@ -129,6 +129,9 @@ def add_quality_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
         m.add_argument("--" + name.replace("_", "-"), type=int, help="override the preset")
     m.add_argument("--lr", type=float, help="peak AdamW learning rate of pretraining (override the preset)")
     m.add_argument("--data", help="corpus A: text file, folder of text files or .xz (default: Python stdlib)")
+    m.add_argument("--corpus", help="corpus A as a tokenized folder (train.bin, val.bin, tokenizer.json: "
+                                    "python -m cggr_lab.corpus build/unpack), streamed from a memory map; "
+                                    "instead of --data, and its tokenizer's vocabulary replaces --vocab-size")
     m.add_argument("--finetune-data", help="corpus B for the finetune regime (required by it)")
     m.add_argument("--pretrain-steps", type=int, default=None,
                    help="dense steps of the cached checkpoint for continued/finetune (default: --steps, or 300)")
@@ -153,6 +156,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
     regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
     if not regimes or any(r not in REGIMES for r in regimes) or len(set(regimes)) != len(regimes):
         raise ValueError(f"--regimes must be distinct names from {list(REGIMES)}, got {args.regimes!r}")
+    if getattr(args, "corpus", None) and args.data:
+        raise ValueError("--corpus and --data both name corpus A: give one")
     if "finetune" in regimes and not args.finetune_data:
         raise ValueError("--regimes finetune needs --finetune-data (corpus B: a file, folder or .xz)")
     arms = [parse_arm(s) for s in args.arms.split(",") if s.strip()]
@@ -174,6 +179,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
     pretrain_steps = args.pretrain_steps or (budget.steps or 300)
     return dict(cfg, device=str(device), regimes=regimes, arms=arms, budget=budget, evals=args.evals,
                 eval_batches=args.eval_batches, data=args.data, finetune_data=args.finetune_data,
+                corpus=getattr(args, "corpus", None),
                 pretrain_steps=pretrain_steps, out=args.out, tag=args.tag, lr_warmup=0.05)
 
 
@@ -194,13 +200,27 @@ def _prepare(cfg: dict) -> dict:
     from . import data
 
     t0 = time.perf_counter()
-    train_a, val_a = _corpus(cfg["data"])
-    tok = data.train_tokenizer(train_a, cfg["vocab_size"])
-    out = {"tokenizer": tok, "eot": data.eot_id(tok), "vocab": tok.get_vocab_size(),
-           "A": (data.encode_documents(tok, train_a), data.encode_documents(tok, val_a))}
-    info = {"A": {"source": cfg["data"] or "python-stdlib", "train_documents": len(train_a),
-                  "val_documents": len(val_a), "train_tokens": out["A"][0].numel(),
-                  "val_tokens": out["A"][1].numel()}}
+    if cfg.get("corpus"):
+        # A tokenized corpus folder: the streams stay on disk (memory maps), only batches are read.
+        import json
+
+        from .corpus import load_tokenizer
+
+        root = Path(cfg["corpus"])
+        tok = load_tokenizer(root)
+        meta = json.loads((root / "meta.json").read_text())
+        out = {"tokenizer": tok, "eot": data.eot_id(tok), "vocab": tok.get_vocab_size(),
+               "A": (root / "train.bin", root / "val.bin")}
+        info = {"A": {"source": str(root), "train_tokens": _stream_len(out["A"][0]),
+                      "val_tokens": _stream_len(out["A"][1]), "meta": {k: meta.get(k) for k in ("sources", "seed")}}}
+    else:
+        train_a, val_a = _corpus(cfg["data"])
+        tok = data.train_tokenizer(train_a, cfg["vocab_size"])
+        out = {"tokenizer": tok, "eot": data.eot_id(tok), "vocab": tok.get_vocab_size(),
+               "A": (data.encode_documents(tok, train_a), data.encode_documents(tok, val_a))}
+        info = {"A": {"source": cfg["data"] or "python-stdlib", "train_documents": len(train_a),
+                      "val_documents": len(val_a), "train_tokens": out["A"][0].numel(),
+                      "val_tokens": out["A"][1].numel()}}
     if "finetune" in cfg["regimes"]:
         train_b, val_b = _corpus(cfg["finetune_data"])
         out["B"] = (data.encode_documents(tok, train_b), data.encode_documents(tok, val_b))
@@ -210,6 +230,26 @@ def _prepare(cfg: dict) -> dict:
     info["prep_seconds"] = time.perf_counter() - t0
     out["info"] = info
     return out
+
+
+def _stream_len(stream) -> int:
+    """Tokens in a stream: a tensor, or a token file of a tokenized corpus folder (its dtype from meta.json)."""
+    if isinstance(stream, torch.Tensor):
+        return stream.numel()
+    from .corpus import _stream
+
+    return int(_stream(stream, None).size)
+
+
+def _train_batches(cfg: dict, stream, seed: int):
+    """Training batches of a stream: in memory (``TokenBatches``) or streamed from a memory map."""
+    from . import data
+
+    if isinstance(stream, torch.Tensor):
+        return data.TokenBatches(stream, cfg["batch_size"], cfg["seq_len"], seed=seed)
+    from .corpus import MemmapBatches
+
+    return MemmapBatches(stream, cfg["batch_size"], cfg["seq_len"], seed=seed)
 
 
 def _model(cfg: dict, prep: dict, seed: int, state: dict | None = None):
@@ -230,15 +270,16 @@ def _checkpoint(cfg: dict, prep: dict) -> tuple[dict, dict]:
     from . import data
     from .training import Budget, train_arm
 
-    key = data._key("quality-checkpoint", prep["tokenizer"].to_str(), prep["A"][0].numel(),
-                    int(prep["A"][0][:4096].sum()), cfg["d_model"], cfg["layers"], cfg["heads"], cfg["seq_len"],
+    first = prep["A"][0] if isinstance(prep["A"][0], torch.Tensor) else str(prep["A"][0])
+    key = data._key("quality-checkpoint", prep["tokenizer"].to_str(), _stream_len(prep["A"][0]),
+                    int(first[:4096].sum()) if isinstance(first, torch.Tensor) else first, cfg["d_model"], cfg["layers"], cfg["heads"], cfg["seq_len"],
                     cfg["batch_size"], cfg["lr"], cfg["pretrain_steps"], cfg["device"].split(":")[0])
     path = data.resolve_cache_dir() / f"checkpoint-{key}.pt"
     if path.exists():
         saved = torch.load(path, weights_only=True)
         return saved["state"], dict(saved["info"], cache_hit=True)
     model = _model(cfg, prep, seed=0)
-    batches = data.TokenBatches(prep["A"][0], cfg["batch_size"], cfg["seq_len"], seed=0)
+    batches = _train_batches(cfg, prep["A"][0], seed=0)
     print(f"checkpoint: dense pretraining on A for {cfg['pretrain_steps']} steps (cached afterwards)", flush=True)
     r = train_arm(model, iter(batches), _val_batches(cfg, prep["A"][1]), budget=Budget(steps=cfg["pretrain_steps"]),
                   lr=cfg["lr"], lr_warmup=cfg["lr_warmup"], device=torch.device(cfg["device"]),
@@ -254,6 +295,10 @@ def _checkpoint(cfg: dict, prep: dict) -> tuple[dict, dict]:
 def _val_batches(cfg: dict, stream: torch.Tensor) -> list[torch.Tensor]:
     from . import data
 
+    if not isinstance(stream, torch.Tensor):
+        from .corpus import memmap_eval_batches
+
+        return memmap_eval_batches(stream, cfg["batch_size"], cfg["seq_len"], cfg["eval_batches"])
     return data.eval_batches(stream, cfg["batch_size"], cfg["seq_len"], cfg["eval_batches"])
 
 
@@ -284,7 +329,7 @@ def run_regime(regime: str, cfg: dict, prep: dict) -> dict:
             router = cggr.attach(model, policy=arm["policy"], seed=arm["seed"], **arm["attach"])
         # The continued regime's data order differs from the checkpoint's pass over A.
         order_seed = arm["seed"] + (1000 if regime == "continued" else 0)
-        batches = data.TokenBatches(train_stream, cfg["batch_size"], cfg["seq_len"], seed=order_seed)
+        batches = _train_batches(cfg, train_stream, seed=order_seed)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         r = train_arm(model, iter(batches), val, budget=budget, lr=lr, lr_warmup=cfg["lr_warmup"], router=router,
@@ -322,7 +367,7 @@ def _warm_up(cfg: dict, prep: dict, start_state, stream: torch.Tensor) -> None:
     from .training import free_memory
 
     model = _model(cfg, prep, seed=0, state=start_state)
-    x = stream[: cfg["batch_size"] * cfg["seq_len"]].view(cfg["batch_size"], cfg["seq_len"]).to(cfg["device"])
+    x = next(iter(_train_batches(cfg, stream, seed=0))).to(cfg["device"])
     model(input_ids=x, labels=x).loss.backward()
     for arm in cfg["arms"]:
         if arm["policy"] is None:

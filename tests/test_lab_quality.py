@@ -112,3 +112,31 @@ def test_quality_bench_seconds_budget_and_errors(tmp_path, monkeypatch, capsys):
         assert main(base + flags) == 1
         err = capsys.readouterr().err
         assert err.startswith("cggr bench quality: error: ") and said in err, err
+
+
+def test_quality_bench_streams_a_tokenized_corpus(tmp_path, monkeypatch, capsys):
+    """--corpus: a tokenized corpus folder (cggr_lab.corpus) read through memory maps, skip-semantics arms."""
+    from cggr.cli import main
+    from cggr_lab import corpus
+
+    monkeypatch.setenv("CGGR_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "text"
+    text.mkdir()
+    words = ["alpha", "beta", "gamma", "delta", "the", "of", "and", "int", "return", "struct"]
+    for i in range(40):
+        (text / f"doc{i}.txt").write_text(" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(400)))
+    corpus.build(text, tmp_path / "corpus", vocab_size=300, seed=1, val_fraction=0.1, sample_chars=100_000,
+                 cache_dir=tmp_path / "cache")
+    argv = ["bench", "quality", "--model", "tiny", "--d-model", "32", "--layers", "4", "--heads", "2",
+            "--seq-len", "32", "--batch-size", "2", "--steps", "3", "--evals", "1", "--eval-batches", "1",
+            "--corpus", str(tmp_path / "corpus"), "--regimes", "pretrain",
+            "--arms", "dense,random/inactive=skip/placement=per_block/dense_ends=1", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    rec = json.loads(next((tmp_path / "out").glob("quality-pretrain-*.json")).read_text())
+    arms = {r["arm"]: r for r in rec["arms"]}
+    assert arms["random/inactive=skip/placement=per_block/dense_ends=1"]["steps"] == 3
+    assert arms["random/inactive=skip/placement=per_block/dense_ends=1"]["mean_depth_fraction"] < 1.0
+    assert json.dumps(rec).count(str(tmp_path / "corpus")) >= 1  # the source is recorded
+    capsys.readouterr()
+    assert main(["bench", "quality", "--corpus", "x", "--data", "y", "--steps", "1"]) == 1
+    assert "--corpus and --data both name corpus A" in capsys.readouterr().err
