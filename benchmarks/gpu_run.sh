@@ -41,9 +41,10 @@ for d in ("transformers", "triton", "liger-kernel"):
         print(d, "not installed")
 PY
 
-echo "== tests/test_cuda.py (log: \$OUT/test_cuda.log)"
-TRITON_INTERPRET=0 timeout 120 python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider > "$OUT/test_cuda.log" 2>&1
-echo "exit $?"; tail -n 8 "$OUT/test_cuda.log"
+echo "== CUDA tests (log: \$OUT/test_cuda.log)"
+TRITON_INTERPRET=0 timeout ${TESTS_S:-150} python3 -m pytest tests/test_cuda.py tests/test_compact.py tests/test_gate.py \
+  tests/test_loss.py -q -p no:cacheprovider -rfs -k "cuda or gpu or realistic or triton or CUDA" > "$OUT/test_cuda.log" 2>&1
+echo "exit $?"; tail -n 12 "$OUT/test_cuda.log"
 
 LEFT=$((BUDGET_S - SECONDS))
 echo "== speed benchmark, ${LEFT} s left (log: \$OUT/speed.log)"
@@ -51,7 +52,7 @@ if [ "$LEFT" -gt 30 ]; then
   # Tiers: every model runs a tier before any model runs the next. timeout signals the whole process
   # group, so the arm running at the limit stops with the benchmark.
   TRITON_INTERPRET=0 timeout "$LEFT" python3 benchmarks/speed.py --models 350M,1B \
-    --arms "eager,compile,liger,cggr/full,light/liger+cggr,compile+cggr" \
+    --arms "eager,compile,liger,cggr,skip/full,light/liger+cggr,compile+cggr" \
     --steps 12 --warmup 6 --arm-timeout 150 --out "$OUT" > "$OUT/speed.log" 2>&1
   echo "exit $?"; grep "^== " "$OUT/speed.log"
 fi
