@@ -274,7 +274,7 @@ def environment(device="cuda"):
     CUDA and Liger-Kernel versions the speed arms depend on."""
     from importlib import metadata
 
-    env = provenance(device=torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else "cpu")
+    env = provenance(device=device if device == "cpu" or torch.cuda.is_available() else "cpu")
     env["gpu"] = env.pop("device")
     env["cuda"] = torch.version.cuda
     try:
