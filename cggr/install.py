@@ -32,24 +32,6 @@ from .sparse import GateRows, RoutedLinear, SkipRows
 
 logger = logging.getLogger("cggr")
 
-# Incremented whenever any module anywhere is assigned a submodule (torch's global registration hook): the
-# router re-checks its blocks' structure only when this moved since its last check.
-_module_generation = 0
-
-
-def _count_registration(parent, name, submodule):
-    global _module_generation
-    _module_generation += 1
-    return None
-
-
-torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
-
-
-def module_generation() -> int:
-    return _module_generation
-
-
 class _PatchedForward:
     """Base of the patched forwards: calls the module's own forward when no routing runs."""
 
@@ -264,18 +246,18 @@ class Installation:
             self.reasons.append(reason)
             self.handles.append(block.register_forward_hook(BlockGate(router, i, names[i]), with_kwargs=True))
         self.names = names
-        self._structure = [tuple(b.modules()) for b in blocks]
-        self._generation = module_generation()
+        # Every container inside the blocks and the children it held at install. Checked at each training
+        # forward (a few dictionary look-ups per module): no global module-registration hook, which would
+        # make dynamo guard on a counter that HF bumps in every forward (``self.layers[:n]`` builds a list).
+        self._structure = [[(parent, tuple(parent._modules.items())) for parent in block.modules()]
+                           for block in blocks]
 
     def changed_blocks(self) -> list[str]:
         """Names of the blocks whose modules changed since install (PEFT's get_peft_model after attach, say):
         their new modules were never patched, so they must not be routed as they are."""
-        generation = module_generation()
-        if generation == self._generation:
-            return []
-        self._generation = generation
-        return [name for name, block, before in zip(self.names, self.blocks, self._structure)
-                if len(now := tuple(block.modules())) != len(before) or any(a is not b for a, b in zip(now, before))]
+        return [name for name, parents in zip(self.names, self._structure)
+                if any(len(p._modules) != len(items) or any(p._modules.get(n) is not c for n, c in items)
+                       for p, items in parents)]
     def patch_forward(self, module: nn.Module, forward) -> None:
         self.patched.append((module, module.__dict__.get("forward")))
         module.forward = forward

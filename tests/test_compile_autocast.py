@@ -203,3 +203,20 @@ def test_inductor_compiled_tiny_lm_matches_eager_reference(inactive):
             _tiny_loss(ref, ids, targets).backward()
         _assert_close(flat_grads(model), flat_grads(ref), 1e-5)
         router.step()
+
+
+@pytest.mark.parametrize("attached", [False, True], ids=["plain", "attached"])
+def test_compiled_hf_model_does_not_recompile_every_step(attached):
+    """Importing (and attaching) cggr must not make dynamo recompile an HF model each call: HF's forward builds
+    module lists (``self.layers[:n]``), so anything cggr hooks into module registration would change under
+    the compiled frame. Found on the H200: the compile arm ran at eager speed after the recompile limit."""
+    torch._dynamo.reset()
+    model = hf_model("llama", layers=2, seed=1)
+    if attached:
+        cggr.attach(model, warmup_steps=0)
+    compiled = torch.compile(model, backend="aot_eager")
+    batches = [_hf_batch(seed=s) for s in range(3)]
+    compiled(**batches[0]).loss.backward()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch in batches[1:]:
+            compiled(**batch).loss.backward()
