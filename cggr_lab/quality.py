@@ -330,8 +330,7 @@ def run_regime(regime: str, cfg: dict, prep: dict) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         r = train_arm(model, iter(batches), val, budget=budget, lr=lr, lr_warmup=cfg["lr_warmup"], router=router,
                       routing_warmup=arm["warmup"], routing_handback=arm["handback"], token_drop=token_drop,
-                      eval_at=eval_at,
-                      device=device, desc=f"{regime}:{arm['name']}")
+                      eval_at=eval_at, device=device, desc=f"{regime}:{arm['name']}")
         epochs = batches.epochs_used + (checkpoint_info["epochs_of_A"] if regime == "continued" else 0.0)
         r.update(arm=arm["name"], policy=arm["policy"], seed=arm["seed"], options=arm.get("ltd", arm["attach"]),
                  warmup=arm["warmup"], handback=arm["handback"], epochs_of_training_data=epochs,
