@@ -34,6 +34,14 @@ Arms are named by a spec: a base (``dense``, ``difficulty``, ``random``,
   ``per_block``; ``dense_ends`` -- blocks kept dense at each end (per-block),
   e.g. ``random/inactive=skip/placement=per_block/dense_ends=1``.
 
+The base ``ltd`` is the peer a user would pick instead of cggr: DeepSpeed's
+random layerwise token dropping (:mod:`cggr_lab.ltd`; no cggr routing). Its
+options: ``keep`` -- kept token fraction of the middle layers at the start
+(default 0.5), ``ramp`` -- fraction of the budget over which it rises to all
+tokens (default 0.7), ``seed``; e.g. ``ltd/keep=0.5/ramp=0.8/seed=1``. Its
+"mean depth" is the fraction of (token, layer) pairs computed, forward and
+backward.
+
 Output (``--out``): ``quality-<tag>.json`` per regime (curves, configuration,
 versions, git revision) and ``quality-<tag>.png`` (validation loss against
 steps and against training seconds); a table per regime is printed last.
@@ -51,7 +59,8 @@ from pathlib import Path
 import torch
 
 REGIMES = ("pretrain", "continued", "finetune")
-BASES = {"dense": None, "difficulty": "difficulty", "random": "random", "sampled": "sampled"}
+LTD_POLICY = "random-ltd"  # the ``policy`` recorded for ltd arms (they attach no cggr router)
+BASES = {"dense": None, "difficulty": "difficulty", "random": "random", "sampled": "sampled", "ltd": LTD_POLICY}
 DEFAULT_ARMS = "dense,dense/seed=1,difficulty,random,sampled"
 
 # Model presets: Llama-style, bf16 weights on CUDA. "125M" is the speed benchmark's configuration
@@ -66,6 +75,28 @@ REGIME_LR = {"pretrain": 1.0, "continued": 0.5, "finetune": 1 / 3}
 
 _ARM_OPTIONS = {"seed", "buckets", "depths", "warmup", "handback", "mode", "scorer", "inactive", "placement",
                 "dense_ends"}
+_LTD_OPTIONS = {"seed": 0, "keep": 0.5, "ramp": 0.7}
+
+
+def _parse_ltd(spec: str, options: list[str]) -> dict:
+    arm = {"name": spec.strip(), "policy": LTD_POLICY, "seed": 0, "warmup": 0.0, "handback": 0.0, "attach": {},
+           "ltd": {"start_keep": _LTD_OPTIONS["keep"], "ramp": _LTD_OPTIONS["ramp"]}}
+    for opt in options:
+        key, sep, value = opt.partition("=")
+        if not sep or key not in _LTD_OPTIONS:
+            raise ValueError(f"--arms: option {opt!r} of {spec!r} must be key=value with key in "
+                             f"{sorted(_LTD_OPTIONS)} (an ltd arm)")
+        try:
+            if key == "seed":
+                arm["seed"] = int(value)
+                continue
+            x = float(value)
+        except ValueError:
+            raise ValueError(f"--arms: bad value in {opt!r} of {spec!r}: a number") from None
+        if not 0.0 < x <= 1.0:
+            raise ValueError(f"--arms: {opt!r} of {spec!r}: {key} must be in (0, 1]")
+        arm["ltd"]["start_keep" if key == "keep" else "ramp"] = x
+    return arm
 
 
 def parse_arm(spec: str) -> dict:
@@ -73,6 +104,8 @@ def parse_arm(spec: str) -> dict:
     base, *options = spec.strip().split("/")
     if base not in BASES:
         raise ValueError(f"--arms: {spec!r} must start with one of {list(BASES)}")
+    if base == "ltd":
+        return _parse_ltd(spec, options)
     arm = {"name": spec.strip(), "policy": BASES[base], "seed": 0, "warmup": 0.2, "handback": 0.0, "attach": {}}
     for opt in options:
         key, sep, value = opt.partition("=")
@@ -118,7 +151,8 @@ def add_quality_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--arms", default=DEFAULT_ARMS,
                    help=f"comma list of arm specs: a base ({', '.join(BASES)}) and /key=value options (seed, "
                         f"buckets, depths=1:0.75, warmup, handback as budget fractions, mode, scorer), e.g. "
-                        f"random/handback=0.3 (default {DEFAULT_ARMS})")
+                        f"random/handback=0.3; ltd takes keep, ramp, seed, e.g. ltd/keep=0.5/ramp=0.7 "
+                        f"(default {DEFAULT_ARMS})")
     b = g.add_mutually_exclusive_group()
     b.add_argument("--steps", type=int, help="equal-step budget: optimizer steps per arm (default 300)")
     b.add_argument("--seconds", type=float, help="equal wall-clock budget: training seconds per arm")
@@ -164,6 +198,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
     names = [a["name"] for a in arms]
     if not arms or len(set(names)) != len(names):
         raise ValueError(f"--arms must be distinct arm specs, got {args.arms!r}")
+    if cfg["layers"] < 3 and any("ltd" in a for a in arms):
+        raise ValueError(f"--arms: an ltd arm keeps the first and last layers dense and needs --layers >= 3, "
+                         f"got {cfg['layers']}")
     if cfg["d_model"] % cfg["heads"]:
         raise ValueError(f"--d-model {cfg['d_model']} is not divisible by --heads {cfg['heads']}")
     if args.steps is not None and args.steps < 1:
@@ -322,8 +359,12 @@ def run_regime(regime: str, cfg: dict, prep: dict) -> dict:
     results = []
     for arm in cfg["arms"]:
         model = _model(cfg, prep, seed=arm["seed"], state=start_state)
-        router = None
-        if arm["policy"] is not None:
+        router = token_drop = None
+        if "ltd" in arm:
+            from .ltd import RandomLTD
+
+            token_drop = RandomLTD(model, seed=arm["seed"], **arm["ltd"])
+        elif arm["policy"] is not None:
             import cggr
 
             router = cggr.attach(model, policy=arm["policy"], seed=arm["seed"], **arm["attach"])
@@ -333,10 +374,10 @@ def run_regime(regime: str, cfg: dict, prep: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         r = train_arm(model, iter(batches), val, budget=budget, lr=lr, lr_warmup=cfg["lr_warmup"], router=router,
-                      routing_warmup=arm["warmup"], routing_handback=arm["handback"], eval_at=eval_at,
-                      device=device, desc=f"{regime}:{arm['name']}")
+                      routing_warmup=arm["warmup"], routing_handback=arm["handback"], token_drop=token_drop,
+                      eval_at=eval_at, device=device, desc=f"{regime}:{arm['name']}")
         epochs = batches.epochs_used + (checkpoint_info["epochs_of_A"] if regime == "continued" else 0.0)
-        r.update(arm=arm["name"], policy=arm["policy"], seed=arm["seed"], options=arm["attach"],
+        r.update(arm=arm["name"], policy=arm["policy"], seed=arm["seed"], options=arm.get("ltd", arm["attach"]),
                  warmup=arm["warmup"], handback=arm["handback"], epochs_of_training_data=epochs,
                  step_ms_median=median_step_ms(r["step_ms"]),
                  peak_memory_gib=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None)
@@ -349,7 +390,9 @@ def run_regime(regime: str, cfg: dict, prep: dict) -> dict:
         results.append(r)
         if router is not None:
             router.detach()
-        del model, router
+        if token_drop is not None:
+            token_drop.detach()
+        del model, router, token_drop
         free_memory(device)
     return {"regime": regime, "corpus": corpus, "lr": lr, "checkpoint": checkpoint_info,
             "arms": results, "summary": summarise(results)}
@@ -370,7 +413,7 @@ def _warm_up(cfg: dict, prep: dict, start_state, stream: torch.Tensor) -> None:
     x = next(iter(_train_batches(cfg, stream, seed=0))).to(cfg["device"])
     model(input_ids=x, labels=x).loss.backward()
     for arm in cfg["arms"]:
-        if arm["policy"] is None:
+        if arm["policy"] is None or "ltd" in arm:  # ltd compiles nothing: its gathers are plain PyTorch
             continue
         router = cggr.attach(model, policy=arm["policy"], seed=arm["seed"], **arm["attach"])
         for p in (0.0, 0.5, 1.0):

@@ -11,6 +11,8 @@ seconds spent / seconds), so the same schedule fits both kinds of budget:
 * cggr curriculum (routed arms): :func:`cggr.bucketing.schedule_progress` of
   ``f`` with the arm's warm-up and hand-back fractions, set on the router with
   ``Router.set_progress`` before every step (the router still counts steps);
+* random-LTD (the ``ltd`` arms, :mod:`cggr_lab.ltd`): the kept token fraction of
+  the middle layers, set with ``RandomLTD.set_fraction(f)`` before every step;
 * validation: at ``f = 0`` and each time ``f`` crosses one of ``eval_at``.
 
 Step time covers the forward, backward, optimizer step and scheduler, with a
@@ -131,14 +133,15 @@ def train_step(model: torch.nn.Module, ids: torch.Tensor, opt: torch.optim.Optim
 
 def train_arm(model: torch.nn.Module, batches: Iterator[torch.Tensor], val_batches: Sequence[torch.Tensor], *,
               budget: Budget, lr: float, lr_warmup: float = 0.1, router=None, routing_warmup: float = 0.2,
-              routing_handback: float = 0.0, eval_at: Sequence[float] = (), device: torch.device,
+              routing_handback: float = 0.0, token_drop=None, eval_at: Sequence[float] = (), device: torch.device,
               desc: str = "train") -> dict:
     """Train ``model`` in place for ``budget``; returns its curves and per-step records.
 
     ``router`` (from ``cggr.attach``, or None for dense) gets its curriculum
     progress from the budget fraction: full depth at the start, target depths
     after ``routing_warmup`` of the budget, back to full depth linearly over the
-    last ``routing_handback`` of it.
+    last ``routing_handback`` of it. ``token_drop`` (a :class:`cggr_lab.ltd.RandomLTD`, or None) gets the
+    budget fraction before every step; its metrics are recorded like a router's.
     """
     from tqdm.auto import tqdm
 
@@ -160,6 +163,8 @@ def train_arm(model: torch.nn.Module, batches: Iterator[torch.Tensor], val_batch
             p = schedule_progress(fraction, routing_warmup, 1.0, routing_handback)
             router.set_progress(p)
             depth_progress.append(p)
+        if token_drop is not None:
+            token_drop.set_fraction(fraction)
         x = next(batches).to(device, non_blocking=True)
         sync(device)
         t0 = time.perf_counter()
@@ -170,8 +175,9 @@ def train_arm(model: torch.nn.Module, batches: Iterator[torch.Tensor], val_batch
         step += 1
         step_ms.append(1e3 * dt)
         train_loss.append(loss.item())
-        if router is not None:
-            metrics.append({k: float(v) for k, v in router.metrics().items()})
+        if router is not None or token_drop is not None:
+            metrics.append({k: float(v) for t in (router, token_drop) if t is not None
+                            for k, v in t.metrics().items()})
         fraction = budget.fraction(step, elapsed)
         if fraction >= targets[0] or fraction >= 1.0:
             while targets and fraction >= targets[0]:
@@ -195,7 +201,9 @@ def train_arm(model: torch.nn.Module, batches: Iterator[torch.Tensor], val_batch
         "final_val_loss": curve["val_loss"][-1],
         "train_seconds_total": elapsed,
         # Averaged over every training step, schedule included; dense is 1 by definition.
-        "mean_depth_fraction": statistics.fmean(depth) if depth else (1.0 if router is None else None),
+        # random-LTD: the fraction of (token, layer) pairs computed, forward and backward.
+        "mean_depth_fraction": statistics.fmean(depth) if depth else (
+            1.0 if router is None and token_drop is None else None),
     }
 
 
