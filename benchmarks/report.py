@@ -113,21 +113,23 @@ def speed_summary(records):
 
 def speed_headline(records):
     """The README headline's sentence: cggr's step against the fastest dense arm of the same run."""
-    config = lambda r: (r.get("gpu"), r["model"], bool(r.get("checkpointing")), r.get("precision", "bf16"))
+    # One run = one GPU and revision: ratios are quoted only against the dense arms of the same run.
+    config = lambda r: (r.get("gpu"), r.get("git_rev"), r["model"], bool(r.get("checkpointing")),
+                        r.get("precision", "bf16"))
     measured = {config(r) + (r["arm"],): r for r in records if r.get("step_ms_median") is not None}
     runs = {}
     for r in records:
         if r["arm"] == "cggr" and r.get("speedup_vs_best_dense") is not None:
             best = measured[config(r) + (r["best_dense_arm"],)]
-            runs.setdefault(r.get("gpu"), []).append(
+            runs.setdefault((r.get("gpu"), (r.get("git_rev") or "?")[:7]), []).append(
                 f"{r['speedup_vs_best_dense']:.2f}x ({_speed_model(r)}{', act. ckpt' if r.get('checkpointing') else ''}: "
                 f"{r['step_ms_median']:.1f} ms against {best['arm']}'s {best['step_ms_median']:.1f} ms)")
     if not runs:
         return ("_No committed speed run has the `torch.compile` and Liger-Kernel dense arms yet: the speedups above "
                 "are against HF eager only._")
-    return "\n\n".join(f"On {gpu}, against the fastest dense arm of the same run (HF eager, `torch.compile` or "
-                        f"Liger-Kernel), a cggr step with 4 buckets at target depth runs at {', '.join(parts)}."
-                        for gpu, parts in sorted(runs.items(), key=str))
+    return "\n\n".join(f"On {gpu} (rev {rev}), against the fastest dense arm of the same run (HF eager, `torch.compile` "
+                        f"or Liger-Kernel), a cggr step with 4 buckets at target depth runs at {', '.join(parts)}."
+                        for (gpu, rev), parts in sorted(runs.items(), key=str))
 
 
 def parallel_table(records) -> str:
@@ -214,8 +216,8 @@ def quality_table(records):
             lost = _compile_seconds(arm)
             if lost > 1:
                 name += " ¹"
-                notes.append(f"¹ {arm['arm']}: its first steps include {lost:.0f} s of torch.compile inside the "
-                             "budget (this run predates the untimed warm-up); not a fair wall-clock figure.")
+                notes.append(f"¹ {arm['arm']}: its first steps took {lost:.0f} s more than its steady steps inside the "
+                             "budget (compilation or first-use kernel tuning); not a fair wall-clock figure.")
             lines.append(f"| {name} | {a['steps']} | {a['step_ms_median']:.1f} | {a['speedup_vs_dense']:.2f}x | "
                          f"{a['mean_depth_fraction']:.2f} | {a['final_val_loss']:.4f} | {a['delta_vs_dense']:+.4f} | "
                          f"{reach} |")

@@ -276,6 +276,8 @@ def environment(device="cuda"):
 
     env = provenance(device=device if device == "cpu" or torch.cuda.is_available() else "cpu")
     env["gpu"] = env.pop("device")
+    if not env["gpu"].startswith("NVIDIA") and device == "cpu":
+        env["gpu"], env["cpu"] = "cpu", env["gpu"]  # a CPU smoke run: the processor goes under its own key
     env["cuda"] = torch.version.cuda
     try:
         env["liger_kernel"] = metadata.version("liger-kernel")
