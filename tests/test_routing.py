@@ -1,0 +1,90 @@
+"""cggr.routing: the routing state a forward decides and its backward carries (nested and per-block)."""
+
+import pytest
+import torch
+
+from cggr.routing import Routing, block_counts, per_block_counts
+
+
+def _nested_active(depth: torch.Tensor, L: int) -> torch.Tensor:
+    """The definition: block i sees token t active when depth[t] > L - 1 - i."""
+    flat = depth.reshape(-1)
+    return torch.stack([flat > L - 1 - i for i in range(L)])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2], ids=lambda s: f"seed={s}")
+@pytest.mark.parametrize("L,n", [(1, 1), (3, 7), (5, 13), (8, 33)])
+def test_nested_active_sets_follow_the_depth(seed, L, n):
+    g = torch.Generator().manual_seed(seed)
+    depth = torch.randint(0, L + 1, (n,), generator=g)
+    r = Routing.from_depth(depth, num_layers=L)
+    active = _nested_active(depth, L)
+    assert r.active_counts_tensor().tolist() == active.sum(1).tolist()
+    for i in range(L):
+        assert sorted(r.active_rows(i).tolist()) == torch.nonzero(active[i]).reshape(-1).tolist()
+        assert torch.equal(r.inactive_mask(i), ~active[i])
+        assert r.active_count(i) == int(active[i].sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1], ids=lambda s: f"seed={s}")
+def test_per_block_active_sets_and_depth(seed):
+    g = torch.Generator().manual_seed(seed)
+    block_active = torch.rand(4, 2, 5, generator=g) < 0.5
+    r = Routing.from_block_active(block_active)
+    assert r.skip and r.depth.shape == (2, 5) and torch.equal(r.depth, block_active.long().sum(0))
+    for i in range(4):
+        assert r.active_rows(i).tolist() == torch.nonzero(block_active[i].reshape(-1)).reshape(-1).tolist()
+        assert torch.equal(r.inactive_mask(i), ~block_active[i].reshape(-1))
+
+
+@pytest.mark.parametrize("inactive", ["stop", "skip"])
+@pytest.mark.parametrize("leak", [0.0, 0.25])
+def test_gate_and_block_input_grad(inactive, leak):
+    depth = torch.tensor([[3, 1, 0, 2]])
+    r = Routing.from_depth(depth, num_layers=3, leak_rate=leak, inactive=inactive)
+    g = torch.arange(1.0, 13.0).view(1, 4, 3)
+    for i in range(3):
+        inactive_rows = (depth.reshape(-1) <= 2 - i).view(1, 4, 1)
+        assert torch.equal(r.gate(g, i), torch.where(inactive_rows, leak * g, g))
+        dx = torch.where(inactive_rows, torch.zeros_like(g), -g)  # a block backward: zero on inactive rows
+        want = torch.where(inactive_rows, g, dx) if inactive == "skip" else dx
+        assert torch.equal(r.block_input_grad(dx, g, i), want)
+
+
+@pytest.mark.parametrize("n,L,depths", [(0, 4, [4, 3, 2, 1]), (1, 4, [4, 3, 2, 1]), (33, 4, [4, 3, 2, 1]),
+                                        (100, 12, [12, 9, 6, 3]), (7, 3, [3, 3])])
+def test_set_counts_keeps_the_depth_of_exact_buckets(n, L, depths):
+    """Host counts (block_counts) and device depths agree when the depths are those of the buckets."""
+    K = len(depths)
+    ranks = torch.randperm(n)
+    bucket = ranks * K // max(n, 1)
+    depth = torch.tensor(depths)[bucket] if n else torch.zeros(0, dtype=torch.long)
+    r = Routing.from_depth(depth.clone(), num_layers=L)
+    counts = block_counts(n, L, depths)
+    r.set_counts(counts, torch.tensor(counts))
+    assert torch.equal(r.depth, depth) and r.active_counts_tensor().tolist() == counts
+
+
+@pytest.mark.parametrize("n,L,ends", [(30, 8, 0), (30, 8, 1), (30, 8, 2), (5, 3, 1), (9, 2, 1), (0, 4, 1)])
+def test_per_block_counts_keep_the_nested_work(n, L, ends):
+    nested = block_counts(n, L, [L, (3 * L + 3) // 4, L // 2 or 1, 1])
+    counts = per_block_counts(n, L, nested, dense_ends=ends)
+    assert len(counts) == L and all(0 <= c <= n for c in counts)
+    e = min(ends, L // 2)
+    assert counts[:e] == [n] * e and counts[L - e:] == [n] * e
+    middle = counts[e:L - e]
+    if middle:
+        assert max(middle) - min(middle) <= 1
+        assert sum(counts) == max(sum(nested), 2 * e * n) or all(c == n for c in middle)
+
+
+def test_per_block_counts_from_fractions():
+    assert per_block_counts(10, 3, [], fractions=(1.0, 0.25, 0.0)) == [10, 3, 0]
+
+
+def test_backward_before_the_routing_is_decided_is_a_clear_error():
+    r = Routing(num_layers=2)
+    with pytest.raises(RuntimeError, match="before the routing of its forward was decided"):
+        r.active_count(0)
+    with pytest.raises(ValueError, match="2 counts for 3 blocks|counts"):
+        Routing.from_depth(torch.zeros(3, dtype=torch.long), num_layers=3).set_counts([1, 2], torch.tensor([1, 2]))
