@@ -17,9 +17,10 @@ import contextlib
 import functools
 import logging
 import math
-from ..env import compile_enabled
 
 import torch
+
+from ..env import compile_enabled
 
 logger = logging.getLogger("cggr")
 

@@ -11,6 +11,7 @@ every kernel on the CPU with ``TRITON_INTERPRET=1``.
 from __future__ import annotations
 
 import functools
+
 from ..env import triton_disabled
 
 

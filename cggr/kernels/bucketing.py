@@ -38,11 +38,12 @@ programs one after another, runs one program, or one launch per phase.
 from __future__ import annotations
 
 import functools
-from ..env import triton_interpret
 
 import torch
 import triton
 import triton.language as tl
+
+from ..env import triton_interpret
 
 _NB1 = 2048  # level 1: key bits 31..21
 _NB2 = 2048  # level 2: key bits 20..10

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from ..env import triton_interpret
+from ._rows import ROW_CONFIGS, prune_wide_blocks
 
 
 @triton.jit
@@ -106,25 +107,10 @@ def _linear_ce_rows_kernel(
             tl.store(base + idx, g.to(x_ptr.dtype.element_ty), mask=msk)
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop blocks much wider than the vocabulary (they would only load padding)."""
-    v = named_args["V"]
-    cap = max(triton.next_power_of_2(v), 1024)
-    kept = [c for c in configs if c.kwargs["BLOCK_V"] <= cap]
-    return kept or configs[:1]
-
-
-# Same candidates as the scoring kernel (whose measurements chose them); not yet
-# measured for this kernel, which reads each row twice and writes it once.
-_AUTOTUNE_CONFIGS = [
-    triton.Config({"BLOCK_V": bv}, num_warps=nw)
-    for bv, nw in ((1024, 4), (2048, 4), (4096, 4), (8192, 8))
-]
-
 _linear_ce_rows_autotuned = triton.autotune(
-    configs=_AUTOTUNE_CONFIGS,
+    configs=ROW_CONFIGS,
     key=["V", "COMPUTE_GRAD"],
-    prune_configs_by={"early_config_prune": _prune_configs},
+    prune_configs_by={"early_config_prune": prune_wide_blocks},
     # Autotuning runs the kernel several times; pass 2 overwrites the logits, so
     # each trial must start from the same row contents.
     restore_value=["x_ptr"],
