@@ -28,6 +28,8 @@ import time
 import traceback
 
 import pytest
+
+from cggr.routing import block_counts, per_block_counts
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -44,6 +46,8 @@ CASES = [f"{d}/{b}/{o}/{data}/local"
          for o, data in (("right", "uneven"), ("right", "allinvalid"), ("wrong", "uneven"))]
 CASES += [f"{d}/auto/right/{data}/global" for d in ("ddp", "fsdp2") for data in ("uneven", "allinvalid")]
 BUCKET_CASES = [f"buckets/{data}" for data in ("random", "ties", "allinvalid", "empty")]
+# Skip semantics with per-block placement, each rank drawing its own subsets (compacted and generic backward).
+SKIP_CASES = [f"{d}/{b}/right/uneven/skip" for d in ("ddp", "fsdp2") for b in ("auto", "generic")]
 
 
 def _batch(rank: int, data: str):
@@ -109,9 +113,11 @@ def _run_case(rank: int, world: int, kind: str, backward: str, order: str, data:
         fully_shard(m)
         return m
 
+    options = dict(warmup_steps=0, num_buckets=2, backward=backward, buckets=buckets, policy="difficulty")
+    if buckets == "skip":
+        options.update(buckets="local", policy="random", inactive="skip", placement="per_block")
     if order == "right":
-        router = cggr.attach(model, warmup_steps=0, num_buckets=2, backward=backward, buckets=buckets,
-                             policy="difficulty")
+        router = cggr.attach(model, **options)
         wrapped = wrap(model)
     else:
         wrapped = wrap(model)
@@ -146,17 +152,23 @@ def _run_case(rank: int, world: int, kind: str, backward: str, order: str, data:
         grads[n.removeprefix("module.")] = g.detach().clone()
 
     everyone = [None] * world
-    dist.all_gather_object(everyone, (ids, labels, depth, cggr.score_difficulty(out.logits.detach()).difficulty, valid))
+    per_block = r.block_active.view(-1, *depth.shape) if r.block_active is not None else None
+    dist.all_gather_object(everyone, (ids, labels, depth, cggr.score_difficulty(out.logits.detach()).difficulty, valid,
+                                      per_block))
     # The depths the buckets of all ranks' tokens ranked together (global) or each rank's own (local) give.
-    if buckets == "global":
+    if buckets == "skip":
+        expected = depth  # per-block subsets: checked below by the reference gradients of every rank's own sets
+    elif buckets == "global":
         keys, oks = (torch.cat([e[i].reshape(-1) for e in everyone]) for i in (3, 4))
         expected = buckets_to_depths(rank_buckets_reference(keys, oks, 2), router.bucket_depths())
         expected = expected[rank * depth.numel():(rank + 1) * depth.numel()].reshape(depth.shape)
     else:
         expected = buckets_to_depths(rank_buckets_reference(everyone[rank][3], valid, 2), router.bucket_depths())
     _, ref_blocks = find_layer_stack(ref)
-    for ids_r, labels_r, depth_r, _, _ in everyone:
-        with cggr.reference_routing(ref_blocks, depth_r):
+    for ids_r, labels_r, depth_r, _, _, per_block_r in everyone:
+        how = (dict(depth=depth_r) if per_block_r is None else
+               dict(inactive="skip", block_active=per_block_r))
+        with cggr.reference_routing(ref_blocks, **how):
             _loss(ref(input_ids=ids_r, labels=labels_r).logits, labels_r).backward()
     ref_grads = {n: p.grad / world for n, p in ref.named_parameters()}
     scale = max(v.norm().item() for v in ref_grads.values())
@@ -166,6 +178,7 @@ def _run_case(rank: int, world: int, kind: str, backward: str, order: str, data:
                 active=[r.active_count(i) for i in range(router.num_layers)], n_valid=int(valid.sum()),
                 depth_as_bucketed=bool(torch.equal(depth, expected)),
                 depth_matches_labels=bool((depth[~valid] == 0).all() and (depth[valid] > 0).all()),
+                invalid_depth_zero=bool((depth[~valid] == 0).all()),
                 label_shift=router.label_shift, saved_params=len(saved_params), freed_after_forward=freed,
                 finite=all(bool(torch.isfinite(g).all()) for g in grads.values()))
 
@@ -177,7 +190,7 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     results = {}
     try:
-        for case in BUCKET_CASES + CASES:
+        for case in BUCKET_CASES + CASES + SKIP_CASES:
             t0 = time.time()
             try:
                 run = _bucket_case if case.startswith("buckets/") else _run_case
@@ -258,6 +271,18 @@ def test_data_parallel_gradients_equal_reference(results, case):
     else:
         n = r0["n_valid"] + r1["n_valid"]
         assert r0["active"][0] + r1["active"][0] == (n + 1) // 2  # half of both ranks' valid tokens at full depth
+
+
+@pytest.mark.parametrize("case", SKIP_CASES)
+def test_data_parallel_skip_semantics_gradients_equal_reference(results, case):
+    """Skip semantics, per-block subsets drawn on each rank: averaged grads == the reference of each rank's sets."""
+    for rank, res in enumerate(_case(results, case)):
+        assert res["max_err"] < TOL, f"rank {rank}: {res['worst']} relative error {res['max_err']:.2e}"
+        assert res["finite"] and res["invalid_depth_zero"]  # a valid token may be active in no block here
+        assert res["compact"] == ([0, 1] if "/auto/" in case else [])
+        # each rank's own subsets, of exactly the nested routing's total work on its own valid tokens
+        n = res["n_valid"]
+        assert res["active"] == per_block_counts(n, 2, block_counts(n, 2, [2, 1]))
 
 
 @pytest.mark.parametrize("case", [c for c in RIGHT if c.startswith("fsdp2")])

@@ -709,3 +709,27 @@ def test_fused_loss_scores_route_by_difficulty_without_logits():
     assert torch.equal(router.routing.depth, twin_router.routing.depth)
     _assert_equal_grads(flat_grads(model), flat_grads(twin))
     assert router.metrics()["mean_entropy"] == pytest.approx(twin_router.metrics()["mean_entropy"], rel=1e-5)
+
+
+@pytest.mark.parametrize("kind,checkpointing", [("llama", "reentrant"), ("llama", "nonreentrant"), ("gpt2", "nonreentrant"),
+                                                ("gpt_neox", "nonreentrant"), ("llama-generic", "reentrant"),
+                                                ("mixtral", None), ("olmoe", None)])
+def test_skip_semantics_with_checkpointing_and_moe_equal_reference(kind, checkpointing):
+    """Skip semantics through routed activation checkpointing (compacted and HF's own) and MoE blocks."""
+    import warnings
+
+    model = _build(kind, 3)
+    ref = copy.deepcopy(model)
+    if checkpointing:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(3))
+    backward = "generic" if kind.endswith("-generic") else "auto"
+    router = cggr.attach(model, warmup_steps=0, inactive="skip", placement="per_block", dense_ends=1, seed=3,
+                         backward=backward)
+    model(input_ids=ids, labels=ids).loss.backward()
+    r = router.routing
+    with cggr.reference_routing(find_layer_stack(ref)[1], inactive="skip", block_active=r.block_active.view(-1, 2, 9)):
+        ref(input_ids=ids, labels=ids).loss.backward()
+    _assert_equal_grads(flat_grads(model), flat_grads(ref))
