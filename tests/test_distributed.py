@@ -28,13 +28,13 @@ import time
 import traceback
 
 import pytest
-
-from cggr.routing import block_counts, per_block_counts
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+
+from cggr.routing import block_counts, per_block_counts
 
 WORLD = 2
 TOL = 1e-5
