@@ -252,6 +252,17 @@ class Installation:
         self._structure = [[(parent, tuple(parent._modules.items())) for parent in block.modules()]
                            for block in blocks]
 
+    def describe(self, head: str, ran: set[int] | None) -> str:
+        """One line per block: the backward it takes and why; ``ran``: the blocks the last forward compacted."""
+        lines = [head]
+        for i, name in enumerate(self.names):
+            family = self.compact_blocks[i]
+            kind = "mask" if not self.sparse_blocks[i] else f"compacted ({family})" if family else "generic"
+            took = "" if ran is None or not family else (
+                "; last forward: compacted" if i in ran else "; last forward: generic (this call could not take it)")
+            lines.append(f"  {name}: {kind} - {self.reasons[i]}{took}")
+        return "\n".join(lines)
+
     def changed_blocks(self) -> list[str]:
         """Names of the blocks whose modules changed since install (PEFT's get_peft_model after attach, say):
         their new modules were never patched, so they must not be routed as they are."""

@@ -9,8 +9,11 @@ training forward. Its only state is caches (device constants, generators).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from ._host import HostCopy
 from .bucketing import (POLICY_FNS, buckets_to_depths, curriculum_depths, rank_buckets, rank_buckets_global,
                         target_depths)
 from .config import RoutingConfig
@@ -173,3 +176,37 @@ class Planner:
     def __getstate__(self):
         # Caches only: generators and device constants are rebuilt on first use (a Generator does not pickle).
         return {**self.__dict__, "_constants": {}, "_generators": {}}
+
+
+class NonfiniteReport:
+    """Warns once about tokens with non-finite logits, when their count has reached the host: it never waits
+    for the GPU (the count of one forward is read at a later forward, once its copy has landed)."""
+
+    def __init__(self):
+        self._pending: HostCopy | None = None
+        self._warned = False
+
+    def offer(self, summary: torch.Tensor) -> None:
+        """``summary``: ``[tokens with non-finite logits, those of them below full depth]`` (from decide_into)."""
+        if not self._warned:
+            self._pending = HostCopy(summary)
+            self.report()
+
+    def report(self) -> None:
+        pending = self._pending
+        if pending is None or not pending.ready():
+            return
+        self._pending = None
+        n, overflow = pending.get()
+        if n and not self._warned:
+            self._warned = True
+            how = ("at full depth" if not overflow else
+                   "at full depth as far as the blocks' row counts, which follow the bucket sizes, had room; "
+                   "the rest got less (routing.depth says how much). With their loss counted, the step's "
+                   "gradient is non-finite either way")
+            logging.getLogger("cggr").warning(
+                "cggr: %s token(s) had non-finite logits (NaN or +inf); they were routed %s. The metric "
+                "'nonfinite_tokens' counts them", n, how)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_pending": None}  # a pending device read does not pickle (CUDA events)

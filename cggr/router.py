@@ -30,7 +30,7 @@ from ._host import HostCopy
 from .adapters import block_names, default_label_shift, find_layer_stack, model_type
 from .bucketing import schedule_progress
 from .config import RoutingConfig, resolve_config
-from .plan import Planner
+from .plan import NonfiniteReport, Planner
 from .routing import Routing
 from .scoring import close_score_sink, open_score_sink
 from .tokens import find_logits, input_device, input_tokens_shape, no_logits_error, valid_tokens
@@ -54,6 +54,20 @@ class _Forward:
 
     def take_scores(self, scores) -> None:
         self.scores = scores
+
+    def check_rows(self, name: str, h: torch.Tensor) -> None:
+        """A block output must keep one row per token, in the input's token order (else routing is wrong)."""
+        shape = self.tokens_shape
+        rows = h.numel() // max(1, h.shape[-1])
+        if shape is None:
+            self.block_rows.add(rows)  # checked against the logits at the forward's end
+        elif h.dim() - 1 == len(shape) and tuple(h.shape[:-1]) != tuple(shape):
+            raise ValueError(f"cggr: {name} returned rows shaped {tuple(h.shape[:-1])} but the input tokens are "
+                             f"{tuple(shape)}: the routed stack must keep one row per token in the input's order "
+                             "(a sequence-first [S, B, D] stack routes the wrong tokens)")
+        elif h.dim() - 1 != len(shape) and rows != shape.numel():
+            raise ValueError(f"cggr: {name} returned {rows} rows but the batch has {shape.numel()} tokens; the "
+                             "routed stack must keep one row per token")
 
 
 class Router(nn.Module):
@@ -84,7 +98,7 @@ class Router(nn.Module):
         self.routing: Routing | None = None  # the last training forward's routing
         self._forward: _Forward | None = None  # the running forward, between its start and its end
         self._warned: set[str] = set()
-        self._pending_nonfinite: HostCopy | None = None
+        self._nonfinite = NonfiniteReport()
         self._install()
         if config.num_buckets > self.num_layers and config.depths is None:
             self._warn_once("buckets", f"num_buckets={config.num_buckets} exceeds the {self.num_layers} blocks "
@@ -151,16 +165,9 @@ class Router(nn.Module):
 
     def describe(self) -> str:
         """Which backward each block takes and why (the last forward's compacted blocks, once one ran)."""
-        lines = [f"{self.layer_path} ({self.num_layers} blocks, model_type {model_type(self._model)!r}, "
-                 f"label_shift {self.label_shift}):"]
-        ran = self.routing.compact_blocks if self.routing is not None else None
-        for i, name in enumerate(self.block_names):
-            kind = ("mask" if not self.sparse_blocks[i] else
-                    f"compacted ({self.compact_blocks[i]})" if self.compact_blocks[i] else "generic")
-            took = "" if ran is None or not self.compact_blocks[i] else (
-                "; last forward: compacted" if i in ran else "; last forward: generic (this call could not take it)")
-            lines.append(f"  {name}: {kind} - {self.backward_reasons[i]}{took}")
-        return "\n".join(lines)
+        head = (f"{self.layer_path} ({self.num_layers} blocks, model_type {model_type(self._model)!r}, "
+                f"label_shift {self.label_shift}):")
+        return self._installation.describe(head, None if self.routing is None else self.routing.compact_blocks)
 
     def detach(self) -> nn.Module:
         """Remove every hook and patched forward; returns the model as it was."""
@@ -213,24 +220,13 @@ class Router(nn.Module):
 
     def check_block_rows(self, name: str, h: torch.Tensor) -> None:
         """A routed block's output must keep one row per token, in the input's token order."""
-        f = self._forward
-        if f is None:
-            return
-        shape = f.tokens_shape
-        if shape is None:
-            f.block_rows.add(h.numel() // max(1, h.shape[-1]))
-        elif h.dim() - 1 == len(shape) and tuple(h.shape[:-1]) != tuple(shape):
-            raise ValueError(f"cggr: {name} returned rows shaped {tuple(h.shape[:-1])} but the input tokens are "
-                             f"{tuple(shape)}: the routed stack must keep one row per token in the input's order "
-                             "(a sequence-first [S, B, D] stack routes the wrong tokens)")
-        elif h.dim() - 1 != len(shape) and h.numel() // max(1, h.shape[-1]) != shape.numel():
-            raise ValueError(f"cggr: {name} returned {h.numel() // max(1, h.shape[-1])} rows but the batch has "
-                             f"{shape.numel()} tokens; the routed stack must keep one row per token")
+        if self._forward is not None:
+            self._forward.check_rows(name, h)
 
     # ---------------------------------------------------------------- forward
     @torch._dynamo.disable  # the decision point runs eagerly under torch.compile: a clean graph break
     def _pre_forward(self, module, args, kwargs):
-        self._report_nonfinite()
+        self._nonfinite.report()
         extra = kwargs.pop(VALID_MASK_KWARG, None)
         self._forward = None
         if not (module.training and torch.is_grad_enabled()):
@@ -291,9 +287,7 @@ class Router(nn.Module):
             f.routing, valid, None if logits is None else logits.detach(), scores=scores, progress=self.progress,
             draw_seed=seed,
             num_valid=None if f.num_valid is None else f.num_valid.get(), global_buckets=self._global_buckets())
-        if "nonfinite" not in self._warned:
-            self._pending_nonfinite = HostCopy(nonfinite)
-            self._report_nonfinite()
+        self._nonfinite.offer(nonfinite)
         self.routing = r
         self._micro += 1
         return None
@@ -319,29 +313,14 @@ class Router(nn.Module):
             self._warned.add(key)
             logger.warning("cggr: %s", message)
 
-    def _report_nonfinite(self) -> None:
-        """Warn about non-finite logits once their count has reached the host (never waits for the GPU)."""
-        pending = self._pending_nonfinite
-        if pending is None or not pending.ready():
-            return
-        self._pending_nonfinite = None
-        n, overflow = pending.get()
-        if n:
-            how = ("at full depth" if not overflow else
-                   "at full depth as far as the blocks' row counts, which follow the bucket sizes, had room; "
-                   "the rest got less (routing.depth says how much). With their loss counted, the step's "
-                   "gradient is non-finite either way")
-            self._warn_once("nonfinite", f"{n} token(s) had non-finite logits (NaN or +inf); they were routed "
-                                         f"{how}. The metric 'nonfinite_tokens' counts them")
-
     @staticmethod
     def _sync_step_mirror(module, incompatible_keys) -> None:
         module._step = int(module.step_count)
 
     def __getstate__(self):
-        # A pickled router carries no forward in flight and no pending device read (CUDA events do not pickle).
+        # A pickled router carries no forward in flight.
         state = super().__getstate__()
-        return {**state, "_forward": None, "_pending_nonfinite": None}
+        return {**state, "_forward": None}
 
 
 def _rank() -> int:
