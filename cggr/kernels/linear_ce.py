@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ..env import triton_interpret
-from ._rows import ROW_CONFIGS, prune_wide_blocks
+from ._rows import ROW_CONFIGS, online_softmax_row, prune_wide_blocks
 
 
 @triton.jit
@@ -58,25 +58,8 @@ def _linear_ce_rows_kernel(
     safe_label = tl.where(in_range, label, 0)
     x_label = tl.load(base + safe_label).to(tl.float32)
 
-    # Pass 1: online softmax (see cggr/kernels/scoring.py for the rescaling algebra).
-    m = float("-inf")
-    s = 0.0
-    t = 0.0
-    for start in range(0, V, BLOCK_V):
-        idx = start + offs
-        x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        z = x - shift
-        e = tl.exp(z)
-        s_c = tl.sum(e, axis=0)
-        t_c = tl.sum(e * tl.maximum(z, -3.0e38), axis=0)
-        same = m == m_new
-        scale_old = tl.where(same, 1.0, tl.exp(m - m_new))
-        t_old = tl.where(same, t, tl.where(s > 0.0, scale_old * (t + s * (m - m_new)), 0.0))
-        t = t_old + t_c
-        s = s * scale_old + s_c
-        m = m_new
+    # Pass 1: online softmax (the rescaling algebra is in cggr/kernels/_rows.py).
+    m, s, t = online_softmax_row(base, V, BLOCK_V)
 
     # Shifted by m before adding log s (as log_softmax does): x - m is exact, x - (m + log s) is not for large m.
     # A row of -inf has m = -inf and a row with NaN / +inf has s = NaN: x - m, and so the loss, are NaN.

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..env import triton_interpret
-from ._rows import ROW_CONFIGS, prune_wide_blocks
+from ._rows import ROW_CONFIGS, online_softmax_row, prune_wide_blocks
 
 
 @triton.jit
@@ -37,30 +37,7 @@ def _entropy_confidence_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     base = x_ptr + row * stride_row
-    offs = tl.arange(0, BLOCK_V)
-
-    m = float("-inf")  # running max
-    s = 0.0            # sum exp(x - m)
-    t = 0.0            # sum exp(x - m) * (x - m)
-    for start in range(0, V, BLOCK_V):
-        idx = start + offs
-        x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # Shift by the new max; by 0 while every entry seen so far is -inf.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        z = x - shift
-        e = tl.exp(z)
-        s_c = tl.sum(e, axis=0)
-        # -inf entries: e = 0 and z = -inf; clamping z keeps 0 * z at 0 (one max, no select).
-        t_c = tl.sum(e * tl.maximum(z, -3.0e38), axis=0)
-        # Rescale the old state to the new max (no-op when the max is unchanged;
-        # s = t = 0 while the old max is -inf).
-        same = m == m_new
-        scale = tl.where(same, 1.0, tl.exp(m - m_new))
-        t_old = tl.where(same, t, tl.where(s > 0.0, scale * (t + s * (m - m_new)), 0.0))
-        t = t_old + t_c
-        s = s * scale + s_c
-        m = m_new
+    m, s, t = online_softmax_row(base, V, BLOCK_V)
 
     ent = tl.log(s) - t / s
     conf = 1.0 / s
