@@ -53,10 +53,6 @@ FAMILY_TABLE: dict[str, FamilyInfo] = {
     "opt": FamilyInfo("model.decoder.layers"),
 }
 
-# The old name of the stack paths, kept for readers of earlier versions.
-LAYER_STACKS: dict[str, str] = {k: v.stack for k, v in FAMILY_TABLE.items()}
-
-
 def model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 

@@ -148,10 +148,6 @@ class Routing:
         inactive = self.inactive_mask(block_index).view(*dy.shape[:-1], 1)
         return torch.where(inactive, dy.to(dx.dtype), dx)
 
-    def threshold(self, block_index: int) -> int:
-        """Nested placement: tokens with depth strictly above this value are active in ``block_index``."""
-        return self.num_layers - 1 - block_index
-
     def flat_depth(self) -> torch.Tensor:
         self._require()
         return self.depth.reshape(-1)

@@ -342,7 +342,6 @@ def _val_batches(cfg: dict, stream: torch.Tensor) -> list[torch.Tensor]:
 # --------------------------------------------------------------------------- one regime
 
 def run_regime(regime: str, cfg: dict, prep: dict) -> dict:
-    from . import data
     from .training import free_memory, median_step_ms, train_arm
 
     device = torch.device(cfg["device"])

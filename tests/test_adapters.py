@@ -3,7 +3,7 @@
 import pytest
 import torch.nn as nn
 
-from cggr.adapters import (LAYER_STACKS, default_label_shift, find_layer_stack, is_fused_experts, is_moe_router,
+from cggr.adapters import (FAMILY_TABLE, default_label_shift, find_layer_stack, is_fused_experts, is_moe_router,
                            unsupported_parametrised_modules)
 from tiny import TinyLM, hf_model
 
@@ -17,7 +17,7 @@ def test_hf_families(kind, path):
     found, blocks = find_layer_stack(m)
     assert found == path and len(blocks) == 3
     assert default_label_shift(m) == 1
-    assert found == LAYER_STACKS[m.config.model_type]
+    assert found == FAMILY_TABLE[m.config.model_type].stack
 
 
 def test_bare_base_model_and_generic_search():
