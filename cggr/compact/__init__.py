@@ -181,7 +181,6 @@ class CompactedForward:
         self.family = family
         self.spec = spec
         self.plain_forward = plain_forward
-        self._modules = tuple(block.modules())  # what the spec was read from
         # Names of the forward's parameters after hidden_states: models pass some positionally (GPT-2 does).
         self._arg_names = list(inspect.signature(type(block).forward).parameters)[2:]
         self._as_tuple = _returns_tuple(block)
@@ -223,7 +222,7 @@ class CompactedForward:
         block = self.block
         kwargs = self._by_name(args, kwargs)
         if (r is None or kwargs is None or r.leak_rate != 0 or not isinstance(hidden_states, torch.Tensor)
-                or hidden_states.dim() != 3 or tuple(block.modules()) != self._modules  # e.g. PEFT wrapped linears
+                or hidden_states.dim() != 3
                 or any(kwargs.get(c) is not None for c in ("cache", "past_key_values", "layer_past"))
                 or kwargs.get("output_attentions", False)
                 or (checkpointing and fam.checkpointed is None)):

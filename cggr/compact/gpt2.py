@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from ..routing import Routing
-from .attention import attention_grad_by_recompute, attention_with_grad, refuse_double_backward
-from .pointwise import gelu_tanh_rows, head_rows, kernel, layer_norm_backward_add, layer_norm_rows, with_skip
+from .attention import attention_in_forward, attention_with_grad, refuse_double_backward, take_attention_grad
+from .pointwise import (gelu_tanh_rows, head_rows, keep_attention_for, kernel, layer_norm_backward_add,
+                        layer_norm_rows, with_skip)
 
 
 @dataclass(frozen=True)
@@ -68,15 +69,24 @@ def _mlp_input(x, o, spec: GPT2BlockSpec, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_
     return h, mean2, rstd2, _conv1d(a2, w_fc, b_fc)
 
 
-def _block_forward(x, mask, spec: GPT2BlockSpec, weights):
-    """The HF block's forward; returns ``y`` and what a backward may save."""
+def _post_attention(x, o, spec: GPT2BlockSpec, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_out, b_out):
+    """From the attention output on: ``(y, h, mean2, rstd2, f)``."""
+    h, mean2, rstd2, f = _mlp_input(x, o, spec, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc)
+    return h + _conv1d(F.gelu(f, approximate="tanh"), w_out, b_out), h, mean2, rstd2, f
+
+
+def _block_forward(x, mask, spec: GPT2BlockSpec, weights, keep_attention: bool = False):
+    """The HF block's forward: ``(y, saved, attention_grad)`` as :func:`cggr.compact.llama._block_forward`
+    (the stages around the attention compiled on CUDA)."""
     (ln1_w, ln1_b, w_attn, b_attn, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_out, b_out) = weights
     B, S, D = x.shape
-    mean1, rstd1, q, k, v = _qkv(x, spec, ln1_w, ln1_b, w_attn, b_attn)
-    o = _attention(q, k, v, mask, spec).transpose(1, 2).reshape(B, S, D)
-    h, mean2, rstd2, f = _mlp_input(x, o, spec, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc)
-    y = h + _conv1d(F.gelu(f, approximate="tanh"), w_out, b_out)
-    return y, (mean1, rstd1, q, k, v, o, h, mean2, rstd2, f)
+    K = functools.partial(kernel, on_cuda=x.is_cuda)
+    mean1, rstd1, q, k, v = K(_qkv)(x, spec, ln1_w, ln1_b, w_attn, b_attn)
+    out, attention_grad = attention_in_forward(functools.partial(_attention, mask=mask, spec=spec), q, k, v,
+                                               keep_attention)
+    o = out.transpose(1, 2).reshape(B, S, D)
+    y, h, mean2, rstd2, f = K(_post_attention)(x, o, spec, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_out, b_out)
+    return y, (mean1, rstd1, q, k, v, o, h, mean2, rstd2, f), attention_grad
 
 
 def _zero_grads(x, weights):
@@ -109,7 +119,7 @@ class GPT2BlockRouted(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mask, routing: Routing, block_index: int, spec: GPT2BlockSpec, *weights):
-        y, saved = _block_forward(x, mask, spec, weights)
+        y, saved, ctx.attention_grad = _block_forward(x, mask, spec, weights, keep_attention_for(ctx))
         ctx.save_for_backward(x, *saved, mask, *weights)
         ctx.routing, ctx.block_index, ctx.spec = routing, block_index, spec
         return y
@@ -121,11 +131,11 @@ class GPT2BlockRouted(torch.autograd.Function):
         r: Routing = ctx.routing
         B, S, D = x.shape
         N = B * S
+        attention_grad = take_attention_grad(ctx, functools.partial(_attention, mask=mask, spec=ctx.spec), q, k, v)
         if r.active_count(ctx.block_index) == 0:
             return with_skip(_zero_grads(x, weights), dy, r, ctx.block_index)
         idx, bi, si = r.active_positions(ctx.block_index, S)
         mlp_src = (f.view(N, -1), h.view(N, D), mean2.view(N, 1), rstd2.view(N, 1), o.view(N, D), idx)
-        attention_grad = attention_grad_by_recompute(functools.partial(_attention, mask=mask, spec=ctx.spec), q, k, v)
         return with_skip(_backward_on_active_rows(dy, idx, bi, si, mlp_src, attention_grad, x, mean1, rstd1, ctx.spec,
                                                   weights), dy, r, ctx.block_index)
 
@@ -140,7 +150,7 @@ class GPT2BlockRoutedCheckpointed(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mask, routing: Routing, block_index: int, spec: GPT2BlockSpec, *weights):
-        y, _ = _block_forward(x, mask, spec, weights)  # activations dropped: recomputed in backward
+        y, _, _ = _block_forward(x, mask, spec, weights)  # activations dropped: recomputed in backward
         ctx.save_for_backward(x, mask, *weights)
         ctx.routing, ctx.block_index, ctx.spec = routing, block_index, spec
         return y
@@ -157,7 +167,7 @@ class GPT2BlockRoutedCheckpointed(torch.autograd.Function):
         if r.active_count(ctx.block_index) == 0:
             return with_skip(_zero_grads(x, weights), dy, r, ctx.block_index)
         idx, bi, si = r.active_positions(ctx.block_index, S)
-        mean1, rstd1, q, k, v = _qkv(x, spec, ln1_w, ln1_b, w_attn, b_attn)
+        mean1, rstd1, q, k, v = kernel(_qkv, x.is_cuda)(x, spec, ln1_w, ln1_b, w_attn, b_attn)
         out, attention_grad = attention_with_grad(functools.partial(_attention, mask=mask, spec=spec), q, k, v)
         o_a = kernel(head_rows, x.is_cuda)(out.detach(), bi, si)
         h_a, mean2_a, rstd2_a, f_a = _mlp_input(x.view(N, D).index_select(0, idx), o_a, spec, w_proj, b_proj,

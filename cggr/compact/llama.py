@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..routing import Routing
-from .attention import attention_grad_by_recompute, attention_with_grad, refuse_double_backward
-from .pointwise import head_rows, kernel, mlp_rows, qkv_rows, rms_backward_add, with_skip
+from .attention import attention_in_forward, attention_with_grad, refuse_double_backward, take_attention_grad
+from .pointwise import head_rows, keep_attention_for, kernel, mlp_rows, qkv_rows, rms_backward_add, with_skip
 
 
 @dataclass(frozen=True)
@@ -77,17 +77,31 @@ def _mlp_input(x, o, w_n2, wo, bo, spec: LlamaBlockSpec):
     return h, r2, rstd2
 
 
-def _block_forward(x, cos, sin, mask, spec: LlamaBlockSpec, weights):
-    """The HF decoder layer's forward; returns ``y`` and what a backward may save."""
-    (w_n1, wq, bq, wk, bk, wv, bv, wo, bo, w_n2, wg, bg, wu, bu, wd, bd) = weights
-    B, S, _ = x.shape
-    rstd1, q, k, v = _qkv(x, cos, sin, spec, w_n1, wq, bq, wk, bk, wv, bv)
-    o = _attention(q, k, v, mask, spec).transpose(1, 2).reshape(B, S, -1)
+def _post_attention(x, o, spec: LlamaBlockSpec, w_n2, wo, bo, wg, bg, wu, bu, wd, bd):
+    """From the attention output on: ``y`` and what the MLP's backward saves, ``(y, h, rstd2, g, u)``."""
     h, r2, rstd2 = _mlp_input(x, o, w_n2, wo, bo, spec)
     g = _lin(r2, wg, bg)
     u = _lin(r2, wu, bu)
-    y = h + _lin(F.silu(g) * u, wd, bd)
-    return y, (rstd1, q, k, v, o, h, rstd2, g, u)
+    return h + _lin(F.silu(g) * u, wd, bd), h, rstd2, g, u
+
+
+def _block_forward(x, cos, sin, mask, spec: LlamaBlockSpec, weights, keep_attention: bool = False):
+    """The HF decoder layer's forward: ``(y, saved, attention_grad)``, with what a backward may save and, when
+    ``keep_attention``, the attention's backward through this forward (:func:`attention_in_forward`).
+
+    On CUDA the two stages around the attention run compiled (:func:`~cggr.compact.pointwise.kernel`): the
+    norms, rotary, SwiGLU and residual adds fuse into few kernels around the matmuls, as in a compiled or
+    Liger-patched dense layer; on the CPU (and in the attach-time check) they run eagerly.
+    """
+    (w_n1, wq, bq, wk, bk, wv, bv, wo, bo, w_n2, wg, bg, wu, bu, wd, bd) = weights
+    B, S, _ = x.shape
+    K = functools.partial(kernel, on_cuda=x.is_cuda)
+    rstd1, q, k, v = K(_qkv)(x, cos, sin, spec, w_n1, wq, bq, wk, bk, wv, bv)
+    out, attention_grad = attention_in_forward(functools.partial(_attention, mask=mask, spec=spec), q, k, v,
+                                               keep_attention)
+    o = out.transpose(1, 2).reshape(B, S, -1)
+    y, h, rstd2, g, u = K(_post_attention)(x, o, spec, w_n2, wo, bo, wg, bg, wu, bu, wd, bd)
+    return y, (rstd1, q, k, v, o, h, rstd2, g, u), attention_grad
 
 
 def _zero_grads(x, weights):
@@ -172,12 +186,13 @@ def _backward_on_active_rows(dy, idx, bi, si, mlp_rows_src, o_a, attention_grad,
 class LlamaBlockRouted(torch.autograd.Function):
     """``y = block(x)`` with a backward restricted to the rows active in ``block_index``.
 
-    Saves the activations the backward reads (fewer than the HF layer's autograd graph saves).
+    Saves the activations the backward reads (fewer than the HF layer's autograd graph saves), and the
+    attention's own backward from this forward (no recompute).
     """
 
     @staticmethod
     def forward(ctx, x, cos, sin, mask, routing: Routing, block_index: int, spec: LlamaBlockSpec, *weights):
-        y, saved = _block_forward(x, cos, sin, mask, spec, weights)
+        y, saved, ctx.attention_grad = _block_forward(x, cos, sin, mask, spec, weights, keep_attention_for(ctx))
         ctx.save_for_backward(x, *saved, cos, sin, mask, *weights)
         ctx.routing, ctx.block_index, ctx.spec = routing, block_index, spec
         return y
@@ -189,12 +204,12 @@ class LlamaBlockRouted(torch.autograd.Function):
         r: Routing = ctx.routing
         B, S, D = x.shape
         N = B * S
+        attention_grad = take_attention_grad(ctx, functools.partial(_attention, mask=mask, spec=ctx.spec), q, k, v)
         if r.active_count(ctx.block_index) == 0:
             return with_skip(_zero_grads(x, weights), dy, r, ctx.block_index)
         idx, bi, si = r.active_positions(ctx.block_index, S)
         o_a = o.view(N, -1).index_select(0, idx)
         mlp_src = (g.view(N, -1), u.view(N, -1), h.view(N, D), rstd2.view(N, 1), idx)
-        attention_grad = attention_grad_by_recompute(functools.partial(_attention, mask=mask, spec=ctx.spec), q, k, v)
         grads = _backward_on_active_rows(dy, idx, bi, si, mlp_src, o_a, attention_grad, x, rstd1, cos, sin, ctx.spec,
                                          weights)
         return with_skip(grads, dy, r, ctx.block_index)
@@ -210,7 +225,7 @@ class LlamaBlockRoutedCheckpointed(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cos, sin, mask, routing: Routing, block_index: int, spec: LlamaBlockSpec, *weights):
-        y, _ = _block_forward(x, cos, sin, mask, spec, weights)  # activations dropped: recomputed in backward
+        y, _, _ = _block_forward(x, cos, sin, mask, spec, weights)  # activations dropped: recomputed in backward
         ctx.save_for_backward(x, cos, sin, mask, *weights)
         ctx.routing, ctx.block_index, ctx.spec = routing, block_index, spec
         return y
@@ -227,7 +242,7 @@ class LlamaBlockRoutedCheckpointed(torch.autograd.Function):
         if r.active_count(ctx.block_index) == 0:
             return with_skip(_zero_grads(x, weights), dy, r, ctx.block_index)
         idx, bi, si = r.active_positions(ctx.block_index, S)
-        rstd1, q, k, v = _qkv(x, cos, sin, spec, w_n1, wq, bq, wk, bk, wv, bv)
+        rstd1, q, k, v = kernel(_qkv, x.is_cuda)(x, cos, sin, spec, w_n1, wq, bq, wk, bk, wv, bv)
         out, attention_grad = attention_with_grad(functools.partial(_attention, mask=mask, spec=spec), q, k, v)
         o_a = kernel(head_rows, x.is_cuda)(out.detach(), bi, si)
         x_a = x.view(N, D).index_select(0, idx)
@@ -257,16 +272,22 @@ def llama_block_spec(block) -> LlamaBlockSpec | None:
         return None
     if not all(_linear_ok(getattr(mlp, p, None)) for p in ("gate_proj", "up_proj", "down_proj")):
         return None
-    # Plain RMSNorm (w * x_hat), no q/k norms, SiLU gate, no dropout.
+    # Plain RMSNorm (w * x_hat), no q/k norms, SiLU gate, no dropout. Liger-Kernel's RMSNorm (offset 0, "llama"
+    # casting) and SwiGLU MLP compute the same maths with fused kernels (the attach-time check runs them).
     for n in (n1, n2):
         if not type(n).__name__.endswith("RMSNorm") or type(n).__name__.startswith("Gemma"):
             return None
         if not hasattr(n, "variance_epsilon") or getattr(n, "weight", None) is None:
             return None
+        if getattr(n, "offset", 0.0) != 0.0 or getattr(n, "casting_mode", "llama") != "llama":
+            return None
     if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
         return None
     act = getattr(mlp, "act_fn", None)
-    if not isinstance(act, torch.nn.SiLU) and type(act).__name__ not in ("SiLUActivation", "SiLU"):
+    silu = isinstance(act, torch.nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")
+    liger_swiglu = (act is None and type(mlp).__name__ == "LigerSwiGLUMLP"
+                    and getattr(getattr(mlp, "config", None), "hidden_act", None) in ("silu", "swish"))
+    if not (silu or liger_swiglu):
         return None
     if float(getattr(attn, "attention_dropout", 0.0) or 0.0) != 0.0:
         return None

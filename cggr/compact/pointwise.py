@@ -158,13 +158,21 @@ def eager_kernels():
 
 
 def kernel(eager, on_cuda: bool):
-    """What to run for the function ``eager`` (a row-wise piece, or a whole stage of a compacted backward made
-    of them): compiled on CUDA unless ``CGGR_COMPILE=0`` (or within :func:`eager_kernels`), else ``eager``."""
-    if on_cuda and compile_enabled() and not _eager_only:
+    """What to run for the function ``eager`` (a row-wise piece, a whole stage of a compacted backward made
+    of them, or a stage of a compacted block's forward between its matmul-heavy attention calls): compiled on CUDA unless ``CGGR_COMPILE=0`` (or within :func:`eager_kernels`), else ``eager``."""
+    # Under an outer torch.compile (dynamo tracing the block), the pieces are traced as plain PyTorch.
+    if on_cuda and compile_enabled() and not _eager_only and not torch.compiler.is_compiling():
         fn = _compiled(eager)
         # Detached inputs: a requires_grad flag that differs between calls would make dynamo recompile.
         return lambda *args: fn(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
     return eager
+
+
+def keep_attention_for(ctx) -> bool:
+    """Whether a saving block's forward keeps its attention's backward (:func:`cggr.compact.attention.
+    attention_in_forward`): when a backward may follow, and not while dynamo traces the block (an outer
+    ``torch.compile``), where a nested autograd graph has no place."""
+    return any(ctx.needs_input_grad) and not torch.compiler.is_compiling()
 
 
 def with_skip(grads: tuple, dy: torch.Tensor, routing, block_index: int) -> tuple:
