@@ -83,7 +83,7 @@ class Routing:
     _order: torch.Tensor | None = field(default=None, repr=False)
     _active_counts: list[int] | None = field(default=None, repr=False)
     _rows_by_block: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
-    _positions: dict = field(default_factory=dict, repr=False)
+    _indices: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_depth(cls, depth: torch.Tensor, num_layers: int, leak_rate: float = 0.0, inactive: str = "stop"
@@ -227,16 +227,12 @@ class Routing:
             self._rows_by_block[block_index] = rows
         return rows
 
-    def active_positions(self, block_index: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Active rows of ``block_index`` as flat indices and as (batch, position) pairs.
-
-        All rows when every row is active (the compacted backward then gathers in order).
-        """
-        key = (block_index, seq_len)
-        cached = self._positions.get(key)
+    def active_indices(self, block_index: int) -> torch.Tensor:
+        """Active rows of ``block_index`` as flat indices (into the flattened tokens) for a compacted backward:
+        all rows in order when every row is active (the gathers are then in order)."""
+        cached = self._indices.get(block_index)
         if cached is None:
             n = self.active_count(block_index)
-            idx = self.active_rows(block_index) if n < self.num_rows else torch.arange(
-                self.num_rows, device=self.depth.device)
-            cached = self._positions[key] = (idx, torch.div(idx, seq_len, rounding_mode="floor"), idx % seq_len)
+            cached = self._indices[block_index] = self.active_rows(block_index) if n < self.num_rows else (
+                torch.arange(self.num_rows, device=self.depth.device))
         return cached

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from cggr.compact.pointwise import (
-    gelu_tanh_rows, head_rows, kernel, layer_norm_backward_add, layer_norm_rows, mlp_rows, qkv_rows, rms_backward_add,
-    rms_rows, rope_backward, swiglu_backward)
+    gelu_tanh_rows, kernel, layer_norm_backward_add, layer_norm_rows, mlp_rows, qkv_rows, rms_backward_add,
+    rms_rows, rope_backward, swiglu_backward, token_rows)
 
 SEEDS = [0, 1, 2]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -220,20 +220,28 @@ def test_rope_backward(seed, dtype):
         dt_heads, cos, sin = _rope_inputs(gen, B, S, heads, hd, dtype)
         for name, idx in _subsets(B * S, gen).items():
             bi, si = idx // S, idx % S
-            got = rope_backward(dt_heads, cos, sin, bi, si)
+            got = rope_backward(token_rows(dt_heads), cos.reshape(B * S, hd), sin.reshape(B * S, hd), idx)
             assert got.dtype == dtype
             _close(got, _ref_rope(dt_heads, cos, sin, bi, si), dtype, f"B={B} S={S} heads={heads} hd={hd} {name}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("seed", SEEDS, ids=_seed_id)
-def test_head_rows(seed, dtype):
+def test_token_rows(seed, dtype):
+    """One row per token: a view of token-major storage (what the blocks and the fused attention keep), a copy
+    of heads-major storage; the same values either way."""
     for B, S, heads, hd in BSH + [(2, 3, 5, 3)]:
-        gen = _gen(seed, "head_rows", B, S, heads, hd)
-        t = _randn(gen, B, heads, S, hd, dtype=dtype)
-        for name, idx in _subsets(B * S, gen).items():
-            got = head_rows(t, idx // S, idx % S)
-            assert torch.equal(got, _ref_head_rows(t, idx)), f"B={B} S={S} heads={heads} hd={hd} {name}"  # a gather
+        gen = _gen(seed, "token_rows", B, S, heads, hd)
+        token_major = _randn(gen, B, S, heads, hd, dtype=dtype).transpose(1, 2)
+        heads_major = token_major.contiguous()
+        for t in (token_major, heads_major):
+            got = token_rows(t)
+            assert got.shape == (B * S, heads * hd)
+            for name, idx in _subsets(B * S, gen).items():
+                assert torch.equal(got[idx], _ref_head_rows(t, idx)), f"B={B} S={S} heads={heads} hd={hd} {name}"
+        assert token_rows(token_major).data_ptr() == token_major.data_ptr()  # no copy
+        if heads > 1 and S > 1:
+            assert token_rows(heads_major).data_ptr() != heads_major.data_ptr()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -248,7 +256,8 @@ def test_qkv_rows(seed, dtype):
         x, w = _randn(gen, B * S, D, dtype=dtype), _randn(gen, D, dtype=dtype)
         for name, idx in _subsets(B * S, gen).items():
             bi, si = idx // S, idx % S
-            dq_a, dk_a, dv_a, r1 = qkv_rows(dq, dk, dv, cos, sin, x, _rstd(x), w, idx, bi, si)
+            dq_a, dk_a, dv_a, r1 = qkv_rows(token_rows(dq), token_rows(dk), token_rows(dv), cos.reshape(B * S, hd),
+                                            sin.reshape(B * S, hd), x, _rstd(x), w, idx)
             _close(dq_a, _ref_rope(dq, cos, sin, bi, si), dtype, f"dq B={B} S={S} {name}")
             _close(dk_a, _ref_rope(dk, cos, sin, bi, si), dtype, f"dk B={B} S={S} {name}")
             assert torch.equal(dv_a, _ref_head_rows(dv, idx)), f"dv B={B} S={S} {name}"

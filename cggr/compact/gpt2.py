@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from ..routing import Routing
 from .attention import attention_in_forward, attention_with_grad, refuse_double_backward, take_attention_grad
-from .pointwise import (gelu_tanh_rows, head_rows, keep_attention_for, kernel, layer_norm_backward_add,
-                        layer_norm_rows, with_skip)
+from .pointwise import (gelu_tanh_rows, keep_attention_for, kernel, layer_norm_backward_add, layer_norm_rows,
+                        token_rows, with_skip)
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def _block_forward(x, mask, spec: GPT2BlockSpec, weights, keep_attention: bool =
     (the stages around the attention compiled on CUDA)."""
     (ln1_w, ln1_b, w_attn, b_attn, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_out, b_out) = weights
     B, S, D = x.shape
-    K = functools.partial(kernel, on_cuda=x.is_cuda)
+    K = functools.partial(kernel, on_cuda=x.is_cuda, dynamic=None)
     mean1, rstd1, q, k, v = K(_qkv)(x, spec, ln1_w, ln1_b, w_attn, b_attn)
     out, attention_grad = attention_in_forward(functools.partial(_attention, mask=mask, spec=spec), q, k, v,
                                                keep_attention)
@@ -93,7 +93,7 @@ def _zero_grads(x, weights):
     return (torch.zeros_like(x), None, None, None, None, *[None if w is None else torch.zeros_like(w) for w in weights])
 
 
-def _backward_on_active_rows(dy, idx, bi, si, mlp_src, attention_grad, x, mean1, rstd1, spec: GPT2BlockSpec,
+def _backward_on_active_rows(dy, idx, mlp_src, attention_grad, x, mean1, rstd1, spec: GPT2BlockSpec,
                              weights):
     """The block backward on its active rows; shared by the saved and the checkpointed variants.
 
@@ -108,7 +108,8 @@ def _backward_on_active_rows(dy, idx, bi, si, mlp_src, attention_grad, x, mean1,
         dy.reshape(N, D), idx, *mlp_src, ln2_w, ln2_b, w_fc, w_out, w_proj)
     dq, dk, dv = attention_grad(do.view(B, S, spec.num_heads, spec.head_dim).transpose(1, 2))
     dx, dln1_w, dln1_b, dw_attn, db_attn = K(qkv_backward_rows)(
-        dq, dk, dv, x.view(N, D), mean1.view(N, 1), rstd1.view(N, 1), ln1_w, ln1_b, w_attn, idx, bi, si, dh)
+        token_rows(dq), token_rows(dk), token_rows(dv), x.view(N, D), mean1.view(N, 1), rstd1.view(N, 1), ln1_w,
+        ln1_b, w_attn, idx, dh)
     grads = (dln1_w, dln1_b, dw_attn, db_attn, dw_proj, db_proj, dln2_w, dln2_b, dw_fc, db_fc, dw_out, db_out)
     grads = [gr.to(w.dtype) for gr, w in zip(grads, weights)]
     return (dx.view(B, S, D), None, None, None, None, *grads)
@@ -134,9 +135,9 @@ class GPT2BlockRouted(torch.autograd.Function):
         attention_grad = take_attention_grad(ctx, functools.partial(_attention, mask=mask, spec=ctx.spec), q, k, v)
         if r.active_count(ctx.block_index) == 0:
             return with_skip(_zero_grads(x, weights), dy, r, ctx.block_index)
-        idx, bi, si = r.active_positions(ctx.block_index, S)
+        idx = r.active_indices(ctx.block_index)
         mlp_src = (f.view(N, -1), h.view(N, D), mean2.view(N, 1), rstd2.view(N, 1), o.view(N, D), idx)
-        return with_skip(_backward_on_active_rows(dy, idx, bi, si, mlp_src, attention_grad, x, mean1, rstd1, ctx.spec,
+        return with_skip(_backward_on_active_rows(dy, idx, mlp_src, attention_grad, x, mean1, rstd1, ctx.spec,
                                                   weights), dy, r, ctx.block_index)
 
 
@@ -166,16 +167,16 @@ class GPT2BlockRoutedCheckpointed(torch.autograd.Function):
         N = B * S
         if r.active_count(ctx.block_index) == 0:
             return with_skip(_zero_grads(x, weights), dy, r, ctx.block_index)
-        idx, bi, si = r.active_positions(ctx.block_index, S)
-        mean1, rstd1, q, k, v = kernel(_qkv, x.is_cuda)(x, spec, ln1_w, ln1_b, w_attn, b_attn)
+        idx = r.active_indices(ctx.block_index)
+        mean1, rstd1, q, k, v = kernel(_qkv, x.is_cuda, dynamic=None)(x, spec, ln1_w, ln1_b, w_attn, b_attn)
         out, attention_grad = attention_with_grad(functools.partial(_attention, mask=mask, spec=spec), q, k, v)
-        o_a = kernel(head_rows, x.is_cuda)(out.detach(), bi, si)
+        o_a = token_rows(out.detach()).index_select(0, idx)
         h_a, mean2_a, rstd2_a, f_a = _mlp_input(x.view(N, D).index_select(0, idx), o_a, spec, w_proj, b_proj,
                                                 ln2_w, ln2_b, w_fc, b_fc)
         local = torch.arange(idx.numel(), device=idx.device)
         mlp_src = (f_a, h_a, mean2_a, rstd2_a, o_a, local)
 
-        return with_skip(_backward_on_active_rows(dy, idx, bi, si, mlp_src, attention_grad, x, mean1, rstd1, spec,
+        return with_skip(_backward_on_active_rows(dy, idx, mlp_src, attention_grad, x, mean1, rstd1, spec,
                                                   weights), dy, r, ctx.block_index)
 
 
@@ -205,12 +206,12 @@ def mlp_backward_rows(dy, idx, f, h, mean2, rstd2, o, rows, ln2_w, ln2_b, w_fc, 
     return dh, do, dln2_w, dln2_b, dw_fc, db_fc, dw_out, db_out, dw_proj, db_proj
 
 
-def qkv_backward_rows(dq, dk, dv, x, mean1, rstd1, ln1_w, ln1_b, w_attn, idx, bi, si, dh):
+def qkv_backward_rows(dq, dk, dv, x, mean1, rstd1, ln1_w, ln1_b, w_attn, idx, dh):
     """Second half, on rows ``idx``: the fused q/k/v projection and ``ln_1`` (inactive keys and values are
-    constants: only active rows of ``dq, dk, dv`` ``[B, H, S, hd]`` are read). Returns ``dx`` ``[N, D]`` (zero
-    on inactive rows: the one scatter) and the gradients of ``ln_1`` and ``c_attn``."""
+    constants: only active rows of ``dq, dk, dv``, token rows ``[N, D]``, are read). Returns ``dx`` ``[N, D]``
+    (zero on inactive rows: the one scatter) and the gradients of ``ln_1`` and ``c_attn``."""
     N, n = x.shape[0], idx.shape[0]
-    dqkv = torch.cat([head_rows(t, bi, si) for t in (dq, dk, dv)], dim=1)  # [n, 3D]
+    dqkv = torch.cat([t[idx] for t in (dq, dk, dv)], dim=1)  # [n, 3D]
     a1_a = layer_norm_rows(x, mean1, rstd1, ln1_w, ln1_b, idx)
     dw_attn, db_attn = a1_a.t() @ dqkv, dqkv.sum(0)
     da1 = dqkv @ w_attn.t()

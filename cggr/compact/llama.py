@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..routing import Routing
 from .attention import attention_in_forward, attention_with_grad, refuse_double_backward, take_attention_grad
-from .pointwise import head_rows, keep_attention_for, kernel, mlp_rows, qkv_rows, rms_backward_add, with_skip
+from .pointwise import keep_attention_for, kernel, mlp_rows, qkv_rows, rms_backward_add, token_rows, with_skip
 
 
 @dataclass(frozen=True)
@@ -63,11 +63,14 @@ def _qkv(x, cos, sin, spec: LlamaBlockSpec, w_n1, wq, bq, wk, bk, wv, bv):
     B, S, _ = x.shape
     H, KV, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     r1, rstd1 = _rms_forward(x, w_n1, spec.eps1)
-    q = _lin(r1, wq, bq).view(B, S, H, hd).transpose(1, 2)
-    k = _lin(r1, wk, bk).view(B, S, KV, hd).transpose(1, 2)
-    v = _lin(r1, wv, bv).view(B, S, KV, hd).transpose(1, 2)
-    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-    return rstd1, q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s, v
+    # Rotary in token-major layout [B, S, heads, hd] (contiguous in and out), then the heads-first views the
+    # attention takes: the fused attention keeps that storage order for its output and gradients.
+    q = _lin(r1, wq, bq).view(B, S, H, hd)
+    k = _lin(r1, wk, bk).view(B, S, KV, hd)
+    v = _lin(r1, wv, bv).view(B, S, KV, hd)
+    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+    q, k = q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+    return rstd1, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
 def _mlp_input(x, o, w_n2, wo, bo, spec: LlamaBlockSpec):
@@ -95,7 +98,7 @@ def _block_forward(x, cos, sin, mask, spec: LlamaBlockSpec, weights, keep_attent
     """
     (w_n1, wq, bq, wk, bk, wv, bv, wo, bo, w_n2, wg, bg, wu, bu, wd, bd) = weights
     B, S, _ = x.shape
-    K = functools.partial(kernel, on_cuda=x.is_cuda)
+    K = functools.partial(kernel, on_cuda=x.is_cuda, dynamic=None)
     rstd1, q, k, v = K(_qkv)(x, cos, sin, spec, w_n1, wq, bq, wk, bk, wv, bv)
     out, attention_grad = attention_in_forward(functools.partial(_attention, mask=mask, spec=spec), q, k, v,
                                                keep_attention)
@@ -140,16 +143,16 @@ def mlp_backward_rows(dy, idx, g, u, h, rstd2, mlp_idx, o_a, w_n2, wo, bo, wg, b
     return dh, do, dw_n2, dwo, dbo, dwg, dbg, dwu, dbu, dwd, dbd
 
 
-def qkv_backward_rows(dq, dk, dv, cos, sin, x, rstd1, w_n1, idx, bi, si, dh, wq, bq, wk, bk, wv, bv):
+def qkv_backward_rows(dq, dk, dv, cos, sin, x, rstd1, w_n1, idx, dh, wq, bq, wk, bk, wv, bv):
     """Second half, on rows ``idx``: rotary, the q/k/v projections and the input norm, after the attention.
 
-    ``dq, dk, dv`` ``[B, heads, S, hd]``: the attention's input gradients (inactive keys and values are
-    constants here: only the active rows are read); ``x`` ``[N, D]``: the block input; ``dh``: from
-    :func:`mlp_backward_rows`. Returns ``dx`` ``[N, D]`` (zero on inactive rows: the one scatter) and
-    ``(dw_n1, dwq, dbq, dwk, dbk, dwv, dbv)``.
+    ``dq, dk, dv`` ``[N, heads * hd]``: the attention's input gradients as token rows (inactive keys and values
+    are constants here: only the active rows are read); ``cos, sin`` ``[N, hd]``; ``x`` ``[N, D]``: the block
+    input; ``dh``: from :func:`mlp_backward_rows`. Returns ``dx`` ``[N, D]`` (zero on inactive rows: the one
+    scatter) and ``(dw_n1, dwq, dbq, dwk, dbk, dwv, dbv)``.
     """
     N, n = x.shape[0], idx.shape[0]
-    dq_a, dk_a, dv_a, r1_a = qkv_rows(dq, dk, dv, cos, sin, x, rstd1, w_n1, idx, bi, si)
+    dq_a, dk_a, dv_a, r1_a = qkv_rows(dq, dk, dv, cos, sin, x, rstd1, w_n1, idx)
     dwq, dwk, dwv = dq_a.t() @ r1_a, dk_a.t() @ r1_a, dv_a.t() @ r1_a
     dbq, dbk, dbv = _bias_grad(dq_a, bq), _bias_grad(dk_a, bk), _bias_grad(dv_a, bv)
     dr1 = torch.addmm(torch.addmm(dq_a @ wq, dk_a, wk), dv_a, wv)
@@ -158,7 +161,7 @@ def qkv_backward_rows(dq, dk, dv, cos, sin, x, rstd1, w_n1, idx, bi, si, dh, wq,
     return dx, dw_n1, dwq, dbq, dwk, dbk, dwv, dbv
 
 
-def _backward_on_active_rows(dy, idx, bi, si, mlp_rows_src, o_a, attention_grad, x, rstd1, cos, sin,
+def _backward_on_active_rows(dy, idx, mlp_rows_src, o_a, attention_grad, x, rstd1, cos, sin,
                              spec: LlamaBlockSpec, weights):
     """The block backward on its active rows; shared by the saved and the checkpointed variants.
 
@@ -176,8 +179,8 @@ def _backward_on_active_rows(dy, idx, bi, si, mlp_rows_src, o_a, attention_grad,
     # ---- attention: dense over the sequence; inactive queries' output gradient is zero
     dq, dk, dv = attention_grad(do.view(B, S, H, hd).transpose(1, 2))
     dx, dw_n1, dwq, dbq, dwk, dbk, dwv, dbv = K(qkv_backward_rows)(
-        dq, dk, dv, cos.expand(B, S, hd), sin.expand(B, S, hd), x.view(N, D), rstd1.view(N, 1), w_n1, idx, bi, si,
-        dh, wq, bq, wk, bk, wv, bv)
+        token_rows(dq), token_rows(dk), token_rows(dv), cos.expand(B, S, hd).reshape(N, hd),
+        sin.expand(B, S, hd).reshape(N, hd), x.view(N, D), rstd1.view(N, 1), w_n1, idx, dh, wq, bq, wk, bk, wv, bv)
     grads = (dw_n1, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dw_n2, dwg, dbg, dwu, dbu, dwd, dbd)
     grads = [None if gr is None else gr.to(w.dtype) for gr, w in zip(grads, weights)]
     return (dx.view(B, S, D), None, None, None, None, None, None, *grads)
@@ -207,10 +210,10 @@ class LlamaBlockRouted(torch.autograd.Function):
         attention_grad = take_attention_grad(ctx, functools.partial(_attention, mask=mask, spec=ctx.spec), q, k, v)
         if r.active_count(ctx.block_index) == 0:
             return with_skip(_zero_grads(x, weights), dy, r, ctx.block_index)
-        idx, bi, si = r.active_positions(ctx.block_index, S)
+        idx = r.active_indices(ctx.block_index)
         o_a = o.view(N, -1).index_select(0, idx)
         mlp_src = (g.view(N, -1), u.view(N, -1), h.view(N, D), rstd2.view(N, 1), idx)
-        grads = _backward_on_active_rows(dy, idx, bi, si, mlp_src, o_a, attention_grad, x, rstd1, cos, sin, ctx.spec,
+        grads = _backward_on_active_rows(dy, idx, mlp_src, o_a, attention_grad, x, rstd1, cos, sin, ctx.spec,
                                          weights)
         return with_skip(grads, dy, r, ctx.block_index)
 
@@ -241,17 +244,17 @@ class LlamaBlockRoutedCheckpointed(torch.autograd.Function):
         N = B * S
         if r.active_count(ctx.block_index) == 0:
             return with_skip(_zero_grads(x, weights), dy, r, ctx.block_index)
-        idx, bi, si = r.active_positions(ctx.block_index, S)
-        rstd1, q, k, v = kernel(_qkv, x.is_cuda)(x, cos, sin, spec, w_n1, wq, bq, wk, bk, wv, bv)
+        idx = r.active_indices(ctx.block_index)
+        rstd1, q, k, v = kernel(_qkv, x.is_cuda, dynamic=None)(x, cos, sin, spec, w_n1, wq, bq, wk, bk, wv, bv)
         out, attention_grad = attention_with_grad(functools.partial(_attention, mask=mask, spec=spec), q, k, v)
-        o_a = kernel(head_rows, x.is_cuda)(out.detach(), bi, si)
+        o_a = token_rows(out.detach()).index_select(0, idx)
         x_a = x.view(N, D).index_select(0, idx)
         h_a, r2_a, rstd2_a = _mlp_input(x_a, o_a, w_n2, wo, bo, spec)
         g_a, u_a = _lin(r2_a, wg, bg), _lin(r2_a, wu, bu)
         local = torch.arange(idx.numel(), device=idx.device)
         mlp_src = (g_a, u_a, h_a, rstd2_a, local)
 
-        grads = _backward_on_active_rows(dy, idx, bi, si, mlp_src, o_a, attention_grad, x, rstd1, cos, sin, spec,
+        grads = _backward_on_active_rows(dy, idx, mlp_src, o_a, attention_grad, x, rstd1, cos, sin, spec,
                                          weights)
         return with_skip(grads, dy, r, ctx.block_index)
 

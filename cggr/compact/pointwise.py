@@ -66,27 +66,30 @@ def rms_backward_add(dout: torch.Tensor, residual: torch.Tensor, x: torch.Tensor
     return (_acc(residual) + dx).to(dout.dtype), dw
 
 
-def rope_backward(dt_heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bi: torch.Tensor,
-                  si: torch.Tensor):
-    """Gradient before the rotary embedding, for rows ``(bi, si)`` of ``dt_heads`` ``[B, heads, S, hd]``.
+def token_rows(t_heads: torch.Tensor) -> torch.Tensor:
+    """A ``[B, heads, S, hd]`` tensor as ``[B * S, heads * hd]``, one row per token: a view when its storage is
+    token-major (``[B, S, heads, hd]`` transposed, as the blocks' q/k/v and the fused attention's outputs and
+    gradients are), else one copy. Row gathers then read whole contiguous rows, which the compiled stages turn
+    into wide, coalesced loads even with dynamic shapes."""
+    B, heads, S, hd = t_heads.shape
+    return t_heads.transpose(1, 2).reshape(B * S, heads * hd)
+
+
+def rope_backward(dt: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, idx: torch.Tensor):
+    """Gradient before the rotary embedding, for rows ``idx`` of ``dt`` ``[N, heads * hd]`` (token rows, see
+    :func:`token_rows`), with ``cos``/``sin`` ``[N, hd]``. Returns ``[n, heads * hd]``.
 
     Forward: ``t' = t*cos + rotate_half(t)*sin`` with ``rotate_half([a, b]) = [-b, a]``; so
     ``dt = dt'*cos + rotate_half^T(dt'*sin)`` with ``rotate_half^T([a, b]) = [b, -a]``.
-    Returns ``[n, heads * hd]``.
     """
-    t = _acc(dt_heads[bi, :, si])  # [n, heads, hd]
-    c = _acc(cos[bi, si]).unsqueeze(1)
-    s = _acc(sin[bi, si]).unsqueeze(1)
+    hd = cos.shape[-1]
+    t = _acc(dt[idx]).reshape(idx.shape[0], dt.shape[1] // hd, hd)  # [n, heads, hd]; n may be 0
+    c = _acc(cos[idx]).unsqueeze(1)
+    s = _acc(sin[idx]).unsqueeze(1)
     ts = t * s
-    half = ts.shape[-1] // 2
+    half = hd // 2
     rot_t = torch.cat((ts[..., half:], -ts[..., :half]), dim=-1)
-    return (t * c + rot_t).to(dt_heads.dtype).reshape(t.shape[0], t.shape[1] * t.shape[2])  # n may be 0
-
-
-def head_rows(t_heads: torch.Tensor, bi: torch.Tensor, si: torch.Tensor):
-    """Rows ``(bi, si)`` of a ``[B, heads, S, hd]`` tensor as ``[n, heads * hd]``."""
-    t = t_heads[bi, :, si]
-    return t.reshape(t.shape[0], t.shape[1] * t.shape[2])  # not (n, -1): n may be 0
+    return (t * c + rot_t).to(dt.dtype).reshape(idx.shape[0], dt.shape[1])
 
 
 def mlp_rows(dm: torch.Tensor, g: torch.Tensor, u: torch.Tensor, h: torch.Tensor, rstd: torch.Tensor,
@@ -96,10 +99,10 @@ def mlp_rows(dm: torch.Tensor, g: torch.Tensor, u: torch.Tensor, h: torch.Tensor
 
 
 def qkv_rows(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             x: torch.Tensor, rstd: torch.Tensor, w_norm: torch.Tensor, idx: torch.Tensor, bi: torch.Tensor,
-             si: torch.Tensor):
-    """Active rows of the q/k/v gradients before rotary, and the recomputed input norm output."""
-    return (rope_backward(dq, cos, sin, bi, si), rope_backward(dk, cos, sin, bi, si), head_rows(dv, bi, si),
+             x: torch.Tensor, rstd: torch.Tensor, w_norm: torch.Tensor, idx: torch.Tensor):
+    """Active rows of the q/k/v gradients before rotary (``dq, dk, dv``: token rows ``[N, heads * hd]``;
+    ``cos``/``sin``: ``[N, hd]``), and the recomputed input norm output."""
+    return (rope_backward(dq, cos, sin, idx), rope_backward(dk, cos, sin, idx), dv[idx],
             rms_rows(x, rstd, w_norm, idx))
 
 
@@ -135,9 +138,9 @@ def layer_norm_backward_add(dout: torch.Tensor, residual: torch.Tensor, x: torch
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(fn):
+def _compiled(fn, dynamic):
     try:
-        return torch.compile(fn, dynamic=True)
+        return torch.compile(fn, dynamic=dynamic)
     except Exception as e:  # no compiler toolchain, unsupported platform
         logger.warning("cggr: torch.compile unavailable (%s); the compacted backward runs eagerly", e)
         return fn
@@ -157,12 +160,18 @@ def eager_kernels():
         _eager_only = previous
 
 
-def kernel(eager, on_cuda: bool):
+def kernel(eager, on_cuda: bool, dynamic: bool | None = True):
     """What to run for the function ``eager`` (a row-wise piece, a whole stage of a compacted backward made
-    of them, or a stage of a compacted block's forward between its matmul-heavy attention calls): compiled on CUDA unless ``CGGR_COMPILE=0`` (or within :func:`eager_kernels`), else ``eager``."""
+    of them, or a stage of a compacted block's forward around its attention): compiled on CUDA unless
+    ``CGGR_COMPILE=0`` (or within :func:`eager_kernels`, or under an outer ``torch.compile``), else ``eager``.
+
+    ``dynamic``: True for the backward stages, whose row count changes every block and step; None for the
+    forward stages, whose shapes change only with the batch: compiled for the first shape (static shapes get
+    Inductor's best kernels), with dynamic shapes from a second shape on (torch.compile's default).
+    """
     # Under an outer torch.compile (dynamo tracing the block), the pieces are traced as plain PyTorch.
     if on_cuda and compile_enabled() and not _eager_only and not torch.compiler.is_compiling():
-        fn = _compiled(eager)
+        fn = _compiled(eager, dynamic)
         # Detached inputs: a requires_grad flag that differs between calls would make dynamo recompile.
         return lambda *args: fn(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
     return eager
