@@ -249,7 +249,7 @@ def _profile(model, batches, opt, amp, profile_dir, title):
             opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
     averages = prof.key_averages()
-    table = (averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60)
+    table = (averages.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=60)
              + "\nby host time:\n" + averages.table(sort_by="self_cpu_time_total", row_limit=15,
                                                      max_name_column_width=60))
     os.makedirs(profile_dir, exist_ok=True)

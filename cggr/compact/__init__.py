@@ -245,10 +245,6 @@ class CompactedForward:
         checkpointing of the block for such calls: the block then checkpoints itself, routed)."""
         return self._inputs(self.current_routing(), hidden_states, args, kwargs, self.checkpointing()) is not None
 
-    def cggr_routes_call(self, hidden_states, args, kwargs) -> bool:
-        """:meth:`takes_call` under the name today's router looks up (until it calls ``takes_call``)."""
-        return self.takes_call(hidden_states, args, kwargs)
-
     def run(self, r: Routing, hidden_states, args: tuple, kwargs: dict, checkpointed: bool, block_index: int):
         """The compacted forward of this call under routing ``r`` (saving or checkpointed), or None when the
         call cannot take it. The output is the block's (a tensor, or a 1-tuple where the block returns one)."""
