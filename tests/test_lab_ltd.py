@@ -253,7 +253,7 @@ def test_parse_ltd_arm():
     assert a["policy"] == "random-ltd" and a["ltd"] == {"start_keep": 0.5, "ramp": 0.7} and a["seed"] == 0
     a = parse_arm("ltd/keep=0.25/ramp=0.8/seed=1")
     assert a["ltd"] == {"start_keep": 0.25, "ramp": 0.8} and a["seed"] == 1
-    for spec, match in [("ltd/buckets=2", r"key in \['keep', 'ramp', 'seed'\]"), ("ltd/keep=0", "keep must be in"),
+    for spec, match in [("ltd/buckets=2", r"key in \['keep', 'liger', 'ramp', 'seed'\]"), ("ltd/keep=0", "keep must be in"),
                         ("ltd/ramp=1.2", "ramp must be in"), ("ltd/keep=half", "bad value"), ("ltd/keep", "key=value")]:
         with pytest.raises(ValueError, match=match):
             parse_arm(spec)
