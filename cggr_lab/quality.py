@@ -421,7 +421,6 @@ def run_regime(regime: str, cfg: dict, prep: dict) -> dict:
     checkpoint_info, start_state = None, None
     if regime != "pretrain":
         start_state, checkpoint_info = _checkpoint(cfg, prep)
-    _warm_up(cfg, prep, start_state, train_stream)
     lr = cfg["lr"] * REGIME_LR[regime]
     budget = cfg["budget"]
     eval_at = [k / cfg["evals"] for k in range(1, cfg["evals"])]
@@ -447,10 +446,8 @@ def run_regime(regime: str, cfg: dict, prep: dict) -> dict:
         # The continued regime's data order differs from the checkpoint's pass over A.
         order_seed = arm["seed"] + (1000 if regime == "continued" else 0)
         batches = _train_batches(cfg, train_stream, seed=order_seed)
-        warm_seconds = 0.0
-        if backend != "eager":
-            x = next(iter(_train_batches(cfg, train_stream, seed=order_seed)))
-            warm_seconds = _warm_up_arm(stepped, x, device, router, token_drop)
+        x = next(iter(_train_batches(cfg, train_stream, seed=order_seed)))
+        warm_seconds = _warm_up_arm(stepped, x, device, router, token_drop)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         r = train_arm(stepped, iter(batches), val, budget=budget, lr=lr, lr_warmup=cfg["lr_warmup"], router=router,
@@ -481,39 +478,13 @@ def run_regime(regime: str, cfg: dict, prep: dict) -> dict:
             "arms": results, "summary": summarise(results, equal_steps=budget.steps is not None)}
 
 
-def _warm_up(cfg: dict, prep: dict, start_state, stream: torch.Tensor) -> None:
-    """Untimed steps of every arm's routing on a scratch model, so no arm's budget pays for compilation.
-
-    On CUDA the compacted backward's fused pieces are compiled (``torch.compile``) at their first use,
-    which takes seconds: without this the first routed arm of a wall-clock budget would lose them.
-    Progress 0, 0.5 and 1 cover full-depth, partial and target routing (the shapes the guards see).
-    """
-    import cggr
-
-    from .training import free_memory
-
-    model = _model(cfg, prep, seed=0, state=start_state)
-    x = next(iter(_train_batches(cfg, stream, seed=0))).to(cfg["device"])
-    model(input_ids=x, labels=x).loss.backward()
-    for arm in cfg["arms"]:
-        if arm["policy"] is None or "ltd" in arm:  # ltd compiles nothing: its gathers are plain PyTorch
-            continue
-        router = cggr.attach(model, policy=arm["policy"], seed=arm["seed"], **arm["attach"])
-        for p in (0.0, 0.5, 1.0):
-            router.set_progress(p)
-            model(input_ids=x, labels=x).loss.backward()
-        router.detach()
-    model.zero_grad(set_to_none=True)
-    del model
-    free_memory(torch.device(cfg["device"]))
-
-
 def _warm_up_arm(model, x: torch.Tensor, device: torch.device, router=None, token_drop=None) -> float:
-    """Untimed forward and backward passes of a compile or liger arm's own model, before its budget starts:
-    Inductor compiles the training graphs, Liger's Triton kernels compile on first use (validation runs
-    the uncompiled module: nothing to compile there). No optimizer step: the weights stay as they were.
-    A routed arm runs at progress 0, 0.5 and 1 (the shapes its steps will see), which draws routing from
-    its generator; a random-LTD arm runs at its starting keep. Returns the seconds spent."""
+    """Untimed forward and backward passes of the arm's own model, before its budget starts: Inductor
+    compiles a compile arm's training graphs (validation runs the uncompiled module: nothing to compile
+    there), Liger's Triton kernels compile on first use, and cggr's compiled pieces recompile if an
+    earlier compile arm reset Dynamo. No optimizer step: the weights stay as they were. A routed arm runs
+    at progress 0, 0.5 and 1 (the shapes its steps will see), which draws routing from its generator; a
+    random-LTD arm runs at its starting keep. Returns the seconds spent."""
     from .training import sync
 
     t0 = time.perf_counter()
