@@ -32,15 +32,38 @@ Arms are named by a spec: a base (``dense``, ``difficulty``, ``random``,
   :mod:`cggr.scoring`;
 * ``inactive`` -- ``stop`` or ``skip``; ``placement`` -- ``nested`` or
   ``per_block``; ``dense_ends`` -- blocks kept dense at each end (per-block),
-  e.g. ``random/inactive=skip/placement=per_block/dense_ends=1``.
+  e.g. ``random/inactive=skip/placement=per_block/dense_ends=1``;
+* ``compile=1`` -- ``torch.compile(model)`` (default mode), after cggr is attached; ``liger=1`` --
+  Liger-Kernel's patches on the model instance (its fused linear cross-entropy included), before cggr is
+  attached: a CUDA device and ``liger-kernel`` needed, and a routed arm must use policy ``random`` (the
+  fused loss returns no logits to score). One of the two per arm, e.g. ``dense/compile=1/seed=1``,
+  ``random/liger=1``.
 
 The base ``ltd`` is the peer a user would pick instead of cggr: DeepSpeed's
 random layerwise token dropping (:mod:`cggr_lab.ltd`; no cggr routing). Its
 options: ``keep`` -- kept token fraction of the middle layers at the start
 (default 0.5), ``ramp`` -- fraction of the budget over which it rises to all
-tokens (default 0.7), ``seed``; e.g. ``ltd/keep=0.5/ramp=0.8/seed=1``. Its
+tokens (default 0.7), ``seed``, ``liger`` (not ``compile``: its per-layer draws
+would break and recompile the graph); e.g. ``ltd/keep=0.5/ramp=0.8/seed=1``. Its
 "mean depth" is the fraction of (token, layer) pairs computed, forward and
 backward.
+
+Every arm first runs untimed forward and backward passes on its own model (no
+optimizer step): compilation, Liger's kernel builds and cggr's compiled pieces
+stay outside its budget. Validation runs the uncompiled module.
+
+The reference is the **best dense arm** (DESIGN.md §3): among the dense arms of
+seed 0, one per base (HF eager, compile, liger), the lowest final validation
+loss at equal wall-clock, the fastest step at equal steps (where they differ by
+rounding only). Losses, time to its final loss and ``speedup_vs_best_dense`` are
+against it; ``speedup_vs_dense`` stays against HF eager. The defaults run on a
+CPU in about a minute, so they have no compiled arm (Inductor on a CPU takes
+20-40 s per arm); on a GPU, compare against the strong baselines, eager arms
+first (a compile arm resets Dynamo, and the routed arms after it recompile
+cggr's pieces in their warm-up)::
+
+    --arms dense,random,random/inactive=skip/placement=per_block/dense_ends=1,ltd,dense/compile=1,
+           dense/compile=1/seed=1,dense/compile=1/seed=2,random/compile=1,dense/liger=1,random/liger=1
 
 Output (``--out``): ``quality-<tag>.json`` per regime (curves, configuration,
 versions, git revision) and ``quality-<tag>.png`` (validation loss against
@@ -180,9 +203,10 @@ def add_quality_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--regimes", default="pretrain", help=f"comma list from {','.join(REGIMES)} (default pretrain)")
     g.add_argument("--arms", default=DEFAULT_ARMS,
                    help=f"comma list of arm specs: a base ({', '.join(BASES)}) and /key=value options (seed, "
-                        f"buckets, depths=1:0.75, warmup, handback as budget fractions, mode, scorer), e.g. "
-                        f"random/handback=0.3; ltd takes keep, ramp, seed, e.g. ltd/keep=0.5/ramp=0.7 "
-                        f"(default {DEFAULT_ARMS})")
+                        f"buckets, depths=1:0.75, warmup, handback as budget fractions, mode, scorer, inactive, "
+                        f"placement, dense_ends, compile=1 or liger=1 for the strong dense baselines), e.g. "
+                        f"random/handback=0.3, dense/compile=1; ltd takes keep, ramp, seed, liger, e.g. "
+                        f"ltd/keep=0.5/ramp=0.7 (default {DEFAULT_ARMS})")
     b = g.add_mutually_exclusive_group()
     b.add_argument("--steps", type=int, help="equal-step budget: optimizer steps per arm (default 300)")
     b.add_argument("--seconds", type=float, help="equal wall-clock budget: training seconds per arm")
