@@ -217,6 +217,9 @@ def quality_table(records):
         x = lambda v: "—" if v is None else f"{v:.2f}x"  # noqa: E731
         notes = []
         for arm in run["arms"]:
+            if "error" in arm:  # an arm that failed: no row, a note
+                notes.append(f"{arm['arm']}: failed at {arm['failed_at']}: {arm['error'].splitlines()[0]}")
+                continue
             a = s["arms"][arm["arm"]]
             reach = "never" if a["time_to_dense_final_vs_dense"] is None else f"{a['time_to_dense_final_vs_dense']:.2f}x"
             name = arm["arm"]

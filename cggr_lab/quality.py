@@ -77,6 +77,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -435,8 +436,12 @@ def _val_batches(cfg: dict, stream: torch.Tensor) -> list[torch.Tensor]:
 
 # --------------------------------------------------------------------------- one regime
 
-def run_regime(regime: str, cfg: dict, prep: dict) -> dict:
-    from .training import free_memory, median_step_ms, train_arm
+def run_regime(regime: str, cfg: dict, prep: dict, on_arm=None) -> dict:
+    """Train every arm of ``regime``; returns the regime's result. ``on_arm(result)`` is called with the result
+    so far after each arm (the command writes its JSON there, so a timeout keeps the arms that finished).
+    An arm that raises (Inductor on a routed model, say) is recorded with its error and the stage it
+    failed at, printed, and left out of the summary; the next arm runs."""
+    from .training import free_memory
 
     device = torch.device(cfg["device"])
     corpus = "B" if regime == "finetune" else "A"
@@ -447,59 +452,93 @@ def run_regime(regime: str, cfg: dict, prep: dict) -> dict:
         start_state, checkpoint_info = _checkpoint(cfg, prep)
     lr = cfg["lr"] * REGIME_LR[regime]
     budget = cfg["budget"]
-    eval_at = [k / cfg["evals"] for k in range(1, cfg["evals"])]
     results = []
     for arm in cfg["arms"]:
-        model = _model(cfg, prep, seed=arm["seed"], state=start_state)
-        router = token_drop = unpatch = None
-        backend = arm.get("backend", "eager")
+        stage = ["build"]
+        try:
+            r = _run_arm(arm, regime, cfg, prep, start_state, checkpoint_info, train_stream, val, lr, stage)
+        except Exception as e:  # noqa: BLE001 - a failing arm is a result: recorded, not fatal to the run
+            traceback.print_exc()
+            message = f"{type(e).__name__}: {e}".strip()[:4000]
+            print(f"{regime:>9} {arm['name']:<28} FAILED at {stage[0]}: {message.splitlines()[0]}", file=sys.stderr,
+                  flush=True)
+            r = {"arm": arm["name"], "policy": arm["policy"], "seed": arm["seed"],
+                 "options": arm.get("ltd", arm["attach"]), "backend": arm.get("backend", "eager"),
+                 "error": message, "failed_at": stage[0]}
+        results.append(r)
+        free_memory(device)
+        if on_arm is not None:
+            on_arm(_regime_result(regime, corpus, lr, checkpoint_info, results, budget))
+    return _regime_result(regime, corpus, lr, checkpoint_info, results, budget)
+
+
+def _regime_result(regime, corpus, lr, checkpoint_info, results, budget) -> dict:
+    return {"regime": regime, "corpus": corpus, "lr": lr, "checkpoint": checkpoint_info,
+            "arms": list(results), "summary": summarise(results, equal_steps=budget.steps is not None)}
+
+
+def _run_arm(arm, regime, cfg, prep, start_state, checkpoint_info, train_stream, val, lr, stage: list) -> dict:
+    """Prepare (Liger, cggr or random-LTD, torch.compile), warm up and train one arm; its record.
+    ``stage[0]`` says what it is doing (for the record of a failure); the model is undone on the way out."""
+    from .training import median_step_ms, train_arm
+
+    device = torch.device(cfg["device"])
+    model = _model(cfg, prep, seed=arm["seed"], state=start_state)
+    router = token_drop = unpatch = None
+    backend = arm.get("backend", "eager")
+    try:
         if backend == "liger":  # Liger first: it replaces modules and the forward that cggr then wraps
+            stage[0] = "liger"
             unpatch = _apply_liger(model)
         if "ltd" in arm:
             from .ltd import RandomLTD
 
+            stage[0] = "random-LTD"
             token_drop = RandomLTD(model, seed=arm["seed"], **arm["ltd"])
         elif arm["policy"] is not None:
             import cggr
 
+            stage[0] = "cggr.attach"
             router = cggr.attach(model, policy=arm["policy"], seed=arm["seed"], **arm["attach"])
         stepped = model
         if backend == "compile":  # after cggr.attach: cggr goes on the model before any wrapper
+            stage[0] = "torch.compile"
             torch._dynamo.reset()  # this arm compiles afresh: no cache limits reached by earlier arms
             stepped = torch.compile(model)
         # The continued regime's data order differs from the checkpoint's pass over A.
         order_seed = arm["seed"] + (1000 if regime == "continued" else 0)
         batches = _train_batches(cfg, train_stream, seed=order_seed)
+        stage[0] = "warm-up"
         x = next(iter(_train_batches(cfg, train_stream, seed=order_seed)))
         warm_seconds = _warm_up_arm(stepped, x, device, router, token_drop)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        r = train_arm(stepped, iter(batches), val, budget=budget, lr=lr, lr_warmup=cfg["lr_warmup"], router=router,
-                      routing_warmup=arm["warmup"], routing_handback=arm["handback"], token_drop=token_drop,
-                      eval_at=eval_at, device=device, desc=f"{regime}:{arm['name']}", eval_model=model)
-        epochs = batches.epochs_used + (checkpoint_info["epochs_of_A"] if regime == "continued" else 0.0)
-        r.update(arm=arm["name"], policy=arm["policy"], seed=arm["seed"], options=arm.get("ltd", arm["attach"]),
-                 backend=backend, untimed_warmup_seconds=warm_seconds,
-                 warmup=arm["warmup"], handback=arm["handback"], epochs_of_training_data=epochs,
-                 step_ms_median=median_step_ms(r["step_ms"]),
-                 peak_memory_gib=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None)
-        print(f"{regime:>9} {arm['name']:<28} steps {r['steps']:>5}  val {r['final_val_loss']:.4f}  "
-              f"{r['step_ms_median']:.1f} ms/step  depth {r['mean_depth_fraction']:.3f}  "
-              f"data epochs {epochs:.2f}", flush=True)
-        if epochs > 2.0 + 1e-9:
-            print(f"warning: {regime}/{arm['name']} repeated its training data {epochs:.2f} times (> 2)",
-                  file=sys.stderr)
-        results.append(r)
+        stage[0] = "training"
+        eval_at = [k / cfg["evals"] for k in range(1, cfg["evals"])]
+        r = train_arm(stepped, iter(batches), val, budget=cfg["budget"], lr=lr, lr_warmup=cfg["lr_warmup"],
+                      router=router, routing_warmup=arm["warmup"], routing_handback=arm["handback"],
+                      token_drop=token_drop, eval_at=eval_at, device=device, desc=f"{regime}:{arm['name']}",
+                      eval_model=model)
+    finally:
         if router is not None:
             router.detach()
         if token_drop is not None:
             token_drop.detach()
         if unpatch is not None:
             unpatch()
-        del model, stepped, router, token_drop
-        free_memory(device)
-    return {"regime": regime, "corpus": corpus, "lr": lr, "checkpoint": checkpoint_info,
-            "arms": results, "summary": summarise(results, equal_steps=budget.steps is not None)}
+    epochs = batches.epochs_used + (checkpoint_info["epochs_of_A"] if regime == "continued" else 0.0)
+    r.update(arm=arm["name"], policy=arm["policy"], seed=arm["seed"], options=arm.get("ltd", arm["attach"]),
+             backend=backend, untimed_warmup_seconds=warm_seconds,
+             warmup=arm["warmup"], handback=arm["handback"], epochs_of_training_data=epochs,
+             step_ms_median=median_step_ms(r["step_ms"]),
+             peak_memory_gib=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None)
+    print(f"{regime:>9} {arm['name']:<28} steps {r['steps']:>5}  val {r['final_val_loss']:.4f}  "
+          f"{r['step_ms_median']:.1f} ms/step  depth {r['mean_depth_fraction']:.3f}  "
+          f"data epochs {epochs:.2f}", flush=True)
+    if epochs > 2.0 + 1e-9:
+        print(f"warning: {regime}/{arm['name']} repeated its training data {epochs:.2f} times (> 2)",
+              file=sys.stderr)
+    return r
 
 
 def _warm_up_arm(model, x: torch.Tensor, device: torch.device, router=None, token_drop=None) -> float:
@@ -542,9 +581,11 @@ def summarise(arms: list[dict], equal_steps: bool = False) -> dict:
     """
     from .training import first_reach
 
+    failed = {a["arm"]: f"failed at {a['failed_at']}: {a['error']}" for a in arms if "error" in a}
+    arms = [a for a in arms if "error" not in a]
     dense = [a for a in arms if a["policy"] is None]
     if not dense:
-        return {}
+        return {"failed_arms": failed} if failed else {}
     base = lambda a: a.get("backend", "eager")  # noqa: E731 - files before the compile and liger arms: eager
     candidates = [a for a in dense if a["seed"] == 0] or dense
     if equal_steps:
@@ -563,7 +604,8 @@ def summarise(arms: list[dict], equal_steps: bool = False) -> dict:
            "eager_dense_arm": None if eager is None else eager["arm"],
            "dense_final_val_loss": target, "dense_seed_spread": spreads[base(ref)],
            "dense_seed_spread_by_base": spreads, "dense_seeds_by_base": seeds,
-           "dense_seconds": ref["train_seconds_total"], "dense_steps": ref["steps"], "arms": {}}
+           "dense_seconds": ref["train_seconds_total"], "dense_steps": ref["steps"], "arms": {},
+           "failed_arms": failed}
     for a in arms:
         t = first_reach(a["train_seconds"], a["val_loss"], target)
         s = first_reach(a["step"], a["val_loss"], target)
@@ -599,8 +641,9 @@ def _spread_note(s: dict) -> str:
 
 def format_table(result: dict) -> str:
     s = result["summary"]
-    if not s:
-        return "(no dense arm: nothing to compare)"
+    failed = [f"failed: {name}: {why.splitlines()[0]}" for name, why in s.get("failed_arms", {}).items()]
+    if "arms" not in s:
+        return "\n".join([f"[{result['regime']}]", "(no dense arm ran: nothing to compare)"] + failed)
     header = ("arm", "steps", "ms/step", "speed vs eager", "speed vs best dense", "mean depth", "final val loss",
               "vs best dense", "time to best dense's final loss")
     x = lambda v: "—" if v is None else f"{v:.2f}x"  # noqa: E731
@@ -618,7 +661,7 @@ def format_table(result: dict) -> str:
     return "\n".join([f"[{result['regime']}]", line(header), line(["-" * w for w in widths])]
                      + [line(r) for r in rows]
                      + [f"best dense arm: {best} ({rule}, final val loss {s['dense_final_val_loss']:.4f}); "
-                        f"{_spread_note(s)}; time is training seconds, best dense = 1.00x"])
+                        f"{_spread_note(s)}; time is training seconds, best dense = 1.00x"] + failed)
 
 
 def _plot(result: dict, cfg: dict, path: Path) -> None:
@@ -629,12 +672,14 @@ def _plot(result: dict, cfg: dict, path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.4))
     for r in result["arms"]:
+        if "error" in r:
+            continue
         style = "--" if r["policy"] is None and r["seed"] else "-"
         a.plot(r["step"], r["val_loss"], style, marker="o", ms=2.5, label=r["arm"])
         b.plot(r["train_seconds"], r["val_loss"], style, marker="o", ms=2.5, label=r["arm"])
     a.set_xlabel("step")
     b.set_xlabel("training wall-clock (s, evaluation excluded)")
-    losses = [v for r in result["arms"] for v in r["val_loss"][1:]]
+    losses = [v for r in result["arms"] if "error" not in r for v in r["val_loss"][1:]]
     if losses:
         lo, hi = min(losses), sorted(losses)[int(0.9 * (len(losses) - 1))]
         for ax in (a, b):
@@ -668,20 +713,24 @@ def run_quality(args: argparse.Namespace) -> list[dict]:
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
     records, tables = [], []
+    prov = provenance(getattr(args, "command_line", None), device=device)
+    config = {**{k: v for k, v in cfg.items() if k not in ("budget", "arms")},
+              "budget": {"steps": cfg["budget"].steps, "seconds": cfg["budget"].seconds},
+              "arms": [a["name"] for a in cfg["arms"]]}
     for regime in cfg["regimes"]:
-        result = run_regime(regime, cfg, prep)
-        corpus = Path(info[result["corpus"]]["source"]).name.split(".")[0] or "corpus"
+        corpus = Path(info["B" if regime == "finetune" else "A"]["source"]).name.split(".")[0] or "corpus"
         tag = "-".join(x for x in ("quality", regime, cfg["model"], corpus, cfg["budget"].describe().replace(" ", ""),
                                    cfg["tag"]) if x)
-        record = {
-            **provenance(getattr(args, "command_line", None), device=device),
-            "config": {**{k: v for k, v in cfg.items() if k not in ("budget", "arms")},
-                       "budget": {"steps": cfg["budget"].steps, "seconds": cfg["budget"].seconds},
-                       "arms": [a["name"] for a in cfg["arms"]]},
-            "data": info,
-            **result,
-        }
-        (out / f"{tag}.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+
+        def save(result: dict, partial: bool, path: Path = out / f"{tag}.json") -> dict:
+            record = {**prov, "config": config, "data": info, **result}
+            if partial:  # written after every arm: a run cut short keeps the arms that finished
+                record["partial"] = True
+            path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+            return record
+
+        result = run_regime(regime, cfg, prep, on_arm=lambda r: save(r, partial=True))
+        record = save(result, partial=False)
         _plot(result, cfg, out / f"{tag}.png")
         records.append(record)
         tables.append(format_table(result))

@@ -304,6 +304,8 @@ def test_report_renders_best_dense_summaries_and_old_ones():
             _rec("random", 0, 50.0, [6, 3.5, 2.8], "eager", "random", seconds=[0.0, 0.4, 0.8])]
     for a in arms:
         a["step_ms"] = [a["step_ms_median"]] * 10
+    arms.append({"arm": "random/compile=1", "policy": "random", "seed": 0, "backend": "compile",
+                 "error": "BackendCompilerFailed: boom\nmore", "failed_at": "warm-up"})
     run = {"config": {"budget": {"seconds": 1.0}, "model": "tiny", "d_model": 64, "layers": 4, "batch_size": 4,
                       "seq_len": 64}, "regime": "pretrain", "corpus": "A", "data": {"A": {"source": "x/a.txt"}},
            "_file": "q.json", "device": "cpu", "git_rev": "abcdef0", "arms": arms, "summary": summarise(arms)}
@@ -313,6 +315,51 @@ def test_report_renders_best_dense_summaries_and_old_ones():
     assert ("Reference: the best dense arm of seed 0, `dense/compile=1` (the lowest final loss; final loss 3.0000). "
             "Dense seed-to-seed spread (max - min of the final losses) per base: eager 0.1000 (seeds 0, 1); "
             "compile not measured (one seed).") in table
+    assert "random/compile=1: failed at warm-up: BackendCompilerFailed: boom" in table
+    assert "| random/compile=1 |" not in table
     old = dict(run, summary={k: v for k, v in run["summary"].items() if k in ("dense_seed_spread", "arms")})
     table = report.quality_table([old])
     assert "| speed vs dense | mean depth |" in table and "| random | 10 | 50.0 | 2.00x | 0.60 |" in table
+
+
+def test_a_failing_arm_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """torch.compile raising (as Inductor can on a routed model) fails that arm only: recorded with its stage
+    and error, left out of the summary, named in the table; the JSON is written after every arm."""
+    import cggr_lab.training
+    from cggr.cli import main
+
+    monkeypatch.setenv("CGGR_CACHE", str(tmp_path / "cache"))
+
+    def no_compile(model, *args, **kwargs):
+        raise RuntimeError("no compiler here\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", no_compile)
+    a = _corpus(tmp_path / "a.txt", ["alpha", "beta", "gamma", "delta", "the", "of", "and"])
+    argv = ["bench", "quality", "--model", "tiny", "--d-model", "32", "--layers", "2", "--heads", "2",
+            "--seq-len", "32", "--batch-size", "2", "--vocab-size", "300", "--steps", "2", "--evals", "1",
+            "--eval-batches", "1", "--data", a, "--device", "cpu", "--out", str(tmp_path / "out")]
+    assert main(argv + ["--arms", "dense,dense/compile=1,random"]) == 0
+    captured = capsys.readouterr()
+    assert "failed: dense/compile=1: failed at torch.compile: RuntimeError: no compiler here" in captured.out
+    assert "dense/compile=1              FAILED at torch.compile: RuntimeError: no compiler here" in captured.err
+    path = tmp_path / "out" / "quality-pretrain-tiny-a-2steps.json"
+    rec = json.loads(path.read_text())
+    arms = {r["arm"]: r for r in rec["arms"]}
+    assert arms["dense/compile=1"]["failed_at"] == "torch.compile" and "no compiler here" in arms["dense/compile=1"]["error"]
+    assert arms["random"]["steps"] == 2 and "partial" not in rec
+    assert set(rec["summary"]["arms"]) == {"dense", "random"} and rec["summary"]["best_dense_arm"] == "dense"
+    assert set(rec["summary"]["failed_arms"]) == {"dense/compile=1"}
+    # A run cut short (here: interrupted in its third arm) keeps the arms that finished.
+    real_train_arm, calls = cggr_lab.training.train_arm, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_train_arm(*args, **kwargs)
+
+    monkeypatch.setattr(cggr_lab.training, "train_arm", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv + ["--arms", "dense,random,sampled", "--out", str(tmp_path / "cut")])
+    rec = json.loads((tmp_path / "cut" / "quality-pretrain-tiny-a-2steps.json").read_text())
+    assert rec["partial"] is True and [r["arm"] for r in rec["arms"]] == ["dense", "random"]
