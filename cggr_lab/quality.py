@@ -66,7 +66,9 @@ cggr's pieces in their warm-up)::
            dense/compile=1/seed=1,dense/compile=1/seed=2,random/compile=1,dense/liger=1,random/liger=1
 
 Output (``--out``): ``quality-<tag>.json`` per regime (curves, configuration,
-versions, git revision) and ``quality-<tag>.png`` (validation loss against
+versions, git revision; rewritten after every arm with ``"partial": true`` until
+the regime ends; an arm that fails is recorded with its error and the run goes
+on) and ``quality-<tag>.png`` (validation loss against
 steps and against training seconds); a table per regime is printed last.
 ``benchmarks/report.py`` turns committed JSON into the README's tables.
 """

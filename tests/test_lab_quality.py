@@ -363,3 +363,38 @@ def test_a_failing_arm_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, ca
         main(argv + ["--arms", "dense,random,sampled", "--out", str(tmp_path / "cut")])
     rec = json.loads((tmp_path / "cut" / "quality-pretrain-tiny-a-2steps.json").read_text())
     assert rec["partial"] is True and [r["arm"] for r in rec["arms"]] == ["dense", "random"]
+
+
+def test_liger_patches_of_the_modeling_module_are_undone(monkeypatch):
+    """Liger-Kernel replaces functions and classes of the family's modeling module for the whole process; the
+    arm's undo restores them (later arms are built without Liger). Liger itself needs CUDA: a stand-in
+    patch function here, registered where the real one is looked up."""
+    import sys
+    import types
+
+    from transformers.models.llama import modeling_llama
+
+    from cggr_lab.quality import LIGER_OPTIONS, _apply_liger
+    from cggr_lab.training import build_llama
+
+    seen = {}
+
+    def fake_apply(model, **options):
+        seen.update(options)
+        modeling_llama.apply_rotary_pos_emb = "liger rope"
+        modeling_llama.LlamaRMSNorm = "liger norm"
+        modeling_llama.liger_added = True
+        model.forward = "liger forward"
+
+    fake = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    fake.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": fake_apply}
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", fake)
+    before = dict(vars(modeling_llama))
+    _, model = build_llama(32, 2, 2, 100, 16, 0)
+    undo = _apply_liger(model)
+    assert seen == LIGER_OPTIONS and modeling_llama.LlamaRMSNorm == "liger norm" and model.forward == "liger forward"
+    undo()
+    assert dict(vars(modeling_llama)) == before and not hasattr(modeling_llama, "liger_added")
+    fake.MODEL_TYPE_TO_APPLY_LIGER_FN = {}
+    with pytest.raises(ValueError, match="liger=1: Liger-Kernel has no patch for model_type 'llama'"):
+        _apply_liger(model)
