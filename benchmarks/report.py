@@ -203,13 +203,23 @@ def quality_table(records):
         budget = f"{budget['steps']} steps" if budget.get("steps") else f"{budget['seconds']:g} s of training"
         corpus = run["data"][run["corpus"]]["source"].split("/")[-1]
         plot = run["_file"].replace(".json", ".png")
+        # Files since the compile and liger dense arms name the best dense arm, the reference of the comparison.
+        best = s.get("best_dense_arm")
         lines = [f"**{run['regime']}** — {cfg['model']} (d{cfg['d_model']} L{cfg['layers']}), {cfg['batch_size']}x"
                  f"{cfg['seq_len']} tokens/step, {budget} per arm, trained on {corpus}; {run['device']}, rev "
-                 f"{(run.get('git_rev') or '?')[:7]} ([plot]({plot}))", "",
-                 "| arm | steps | ms/step | speed vs dense | mean depth | final val loss | vs dense | "
-                 "time to dense's final loss |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                 f"{(run.get('git_rev') or '?')[:7]} ([plot]({plot}))", ""]
+        if best is None:
+            lines += ["| arm | steps | ms/step | speed vs dense | mean depth | final val loss | vs dense | "
+                      "time to dense's final loss |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        else:
+            lines += ["| arm | steps | ms/step | speed vs HF eager | speed vs best dense | mean depth | final val loss | "
+                      "vs best dense | time to best dense's final loss |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        x = lambda v: "—" if v is None else f"{v:.2f}x"  # noqa: E731
         notes = []
         for arm in run["arms"]:
+            if "error" in arm:  # an arm that failed: no row, a note
+                notes.append(f"{arm['arm']}: failed at {arm['failed_at']}: {arm['error'].splitlines()[0]}")
+                continue
             a = s["arms"][arm["arm"]]
             reach = "never" if a["time_to_dense_final_vs_dense"] is None else f"{a['time_to_dense_final_vs_dense']:.2f}x"
             name = arm["arm"]
@@ -218,12 +228,23 @@ def quality_table(records):
                 name += " ¹"
                 notes.append(f"¹ {arm['arm']}: its first steps took {lost:.0f} s more than its steady steps inside the "
                              "budget (compilation or first-use kernel tuning); not a fair wall-clock figure.")
-            lines.append(f"| {name} | {a['steps']} | {a['step_ms_median']:.1f} | {a['speedup_vs_dense']:.2f}x | "
+            speed = x(a["speedup_vs_dense"]) + ("" if best is None else f" | {x(a['speedup_vs_best_dense'])}")
+            lines.append(f"| {name} | {a['steps']} | {a['step_ms_median']:.1f} | {speed} | "
                          f"{a['mean_depth_fraction']:.2f} | {a['final_val_loss']:.4f} | {a['delta_vs_dense']:+.4f} | "
                          f"{reach} |")
-        spread = s.get("dense_seed_spread")
-        lines += ["", ("Dense seed-to-seed spread (max - min of the final losses): " + (
-            f"{spread:.4f}." if spread is not None else "not measured (one dense seed)."))] + notes
+        if best is None:
+            spread = s.get("dense_seed_spread")
+            lines += ["", ("Dense seed-to-seed spread (max - min of the final losses): " + (
+                f"{spread:.4f}." if spread is not None else "not measured (one dense seed)."))] + notes
+        else:
+            rule = ("the fastest step: at equal steps the dense arms differ by rounding only"
+                    if s.get("best_dense_by") == "step_ms_median" else "the lowest final loss")
+            spreads = "; ".join(
+                f"{b} {v:.4f} (seeds {', '.join(map(str, s['dense_seeds_by_base'][b]))})" if v is not None
+                else f"{b} not measured (one seed)" for b, v in s["dense_seed_spread_by_base"].items())
+            lines += ["", f"Reference: the best dense arm of seed 0, `{best}` ({rule}; final loss "
+                          f"{s['dense_final_val_loss']:.4f}). Dense seed-to-seed spread (max - min of the final "
+                          f"losses) per base: {spreads}."] + notes
         out.append("\n".join(lines))
     return "\n\n".join(out)
 

@@ -3,8 +3,8 @@
 DeepSpeed's random-LTD, written for the harness's Hugging Face Llama models (a
 benchmark arm, not a library mode). In every *middle* decoder layer (all but
 the first and the last), each sequence keeps a random subset of ``k`` of its
-``S`` tokens, the same ``k`` for every sequence, drawn afresh for every layer
-and every training step. The layer runs, forward and backward, on the kept
+``S`` tokens, the same ``k`` for every sequence (a multiple of 8, see
+:func:`kept_tokens`), drawn afresh for every layer and every training step. The layer runs, forward and backward, on the kept
 tokens only:
 
 * the kept rows are gathered into a ``[B, k, D]`` tensor in their original
@@ -29,6 +29,8 @@ unchanged) and :meth:`RandomLTD.detach` restores them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -40,9 +42,18 @@ def keep_fraction(fraction: float, start_keep: float, ramp: float) -> float:
     return start_keep + (1.0 - start_keep) * min(1.0, max(0.0, fraction) / ramp)
 
 
+KEEP_MULTIPLE = 8  # kept token counts are multiples of this: tensor-core friendly matmul shapes
+
+
 def kept_tokens(keep: float, seq_len: int) -> int:
-    """Tokens kept per sequence: ``keep * seq_len`` rounded to the nearest integer, at least 1."""
-    return max(1, min(seq_len, round(keep * seq_len)))
+    """Tokens kept per sequence: ``keep * seq_len`` rounded to the nearest multiple of 8 (halves up), at
+    least 8 and at most ``seq_len``; all of them at ``keep >= 1``. Multiples of 8 keep the gathered
+    ``[B, k, D]`` matmuls and attention on tensor-core friendly shapes, and change ``k`` (a new shape)
+    only every 8 tokens of the schedule."""
+    if keep >= 1.0:
+        return seq_len
+    k = KEEP_MULTIPLE * math.floor(keep * seq_len / KEEP_MULTIPLE + 0.5)
+    return min(seq_len, max(KEEP_MULTIPLE, k))
 
 
 def _take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

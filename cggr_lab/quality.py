@@ -32,18 +32,43 @@ Arms are named by a spec: a base (``dense``, ``difficulty``, ``random``,
   :mod:`cggr.scoring`;
 * ``inactive`` -- ``stop`` or ``skip``; ``placement`` -- ``nested`` or
   ``per_block``; ``dense_ends`` -- blocks kept dense at each end (per-block),
-  e.g. ``random/inactive=skip/placement=per_block/dense_ends=1``.
+  e.g. ``random/inactive=skip/placement=per_block/dense_ends=1``;
+* ``compile=1`` -- ``torch.compile(model)`` (default mode), after cggr is attached; ``liger=1`` --
+  Liger-Kernel's patches on the model instance (its fused linear cross-entropy included), before cggr is
+  attached: a CUDA device and ``liger-kernel`` needed, and a routed arm must use policy ``random`` (the
+  fused loss returns no logits to score). One of the two per arm, e.g. ``dense/compile=1/seed=1``,
+  ``random/liger=1``.
 
 The base ``ltd`` is the peer a user would pick instead of cggr: DeepSpeed's
 random layerwise token dropping (:mod:`cggr_lab.ltd`; no cggr routing). Its
 options: ``keep`` -- kept token fraction of the middle layers at the start
 (default 0.5), ``ramp`` -- fraction of the budget over which it rises to all
-tokens (default 0.7), ``seed``; e.g. ``ltd/keep=0.5/ramp=0.8/seed=1``. Its
+tokens (default 0.7), ``seed``, ``liger`` (not ``compile``: its per-layer draws
+would break and recompile the graph); e.g. ``ltd/keep=0.5/ramp=0.8/seed=1``. Its
 "mean depth" is the fraction of (token, layer) pairs computed, forward and
 backward.
 
+Every arm first runs untimed forward and backward passes on its own model (no
+optimizer step): compilation, Liger's kernel builds and cggr's compiled pieces
+stay outside its budget. Validation runs the uncompiled module.
+
+The reference is the **best dense arm** (DESIGN.md §3): among the dense arms of
+seed 0, one per base (HF eager, compile, liger), the lowest final validation
+loss at equal wall-clock, the fastest step at equal steps (where they differ by
+rounding only). Losses, time to its final loss and ``speedup_vs_best_dense`` are
+against it; ``speedup_vs_dense`` stays against HF eager. The defaults run on a
+CPU in about a minute, so they have no compiled arm (Inductor on a CPU takes
+20-40 s per arm); on a GPU, compare against the strong baselines, eager arms
+first (a compile arm resets Dynamo, and the routed arms after it recompile
+cggr's pieces in their warm-up)::
+
+    --arms dense,random,random/inactive=skip/placement=per_block/dense_ends=1,ltd,dense/compile=1,
+           dense/compile=1/seed=1,dense/compile=1/seed=2,random/compile=1,dense/liger=1,random/liger=1
+
 Output (``--out``): ``quality-<tag>.json`` per regime (curves, configuration,
-versions, git revision) and ``quality-<tag>.png`` (validation loss against
+versions, git revision; rewritten after every arm with ``"partial": true`` until
+the regime ends; an arm that fails is recorded with its error and the run goes
+on) and ``quality-<tag>.png`` (validation loss against
 steps and against training seconds); a table per regime is printed last.
 ``benchmarks/report.py`` turns committed JSON into the README's tables.
 """
@@ -54,6 +79,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -74,18 +100,41 @@ MODELS = {
 REGIME_LR = {"pretrain": 1.0, "continued": 0.5, "finetune": 1 / 3}
 
 _ARM_OPTIONS = {"seed", "buckets", "depths", "warmup", "handback", "mode", "scorer", "inactive", "placement",
-                "dense_ends"}
+                "dense_ends", "compile", "liger"}
 _LTD_OPTIONS = {"seed": 0, "keep": 0.5, "ramp": 0.7}
+# How an arm's model runs, besides the routing: "eager" (plain HF), "compile" (torch.compile(model), after
+# cggr is attached) or "liger" (Liger-Kernel's patches on the instance, before cggr is attached).
+BACKENDS = ("eager", "compile", "liger")
+# Liger-Kernel's arguments (benchmarks/speed.py's liger arm uses the same): its fused linear cross-entropy included.
+LIGER_OPTIONS = dict(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True, cross_entropy=False)
+
+
+def _set_backend(arm: dict, spec: str, key: str, value: str) -> None:
+    """``compile=1`` / ``liger=1`` (``=0``: eager, the default): one backend per arm."""
+    if value not in ("0", "1"):
+        raise ValueError(f"--arms: bad value in {key}={value!r} of {spec!r}: {key} takes 0 or 1")
+    if value == "1":
+        if arm["backend"] != "eager" and arm["backend"] != key:
+            raise ValueError(f"--arms: {spec!r}: compile=1 and liger=1 together are not offered (one dense "
+                             f"base per arm: {', '.join(BACKENDS)}); pick one")
+        arm["backend"] = key
 
 
 def _parse_ltd(spec: str, options: list[str]) -> dict:
     arm = {"name": spec.strip(), "policy": LTD_POLICY, "seed": 0, "warmup": 0.0, "handback": 0.0, "attach": {},
-           "ltd": {"start_keep": _LTD_OPTIONS["keep"], "ramp": _LTD_OPTIONS["ramp"]}}
+           "backend": "eager", "ltd": {"start_keep": _LTD_OPTIONS["keep"], "ramp": _LTD_OPTIONS["ramp"]}}
     for opt in options:
         key, sep, value = opt.partition("=")
+        if sep and key == "compile":
+            raise ValueError(f"--arms: {spec!r}: compile is not offered for ltd arms (random-LTD draws its "
+                             f"tokens with a generator in every layer's forward and changes the kept count "
+                             f"as it trains: graph breaks and recompilations, no fair compiled arm)")
+        if sep and key == "liger":
+            _set_backend(arm, spec, key, value)
+            continue
         if not sep or key not in _LTD_OPTIONS:
             raise ValueError(f"--arms: option {opt!r} of {spec!r} must be key=value with key in "
-                             f"{sorted(_LTD_OPTIONS)} (an ltd arm)")
+                             f"{sorted(set(_LTD_OPTIONS) | {'liger'})} (an ltd arm)")
         try:
             if key == "seed":
                 arm["seed"] = int(value)
@@ -106,12 +155,16 @@ def parse_arm(spec: str) -> dict:
         raise ValueError(f"--arms: {spec!r} must start with one of {list(BASES)}")
     if base == "ltd":
         return _parse_ltd(spec, options)
-    arm = {"name": spec.strip(), "policy": BASES[base], "seed": 0, "warmup": 0.2, "handback": 0.0, "attach": {}}
+    arm = {"name": spec.strip(), "policy": BASES[base], "seed": 0, "warmup": 0.2, "handback": 0.0, "attach": {},
+           "backend": "eager"}
     for opt in options:
         key, sep, value = opt.partition("=")
         if not sep or key not in _ARM_OPTIONS:
             raise ValueError(f"--arms: option {opt!r} of {spec!r} must be key=value with key in "
                              f"{sorted(_ARM_OPTIONS)}")
+        if key in ("compile", "liger"):
+            _set_backend(arm, spec, key, value)
+            continue
         try:
             if key == "seed":
                 arm["seed"] = int(value)
@@ -130,7 +183,10 @@ def parse_arm(spec: str) -> dict:
         except ValueError:
             raise ValueError(f"--arms: bad value in {opt!r} of {spec!r}") from None
     if arm["policy"] is None and (arm["attach"] or arm["handback"] or "warmup=" in spec):
-        raise ValueError(f"--arms: {spec!r}: a dense arm takes only seed=")
+        raise ValueError(f"--arms: {spec!r}: a dense arm takes only seed=, compile= and liger=")
+    if arm["backend"] == "liger" and arm["policy"] not in (None, "random"):
+        raise ValueError(f"--arms: {spec!r}: liger=1 needs policy random (base random): Liger's fused linear "
+                         f"cross-entropy returns no logits, and {base} ranks tokens by scores from them")
     if arm["warmup"] + arm["handback"] > 1.0:
         raise ValueError(f"--arms: {spec!r}: warmup + handback must not exceed the whole budget")
     if arm["policy"] is not None:
@@ -150,9 +206,10 @@ def add_quality_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--regimes", default="pretrain", help=f"comma list from {','.join(REGIMES)} (default pretrain)")
     g.add_argument("--arms", default=DEFAULT_ARMS,
                    help=f"comma list of arm specs: a base ({', '.join(BASES)}) and /key=value options (seed, "
-                        f"buckets, depths=1:0.75, warmup, handback as budget fractions, mode, scorer), e.g. "
-                        f"random/handback=0.3; ltd takes keep, ramp, seed, e.g. ltd/keep=0.5/ramp=0.7 "
-                        f"(default {DEFAULT_ARMS})")
+                        f"buckets, depths=1:0.75, warmup, handback as budget fractions, mode, scorer, inactive, "
+                        f"placement, dense_ends, compile=1 or liger=1 for the strong dense baselines), e.g. "
+                        f"random/handback=0.3, dense/compile=1; ltd takes keep, ramp, seed, liger, e.g. "
+                        f"ltd/keep=0.5/ramp=0.7 (default {DEFAULT_ARMS})")
     b = g.add_mutually_exclusive_group()
     b.add_argument("--steps", type=int, help="equal-step budget: optimizer steps per arm (default 300)")
     b.add_argument("--seconds", type=float, help="equal wall-clock budget: training seconds per arm")
@@ -198,6 +255,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
     names = [a["name"] for a in arms]
     if not arms or len(set(names)) != len(names):
         raise ValueError(f"--arms must be distinct arm specs, got {args.arms!r}")
+    liger = [a["name"] for a in arms if a["backend"] == "liger"]
+    if liger:
+        _check_liger(device, liger[0])
     if cfg["layers"] < 3 and any("ltd" in a for a in arms):
         raise ValueError(f"--arms: an ltd arm keeps the first and last layers dense and needs --layers >= 3, "
                          f"got {cfg['layers']}")
@@ -218,6 +278,43 @@ def resolve_config(args: argparse.Namespace) -> dict:
                 eval_batches=args.eval_batches, data=args.data, finetune_data=args.finetune_data,
                 corpus=getattr(args, "corpus", None),
                 pretrain_steps=pretrain_steps, out=args.out, tag=args.tag, lr_warmup=0.05)
+
+
+def _check_liger(device: torch.device, name: str) -> None:
+    """A liger=1 arm can run here: a CUDA device and liger-kernel installed (said before anything trains)."""
+    import importlib.util
+
+    if device.type != "cuda":
+        raise ValueError(f"--arms: {name!r}: liger=1 needs a CUDA device (Liger-Kernel's kernels are Triton "
+                         f"kernels for the GPU); this run is on {device}")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ValueError(f"--arms: {name!r}: liger=1 needs liger-kernel, which is not installed "
+                         f"(pip install liger-kernel)")
+
+
+def _apply_liger(model: torch.nn.Module):
+    """Liger-Kernel's patches on this model instance (its fused linear cross-entropy included), as the speed
+    benchmark's liger arm applies them. Liger also replaces the RoPE function and the norm and MLP classes
+    of the family's modeling module for the whole process; the returned function undoes that, so the
+    arms after this one (built in the same process) run without Liger."""
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    family = model.config.model_type
+    fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(family)
+    if fn is None:
+        raise ValueError(f"liger=1: Liger-Kernel has no patch for model_type {family!r}")
+    module = sys.modules[type(model).__module__]
+    saved = dict(vars(module))
+    fn(model=model, **LIGER_OPTIONS)
+
+    def restore() -> None:
+        for key in set(vars(module)) - set(saved):
+            delattr(module, key)
+        for key, value in saved.items():
+            if vars(module).get(key) is not value:
+                setattr(module, key, value)
+
+    return restore
 
 
 # --------------------------------------------------------------------------- data and checkpoint
@@ -341,8 +438,12 @@ def _val_batches(cfg: dict, stream: torch.Tensor) -> list[torch.Tensor]:
 
 # --------------------------------------------------------------------------- one regime
 
-def run_regime(regime: str, cfg: dict, prep: dict) -> dict:
-    from .training import free_memory, median_step_ms, train_arm
+def run_regime(regime: str, cfg: dict, prep: dict, on_arm=None) -> dict:
+    """Train every arm of ``regime``; returns the regime's result. ``on_arm(result)`` is called with the result
+    so far after each arm (the command writes its JSON there, so a timeout keeps the arms that finished).
+    An arm that raises (Inductor on a routed model, say) is recorded with its error and the stage it
+    failed at, printed, and left out of the summary; the next arm runs."""
+    from .training import free_memory
 
     device = torch.device(cfg["device"])
     corpus = "B" if regime == "finetune" else "A"
@@ -351,101 +452,173 @@ def run_regime(regime: str, cfg: dict, prep: dict) -> dict:
     checkpoint_info, start_state = None, None
     if regime != "pretrain":
         start_state, checkpoint_info = _checkpoint(cfg, prep)
-    _warm_up(cfg, prep, start_state, train_stream)
     lr = cfg["lr"] * REGIME_LR[regime]
     budget = cfg["budget"]
-    eval_at = [k / cfg["evals"] for k in range(1, cfg["evals"])]
     results = []
     for arm in cfg["arms"]:
-        model = _model(cfg, prep, seed=arm["seed"], state=start_state)
-        router = token_drop = None
+        stage = ["build"]
+        try:
+            r = _run_arm(arm, regime, cfg, prep, start_state, checkpoint_info, train_stream, val, lr, stage)
+        except Exception as e:  # noqa: BLE001 - a failing arm is a result: recorded, not fatal to the run
+            traceback.print_exc()
+            message = f"{type(e).__name__}: {e}".strip()[:4000]
+            print(f"{regime:>9} {arm['name']:<28} FAILED at {stage[0]}: {message.splitlines()[0]}", file=sys.stderr,
+                  flush=True)
+            r = {"arm": arm["name"], "policy": arm["policy"], "seed": arm["seed"],
+                 "options": arm.get("ltd", arm["attach"]), "backend": arm.get("backend", "eager"),
+                 "error": message, "failed_at": stage[0]}
+        results.append(r)
+        free_memory(device)
+        if on_arm is not None:
+            on_arm(_regime_result(regime, corpus, lr, checkpoint_info, results, budget))
+    return _regime_result(regime, corpus, lr, checkpoint_info, results, budget)
+
+
+def _regime_result(regime, corpus, lr, checkpoint_info, results, budget) -> dict:
+    return {"regime": regime, "corpus": corpus, "lr": lr, "checkpoint": checkpoint_info,
+            "arms": list(results), "summary": summarise(results, equal_steps=budget.steps is not None)}
+
+
+def _run_arm(arm, regime, cfg, prep, start_state, checkpoint_info, train_stream, val, lr, stage: list) -> dict:
+    """Prepare (Liger, cggr or random-LTD, torch.compile), warm up and train one arm; its record.
+    ``stage[0]`` says what it is doing (for the record of a failure); the model is undone on the way out."""
+    from .training import median_step_ms, train_arm
+
+    device = torch.device(cfg["device"])
+    model = _model(cfg, prep, seed=arm["seed"], state=start_state)
+    router = token_drop = unpatch = None
+    backend = arm.get("backend", "eager")
+    try:
+        if backend == "liger":  # Liger first: it replaces modules and the forward that cggr then wraps
+            stage[0] = "liger"
+            unpatch = _apply_liger(model)
         if "ltd" in arm:
             from .ltd import RandomLTD
 
+            stage[0] = "random-LTD"
             token_drop = RandomLTD(model, seed=arm["seed"], **arm["ltd"])
         elif arm["policy"] is not None:
             import cggr
 
+            stage[0] = "cggr.attach"
             router = cggr.attach(model, policy=arm["policy"], seed=arm["seed"], **arm["attach"])
+        stepped = model
+        if backend == "compile":  # after cggr.attach: cggr goes on the model before any wrapper
+            stage[0] = "torch.compile"
+            torch._dynamo.reset()  # this arm compiles afresh: no cache limits reached by earlier arms
+            stepped = torch.compile(model)
         # The continued regime's data order differs from the checkpoint's pass over A.
         order_seed = arm["seed"] + (1000 if regime == "continued" else 0)
         batches = _train_batches(cfg, train_stream, seed=order_seed)
+        stage[0] = "warm-up"
+        x = next(iter(_train_batches(cfg, train_stream, seed=order_seed)))
+        warm_seconds = _warm_up_arm(stepped, x, device, router, token_drop)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        r = train_arm(model, iter(batches), val, budget=budget, lr=lr, lr_warmup=cfg["lr_warmup"], router=router,
-                      routing_warmup=arm["warmup"], routing_handback=arm["handback"], token_drop=token_drop,
-                      eval_at=eval_at, device=device, desc=f"{regime}:{arm['name']}")
-        epochs = batches.epochs_used + (checkpoint_info["epochs_of_A"] if regime == "continued" else 0.0)
-        r.update(arm=arm["name"], policy=arm["policy"], seed=arm["seed"], options=arm.get("ltd", arm["attach"]),
-                 warmup=arm["warmup"], handback=arm["handback"], epochs_of_training_data=epochs,
-                 step_ms_median=median_step_ms(r["step_ms"]),
-                 peak_memory_gib=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None)
-        print(f"{regime:>9} {arm['name']:<28} steps {r['steps']:>5}  val {r['final_val_loss']:.4f}  "
-              f"{r['step_ms_median']:.1f} ms/step  depth {r['mean_depth_fraction']:.3f}  "
-              f"data epochs {epochs:.2f}", flush=True)
-        if epochs > 2.0 + 1e-9:
-            print(f"warning: {regime}/{arm['name']} repeated its training data {epochs:.2f} times (> 2)",
-                  file=sys.stderr)
-        results.append(r)
+        stage[0] = "training"
+        eval_at = [k / cfg["evals"] for k in range(1, cfg["evals"])]
+        r = train_arm(stepped, iter(batches), val, budget=cfg["budget"], lr=lr, lr_warmup=cfg["lr_warmup"],
+                      router=router, routing_warmup=arm["warmup"], routing_handback=arm["handback"],
+                      token_drop=token_drop, eval_at=eval_at, device=device, desc=f"{regime}:{arm['name']}",
+                      eval_model=model)
+    finally:
         if router is not None:
             router.detach()
         if token_drop is not None:
             token_drop.detach()
-        del model, router, token_drop
-        free_memory(device)
-    return {"regime": regime, "corpus": corpus, "lr": lr, "checkpoint": checkpoint_info,
-            "arms": results, "summary": summarise(results)}
+        if unpatch is not None:
+            unpatch()
+    epochs = batches.epochs_used + (checkpoint_info["epochs_of_A"] if regime == "continued" else 0.0)
+    r.update(arm=arm["name"], policy=arm["policy"], seed=arm["seed"], options=arm.get("ltd", arm["attach"]),
+             backend=backend, untimed_warmup_seconds=warm_seconds,
+             warmup=arm["warmup"], handback=arm["handback"], epochs_of_training_data=epochs,
+             step_ms_median=median_step_ms(r["step_ms"]),
+             peak_memory_gib=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None)
+    print(f"{regime:>9} {arm['name']:<28} steps {r['steps']:>5}  val {r['final_val_loss']:.4f}  "
+          f"{r['step_ms_median']:.1f} ms/step  depth {r['mean_depth_fraction']:.3f}  "
+          f"data epochs {epochs:.2f}", flush=True)
+    if epochs > 2.0 + 1e-9:
+        print(f"warning: {regime}/{arm['name']} repeated its training data {epochs:.2f} times (> 2)",
+              file=sys.stderr)
+    return r
 
 
-def _warm_up(cfg: dict, prep: dict, start_state, stream: torch.Tensor) -> None:
-    """Untimed steps of every arm's routing on a scratch model, so no arm's budget pays for compilation.
+def _warm_up_arm(model, x: torch.Tensor, device: torch.device, router=None, token_drop=None) -> float:
+    """Untimed forward and backward passes of the arm's own model, before its budget starts: Inductor
+    compiles a compile arm's training graphs (validation runs the uncompiled module: nothing to compile
+    there), Liger's Triton kernels compile on first use, and cggr's compiled pieces recompile if an
+    earlier compile arm reset Dynamo. No optimizer step: the weights stay as they were. A routed arm runs
+    at progress 0, 0.5 and 1 (the shapes its steps will see), which draws routing from its generator; a
+    random-LTD arm runs at its starting keep. Returns the seconds spent."""
+    from .training import sync
 
-    On CUDA the compacted backward's fused pieces are compiled (``torch.compile``) at their first use,
-    which takes seconds: without this the first routed arm of a wall-clock budget would lose them.
-    Progress 0, 0.5 and 1 cover full-depth, partial and target routing (the shapes the guards see).
-    """
-    import cggr
-
-    from .training import free_memory
-
-    model = _model(cfg, prep, seed=0, state=start_state)
-    x = next(iter(_train_batches(cfg, stream, seed=0))).to(cfg["device"])
-    model(input_ids=x, labels=x).loss.backward()
-    for arm in cfg["arms"]:
-        if arm["policy"] is None or "ltd" in arm:  # ltd compiles nothing: its gathers are plain PyTorch
-            continue
-        router = cggr.attach(model, policy=arm["policy"], seed=arm["seed"], **arm["attach"])
-        for p in (0.0, 0.5, 1.0):
+    t0 = time.perf_counter()
+    x = x.to(device)
+    for p in (0.0, 0.5, 1.0) if router is not None else (None,):
+        if router is not None:
             router.set_progress(p)
-            model(input_ids=x, labels=x).loss.backward()
-        router.detach()
+        if token_drop is not None:
+            token_drop.set_fraction(0.0)
+        model(input_ids=x, labels=x).loss.backward()
     model.zero_grad(set_to_none=True)
-    del model
-    free_memory(torch.device(cfg["device"]))
+    if router is not None:
+        router.set_progress(None)
+    if token_drop is not None:
+        token_drop.metrics()  # drop the warm-up's counts: the first step's metrics are its own
+    sync(device)
+    return time.perf_counter() - t0
 
 
-def summarise(arms: list[dict]) -> dict:
-    """Final losses against dense: seed spread, differences, time and steps to reach dense's final loss."""
+def summarise(arms: list[dict], equal_steps: bool = False) -> dict:
+    """Final losses against the best dense arm: its final loss is the target; seed spreads; time and steps
+    to reach the target; speed against HF eager and against the best dense arm.
+
+    The best dense arm is chosen among the dense arms of seed 0 (the weights and data order every other
+    arm shares; all dense arms when none has seed 0), one per base (eager, compile, liger): at equal
+    wall-clock (``equal_steps`` false) the lowest final validation loss, ties to the faster step; at equal
+    steps the fastest step, since the bases then run the same updates on the same batches and their
+    final losses differ by rounding only. ``speedup_vs_dense`` stays against HF eager (seed 0), as in
+    earlier files; ``dense_seed_spread`` is the spread of the best arm's base, ``dense_seed_spread_by_base``
+    that of every base (max - min of the final losses of all its seeds; None for one seed).
+    """
     from .training import first_reach
 
+    failed = {a["arm"]: f"failed at {a['failed_at']}: {a['error']}" for a in arms if "error" in a}
+    arms = [a for a in arms if "error" not in a]
     dense = [a for a in arms if a["policy"] is None]
     if not dense:
-        return {}
-    ref = dense[0]  # the seed-0 dense arm: same weights and data order as every routed arm
+        return {"failed_arms": failed} if failed else {}
+    base = lambda a: a.get("backend", "eager")  # noqa: E731 - files before the compile and liger arms: eager
+    candidates = [a for a in dense if a["seed"] == 0] or dense
+    if equal_steps:
+        ref = min(candidates, key=lambda a: a["step_ms_median"])
+    else:
+        ref = min(candidates, key=lambda a: (a["final_val_loss"], a["step_ms_median"]))
+    eager = next((a for a in dense if base(a) == "eager" and a["seed"] == 0), None)
     target = ref["final_val_loss"]
-    finals = [a["final_val_loss"] for a in dense]
-    out = {"dense_final_val_loss": target,
-           "dense_seed_spread": (max(finals) - min(finals)) if len(finals) > 1 else None,
-           "dense_seconds": ref["train_seconds_total"], "dense_steps": ref["steps"], "arms": {}}
+    spreads, seeds = {}, {}
+    for b in BACKENDS:
+        finals = [a["final_val_loss"] for a in dense if base(a) == b]
+        if finals:
+            spreads[b] = (max(finals) - min(finals)) if len(finals) > 1 else None
+            seeds[b] = sorted(a["seed"] for a in dense if base(a) == b)
+    out = {"best_dense_arm": ref["arm"], "best_dense_by": "step_ms_median" if equal_steps else "final_val_loss",
+           "eager_dense_arm": None if eager is None else eager["arm"],
+           "dense_final_val_loss": target, "dense_seed_spread": spreads[base(ref)],
+           "dense_seed_spread_by_base": spreads, "dense_seeds_by_base": seeds,
+           "dense_seconds": ref["train_seconds_total"], "dense_steps": ref["steps"], "arms": {},
+           "failed_arms": failed}
     for a in arms:
         t = first_reach(a["train_seconds"], a["val_loss"], target)
         s = first_reach(a["step"], a["val_loss"], target)
         out["arms"][a["arm"]] = {
+            "backend": base(a),
             "final_val_loss": a["final_val_loss"],
             "delta_vs_dense": a["final_val_loss"] - target,
             "steps": a["steps"],
             "step_ms_median": a["step_ms_median"],
-            "speedup_vs_dense": ref["step_ms_median"] / a["step_ms_median"],
+            "speedup_vs_dense": None if eager is None else eager["step_ms_median"] / a["step_ms_median"],
+            "speedup_vs_best_dense": ref["step_ms_median"] / a["step_ms_median"],
             "mean_depth_fraction": a["mean_depth_fraction"],
             "seconds_to_dense_final": t,
             "time_to_dense_final_vs_dense": None if t is None else t / ref["train_seconds_total"],
@@ -454,25 +627,43 @@ def summarise(arms: list[dict]) -> dict:
     return out
 
 
+def _spread_note(s: dict) -> str:
+    """``dense seed spread: eager 0.0123 (seeds 0,1), compile one seed`` from a summary."""
+    by_base = s.get("dense_seed_spread_by_base")
+    if by_base is None:  # a file from before the per-base spread
+        spread = s["dense_seed_spread"]
+        return f"dense seed spread {spread:.4f}" if spread is not None else "one dense seed: no spread measured"
+    parts = []
+    for b, spread in by_base.items():
+        seeds = s["dense_seeds_by_base"][b]
+        parts.append(f"{b} {spread:.4f} (seeds {','.join(map(str, seeds))})" if spread is not None
+                     else f"{b} one seed")
+    return "dense seed spread: " + ", ".join(parts)
+
+
 def format_table(result: dict) -> str:
     s = result["summary"]
-    if not s:
-        return "(no dense arm: nothing to compare)"
-    spread = s["dense_seed_spread"]
-    header = ("arm", "steps", "ms/step", "speed vs dense", "mean depth", "final val loss", "vs dense",
-              "time to dense's final loss")
+    failed = [f"failed: {name}: {why.splitlines()[0]}" for name, why in s.get("failed_arms", {}).items()]
+    if "arms" not in s:
+        return "\n".join([f"[{result['regime']}]", "(no dense arm ran: nothing to compare)"] + failed)
+    header = ("arm", "steps", "ms/step", "speed vs eager", "speed vs best dense", "mean depth", "final val loss",
+              "vs best dense", "time to best dense's final loss")
+    x = lambda v: "—" if v is None else f"{v:.2f}x"  # noqa: E731
     rows = []
     for name, a in s["arms"].items():
-        reach = "never" if a["time_to_dense_final_vs_dense"] is None else f"{a['time_to_dense_final_vs_dense']:.2f}x"
-        rows.append((name, str(a["steps"]), f"{a['step_ms_median']:.1f}", f"{a['speedup_vs_dense']:.2f}x",
-                     f"{a['mean_depth_fraction']:.2f}", f"{a['final_val_loss']:.4f}", f"{a['delta_vs_dense']:+.4f}",
-                     reach))
+        rows.append((name, str(a["steps"]), f"{a['step_ms_median']:.1f}", x(a["speedup_vs_dense"]),
+                     x(a.get("speedup_vs_best_dense")), f"{a['mean_depth_fraction']:.2f}",
+                     f"{a['final_val_loss']:.4f}", f"{a['delta_vs_dense']:+.4f}",
+                     "never" if a["time_to_dense_final_vs_dense"] is None else x(a["time_to_dense_final_vs_dense"])))
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))
-    note = (f"dense seed spread {spread:.4f}" if spread is not None else "one dense seed: no spread measured")
+    best = s.get("best_dense_arm", "dense")
+    rule = "the fastest, equal steps" if s.get("best_dense_by") == "step_ms_median" else "lowest final loss"
     return "\n".join([f"[{result['regime']}]", line(header), line(["-" * w for w in widths])]
-                     + [line(r) for r in rows] + [note + "; time is training seconds, dense = 1.00x"])
+                     + [line(r) for r in rows]
+                     + [f"best dense arm: {best} ({rule}, final val loss {s['dense_final_val_loss']:.4f}); "
+                        f"{_spread_note(s)}; time is training seconds, best dense = 1.00x"] + failed)
 
 
 def _plot(result: dict, cfg: dict, path: Path) -> None:
@@ -483,12 +674,14 @@ def _plot(result: dict, cfg: dict, path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.4))
     for r in result["arms"]:
+        if "error" in r:
+            continue
         style = "--" if r["policy"] is None and r["seed"] else "-"
         a.plot(r["step"], r["val_loss"], style, marker="o", ms=2.5, label=r["arm"])
         b.plot(r["train_seconds"], r["val_loss"], style, marker="o", ms=2.5, label=r["arm"])
     a.set_xlabel("step")
     b.set_xlabel("training wall-clock (s, evaluation excluded)")
-    losses = [v for r in result["arms"] for v in r["val_loss"][1:]]
+    losses = [v for r in result["arms"] if "error" not in r for v in r["val_loss"][1:]]
     if losses:
         lo, hi = min(losses), sorted(losses)[int(0.9 * (len(losses) - 1))]
         for ax in (a, b):
@@ -522,20 +715,24 @@ def run_quality(args: argparse.Namespace) -> list[dict]:
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
     records, tables = [], []
+    prov = provenance(getattr(args, "command_line", None), device=device)
+    config = {**{k: v for k, v in cfg.items() if k not in ("budget", "arms")},
+              "budget": {"steps": cfg["budget"].steps, "seconds": cfg["budget"].seconds},
+              "arms": [a["name"] for a in cfg["arms"]]}
     for regime in cfg["regimes"]:
-        result = run_regime(regime, cfg, prep)
-        corpus = Path(info[result["corpus"]]["source"]).name.split(".")[0] or "corpus"
+        corpus = Path(info["B" if regime == "finetune" else "A"]["source"]).name.split(".")[0] or "corpus"
         tag = "-".join(x for x in ("quality", regime, cfg["model"], corpus, cfg["budget"].describe().replace(" ", ""),
                                    cfg["tag"]) if x)
-        record = {
-            **provenance(getattr(args, "command_line", None), device=device),
-            "config": {**{k: v for k, v in cfg.items() if k not in ("budget", "arms")},
-                       "budget": {"steps": cfg["budget"].steps, "seconds": cfg["budget"].seconds},
-                       "arms": [a["name"] for a in cfg["arms"]]},
-            "data": info,
-            **result,
-        }
-        (out / f"{tag}.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+
+        def save(result: dict, partial: bool, path: Path = out / f"{tag}.json") -> dict:
+            record = {**prov, "config": config, "data": info, **result}
+            if partial:  # written after every arm: a run cut short keeps the arms that finished
+                record["partial"] = True
+            path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+            return record
+
+        result = run_regime(regime, cfg, prep, on_arm=lambda r: save(r, partial=True))
+        record = save(result, partial=False)
         _plot(result, cfg, out / f"{tag}.png")
         records.append(record)
         tables.append(format_table(result))

@@ -134,20 +134,23 @@ def train_step(model: torch.nn.Module, ids: torch.Tensor, opt: torch.optim.Optim
 def train_arm(model: torch.nn.Module, batches: Iterator[torch.Tensor], val_batches: Sequence[torch.Tensor], *,
               budget: Budget, lr: float, lr_warmup: float = 0.1, router=None, routing_warmup: float = 0.2,
               routing_handback: float = 0.0, token_drop=None, eval_at: Sequence[float] = (), device: torch.device,
-              desc: str = "train") -> dict:
+              desc: str = "train", eval_model: torch.nn.Module | None = None) -> dict:
     """Train ``model`` in place for ``budget``; returns its curves and per-step records.
 
     ``router`` (from ``cggr.attach``, or None for dense) gets its curriculum
     progress from the budget fraction: full depth at the start, target depths
     after ``routing_warmup`` of the budget, back to full depth linearly over the
     last ``routing_handback`` of it. ``token_drop`` (a :class:`cggr_lab.ltd.RandomLTD`, or None) gets the
-    budget fraction before every step; its metrics are recorded like a router's.
+    budget fraction before every step; its metrics are recorded like a router's. ``eval_model`` (default
+    ``model``) is the module validation runs: ``torch.compile(m)`` trains and ``m`` validates (the same
+    weights; evaluation is not timed, and an eval graph would be one more compilation).
     """
     from tqdm.auto import tqdm
 
     opt = adamw(model, lr)
     targets = sorted({float(f) for f in eval_at if 0.0 < f < 1.0}) + [1.0]
-    curve = {"step": [0], "train_seconds": [0.0], "val_loss": [val_loss(model, val_batches, device)]}
+    evaluated = model if eval_model is None else eval_model
+    curve = {"step": [0], "train_seconds": [0.0], "val_loss": [val_loss(evaluated, val_batches, device)]}
     step_ms, train_loss, metrics, depth_progress = [], [], [], []
     elapsed, step, fraction = 0.0, 0, 0.0
     total = budget.steps if budget.steps is not None else None
@@ -184,7 +187,7 @@ def train_arm(model: torch.nn.Module, batches: Iterator[torch.Tensor], val_batch
                 targets.pop(0)
             curve["step"].append(step)
             curve["train_seconds"].append(elapsed)
-            curve["val_loss"].append(val_loss(model, val_batches, device))
+            curve["val_loss"].append(val_loss(evaluated, val_batches, device))
             bar.set_postfix(loss=f"{train_loss[-1]:.3f}", val=f"{curve['val_loss'][-1]:.3f}")
         bar.update(1)
     bar.close()

@@ -8,6 +8,7 @@ passes through a few of them: 2e-2 relative and absolute. Dropped rows are bit-e
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -101,7 +102,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("seed,keep,batch,seq", [(0, 0.5, 3, 37), (1, 0.3, 2, 29), (2, 0.81, 4, 16)])
+@pytest.mark.parametrize("seed,keep,batch,seq", [(0, 0.5, 3, 37), (1, 0.3, 2, 29), (2, 0.6, 4, 24)])
 def test_dropped_rows_pass_and_kept_rows_match_reference(impl, seed, keep, batch, seq, dtype):
     model = tiny_llama(impl, layers=5, seed=seed, seq_len=seq).to(dtype)
     ids = torch.randint(0, 97, (batch, seq), generator=torch.Generator().manual_seed(seed))
@@ -193,6 +194,21 @@ def test_eval_mode_is_dense_and_draws_are_seeded():
     again.detach()
 
 
+@pytest.mark.parametrize("seq", [1, 5, 8, 13, 64, 100, 1024])
+def test_kept_tokens_are_multiples_of_8(seq):
+    """Nearest multiple of 8 (halves up), at least 8, at most the sequence; every token at keep 1."""
+    for keep in [i / 97 for i in range(1, 98)] + [0.001, 0.999999, 1.0]:
+        k = kept_tokens(keep, seq)
+        nearest = 8 * math.floor(keep * seq / 8 + 0.5)  # the definition, written out
+        expected = seq if keep >= 1.0 else min(seq, max(8, nearest))
+        assert k == expected, (keep, seq, k)
+        assert k == seq or (k % 8 == 0 and 8 <= k < seq)
+        assert k == seq or abs(k - keep * seq) <= 4 or k == 8  # rounding moves at most half a multiple
+    assert kept_tokens(1.0, 100) == 100 and kept_tokens(0.99, 100) == 96  # 99 -> 96, not 104 > seq
+    assert kept_tokens(0.5, 1024) == 512 and kept_tokens(0.51, 1024) == 520 and kept_tokens(0.01, 1024) == 8
+    assert kept_tokens(0.5, 5) == 5  # shorter than 8: the whole sequence
+
+
 def test_schedule_rises_to_full():
     assert keep_fraction(0.0, 0.5, 0.7) == 0.5
     assert keep_fraction(0.35, 0.5, 0.7) == pytest.approx(0.75)
@@ -237,7 +253,7 @@ def test_parse_ltd_arm():
     assert a["policy"] == "random-ltd" and a["ltd"] == {"start_keep": 0.5, "ramp": 0.7} and a["seed"] == 0
     a = parse_arm("ltd/keep=0.25/ramp=0.8/seed=1")
     assert a["ltd"] == {"start_keep": 0.25, "ramp": 0.8} and a["seed"] == 1
-    for spec, match in [("ltd/buckets=2", r"key in \['keep', 'ramp', 'seed'\]"), ("ltd/keep=0", "keep must be in"),
+    for spec, match in [("ltd/buckets=2", r"key in \['keep', 'liger', 'ramp', 'seed'\]"), ("ltd/keep=0", "keep must be in"),
                         ("ltd/ramp=1.2", "ramp must be in"), ("ltd/keep=half", "bad value"), ("ltd/keep", "key=value")]:
         with pytest.raises(ValueError, match=match):
             parse_arm(spec)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from cggr_lab.provenance import provenance
 from cggr_lab.quality import parse_arm, summarise
@@ -69,7 +70,7 @@ def test_quality_bench_end_to_end(tmp_path, monkeypatch, capsys):
             "--arms", "dense,dense/seed=1,random/handback=0.5,sampled", "--out", str(tmp_path / "out")]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "[finetune]" in out and "time to dense's final loss" in out
+    assert "[finetune]" in out and "time to best dense's final loss" in out and "best dense arm: dense (" in out
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert files == sorted(f"quality-{r}-tiny-{c}-4steps.{e}" for r, c in
                            [("pretrain", "a"), ("continued", "a"), ("finetune", "b")] for e in ("json", "png"))
@@ -140,3 +141,260 @@ def test_quality_bench_streams_a_tokenized_corpus(tmp_path, monkeypatch, capsys)
     capsys.readouterr()
     assert main(["bench", "quality", "--corpus", "x", "--data", "y", "--steps", "1"]) == 1
     assert "--corpus and --data both name corpus A" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- dense bases: eager, compile, liger
+
+def test_parse_arm_backends():
+    assert parse_arm("dense")["backend"] == "eager"
+    a = parse_arm("dense/compile=1/seed=1")
+    assert a["backend"] == "compile" and a["seed"] == 1 and a["policy"] is None and a["attach"] == {}
+    a = parse_arm("random/inactive=skip/placement=per_block/dense_ends=1/compile=1")
+    assert a["backend"] == "compile" and a["attach"] == {"inactive": "skip", "placement": "per_block", "dense_ends": 1}
+    assert parse_arm("random/liger=1")["backend"] == "liger" and parse_arm("dense/liger=1")["backend"] == "liger"
+    a = parse_arm("ltd/keep=0.5/liger=1")
+    assert a["backend"] == "liger" and a["ltd"] == {"start_keep": 0.5, "ramp": 0.7}
+    assert parse_arm("random/compile=0")["backend"] == "eager"
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("dense/compile=2", r"bad value in compile='2' of 'dense/compile=2': compile takes 0 or 1"),
+    ("dense/liger=yes", r"liger takes 0 or 1"),
+    ("dense/compile=1/liger=1", r"'dense/compile=1/liger=1': compile=1 and liger=1 together are not offered"),
+    ("random/liger=1/compile=1", r"compile=1 and liger=1 together"),
+    ("ltd/compile=1", r"'ltd/compile=1': compile is not offered for ltd arms"),
+    ("difficulty/liger=1", r"'difficulty/liger=1': liger=1 needs policy random"),
+    ("sampled/liger=1", r"'sampled/liger=1': liger=1 needs policy random"),
+    ("dense/compile=1/buckets=2", r"a dense arm takes only seed=, compile= and liger="),
+])
+def test_parse_arm_backend_errors(spec, match):
+    with pytest.raises(ValueError, match=match):
+        parse_arm(spec)
+
+
+def test_liger_arm_refused_on_cpu_before_training(tmp_path, capsys):
+    """On a CPU (or without liger-kernel) a liger arm fails at config resolution, naming the arm."""
+    from cggr.cli import main
+
+    assert main(["bench", "quality", "--device", "cpu", "--steps", "1", "--arms", "dense,dense/liger=1",
+                 "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "--arms: 'dense/liger=1': liger=1 needs a CUDA device" in err and not (tmp_path / "out").exists()
+
+
+def _rec(name, seed, ms, losses, backend=None, policy=None, seconds=None):
+    """A hand-built arm record (the fields summarise reads); evaluations at steps 0, 5, 10."""
+    seconds = seconds or [0.0, 5 * ms / 1e3, 10 * ms / 1e3]
+    r = {"arm": name, "policy": policy, "seed": seed, "train_seconds": seconds, "step": [0, 5, 10],
+         "val_loss": losses, "final_val_loss": losses[-1], "train_seconds_total": seconds[-1], "steps": 10,
+         "step_ms_median": ms, "mean_depth_fraction": 1.0 if policy is None else 0.6}
+    if backend is not None:  # files from before the compile and liger arms have no backend: eager
+        r["backend"] = backend
+    return r
+
+
+def test_summarise_picks_the_best_dense_arm_at_equal_wall_clock():
+    arms = [_rec("dense", 0, 100.0, [6, 4.0, 3.3]),  # no backend field: eager
+            _rec("dense/seed=1", 1, 100.0, [6, 4.1, 3.4], "eager"),
+            _rec("dense/compile=1", 0, 60.0, [6, 3.8, 3.0], "compile", seconds=[0.0, 0.5, 1.0]),
+            _rec("dense/compile=1/seed=1", 1, 60.0, [6, 3.9, 3.05], "compile", seconds=[0.0, 0.5, 1.0]),
+            _rec("dense/compile=1/seed=2", 2, 60.0, [6, 3.7, 2.9], "compile", seconds=[0.0, 0.5, 1.0]),
+            _rec("random", 0, 50.0, [6, 3.5, 2.8], "eager", "random", seconds=[0.0, 0.4, 0.8]),
+            _rec("random/compile=1", 0, 40.0, [6, 3.6, 3.2], "compile", "random", seconds=[0.0, 0.4, 0.8])]
+    s = summarise(arms)
+    # Seed 0 only (dense/compile=1/seed=2 is lower, but its weights and data order differ): compile at 3.0.
+    assert s["best_dense_arm"] == "dense/compile=1" and s["best_dense_by"] == "final_val_loss"
+    assert s["eager_dense_arm"] == "dense" and s["dense_final_val_loss"] == 3.0
+    assert s["dense_seconds"] == 1.0 and s["dense_steps"] == 10
+    assert s["dense_seed_spread_by_base"] == {"eager": pytest.approx(0.1), "compile": pytest.approx(0.15)}
+    assert s["dense_seeds_by_base"] == {"eager": [0, 1], "compile": [0, 1, 2]}
+    assert s["dense_seed_spread"] == pytest.approx(0.15)  # the best arm's base
+    r = s["arms"]["random"]
+    assert r["delta_vs_dense"] == pytest.approx(-0.2)
+    assert r["speedup_vs_dense"] == pytest.approx(100 / 50) and r["speedup_vs_best_dense"] == pytest.approx(60 / 50)
+    # 3.0 is crossed between 3.5 at 0.4 s and 2.8 at 0.8 s: 0.4 + 0.4 * 0.5 / 0.7 s, against the best's 1.0 s.
+    assert r["seconds_to_dense_final"] == pytest.approx(0.4 + 0.4 * 0.5 / 0.7)
+    assert r["time_to_dense_final_vs_dense"] == pytest.approx(0.4 + 0.4 * 0.5 / 0.7)
+    assert r["steps_to_dense_final"] == pytest.approx(5 + 5 * 0.5 / 0.7)
+    best = s["arms"]["dense/compile=1"]
+    assert best["time_to_dense_final_vs_dense"] == pytest.approx(1.0) and best["speedup_vs_best_dense"] == 1.0
+    assert best["speedup_vs_dense"] == pytest.approx(100 / 60) and best["backend"] == "compile"
+    # HF eager never reaches the compiled arm's loss; a routed arm that stays above it never does either.
+    assert s["arms"]["dense"]["seconds_to_dense_final"] is None
+    assert s["arms"]["random/compile=1"]["time_to_dense_final_vs_dense"] is None
+    assert s["arms"]["dense"]["delta_vs_dense"] == pytest.approx(0.3)
+
+
+def test_summarise_ties_and_missing_bases():
+    # Equal steps: the bases run the same updates, their final losses differ by rounding: the fastest wins.
+    arms = [_rec("dense", 0, 100.0, [6, 4.0, 3.0000], "eager"),
+            _rec("dense/compile=1", 0, 70.0, [6, 4.0, 3.0001], "compile"),
+            _rec("dense/liger=1", 0, 80.0, [6, 4.0, 2.9999], "liger")]
+    s = summarise(arms, equal_steps=True)
+    assert s["best_dense_arm"] == "dense/compile=1" and s["best_dense_by"] == "step_ms_median"
+    assert s["dense_final_val_loss"] == 3.0001 and s["dense_seconds"] == pytest.approx(0.7)
+    assert s["dense_seed_spread"] is None and s["dense_seed_spread_by_base"] == {"eager": None, "compile": None,
+                                                                                  "liger": None}
+    # Equal wall-clock with an exact tie of losses: the faster step wins.
+    s = summarise([_rec("dense", 0, 100.0, [6, 4, 3], "eager"), _rec("dense/liger=1", 0, 90.0, [6, 4, 3], "liger")])
+    assert s["best_dense_arm"] == "dense/liger=1"
+    # No HF eager arm: no speedup against it, the best dense arm still the reference.
+    s = summarise([_rec("dense/compile=1", 0, 60.0, [6, 4, 3], "compile"),
+                   _rec("random", 0, 50.0, [6, 3.5, 2.9], "eager", "random")])
+    assert s["eager_dense_arm"] is None and s["arms"]["random"]["speedup_vs_dense"] is None
+    assert s["arms"]["random"]["speedup_vs_best_dense"] == pytest.approx(1.2)
+    # Only dense arms of other seeds: they are the candidates.
+    s = summarise([_rec("dense/seed=1", 1, 100.0, [6, 4, 3.2], "eager"),
+                   _rec("dense/compile=1/seed=1", 1, 60.0, [6, 4, 3.1], "compile")])
+    assert s["best_dense_arm"] == "dense/compile=1/seed=1"
+    assert summarise([_rec("random", 0, 50.0, [6, 4, 3], "eager", "random")]) == {}
+
+
+def test_format_table_names_the_best_dense_arm():
+    from cggr_lab.quality import format_table
+
+    arms = [_rec("dense", 0, 100.0, [6, 4.0, 3.3], "eager"), _rec("dense/seed=1", 1, 100.0, [6, 4.1, 3.4], "eager"),
+            _rec("dense/compile=1", 0, 60.0, [6, 3.8, 3.0], "compile", seconds=[0.0, 0.5, 1.0]),
+            _rec("random", 0, 50.0, [6, 3.5, 2.8], "eager", "random", seconds=[0.0, 0.4, 0.8])]
+    table = format_table({"regime": "pretrain", "summary": summarise(arms)})
+    assert "speed vs best dense" in table and "time to best dense's final loss" in table
+    assert ("best dense arm: dense/compile=1 (lowest final loss, final val loss 3.0000); dense seed spread: "
+            "eager 0.1000 (seeds 0,1), compile one seed") in table
+    row = next(line for line in table.splitlines() if line.startswith("random "))
+    assert row.split()[1:] == ["10", "50.0", "2.00x", "1.20x", "0.60", "2.8000", "-0.2000", "0.69x"]
+
+
+def test_quality_bench_compiled_dense_arm(tmp_path, monkeypatch):
+    """A dense arm under torch.compile (Inductor, CPU C++ code) trains end to end beside HF eager: warmed up
+    outside its budget, the same updates as eager (fp32: equal to 1e-4, Inductor reorders sums), and the
+    summary's reference is the faster of the two at equal steps."""
+    from cggr.cli import main
+
+    monkeypatch.setenv("CGGR_CACHE", str(tmp_path / "cache"))
+    a = _corpus(tmp_path / "a.txt", ["alpha", "beta", "gamma", "delta", "the", "of", "and"])
+    argv = ["bench", "quality", "--model", "tiny", "--d-model", "32", "--layers", "2", "--heads", "2",
+            "--seq-len", "32", "--batch-size", "2", "--vocab-size", "300", "--steps", "3", "--evals", "1",
+            "--eval-batches", "1", "--data", a, "--arms", "dense,dense/compile=1", "--device", "cpu",
+            "--out", str(tmp_path / "out")]
+    torch._dynamo.utils.counters.clear()
+    assert main(argv) == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it really compiled
+    rec = json.loads((tmp_path / "out" / "quality-pretrain-tiny-a-3steps.json").read_text())
+    arms = {r["arm"]: r for r in rec["arms"]}
+    eager, compiled = arms["dense"], arms["dense/compile=1"]
+    assert compiled["backend"] == "compile" and eager["backend"] == "eager"
+    assert compiled["steps"] == 3 and compiled["untimed_warmup_seconds"] > eager["untimed_warmup_seconds"] > 0
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-4)
+    s = rec["summary"]
+    assert s["best_dense_arm"] == min(arms.values(), key=lambda r: r["step_ms_median"])["arm"]
+    assert s["best_dense_by"] == "step_ms_median" and s["eager_dense_arm"] == "dense"
+    assert s["arms"][s["best_dense_arm"]]["time_to_dense_final_vs_dense"] == pytest.approx(1.0)
+
+
+def test_report_renders_best_dense_summaries_and_old_ones():
+    """benchmarks/report.py: a summary naming the best dense arm gets its columns; an older one stays as it was."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import report
+
+    arms = [_rec("dense", 0, 100.0, [6, 4.0, 3.3], "eager"), _rec("dense/seed=1", 1, 100.0, [6, 4.1, 3.4], "eager"),
+            _rec("dense/compile=1", 0, 60.0, [6, 3.8, 3.0], "compile", seconds=[0.0, 0.5, 1.0]),
+            _rec("random", 0, 50.0, [6, 3.5, 2.8], "eager", "random", seconds=[0.0, 0.4, 0.8])]
+    for a in arms:
+        a["step_ms"] = [a["step_ms_median"]] * 10
+    arms.append({"arm": "random/compile=1", "policy": "random", "seed": 0, "backend": "compile",
+                 "error": "BackendCompilerFailed: boom\nmore", "failed_at": "warm-up"})
+    run = {"config": {"budget": {"seconds": 1.0}, "model": "tiny", "d_model": 64, "layers": 4, "batch_size": 4,
+                      "seq_len": 64}, "regime": "pretrain", "corpus": "A", "data": {"A": {"source": "x/a.txt"}},
+           "_file": "q.json", "device": "cpu", "git_rev": "abcdef0", "arms": arms, "summary": summarise(arms)}
+    table = report.quality_table([run])
+    assert "| speed vs HF eager | speed vs best dense |" in table and "time to best dense's final loss |" in table
+    assert "| random | 10 | 50.0 | 2.00x | 1.20x | 0.60 | 2.8000 | -0.2000 | 0.69x |" in table
+    assert ("Reference: the best dense arm of seed 0, `dense/compile=1` (the lowest final loss; final loss 3.0000). "
+            "Dense seed-to-seed spread (max - min of the final losses) per base: eager 0.1000 (seeds 0, 1); "
+            "compile not measured (one seed).") in table
+    assert "random/compile=1: failed at warm-up: BackendCompilerFailed: boom" in table
+    assert "| random/compile=1 |" not in table
+    old = dict(run, summary={k: v for k, v in run["summary"].items() if k in ("dense_seed_spread", "arms")})
+    table = report.quality_table([old])
+    assert "| speed vs dense | mean depth |" in table and "| random | 10 | 50.0 | 2.00x | 0.60 |" in table
+
+
+def test_a_failing_arm_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """torch.compile raising (as Inductor can on a routed model) fails that arm only: recorded with its stage
+    and error, left out of the summary, named in the table; the JSON is written after every arm."""
+    import cggr_lab.training
+    from cggr.cli import main
+
+    monkeypatch.setenv("CGGR_CACHE", str(tmp_path / "cache"))
+
+    def no_compile(model, *args, **kwargs):
+        raise RuntimeError("no compiler here\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", no_compile)
+    a = _corpus(tmp_path / "a.txt", ["alpha", "beta", "gamma", "delta", "the", "of", "and"])
+    argv = ["bench", "quality", "--model", "tiny", "--d-model", "32", "--layers", "2", "--heads", "2",
+            "--seq-len", "32", "--batch-size", "2", "--vocab-size", "300", "--steps", "2", "--evals", "1",
+            "--eval-batches", "1", "--data", a, "--device", "cpu", "--out", str(tmp_path / "out")]
+    assert main(argv + ["--arms", "dense,dense/compile=1,random"]) == 0
+    captured = capsys.readouterr()
+    assert "failed: dense/compile=1: failed at torch.compile: RuntimeError: no compiler here" in captured.out
+    assert "dense/compile=1              FAILED at torch.compile: RuntimeError: no compiler here" in captured.err
+    path = tmp_path / "out" / "quality-pretrain-tiny-a-2steps.json"
+    rec = json.loads(path.read_text())
+    arms = {r["arm"]: r for r in rec["arms"]}
+    assert arms["dense/compile=1"]["failed_at"] == "torch.compile" and "no compiler here" in arms["dense/compile=1"]["error"]
+    assert arms["random"]["steps"] == 2 and "partial" not in rec
+    assert set(rec["summary"]["arms"]) == {"dense", "random"} and rec["summary"]["best_dense_arm"] == "dense"
+    assert set(rec["summary"]["failed_arms"]) == {"dense/compile=1"}
+    # A run cut short (here: interrupted in its third arm) keeps the arms that finished.
+    real_train_arm, calls = cggr_lab.training.train_arm, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_train_arm(*args, **kwargs)
+
+    monkeypatch.setattr(cggr_lab.training, "train_arm", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv + ["--arms", "dense,random,sampled", "--out", str(tmp_path / "cut")])
+    rec = json.loads((tmp_path / "cut" / "quality-pretrain-tiny-a-2steps.json").read_text())
+    assert rec["partial"] is True and [r["arm"] for r in rec["arms"]] == ["dense", "random"]
+
+
+def test_liger_patches_of_the_modeling_module_are_undone(monkeypatch):
+    """Liger-Kernel replaces functions and classes of the family's modeling module for the whole process; the
+    arm's undo restores them (later arms are built without Liger). Liger itself needs CUDA: a stand-in
+    patch function here, registered where the real one is looked up."""
+    import sys
+    import types
+
+    from transformers.models.llama import modeling_llama
+
+    from cggr_lab.quality import LIGER_OPTIONS, _apply_liger
+    from cggr_lab.training import build_llama
+
+    seen = {}
+
+    def fake_apply(model, **options):
+        seen.update(options)
+        modeling_llama.apply_rotary_pos_emb = "liger rope"
+        modeling_llama.LlamaRMSNorm = "liger norm"
+        modeling_llama.liger_added = True
+        model.forward = "liger forward"
+
+    fake = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    fake.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": fake_apply}
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", fake)
+    before = dict(vars(modeling_llama))
+    _, model = build_llama(32, 2, 2, 100, 16, 0)
+    undo = _apply_liger(model)
+    assert seen == LIGER_OPTIONS and modeling_llama.LlamaRMSNorm == "liger norm" and model.forward == "liger forward"
+    undo()
+    assert dict(vars(modeling_llama)) == before and not hasattr(modeling_llama, "liger_added")
+    fake.MODEL_TYPE_TO_APPLY_LIGER_FN = {}
+    with pytest.raises(ValueError, match="liger=1: Liger-Kernel has no patch for model_type 'llama'"):
+        _apply_liger(model)
