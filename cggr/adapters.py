@@ -212,12 +212,10 @@ def _is_causal_lm(m: nn.Module) -> bool:
 def find_causal_lm(model: nn.Module) -> nn.Module | None:
     """The HF causal LM (``*ForCausalLM`` / ``*LMHeadModel``) whose forward computes ``model``'s loss: ``model``
     itself or the one inside a PEFT wrapper (``base_model.model``); None for any other module."""
-    if _is_causal_lm(model):
-        return model
-    inner = getattr(getattr(model, "base_model", None), "model", None)
+    inner = getattr(getattr(model, "base_model", None), "model", None)  # PEFT: PeftModelForCausalLM is no HF model
     if isinstance(inner, nn.Module) and inner is not model and _is_causal_lm(inner):
         return inner
-    return None
+    return model if _is_causal_lm(model) else None
 
 
 def default_label_shift(model: nn.Module) -> int | None:

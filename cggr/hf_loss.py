@@ -198,9 +198,8 @@ class FusedLossForward:
         num_items = kwargs.get("num_items_in_batch")
         loss = linear_cross_entropy(hidden, weight, target.to(hidden.device), bias,
                                     ignore_index=kwargs.get("ignore_index", -100),
-                                    reduction="mean" if num_items is None else "sum", shift_labels=shift).loss
-        if num_items is not None:
-            loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
+                                    reduction="mean" if num_items is None else "sum", shift_labels=shift,
+                                    num_items=num_items).loss
         aux = getattr(out, "aux_loss", None)
         if aux is not None:  # MoE: HF adds router_aux_loss_coef * aux_loss to the loss when labels are given
             coef = getattr(m, "router_aux_loss_coef", None)
