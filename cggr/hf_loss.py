@@ -21,7 +21,9 @@ Running the model's own forward keeps its argument handling (each family's names
 ``output_router_logits``, any kwargs) exactly as it is. What happens to the logits after ``lm_head`` is checked,
 not assumed: :func:`fused_loss_target` refuses, at attach, families known to transform them (softcapping,
 logit scales), a head that is not a plain ``nn.Linear`` and a replaced loss function; and at every call the
-output's logits must be the very tensor the capture returned, unmodified, or the call raises.
+output's logits must be the very tensor the capture returned, unmodified, or the call raises. A forward already
+replaced on the instance (accelerate's mixed-precision wrapper, which the HF Trainer installs with ``bf16=True``)
+is the one called, and the loss runs in the autocast state the head ran in.
 """
 
 from __future__ import annotations
@@ -92,9 +94,6 @@ def fused_loss_target(model: nn.Module) -> nn.Module:
         if value is not None:
             raise _refuse(f"cannot take {name}'s loss: its forward {what} after lm_head ({attr}={value!r}), which "
                           "the fused loss does not")
-    if "forward" in lm.__dict__:
-        raise _refuse(f"replaces {name}'s forward, but it was already replaced on this instance (by Liger-Kernel's "
-                      "fused loss, say): use one fused loss")
     _check_head(lm, _head_of(lm))
     if not _uses_hf_causal_lm_loss(lm):
         raise _refuse(f"computes HF's causal-LM cross-entropy (ForCausalLMLoss), but {name} has another loss "
@@ -103,12 +102,14 @@ def fused_loss_target(model: nn.Module) -> nn.Module:
 
 
 class _HeadCapture:
-    """Stands in for ``lm_head.forward`` during one call: keeps the head's input and returns it as the logits."""
+    """Stands in for ``lm_head.forward`` during one call: keeps the head's input and the autocast state the head
+    would have run in (a wrapper's, such as accelerate's mixed precision, included), returns the input as the logits."""
 
     def __init__(self):
         self.calls = 0
         self.hidden: torch.Tensor | None = None
         self.version = -1
+        self.autocast: tuple[bool, torch.dtype] | None = None
 
     def __call__(self, hidden, *args, **kwargs):
         self.calls += 1
@@ -116,6 +117,8 @@ class _HeadCapture:
             raise TypeError("cggr: fused_loss=True: the model called its lm_head with arguments other than one "
                             "tensor of hidden states; attach with fused_loss=False")
         self.hidden, self.version = hidden, hidden._version
+        device = hidden.device.type
+        self.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return hidden
 
     def hidden_for(self, out, name: str) -> torch.Tensor:
@@ -141,12 +144,23 @@ class FusedLossForward:
     def __init__(self, model: nn.Module):
         self.model = model
         self.shift_labels = default_label_shift(model) == 1
+        # An instance-level forward installed before (accelerate's mixed-precision wrapper, say), else None: the
+        # class's forward is then called through the model (never a bound method stored here: it would unpickle
+        # as this object).
+        self.previous = model.__dict__.get("forward")
 
     @property
     def __signature__(self) -> inspect.Signature:
+        if self.previous is not None:
+            try:
+                return inspect.signature(self.previous)
+            except (TypeError, ValueError):
+                pass
         return inspect.signature(type(self.model).forward.__get__(self.model))
 
     def plain(self, *args, **kwargs):
+        if self.previous is not None:
+            return self.previous(*args, **kwargs)
         return type(self.model).forward(self.model, *args, **kwargs)
 
     def __call__(self, *args, **kwargs):
@@ -190,16 +204,18 @@ class FusedLossForward:
                                "transformers ModelOutput; attach with fused_loss=False")
         hidden = capture.hidden_for(out, name)
         weight, bias = head.weight, head.bias
-        if torch.is_autocast_enabled(hidden.device.type) and hidden.dtype != weight.dtype:
+        amp, amp_dtype = capture.autocast
+        if amp and hidden.dtype != weight.dtype:
             hidden = hidden.to(weight.dtype)  # lm_head would run in the autocast dtype; the loss casts both there
         # As HF's ForCausalLMLoss: pre-shifted ``shift_labels`` when given, ``ignore_index`` from the kwargs.
         given_shifted = kwargs.get("shift_labels")
         target, shift = (given_shifted, False) if given_shifted is not None else (labels, self.shift_labels)
         num_items = kwargs.get("num_items_in_batch")
-        loss = linear_cross_entropy(hidden, weight, target.to(hidden.device), bias,
-                                    ignore_index=kwargs.get("ignore_index", -100),
-                                    reduction="mean" if num_items is None else "sum", shift_labels=shift,
-                                    num_items=num_items).loss
+        with torch.autocast(hidden.device.type, dtype=amp_dtype, enabled=amp):  # as lm_head ran
+            loss = linear_cross_entropy(hidden, weight, target.to(hidden.device), bias,
+                                        ignore_index=kwargs.get("ignore_index", -100),
+                                        reduction="mean" if num_items is None else "sum", shift_labels=shift,
+                                        num_items=num_items).loss
         aux = getattr(out, "aux_loss", None)
         if aux is not None:  # MoE: HF adds router_aux_loss_coef * aux_loss to the loss when labels are given
             coef = getattr(m, "router_aux_loss_coef", None)

@@ -137,6 +137,35 @@ def test_routed_gradients_and_scores_equal_routing_by_logits(kind, policy, dtype
     _assert_close(flat_grads(model), flat_grads(twin), TOL[dtype])
 
 
+@pytest.mark.parametrize("setting", ["bf16 autocast", "checkpointing"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_autocast_and_checkpointing_as_with_hf_loss(kind, setting):
+    """fp32 weights under bf16 autocast (the HF Trainer's bf16=True; the head's input is cast as lm_head would
+    cast it), and HF's activation checkpointing inside the model's own forward."""
+    import contextlib
+    import warnings
+
+    model = _model(kind, 6, torch.float32)
+    if setting == "checkpointing":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    twin = copy.deepcopy(model)
+    router = cggr.attach(model, warmup_steps=0, policy="difficulty", fused_loss=True, seed=6)
+    twin_router = cggr.attach(twin, warmup_steps=0, policy="difficulty", seed=6)
+    ids, kwargs = _batch(6, "padded" if setting == "checkpointing" else "labels=inputs")
+    amp = setting == "bf16 autocast"
+    with torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+        out = model(input_ids=ids, **kwargs)
+        want = twin(input_ids=ids, **kwargs)
+    assert out.logits is None
+    assert out.loss.item() == pytest.approx(want.loss.item(), rel=LOSS_TOL[torch.bfloat16 if amp else torch.float32])
+    out.loss.backward()
+    want.loss.backward()
+    assert torch.equal(router.routing.depth, twin_router.routing.depth)
+    _assert_close(flat_grads(model), flat_grads(twin), TOL[torch.bfloat16 if amp else torch.float32])
+
+
 # --------------------------------------------------------------------------- the original forward elsewhere
 
 
@@ -241,7 +270,7 @@ def test_peft_model_takes_the_fused_loss_in_its_causal_lm():
     assert "forward" not in inner.__dict__
 
 
-def _trainer_run(tmp_path, **options):
+def _trainer_run(tmp_path, bf16=False, **options):
     pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
     import warnings
 
@@ -257,7 +286,7 @@ def _trainer_run(tmp_path, **options):
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
                              gradient_accumulation_steps=2, optim="sgd", learning_rate=0.5, max_grad_norm=0.0,
                              report_to=[], use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
-                             save_strategy="no")
+                             save_strategy="no", bf16=bf16)
     callback = CGGRCallback(warmup_steps=0, policy="difficulty", **options)
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(V, 8, 10, seed=5), callbacks=[callback])
     with warnings.catch_warnings():
@@ -266,15 +295,44 @@ def _trainer_run(tmp_path, **options):
     return model, seen
 
 
-def test_hf_trainer_with_gradient_accumulation_passes_num_items_and_trains_alike(tmp_path):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16 mixed precision"])
+def test_hf_trainer_with_gradient_accumulation_passes_num_items_and_trains_alike(tmp_path, bf16):
     """The Trainer passes num_items_in_batch to a forward that takes **kwargs (ours has the model's signature):
-    with SGD and no clipping, a loss scaled otherwise than HF's would move the weights differently."""
-    fused, seen = _trainer_run(tmp_path / "fused", fused_loss=True)
-    plain, _ = _trainer_run(tmp_path / "plain")
+    with SGD and no clipping, a loss scaled otherwise than HF's would move the weights differently. With
+    ``bf16=True`` accelerate has wrapped the model's forward in its autocast before the callback attaches: the
+    fused forward calls that wrapper and computes the loss in the autocast the head ran in."""
+    fused, seen = _trainer_run(tmp_path / "fused", bf16, fused_loss=True)
+    plain, _ = _trainer_run(tmp_path / "plain", bf16)
     assert [(int(n), logits) for n, logits in seen] == [(2 * 2 * 9, False)] * 4  # 2 x 2 sequences of 9 labels
+    if bf16:
+        assert fused.forward.previous is not None  # accelerate's mixed-precision wrapper, kept inside
     want = dict(plain.named_parameters())
     _assert_close({n: p.detach() for n, p in fused.named_parameters()},
-                  {n: p.detach() for n, p in want.items()}, TOL[torch.float32])
+                  {n: p.detach() for n, p in want.items()}, TOL[torch.bfloat16 if bf16 else torch.float32])
+
+
+class _CountingForward:
+    """A forward installed on the instance before cggr (as accelerate's mixed-precision wrapper is)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return type(self.model).forward(self.model, *args, **kwargs)
+
+
+def test_a_forward_replaced_before_attach_is_called_inside_and_restored():
+    model = _model("gpt2", 7, torch.float32)
+    plain = copy.deepcopy(model)
+    model.forward = before = _CountingForward(model)
+    router = cggr.attach(model, num_buckets=1, warmup_steps=0, fused_loss=True)
+    ids, kwargs = _batch(7)
+    out = model(input_ids=ids, **kwargs)
+    assert out.logits is None and before.calls == 1
+    assert out.loss.item() == pytest.approx(plain(input_ids=ids, **kwargs).loss.item(), rel=LOSS_TOL[torch.float32])
+    router.detach()
+    assert model.forward is before
 
 
 # --------------------------------------------------------------------------- refusals
@@ -308,7 +366,6 @@ class _DoubledLogits(nn.Module):
     ("granite", r"divides its logits .*logits_scaling=1\.0"),
     ("non-linear head", r"plain nn\.Linear.*got _DoubledLogits"),
     ("not a causal LM", r"needs a Hugging Face causal LM .*got TinyLM"),
-    ("forward already replaced", r"already replaced on this instance"),
     ("another loss", r"has another loss function"),
 ])
 def test_refused_where_the_loss_would_not_be_hf_s(case, match):
@@ -320,8 +377,6 @@ def test_refused_where_the_loss_would_not_be_hf_s(case, match):
         model = _model("llama", 0, torch.float32)
         if case == "non-linear head":
             model.lm_head = _DoubledLogits(model.lm_head)
-        elif case == "forward already replaced":
-            model.forward = model.forward  # a bound method on the instance, as Liger-Kernel installs its own
         else:
             model.loss_function = lambda logits, labels, **kw: logits.sum()
     hooks = (dict(model._forward_hooks), dict(model._forward_pre_hooks))
