@@ -103,7 +103,7 @@ def fused_loss_target(model: nn.Module) -> nn.Module:
 
 class _HeadCapture:
     """Stands in for ``lm_head.forward`` during one call: keeps the head's input and the autocast state the head
-    would have run in (a wrapper's, such as accelerate's mixed precision, included), returns the input as the logits."""
+    would have run in (a wrapper's included, such as accelerate's mixed precision); returns the input as logits."""
 
     def __init__(self):
         self.calls = 0
@@ -144,9 +144,8 @@ class FusedLossForward:
     def __init__(self, model: nn.Module):
         self.model = model
         self.shift_labels = default_label_shift(model) == 1
-        # An instance-level forward installed before (accelerate's mixed-precision wrapper, say), else None: the
-        # class's forward is then called through the model (never a bound method stored here: it would unpickle
-        # as this object).
+        # An instance-level forward installed before (accelerate's mixed-precision wrapper, say), called inside
+        # this one and put back by detach; else None, and the class's forward is called with the model.
         self.previous = model.__dict__.get("forward")
 
     @property
