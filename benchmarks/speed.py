@@ -73,6 +73,7 @@ ARMS = {
     "compile": Arm("compile", doc="HF under torch.compile(model), default mode"),
     "liger": Arm("liger", doc="HF with Liger-Kernel's patches (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy)"),
     "cggr": Arm("eager", dict(policy="random"), "cggr, 4 buckets at target depth, random routing (the default)"),
+    "cggr+lce": Arm("eager", dict(policy="random", fused_loss=True), "cggr with its own fused linear cross-entropy (no logits)"),
     "full": Arm("eager", dict(num_buckets=1), "cggr's compacted backward with every token at full depth"),
     "light": Arm("eager", dict(num_buckets=2, depths=(1.0, 0.75)), "cggr, 2 buckets at depths 1 and 0.75"),
     "skip": Arm("eager", dict(policy="random", inactive="skip", placement="per_block", dense_ends=1),

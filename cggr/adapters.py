@@ -209,6 +209,15 @@ def _is_causal_lm(m: nn.Module) -> bool:
     return type(m).__name__.endswith(_CAUSAL_LM_SUFFIXES)
 
 
+def find_causal_lm(model: nn.Module) -> nn.Module | None:
+    """The HF causal LM (``*ForCausalLM`` / ``*LMHeadModel``) whose forward computes ``model``'s loss: ``model``
+    itself or the one inside a PEFT wrapper (``base_model.model``); None for any other module."""
+    inner = getattr(getattr(model, "base_model", None), "model", None)  # PEFT: PeftModelForCausalLM is no HF model
+    if isinstance(inner, nn.Module) and inner is not model and _is_causal_lm(inner):
+        return inner
+    return model if _is_causal_lm(model) else None
+
+
 def default_label_shift(model: nn.Module) -> int | None:
     """1 where logits at position t predict label t+1 (HF causal LMs shift labels inside), 0 where they
     predict label t, None where it cannot be known: a module of another class that holds an HF causal LM

@@ -114,6 +114,12 @@ class RoutingConfig:
     """The block stack: an attribute path (``"model.layers"``), an ``nn.ModuleList`` or a list of blocks;
     None = from the model family table, else the longest outermost ``nn.ModuleList`` of blocks."""
 
+    fused_loss: bool = False
+    """HF causal LMs: training forwards with labels compute HF's loss with cggr's fused linear cross-entropy
+    (:func:`cggr.loss.linear_cross_entropy`, no ``[tokens, vocab]`` logits; ``out.logits`` is None) and route by
+    the per-token scores it computes. Eval and label-free forwards are unchanged. Refused where the model's
+    forward does more than ``lm_head`` and cross-entropy (logit softcapping or scales, a non-Linear head)."""
+
     def __post_init__(self) -> None:
         _check_int("num_buckets", self.num_buckets, 1)
         if self.num_buckets > MAX_BUCKETS:
@@ -169,6 +175,8 @@ class RoutingConfig:
         elif self.dense_ends or self.block_fractions is not None:
             raise ValueError("dense_ends and block_fractions choose per-block active fractions: they need "
                              "placement='per_block'")
+        if not isinstance(self.fused_loss, bool):
+            raise ValueError(f"fused_loss must be True or False, got {self.fused_loss!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 

@@ -11,7 +11,8 @@ outside a routed training forward: then it does exactly what the module did.
 * HF MoE routers and fused experts: gated outputs / :class:`~cggr.moe.RoutedExperts`;
 * every block: a gate of its output rows (:class:`BlockGate`), unless the
   block took its compacted backward for this call (it gates itself);
-* blocks whose family has a verified compacted backward: their forward.
+* blocks whose family has a verified compacted backward: their forward;
+* with ``fused_loss=True``, the HF causal LM's own forward: :class:`~cggr.hf_loss.FusedLossForward`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .adapters import (family_of, is_fused_experts, is_moe_router, is_routable_l
                        unsupported_parametrised_modules, weight_in_out)
 from .compact import compact_decision, make_compact_forward
 from .config import RoutingConfig
+from .hf_loss import FusedLossForward, fused_loss_target
 from .moe import RoutedExperts
 from .sparse import GateRows, RoutedLinear, SkipRows
 
@@ -212,6 +214,8 @@ class Installation:
 
     def __init__(self, router, model: nn.Module, blocks: list[nn.Module], names: list[str], config: RoutingConfig):
         self.router, self.blocks = router, blocks
+        # Refused before anything is installed: a refusal leaves the model as it was.
+        self.fused_loss_model = fused_loss_target(model) if config.fused_loss else None
         self.handles: list = []
         self.patched: list[tuple[nn.Module, Any]] = []  # (module, its instance-level forward before, or None)
         self.checkpoints: list[tuple[nn.Module, Any]] = []  # (block, its own checkpoint function)
@@ -246,6 +250,8 @@ class Installation:
             self.reasons.append(reason)
             self.handles.append(block.register_forward_hook(BlockGate(router, i, names[i]), with_kwargs=True))
         self.names = names
+        if self.fused_loss_model is not None:
+            self.patch_forward(self.fused_loss_model, FusedLossForward(self.fused_loss_model))
         # Every container inside the blocks and the children it held at install. Checked at each training
         # forward (a few dictionary look-ups per module): no global module-registration hook, which would
         # make dynamo guard on a counter that HF bumps in every forward (``self.layers[:n]`` builds a list).
@@ -261,6 +267,9 @@ class Installation:
             took = "" if ran is None or not family else (
                 "; last forward: compacted" if i in ran else "; last forward: generic (this call could not take it)")
             lines.append(f"  {name}: {kind} - {self.reasons[i]}{took}")
+        if self.fused_loss_model is not None:
+            lines.append(f"  loss: cggr's fused linear cross-entropy in {type(self.fused_loss_model).__name__}'s "
+                         "training forwards with labels (fused_loss=True; no logits returned)")
         return "\n".join(lines)
 
     def changed_blocks(self) -> list[str]:
