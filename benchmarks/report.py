@@ -136,19 +136,28 @@ def parallel_table(records) -> str:
     if not records:
         return "_No data-parallel results committed yet._"
     lines = ["| model | parallel | ranks | tokens/step (global) | arm | step ms (median, slowest rank) | tokens/s | "
-             "peak GiB (fullest rank) | speedup vs dense |", "|---|---|---:|---|---|---:|---:|---:|---:|"]
-    checks = []
+             "peak GiB (fullest rank) | vs HF eager | vs best dense |", "|---|---|---:|---|---|---:|---:|---:|---:|---:|"]
+    checks, notes = [], []
     for r in records:
         if r["arm"] == "gradient_check":
-            checks.append(f"- {r['model']} {r['parallel']} x{r['world_size']}: routed gradients vs one process on "
-                          f"the global batch, worst relative error {r['worst_rel_err']:.2e} "
+            semantics = f" ({r['semantics']} semantics)" if r.get("semantics") else ""
+            checks.append(f"- {r['model']} {r['parallel']} x{r['world_size']}{semantics}: routed gradients vs one "
+                          f"process on the global batch, worst relative error {r['worst_rel_err']:.2e} "
                           f"({'within' if r['ok'] else 'ABOVE'} {r['tolerance']:g})")
             continue
+        head = f"| {r['model']} | {r['parallel']} | {r['world_size']} | {r['world_size']}x{r['batch']}x{r['seq']} | {r['arm']} |"
+        if not r.get("step_ms_median"):
+            why = f"skipped: {r['skipped']}" if r.get("skipped") else f"failed: {r.get('error', '?').splitlines()[0][:160]}"
+            notes.append(f"[{len(notes) + 1}] {r['parallel']} {r['arm']}: {why}")
+            lines.append(head + f" {'skipped' if r.get('skipped') else 'failed'} [{len(notes)}] | | | | |")
+            continue
         peak = "—" if r.get("peak_mem_gib") is None else f"{r['peak_mem_gib']:.2f}"
-        lines.append(f"| {r['model']} | {r['parallel']} | {r['world_size']} | {r['world_size']}x{r['batch']}x{r['seq']} | "
-                     f"{r['arm']} | {r['step_ms_median']:.1f} | {r['tokens_per_s']:,} | {peak} | "
-                     f"{r['speedup_vs_dense']:.3f}x |")
-    return "\n".join(lines + [""] + checks + ["", _source_line(records)])
+        best = r.get("speedup_vs_best_dense")
+        best = "—" if best is None else f"{best:.3f}x ({r['best_dense_arm']})"
+        eager = r.get("speedup_vs_dense")
+        lines.append(head + f" {r['step_ms_median']:.1f} | {r['tokens_per_s']:,} | {peak} | "
+                     f"{'—' if eager is None else f'{eager:.3f}x'} | {best} |")
+    return "\n".join(lines + [""] + notes + ([""] if notes else []) + checks + ["", _source_line(records)])
 
 
 def kernels_table(records):
