@@ -132,20 +132,24 @@ def speed_headline(records):
                         for (gpu, rev), parts in sorted(runs.items(), key=str))
 
 
+def _gpu(r) -> str:
+    return (r.get("gpu") or "?").removeprefix("NVIDIA ")
+
+
 def parallel_table(records) -> str:
     if not records:
         return "_No data-parallel results committed yet._"
-    lines = ["| model | parallel | ranks | tokens/step (global) | arm | step ms (median, slowest rank) | tokens/s | "
-             "peak GiB (fullest rank) | vs HF eager | vs best dense |", "|---|---|---:|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| GPU | model | parallel | ranks | tokens/step (global) | arm | step ms (median, slowest rank) | tokens/s | "
+             "peak GiB (fullest rank) | vs HF eager | vs best dense |", "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|"]
     checks, notes = [], []
     for r in records:
         if r["arm"] == "gradient_check":
             semantics = f" ({r['semantics']} semantics)" if r.get("semantics") else ""
-            checks.append(f"- {r['model']} {r['parallel']} x{r['world_size']}{semantics}: routed gradients vs one "
+            checks.append(f"- {_gpu(r)} {r['model']} {r['parallel']} x{r['world_size']}{semantics}: routed gradients vs one "
                           f"process on the global batch, worst relative error {r['worst_rel_err']:.2e} "
                           f"({'within' if r['ok'] else 'ABOVE'} {r['tolerance']:g})")
             continue
-        head = f"| {r['model']} | {r['parallel']} | {r['world_size']} | {r['world_size']}x{r['batch']}x{r['seq']} | {r['arm']} |"
+        head = f"| {_gpu(r)} | {r['model']} | {r['parallel']} | {r['world_size']} | {r['world_size']}x{r['batch']}x{r['seq']} | {r['arm']} |"
         if not r.get("step_ms_median"):
             why = f"skipped: {r['skipped']}" if r.get("skipped") else f"failed: {r.get('error', '?').splitlines()[0][:160]}"
             notes.append(f"[{len(notes) + 1}] {r['parallel']} {r['arm']}: {why}")
