@@ -96,5 +96,6 @@ def no_logits_error(output: Any, tokens_shape: torch.Size | None, policy: str) -
         f"cggr: policy={policy!r} scores tokens from the model's logits, but the forward returned none: it must "
         "return a tensor, an object with .logits, or a tuple with a [..., vocab] tensor of one row per input token"
         + (f" (input tokens {tuple(tokens_shape)})" if tokens_shape is not None else "")
-        + f"; got {type(output).__name__}. With a fused loss (Liger, Cut Cross-Entropy) use policy='random', "
-        "which needs no logits")
+        + f"; got {type(output).__name__}. With a fused loss (Liger, Cut Cross-Entropy, TRL's fused LM head) use "
+        "policy='random', which needs no logits, or cggr's fused loss, which hands the scores over: "
+        "attach(model, fused_loss=True) on an HF causal LM, or cggr.loss.linear_cross_entropy in your forward")

@@ -2,9 +2,10 @@
 prompt tokens labels -100, and the router gives those positions (whose next label is -100) depth 0.
 
 TRL >= 1.x computes the SFT loss through a fused LM head (``trl.trainer.utils.add_fused_lm_head``): the model is
-called with ``fused_lm_head=True`` and returns per-token log-probabilities, never the logits cggr scores. The
-callback then fails with cggr's "must return logits" error; routing needs the plain loss path
-(``transformers.Trainer.compute_loss``: the model's own forward with ``labels``), which ``_LogitsSFTTrainer`` takes."""
+called with ``fused_lm_head=True`` and returns per-token log-probabilities, never the logits. The default random
+policy needs none: the plain ``SFTTrainer`` routes (the valid tokens come from the labels it passes). A policy
+that scores tokens fails with an error that says what to use instead; routing by the plain loss path
+(``transformers.Trainer.compute_loss``, ``_LogitsSFTTrainer``) routes alike."""
 
 import warnings
 
@@ -50,7 +51,7 @@ def _sft_trainer_class():
     return _LogitsSFTTrainer
 
 
-def _make_trainer(tmp_path, trainer_class, max_steps):
+def _make_trainer(tmp_path, trainer_class, max_steps, **options):
     from trl import SFTConfig
 
     from cggr.integrations import CGGRCallback
@@ -59,7 +60,7 @@ def _make_trainer(tmp_path, trainer_class, max_steps):
     model = hf_model("llama", vocab=len(tokenizer), seed=1)
     model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     dataset = datasets.Dataset.from_dict({"prompt": PROMPTS, "completion": COMPLETIONS})
-    callback = CGGRCallback(num_buckets=2, warmup_steps=0)  # target depths at once: easy tokens stop short
+    callback = CGGRCallback(**dict(num_buckets=2, warmup_steps=0), **options)  # target depths at once
     args = SFTConfig(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4,
                      gradient_accumulation_steps=1, learning_rate=1e-3, logging_steps=1, save_strategy="no",
                      report_to=[], use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
@@ -69,20 +70,11 @@ def _make_trainer(tmp_path, trainer_class, max_steps):
     return trainer, model, callback
 
 
-def test_plain_sft_trainer_fused_lm_head_has_no_logits(tmp_path):
+@pytest.mark.parametrize("plain", [True, False], ids=["SFTTrainer", "SFTTrainer-with-Trainer-loss"])
+def test_sft_trainer_completion_only_loss_routes_prompt_tokens_at_depth_zero(tmp_path, plain):
     from trl import SFTTrainer
 
-    if not hasattr(trl.trainer.utils, "add_fused_lm_head"):
-        pytest.skip("this TRL computes the SFT loss from the logits")
-
-    trainer, _, _ = _make_trainer(tmp_path, SFTTrainer, max_steps=1)
-    with warnings.catch_warnings(), pytest.raises(TypeError, match="must return logits"):
-        warnings.simplefilter("ignore")
-        trainer.train()
-
-
-def test_sft_trainer_completion_only_loss_routes_prompt_tokens_at_depth_zero(tmp_path):
-    trainer, model, callback = _make_trainer(tmp_path, _sft_trainer_class(), max_steps=2)
+    trainer, model, callback = _make_trainer(tmp_path, SFTTrainer if plain else _sft_trainer_class(), max_steps=2)
     seen = []
     model.register_forward_pre_hook(lambda m, a, kw: seen.append({k: kw.get(k) for k in ("labels",
                                                                                            "attention_mask")}),
@@ -110,3 +102,17 @@ def test_sft_trainer_completion_only_loss_routes_prompt_tokens_at_depth_zero(tmp
         assert n_prompt >= 3  # the prompt's words (at least three per prompt)
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert logs and "cggr/mean_depth_fraction" in logs[-1]
+
+
+def test_plain_sft_trainer_with_a_difficulty_policy_says_how_to_get_scores(tmp_path):
+    """TRL's fused LM head returns per-token log-probabilities, no logits: a policy that scores tokens has
+    nothing to read, and the error says what to do instead."""
+    from trl import SFTTrainer
+
+    if not hasattr(trl.trainer.utils, "add_fused_lm_head"):
+        pytest.skip("this TRL computes the SFT loss from the logits")
+    trainer, _, _ = _make_trainer(tmp_path, SFTTrainer, max_steps=1, policy="difficulty")
+    with warnings.catch_warnings(), pytest.raises(TypeError, match="policy='difficulty' scores tokens from the "
+                                                                    "model's logits.*fused_loss=True"):
+        warnings.simplefilter("ignore")
+        trainer.train()
