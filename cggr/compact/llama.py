@@ -8,8 +8,10 @@ on the block's *active rows only*: one gather of the output gradient, every
 projection, norm, activation and rotary backward on ``[n_active, ...]``
 tensors, and one scatter of the input gradient. Only the attention backward
 stays dense over the sequence (keys and values of inactive tokens are
-constants, but active queries attend to them): it is recomputed from the
-saved q/k/v with the output gradient of inactive queries zero.
+constants, but active queries attend to them): the fused attention's own
+backward, kept from the forward, runs with the output gradient of inactive
+queries zero. On CUDA the forward's stages around the attention and the
+backward's two row-wise stages run compiled (``pointwise.kernel``).
 
 The gradient is that of DESIGN.md §1's sparse mode; tests compare it with
 ``cggr.reference_routing``.
