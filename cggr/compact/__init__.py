@@ -217,7 +217,8 @@ class CompactedForward:
         return getattr(block, "gradient_checkpointing", False) and block.training and torch.is_grad_enabled()
 
     def _inputs(self, r: Routing | None, hidden_states, args, kwargs, checkpointing: bool):
-        """``(dtype, family inputs)`` when this call can take the compacted path, else None."""
+        """``(dtype, family inputs, the block's weights)`` when this call can take the compacted path, else
+        None."""
         fam = FAMILIES[self.family]
         block = self.block
         kwargs = self._by_name(args, kwargs)
@@ -227,7 +228,8 @@ class CompactedForward:
                 or kwargs.get("output_attentions", False)
                 or (checkpointing and fam.checkpointed is None)):
             return None
-        dt = _compute_dtype(hidden_states, fam.params(block))
+        params = fam.params(block)
+        dt = _compute_dtype(hidden_states, params)
         if dt is None:
             return None
         mask = kwargs.get("attention_mask")
@@ -238,7 +240,8 @@ class CompactedForward:
         if extra is None:
             return None
         # A float attention mask follows the compute dtype (under autocast HF builds it in the weights' fp32).
-        return dt, tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in extra)
+        return (dt, tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in extra),
+                params)
 
     def takes_call(self, hidden_states, args: tuple, kwargs: dict) -> bool:
         """Whether a call with these arguments, now, takes the compacted path (the router skips HF's own
@@ -251,10 +254,9 @@ class CompactedForward:
         found = self._inputs(r, hidden_states, args, kwargs, checkpointed)
         if found is None:
             return None
-        dt, extra = found
+        dt, extra, params = found
         fam = FAMILIES[self.family]
         function = fam.checkpointed if checkpointed else fam.saving
-        params = fam.params(self.block)
         device_type = hidden_states.device.type
         if not torch.is_autocast_enabled(device_type):
             y = function.apply(hidden_states, *extra, r, block_index, self.spec, *params)  # dtypes checked
