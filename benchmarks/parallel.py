@@ -95,11 +95,6 @@ def _max_over_ranks(value: float, device) -> float:
     return float(t.item())
 
 
-def _options(arm: str) -> dict | None:
-    spec = speed.ARMS[arm].cggr
-    return None if spec is None else dict(dict(num_buckets=4, warmup_steps=0), **spec)
-
-
 def time_arm(name, parallel, arm, steps, warmup, rank, world, device) -> dict:
     import cggr
     from cggr_lab.training import train_step
@@ -108,7 +103,7 @@ def time_arm(name, parallel, arm, steps, warmup, rank, world, device) -> dict:
     spec = speed.ARMS[arm]
     record = dict(model=name, batch=batch, seq=seq, arm=arm, arm_doc=spec.doc, checkpointing=False,
                   precision="bf16" if device.type == "cuda" else "fp32", parallel=parallel, world_size=world,
-                  cggr_options=_options(arm))
+                  cggr_options=speed.arm_options(arm))
     try:
         model = _build(name, device)
         if spec.base == "liger":

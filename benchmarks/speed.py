@@ -43,6 +43,7 @@ import torch
 from report import speed_summary, speed_table  # benchmarks/report.py, beside this script
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's cggr, cggr_lab
+from cggr_lab import liger as cggr_lab_liger  # noqa: E402
 from cggr_lab.provenance import provenance  # noqa: E402
 
 MODELS = {  # name: (hidden, layers, heads, mlp, batch, seq); Llama-style unless the name says gpt2
@@ -91,8 +92,6 @@ ARMS = {
 DENSE_ARMS = [name for name, arm in ARMS.items() if arm.cggr is None]
 # Names earlier files use: "dense" was HF eager; "cggr" was difficulty routing and "random" random routing.
 LEGACY_ORDER = ["dense", "random"]
-# Liger-Kernel's arguments, the same for every family it patches (its apply_liger_kernel_to_<family>).
-LIGER_OPTIONS = dict(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True, cross_entropy=False)
 
 
 class Skipped(Exception):
@@ -147,18 +146,23 @@ def build(name, seed=0, dtype=torch.bfloat16, device="cuda", shape=None):
 
 
 def apply_liger(model, device):
-    """Liger-Kernel's patches on this model instance (its fused linear cross-entropy included)."""
+    """Liger-Kernel's patches on this model instance (:func:`cggr_lab.liger.apply_liger`; each arm has its own
+    process, so the process-wide patches need no undo)."""
     if device != "cuda":
         raise Skipped("Liger-Kernel's Triton kernels need a CUDA device")
     try:
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+        cggr_lab_liger.apply_liger(model)
     except ImportError as e:
         raise RuntimeError(f"liger-kernel is not installed ({e}); pip install liger-kernel") from e
-    family = model.config.model_type
-    fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(family)
-    if fn is None:
-        raise Skipped(f"Liger-Kernel has no patch for model_type {family!r}")
-    fn(model=model, **LIGER_OPTIONS)
+    except LookupError as e:
+        raise Skipped(str(e)) from None
+
+
+def arm_options(arm: str) -> dict | None:
+    """The ``cggr.attach`` options of ``arm`` (4 buckets at target depth from the first step unless the arm
+    says otherwise), or None for a dense arm."""
+    spec = ARMS[arm].cggr
+    return None if spec is None else dict(dict(num_buckets=4, warmup_steps=0), **spec)
 
 
 def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision="bf16", device="cuda"):
@@ -172,7 +176,7 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision
     autocast = precision == "autocast"
     record = dict(model=name, batch=batch, seq=seq, arm=arm, arm_doc=spec.doc, checkpointing=checkpointing,
                   precision=precision, steps=steps, warmup=warmup,
-                  cggr_options=None if spec.cggr is None else dict(dict(num_buckets=4, warmup_steps=0), **spec.cggr),
+                  cggr_options=arm_options(arm),
                   planned_depth_fraction=planned_depth_fraction(spec.cggr, layers))
     fraction = record["planned_depth_fraction"]
     record["flop_ratio_ceiling"] = None  # dense arms: no routing, no ceiling

@@ -84,6 +84,8 @@ from pathlib import Path
 
 import torch
 
+from .liger import apply_liger
+
 REGIMES = ("pretrain", "continued", "finetune")
 LTD_POLICY = "random-ltd"  # the ``policy`` recorded for ltd arms (they attach no cggr router)
 BASES = {"dense": None, "difficulty": "difficulty", "random": "random", "sampled": "sampled", "ltd": LTD_POLICY}
@@ -105,8 +107,6 @@ _LTD_OPTIONS = {"seed": 0, "keep": 0.5, "ramp": 0.7}
 # How an arm's model runs, besides the routing: "eager" (plain HF), "compile" (torch.compile(model), after
 # cggr is attached) or "liger" (Liger-Kernel's patches on the instance, before cggr is attached).
 BACKENDS = ("eager", "compile", "liger")
-# Liger-Kernel's arguments (benchmarks/speed.py's liger arm uses the same): its fused linear cross-entropy included.
-LIGER_OPTIONS = dict(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True, cross_entropy=False)
 
 
 def _set_backend(arm: dict, spec: str, key: str, value: str) -> None:
@@ -293,28 +293,12 @@ def _check_liger(device: torch.device, name: str) -> None:
 
 
 def _apply_liger(model: torch.nn.Module):
-    """Liger-Kernel's patches on this model instance (its fused linear cross-entropy included), as the speed
-    benchmark's liger arm applies them. Liger also replaces the RoPE function and the norm and MLP classes
-    of the family's modeling module for the whole process; the returned function undoes that, so the
-    arms after this one (built in the same process) run without Liger."""
-    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-
-    family = model.config.model_type
-    fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(family)
-    if fn is None:
-        raise ValueError(f"liger=1: Liger-Kernel has no patch for model_type {family!r}")
-    module = sys.modules[type(model).__module__]
-    saved = dict(vars(module))
-    fn(model=model, **LIGER_OPTIONS)
-
-    def restore() -> None:
-        for key in set(vars(module)) - set(saved):
-            delattr(module, key)
-        for key, value in saved.items():
-            if vars(module).get(key) is not value:
-                setattr(module, key, value)
-
-    return restore
+    """:func:`cggr_lab.liger.apply_liger` (returns its undo: the arms after this one, built in the same process,
+    run without Liger), its missing-family error naming the arm option."""
+    try:
+        return apply_liger(model)
+    except LookupError as e:
+        raise ValueError(f"liger=1: {e}") from None
 
 
 # --------------------------------------------------------------------------- data and checkpoint

@@ -374,7 +374,8 @@ def test_liger_patches_of_the_modeling_module_are_undone(monkeypatch):
 
     from transformers.models.llama import modeling_llama
 
-    from cggr_lab.quality import LIGER_OPTIONS, _apply_liger
+    from cggr_lab.liger import LIGER_OPTIONS
+    from cggr_lab.quality import _apply_liger
     from cggr_lab.training import build_llama
 
     seen = {}
