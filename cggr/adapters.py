@@ -209,11 +209,21 @@ def _is_causal_lm(m: nn.Module) -> bool:
     return type(m).__name__.endswith(_CAUSAL_LM_SUFFIXES)
 
 
+def _peft_inner(model: nn.Module) -> nn.Module | None:
+    """The model a PEFT wrapper holds (``PeftModelForCausalLM.base_model.model``: the wrapper is no HF model),
+    else None."""
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        return None
+    inner = getattr(base, "model", None)
+    return inner if isinstance(inner, nn.Module) and inner is not model else None
+
+
 def find_causal_lm(model: nn.Module) -> nn.Module | None:
     """The HF causal LM (``*ForCausalLM`` / ``*LMHeadModel``) whose forward computes ``model``'s loss: ``model``
-    itself or the one inside a PEFT wrapper (``base_model.model``); None for any other module."""
-    inner = getattr(getattr(model, "base_model", None), "model", None)  # PEFT: PeftModelForCausalLM is no HF model
-    if isinstance(inner, nn.Module) and inner is not model and _is_causal_lm(inner):
+    itself or the one inside a PEFT wrapper; None for any other module."""
+    inner = _peft_inner(model)
+    if inner is not None and _is_causal_lm(inner):
         return inner
     return model if _is_causal_lm(model) else None
 
@@ -225,11 +235,9 @@ def default_label_shift(model: nn.Module) -> int | None:
     if _is_causal_lm(model):
         family = family_of(model)
         return family.label_shift if family is not None else 1
-    inner = getattr(model, "base_model", None)
-    if inner is not None and inner is not model:  # PEFT: PeftModelForCausalLM.base_model.model
-        inner_model = getattr(inner, "model", None)
-        if isinstance(inner_model, nn.Module) and inner_model is not model:
-            return default_label_shift(inner_model)
+    inner = _peft_inner(model)
+    if inner is not None:
+        return default_label_shift(inner)
     if any(_is_causal_lm(m) for m in model.modules()):
         return None
     return 0
