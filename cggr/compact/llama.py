@@ -149,11 +149,13 @@ def qkv_backward_rows(dq, dk, dv, cos, sin, x, rstd1, w_n1, idx, dh, wq, bq, wk,
     """Second half, on rows ``idx``: rotary, the q/k/v projections and the input norm, after the attention.
 
     ``dq, dk, dv`` ``[N, heads * hd]``: the attention's input gradients as token rows (inactive keys and values
-    are constants here: only the active rows are read); ``cos, sin`` ``[N, hd]``; ``x`` ``[N, D]``: the block
-    input; ``dh``: from :func:`mlp_backward_rows`. Returns ``dx`` ``[N, D]`` (zero on inactive rows: the one
-    scatter) and ``(dw_n1, dwq, dbq, dwk, dbk, dwv, dbv)``.
+    are constants here: only the active rows are read); ``cos, sin`` ``[B, S, hd]`` (expanded over the batch:
+    flattened to rows here, inside the compiled stage, rather than copied in every block); ``x`` ``[N, D]``:
+    the block input; ``dh``: from :func:`mlp_backward_rows`. Returns ``dx`` ``[N, D]`` (zero on inactive rows:
+    the one scatter) and ``(dw_n1, dwq, dbq, dwk, dbk, dwv, dbv)``.
     """
     N, n = x.shape[0], idx.shape[0]
+    cos, sin = cos.reshape(N, cos.shape[-1]), sin.reshape(N, sin.shape[-1])
     dq_a, dk_a, dv_a, r1_a = qkv_rows(dq, dk, dv, cos, sin, x, rstd1, w_n1, idx)
     dwq, dwk, dwv = dq_a.t() @ r1_a, dk_a.t() @ r1_a, dv_a.t() @ r1_a
     dbq, dbk, dbv = _bias_grad(dq_a, bq), _bias_grad(dk_a, bk), _bias_grad(dv_a, bv)
@@ -181,8 +183,8 @@ def _backward_on_active_rows(dy, idx, mlp_rows_src, o_a, attention_grad, x, rstd
     # ---- attention: dense over the sequence; inactive queries' output gradient is zero
     dq, dk, dv = attention_grad(do.view(B, S, H, hd).transpose(1, 2))
     dx, dw_n1, dwq, dbq, dwk, dbk, dwv, dbv = K(qkv_backward_rows)(
-        token_rows(dq), token_rows(dk), token_rows(dv), cos.expand(B, S, hd).reshape(N, hd),
-        sin.expand(B, S, hd).reshape(N, hd), x.view(N, D), rstd1.view(N, 1), w_n1, idx, dh, wq, bq, wk, bk, wv, bv)
+        token_rows(dq), token_rows(dk), token_rows(dv), cos.expand(B, S, hd), sin.expand(B, S, hd), x.view(N, D),
+        rstd1.view(N, 1), w_n1, idx, dh, wq, bq, wk, bk, wv, bv)
     grads = (dw_n1, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dw_n2, dwg, dbg, dwu, dbu, dwd, dbd)
     grads = [None if gr is None else gr.to(w.dtype) for gr, w in zip(grads, weights)]
     return (dx.view(B, S, D), None, None, None, None, None, None, *grads)
