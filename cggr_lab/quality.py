@@ -97,6 +97,9 @@ MODELS = {
     "tiny": dict(d_model=64, layers=4, heads=4, batch_size=4, seq_len=64, vocab_size=1024, lr=3e-3),
     "small": dict(d_model=512, layers=8, heads=8, batch_size=16, seq_len=512, vocab_size=16384, lr=1e-3),
     "125M": dict(d_model=768, layers=12, heads=12, batch_size=16, seq_len=1024, vocab_size=16384, lr=6e-4),
+    # The speed benchmark's 350M (d1024, 24 layers, 16 heads; MLP 2752 here against its 2816), GPT-3
+    # Medium's learning rate.
+    "350M": dict(d_model=1024, layers=24, heads=16, batch_size=16, seq_len=1024, vocab_size=16384, lr=3e-4),
 }
 # Peak learning rate of each regime relative to the model's (a checkpoint wants gentler steps).
 REGIME_LR = {"pretrain": 1.0, "continued": 0.5, "finetune": 1 / 3}
@@ -232,6 +235,9 @@ def add_quality_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     r.add_argument("--out", default="cggr-out", help="folder for the JSON and PNG files (default ./cggr-out)")
     r.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     r.add_argument("--tag", default="", help="extra text in the output file names")
+    r.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="train nothing: merge result files of one regime whose arms ran in separate processes "
+                        "(one per GPU, same configuration) into one file in --out, summary recomputed")
     return p
 
 
@@ -687,6 +693,8 @@ def _plot(result: dict, cfg: dict, path: Path) -> None:
 def run_quality(args: argparse.Namespace) -> list[dict]:
     from .provenance import provenance
 
+    if getattr(args, "merge", None):
+        return [merge_results(args.merge, Path(args.out), args.tag)]
     cfg = resolve_config(args)
     device = torch.device(cfg["device"])
     if device.type == "cuda":
@@ -724,6 +732,64 @@ def run_quality(args: argparse.Namespace) -> list[dict]:
     print()
     print("\n\n".join(tables))
     return records
+
+
+# What must agree between the files of one merged comparison: everything that changes what an arm learns
+# or how its time is counted (the device may differ: one GPU per process, recorded per arm).
+_MERGE_KEYS = ("model", "d_model", "layers", "heads", "batch_size", "seq_len", "vocab_size", "lr", "budget",
+               "evals", "eval_batches", "data", "corpus", "finetune_data", "pretrain_steps", "lr_warmup")
+
+
+def merge_results(paths: list[str], out: Path, tag: str = "") -> dict:
+    """One result from files of the same regime and configuration whose arms ran in separate processes
+    (``CUDA_VISIBLE_DEVICES=0`` and ``=1`` on one host, say): arms concatenated in file order, each
+    recording the file, device and revision it came from; the summary recomputed over all of them.
+    Writes ``quality-<regime>-...-<tag>.json`` and ``.png`` in ``out``; refuses files that differ in
+    regime or configuration, partial files and repeated arm names."""
+    from .training import Budget
+
+    records = [json.loads(Path(p).read_text()) for p in paths]
+    if len(records) < 2:
+        raise ValueError(f"--merge needs at least two result files, got {len(records)}")
+    first = records[0]
+    for p, r in zip(paths, records):
+        if r.get("partial"):
+            raise ValueError(f"--merge: {p} is partial (its run was cut short); merge finished files only")
+        if r["regime"] != first["regime"]:
+            raise ValueError(f"--merge: {p} is regime {r['regime']!r}, {paths[0]} is {first['regime']!r}")
+        differ = [k for k in _MERGE_KEYS if r["config"].get(k) != first["config"].get(k)]
+        if differ:
+            raise ValueError(f"--merge: {p} and {paths[0]} differ in {', '.join(differ)}: not one comparison")
+    arms, sources = [], []
+    for p, r in zip(paths, records):
+        for a in r["arms"]:
+            arms.append({**a, "source": {"file": Path(p).name, "device": r["device"], "git_rev": r["git_rev"],
+                                         "timestamp": r["timestamp"]}})
+        sources.append({"file": Path(p).name, "device": r["device"], "git_rev": r["git_rev"],
+                        "command": r["command"], "timestamp": r["timestamp"], "arms": [a["arm"] for a in r["arms"]]})
+    names = [a["arm"] for a in arms]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--merge: arm names repeat across the files: {sorted({n for n in names if names.count(n) > 1})}")
+    budget = Budget(**first["config"]["budget"])
+    result = {"regime": first["regime"], "corpus": first["corpus"], "lr": first["lr"],
+              "checkpoint": first["checkpoint"], "arms": arms,
+              "summary": summarise(arms, equal_steps=budget.steps is not None)}
+    config = dict(first["config"], arms=names)
+    devices = sorted({r["device"] for r in records})
+    record = {**{k: first[k] for k in first if k not in ("config", "data", "regime", "corpus", "lr", "checkpoint",
+                                                          "arms", "summary", "partial")},
+              "device": devices[0] if len(devices) == 1 else " + ".join(devices),
+              "git_rev": first["git_rev"] if len({r["git_rev"] for r in records}) == 1 else "mixed",
+              "merged_from": sources, "config": config, "data": first["data"], **result}
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = Path(first["data"]["B" if first["regime"] == "finetune" else "A"]["source"]).name.split(".")[0] or "corpus"
+    name = "-".join(x for x in ("quality", first["regime"], config["model"], corpus,
+                                budget.describe().replace(" ", ""), tag) if x)
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    _plot(result, dict(config, budget=budget, device=record["device"]), out / f"{name}.png")
+    print(f"merged {len(paths)} files ({len(arms)} arms) into {out / name}.json and .png\n")
+    print(format_table(result))
+    return record
 
 
 def main(argv: list[str] | None = None) -> None:

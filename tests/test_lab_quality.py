@@ -399,3 +399,47 @@ def test_liger_patches_of_the_modeling_module_are_undone(monkeypatch):
     fake.MODEL_TYPE_TO_APPLY_LIGER_FN = {}
     with pytest.raises(ValueError, match="liger=1: Liger-Kernel has no patch for model_type 'llama'"):
         _apply_liger(model)
+
+
+def test_results_of_parallel_processes_merge_into_one_comparison(tmp_path, monkeypatch, capsys):
+    """Arms split over two processes (one per GPU) give one file whose summary is the one of all arms run in
+    one process; files of another configuration, partial files and repeated arms are refused."""
+    from cggr.cli import main
+
+    monkeypatch.setenv("CGGR_CACHE", str(tmp_path / "cache"))
+    a = _corpus(tmp_path / "a.txt", ["one", "two", "three", "four"])
+    base = ["bench", "quality", "--model", "tiny", "--d-model", "32", "--layers", "3", "--heads", "2",
+            "--seq-len", "32", "--batch-size", "2", "--vocab-size", "300", "--eval-batches", "1", "--data", a,
+            "--steps", "3", "--evals", "1"]
+    assert main(base + ["--arms", "dense,dense/seed=1", "--out", str(tmp_path / "gpu0")]) == 0
+    assert main(base + ["--arms", "random/inactive=skip/placement=per_block/dense_ends=1,ltd",
+                        "--out", str(tmp_path / "gpu1")]) == 0
+    assert main(base + ["--arms", "dense,dense/seed=1,random/inactive=skip/placement=per_block/dense_ends=1,ltd",
+                        "--out", str(tmp_path / "one")]) == 0
+    name = "quality-pretrain-tiny-a-3steps.json"
+    parts = [str(tmp_path / d / name) for d in ("gpu0", "gpu1")]
+    capsys.readouterr()
+    assert main(["bench", "quality", "--merge", *parts, "--out", str(tmp_path / "merged"), "--tag", "m"]) == 0
+    assert "merged 2 files (4 arms)" in capsys.readouterr().out
+    merged = json.loads((tmp_path / "merged" / "quality-pretrain-tiny-a-3steps-m.json").read_text())
+    assert (tmp_path / "merged" / "quality-pretrain-tiny-a-3steps-m.png").exists()
+    one = json.loads((tmp_path / "one" / name).read_text())
+    assert [r["arm"] for r in merged["arms"]] == [r["arm"] for r in one["arms"]]
+    assert [s["arms"] for s in merged["merged_from"]] == [["dense", "dense/seed=1"],
+                                                         ["random/inactive=skip/placement=per_block/dense_ends=1", "ltd"]]
+    for m, o in zip(merged["arms"], one["arms"]):  # same weights, batches and routing in either process
+        assert m["source"]["file"] == name and m["val_loss"] == pytest.approx(o["val_loss"], abs=1e-4)
+    assert merged["summary"]["best_dense_arm"] == "dense"
+    assert merged["summary"]["arms"].keys() == one["summary"]["arms"].keys()
+    assert merged["summary"]["dense_seed_spread"] == pytest.approx(one["summary"]["dense_seed_spread"], abs=1e-4)
+
+    assert main(base[:-4] + ["--steps", "2", "--evals", "1", "--arms", "random", "--out", str(tmp_path / "other")]) == 0
+    refusals = [([parts[0], str(tmp_path / "other" / "quality-pretrain-tiny-a-2steps.json")], "differ in budget"),
+                ([parts[0], parts[0]], "arm names repeat"), ([parts[0]], "at least two result files")]
+    partial = json.loads(open(parts[1]).read())
+    partial["partial"] = True
+    (tmp_path / "partial.json").write_text(json.dumps(partial))
+    refusals.append(([parts[0], str(tmp_path / "partial.json")], "is partial"))
+    for files, said in refusals:
+        assert main(["bench", "quality", "--merge", *files, "--out", str(tmp_path / "x")]) == 1
+        assert said in capsys.readouterr().err
