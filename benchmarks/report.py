@@ -220,13 +220,14 @@ def quality_table(records):
         best = s.get("best_dense_arm")
         lines = [f"**{run['regime']}** — {cfg['model']} (d{cfg['d_model']} L{cfg['layers']}), {cfg['batch_size']}x"
                  f"{cfg['seq_len']} tokens/step, {budget} per arm, trained on {corpus}; {run['device']}, rev "
-                 f"{(run.get('git_rev') or '?')[:7]} ([plot]({plot}))", ""]
+                 f"{(run.get('git_rev') or '?')[:7]}" + _merged_note(run) + f" ([plot]({plot}))", ""]
         if best is None:
             lines += ["| arm | steps | ms/step | speed vs dense | mean depth | final val loss | vs dense | "
                       "time to dense's final loss |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         else:
             lines += ["| arm | steps | ms/step | speed vs HF eager | speed vs best dense | mean depth | final val loss | "
-                      "vs best dense | time to best dense's final loss |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                      "vs best dense | time to best dense's final loss | best dense's time to this loss |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         x = lambda v: "—" if v is None else f"{v:.2f}x"  # noqa: E731
         notes = []
         for arm in run["arms"]:
@@ -242,9 +243,10 @@ def quality_table(records):
                 notes.append(f"¹ {arm['arm']}: its first steps took {lost:.0f} s more than its steady steps inside the "
                              "budget (compilation or first-use kernel tuning); not a fair wall-clock figure.")
             speed = x(a["speedup_vs_dense"]) + ("" if best is None else f" | {x(a['speedup_vs_best_dense'])}")
+            behind = "" if best is None else f" {x(a.get('dense_time_to_this_final_vs_dense'))} |"
             lines.append(f"| {name} | {a['steps']} | {a['step_ms_median']:.1f} | {speed} | "
                          f"{a['mean_depth_fraction']:.2f} | {a['final_val_loss']:.4f} | {a['delta_vs_dense']:+.4f} | "
-                         f"{reach} |")
+                         f"{reach} |{behind}")
         if best is None:
             spread = s.get("dense_seed_spread")
             lines += ["", ("Dense seed-to-seed spread (max - min of the final losses): " + (
@@ -260,6 +262,14 @@ def quality_table(records):
                           f"losses) per base: {spreads}."] + notes
         out.append("\n".join(lines))
     return "\n\n".join(out)
+
+
+def _merged_note(run) -> str:
+    """What the heading says of a file whose arms ran in separate processes (``cggr bench quality --merge``)."""
+    parts = run.get("merged_from")
+    if not parts:
+        return ""
+    return f"; its arms ran in {len(parts)} processes, each alone on its GPU, merged by `--merge`"
 
 
 def _load_quality(_name):

@@ -611,10 +611,20 @@ def summarise(arms: list[dict], equal_steps: bool = False) -> dict:
             "speedup_vs_best_dense": ref["step_ms_median"] / a["step_ms_median"],
             "mean_depth_fraction": a["mean_depth_fraction"],
             "seconds_to_dense_final": t,
-            "time_to_dense_final_vs_dense": None if t is None else t / ref["train_seconds_total"],
+            "time_to_dense_final_vs_dense": _fraction(t, ref["train_seconds_total"]),
             "steps_to_dense_final": s,
+            # The other way round, for an arm that never gets there: when the best dense arm passed this arm's
+            # final loss, as a fraction of its budget (1 or None: not ahead of it). Mid-schedule, so its
+            # learning rate was still high: a dense run given that shorter budget would be lower still.
+            "dense_time_to_this_final_vs_dense": _fraction(first_reach(ref["train_seconds"], ref["val_loss"],
+                                                                       a["final_val_loss"]),
+                                                           ref["train_seconds_total"]),
         }
     return out
+
+
+def _fraction(seconds: float | None, total: float) -> float | None:
+    return None if seconds is None else seconds / total
 
 
 def _spread_note(s: dict) -> str:
@@ -637,14 +647,15 @@ def format_table(result: dict) -> str:
     if "arms" not in s:
         return "\n".join([f"[{result['regime']}]", "(no dense arm ran: nothing to compare)"] + failed)
     header = ("arm", "steps", "ms/step", "speed vs eager", "speed vs best dense", "mean depth", "final val loss",
-              "vs best dense", "time to best dense's final loss")
+              "vs best dense", "time to best dense's final loss", "best dense's time to this loss")
     x = lambda v: "—" if v is None else f"{v:.2f}x"  # noqa: E731
     rows = []
     for name, a in s["arms"].items():
         rows.append((name, str(a["steps"]), f"{a['step_ms_median']:.1f}", x(a["speedup_vs_dense"]),
                      x(a.get("speedup_vs_best_dense")), f"{a['mean_depth_fraction']:.2f}",
                      f"{a['final_val_loss']:.4f}", f"{a['delta_vs_dense']:+.4f}",
-                     "never" if a["time_to_dense_final_vs_dense"] is None else x(a["time_to_dense_final_vs_dense"])))
+                     "never" if a["time_to_dense_final_vs_dense"] is None else x(a["time_to_dense_final_vs_dense"]),
+                     x(a.get("dense_time_to_this_final_vs_dense"))))
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))
@@ -694,7 +705,7 @@ def run_quality(args: argparse.Namespace) -> list[dict]:
     from .provenance import provenance
 
     if getattr(args, "merge", None):
-        return [merge_results(args.merge, Path(args.out), args.tag)]
+        return [merge_results(args.merge, Path(args.out), args.tag, command=getattr(args, "command_line", None))]
     cfg = resolve_config(args)
     device = torch.device(cfg["device"])
     if device.type == "cuda":
@@ -740,12 +751,14 @@ _MERGE_KEYS = ("model", "d_model", "layers", "heads", "batch_size", "seq_len", "
                "evals", "eval_batches", "data", "corpus", "finetune_data", "pretrain_steps", "lr_warmup")
 
 
-def merge_results(paths: list[str], out: Path, tag: str = "") -> dict:
+def merge_results(paths: list[str], out: Path, tag: str = "", command: str | None = None) -> dict:
     """One result from files of the same regime and configuration whose arms ran in separate processes
     (``CUDA_VISIBLE_DEVICES=0`` and ``=1`` on one host, say): arms concatenated in file order, each
     recording the file, device and revision it came from; the summary recomputed over all of them.
-    Writes ``quality-<regime>-...-<tag>.json`` and ``.png`` in ``out``; refuses files that differ in
-    regime or configuration, partial files and repeated arm names."""
+    Writes ``quality-<regime>-...-<tag>.json`` and ``.png`` in ``out`` (its ``command`` and ``timestamp``
+    are the merge's; the runs' are under ``merged_from``); refuses files that differ in regime or
+    configuration, partial files and repeated arm names."""
+    from .provenance import provenance
     from .training import Budget
 
     records = [json.loads(Path(p).read_text()) for p in paths]
@@ -780,6 +793,7 @@ def merge_results(paths: list[str], out: Path, tag: str = "") -> dict:
                                                           "arms", "summary", "partial")},
               "device": devices[0] if len(devices) == 1 else " + ".join(devices),
               "git_rev": first["git_rev"] if len({r["git_rev"] for r in records}) == 1 else "mixed",
+              "command": provenance(command)["command"], "timestamp": provenance()["timestamp"],
               "merged_from": sources, "config": config, "data": first["data"], **result}
     out.mkdir(parents=True, exist_ok=True)
     corpus = Path(first["data"]["B" if first["regime"] == "finetune" else "A"]["source"]).name.split(".")[0] or "corpus"

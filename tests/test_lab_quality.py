@@ -223,6 +223,11 @@ def test_summarise_picks_the_best_dense_arm_at_equal_wall_clock():
     assert s["arms"]["dense"]["seconds_to_dense_final"] is None
     assert s["arms"]["random/compile=1"]["time_to_dense_final_vs_dense"] is None
     assert s["arms"]["dense"]["delta_vs_dense"] == pytest.approx(0.3)
+    # How far behind such an arm is: the best dense arm passed HF eager's 3.3 between 3.8 at 0.5 s and 3.0
+    # at 1.0 s, and random/compile=1's 3.2 later; the routed arm's 2.8 it never reached.
+    assert s["arms"]["dense"]["dense_time_to_this_final_vs_dense"] == pytest.approx(0.5 + 0.5 * 0.5 / 0.8)
+    assert s["arms"]["random/compile=1"]["dense_time_to_this_final_vs_dense"] == pytest.approx(0.5 + 0.5 * 0.6 / 0.8)
+    assert r["dense_time_to_this_final_vs_dense"] is None and best["dense_time_to_this_final_vs_dense"] == 1.0
 
 
 def test_summarise_ties_and_missing_bases():
@@ -261,7 +266,9 @@ def test_format_table_names_the_best_dense_arm():
     assert ("best dense arm: dense/compile=1 (lowest final loss, final val loss 3.0000); dense seed spread: "
             "eager 0.1000 (seeds 0,1), compile one seed") in table
     row = next(line for line in table.splitlines() if line.startswith("random "))
-    assert row.split()[1:] == ["10", "50.0", "2.00x", "1.20x", "0.60", "2.8000", "-0.2000", "0.69x"]
+    assert row.split()[1:] == ["10", "50.0", "2.00x", "1.20x", "0.60", "2.8000", "-0.2000", "0.69x", "—"]
+    row = next(line for line in table.splitlines() if line.startswith("dense "))
+    assert row.split()[-2:] == ["never", "0.81x"]  # compile passed eager's 3.3 at 0.5 + 0.5 * 0.5 / 0.8 s
 
 
 def test_quality_bench_compiled_dense_arm(tmp_path, monkeypatch):
@@ -311,7 +318,12 @@ def test_report_renders_best_dense_summaries_and_old_ones():
            "_file": "q.json", "device": "cpu", "git_rev": "abcdef0", "arms": arms, "summary": summarise(arms)}
     table = report.quality_table([run])
     assert "| speed vs HF eager | speed vs best dense |" in table and "time to best dense's final loss |" in table
-    assert "| random | 10 | 50.0 | 2.00x | 1.20x | 0.60 | 2.8000 | -0.2000 | 0.69x |" in table
+    assert "| random | 10 | 50.0 | 2.00x | 1.20x | 0.60 | 2.8000 | -0.2000 | 0.69x | — |" in table
+    assert "| dense | 10 | 100.0 | 1.00x | 0.60x | 1.00 | 3.3000 | +0.3000 | never | 0.81x |" in table
+    assert "processes" not in table
+    merged = dict(run, merged_from=[{"timestamp": "t"}] * 3)
+    assert ", rev abcdef0; its arms ran in 3 processes, each alone on its GPU, merged by `--merge` ([plot](q.png))" \
+        in report.quality_table([merged])
     assert ("Reference: the best dense arm of seed 0, `dense/compile=1` (the lowest final loss; final loss 3.0000). "
             "Dense seed-to-seed spread (max - min of the final losses) per base: eager 0.1000 (seeds 0, 1); "
             "compile not measured (one seed).") in table
@@ -429,6 +441,7 @@ def test_results_of_parallel_processes_merge_into_one_comparison(tmp_path, monke
                                                          ["random/inactive=skip/placement=per_block/dense_ends=1", "ltd"]]
     for m, o in zip(merged["arms"], one["arms"]):  # same weights, batches and routing in either process
         assert m["source"]["file"] == name and m["val_loss"] == pytest.approx(o["val_loss"], abs=1e-4)
+    assert merged["command"].startswith("cggr bench quality --merge") and merged["git_rev"] == one["git_rev"]
     assert merged["summary"]["best_dense_arm"] == "dense"
     assert merged["summary"]["arms"].keys() == one["summary"]["arms"].keys()
     assert merged["summary"]["dense_seed_spread"] == pytest.approx(one["summary"]["dense_seed_spread"], abs=1e-4)

@@ -20,3 +20,17 @@ def test_ci_runs_the_readme_test_command():
     out = subprocess.run(["sed", "-n", "/<!-- test-command -->/{n;n;p;}", os.path.join(ROOT, "README.md")],
                          capture_output=True, text=True).stdout.strip()
     assert out == readme[i + 2]
+
+
+def test_every_file_the_readme_links_is_committed():
+    """Plots and results the README links to exist in the checkout and are not ignored by git (a link to
+    a PNG that .gitignore keeps out of the repository works here and is dead on a fresh clone)."""
+    import re
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    links = sorted(set(re.findall(r"\]\(((?:benchmarks|examples|tests|cggr|cggr_lab)/[^)#\s]+)\)", readme)))
+    assert links, "the README links no repository files"
+    missing = [p for p in links if not os.path.exists(os.path.join(ROOT, p))]
+    assert not missing, missing
+    ignored = subprocess.run(["git", "check-ignore", *links], cwd=ROOT, capture_output=True, text=True).stdout
+    assert not ignored.strip(), ignored
