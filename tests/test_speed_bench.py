@@ -159,3 +159,17 @@ def test_gpu_run_script_names_existing_arms_and_parses():
     assert all(arm in speed.ARMS for tier in tiers for arm in tier)
     assert tiers[0][:3] == ["eager", "compile", "liger"] and "cggr" in tiers[0]
     assert {"full", "light", "compile+cggr", "liger+cggr"} <= {arm for tier in tiers for arm in tier}
+
+
+def test_cggr_arm_runs_the_defaults_and_stop_arm_the_seeds_routing():
+    import cggr
+
+    def config(arm):
+        return cggr.RoutingConfig(**speed.arm_options(arm))
+
+    assert config("cggr") == config("skip") == cggr.RoutingConfig(num_buckets=4, warmup_steps=0)
+    assert (config("cggr").inactive, config("cggr").placement, config("cggr").dense_ends) == ("skip", "per_block", 1)
+    assert config("stop") == cggr.RoutingConfig(num_buckets=4, warmup_steps=0, inactive="stop", placement="nested",
+                                                 dense_ends=0)
+    assert "defaults" in speed.ARMS["cggr"].doc and "seed's" in speed.ARMS["stop"].doc
+    assert config("stop").placement == "nested" and config("full").placement == "nested"  # nothing to draw
