@@ -123,6 +123,7 @@ def test_defaults_resolve(kwargs, expected):
     router = cggr.attach(TinyLM(), **kwargs)
     assert (router.config.inactive, router.config.placement, router.config.dense_ends) == expected
     assert (router._planner.config.placement == "per_block") == (expected[1] == "per_block")
+    assert f"inactive={expected[0]!r}, placement={expected[1]!r}, dense_ends={expected[2]}" in repr(router)
 
 
 def test_inactive_stop_alone_is_the_seeds_routing():
