@@ -9,6 +9,7 @@ nothing restates a default elsewhere. Every error a user can make here is a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -224,6 +225,16 @@ class RoutingConfig:
         """Every token at full depth in every block (one bucket at depth 1): no placement routes anything."""
         return self.num_buckets == 1 and (self.depths is None or self.depths[0] >= 1.0)
 
+    def __deepcopy__(self, memo) -> "RoutingConfig":
+        """A deep copy (of a model the router is attached to, say) keeps which values were resolved automatically;
+        :func:`dataclasses.asdict` gives the plain values (for JSON, YAML: an explicit config)."""
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            object.__setattr__(new, f.name, value if isinstance(value, _Auto) else copy.deepcopy(value, memo))
+        return new
+
     def replace(self, **overrides: Any) -> "RoutingConfig":
         """A copy with ``overrides`` applied (validated); an unknown name is a TypeError listing the options."""
         unknown = sorted(set(overrides) - set(OPTION_NAMES))
@@ -266,6 +277,9 @@ class _AutoStr(_Auto, str):
     def __reduce__(self):
         return _AutoStr, (str.__str__(self),)
 
+    def __deepcopy__(self, memo):  # dataclasses.asdict deep-copies values: it gives the plain value
+        return self._plain()
+
 
 class _AutoInt(_Auto, int):
     def _plain(self) -> int:
@@ -273,6 +287,9 @@ class _AutoInt(_Auto, int):
 
     def __reduce__(self):
         return _AutoInt, (int(self),)
+
+    def __deepcopy__(self, memo):
+        return self._plain()
 
 
 def _check_int(name: str, value, low: int) -> None:

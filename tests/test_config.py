@@ -139,7 +139,16 @@ def test_resolved_values_read_as_plain_values():
     assert config == cggr.RoutingConfig(placement="per_block", dense_ends=1)
     import json
 
-    assert '"placement": "per_block", "dense_ends": 1' in json.dumps(dataclasses.asdict(config))
+    import yaml
+
+    # asdict gives the plain values (JSON, YAML's safe dumper): such a dict makes an explicit config
+    plain = dataclasses.asdict(config)
+    assert type(plain["placement"]) is str and type(plain["dense_ends"]) is int
+    assert '"placement": "per_block", "dense_ends": 1' in json.dumps(plain)
+    assert "placement: per_block" in yaml.safe_dump(plain)
+    assert cggr.RoutingConfig(**plain) == config
+    with pytest.raises(ValueError, match="needs policy='random'"):
+        cggr.RoutingConfig(**{**plain, "policy": "difficulty"})
 
 
 @pytest.mark.parametrize("copy_fn", [
@@ -148,8 +157,9 @@ def test_resolved_values_read_as_plain_values():
     lambda c, **kw: cggr.config.resolve_config(c, kw),
     lambda c, **kw: pickle.loads(pickle.dumps(c)).replace(**kw),
     lambda c, **kw: copy.deepcopy(c).replace(**kw),
-    lambda c, **kw: cggr.RoutingConfig(**{**dataclasses.asdict(c), **kw}),
-], ids=["method", "dataclasses", "resolve_config", "pickle", "deepcopy", "asdict"])
+    lambda c, **kw: copy.copy(c).replace(**kw),
+    lambda c, **kw: cggr.RoutingConfig(**{**{f: getattr(c, f) for f in cggr.config.OPTION_NAMES}, **kw}),
+], ids=["method", "dataclasses", "resolve_config", "pickle", "deepcopy", "copy", "by_name"])
 def test_replace_resolves_automatic_values_anew(copy_fn):
     default = cggr.RoutingConfig()
     for kw in (dict(policy="difficulty"), dict(policy="sampled"), dict(inactive="stop"), dict(buckets="global"),
