@@ -109,6 +109,8 @@ def time_arm(name, parallel, arm, steps, warmup, rank, world, device) -> dict:
         if spec.base == "liger":
             speed.apply_liger(model, device.type)
         router = cggr.attach(model, **record["cggr_options"]) if spec.cggr is not None else None
+        if router is not None:
+            record["routing"] = speed.routing_of(router)
         wrapped = _wrap(model, parallel, device)
         if spec.base == "compile":
             wrapped = torch.compile(wrapped)
@@ -177,7 +179,7 @@ def gradient_check(name, parallel, semantics, rank, world, device) -> dict:
                 worst = max(worst, ((grads[n] - ref).norm() / ref.norm()).item())
     worst = _max_over_ranks(worst, device)
     tolerance = 5e-2 if device.type == "cuda" else 1e-4  # bf16 on GPUs, fp32 on CPU
-    routing = {k: getattr(router.config, k) for k in ("inactive", "placement", "dense_ends")}  # as resolved
+    routing = speed.routing_of(router)
     del wrapped, model, reference
     return dict(model=name, batch=batch, seq=seq, arm="gradient_check", semantics=semantics, parallel=parallel,
                 world_size=world, routing=routing, worst_rel_err=worst, tolerance=tolerance, ok=worst < tolerance)

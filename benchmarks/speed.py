@@ -170,6 +170,11 @@ def arm_options(arm: str) -> dict | None:
     return None if spec is None else dict(dict(num_buckets=4, warmup_steps=0), **spec)
 
 
+def routing_of(router) -> dict:
+    """The routing an arm ran, cggr's defaults resolved (its options name only what the arm sets)."""
+    return {k: getattr(router.config, k) for k in ("inactive", "placement", "dense_ends")}
+
+
 def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision="bf16", device="cuda"):
     """Measure one arm in this process; returns its record (no speedups: those need the whole group)."""
     import cggr
@@ -201,6 +206,7 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision
         if spec.cggr is not None:
             stage = "cggr.attach"
             router = cggr.attach(model, **record["cggr_options"])
+            record["routing"] = routing_of(router)
         stepped = model
         if spec.base == "compile":
             stage = "torch.compile"

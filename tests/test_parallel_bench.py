@@ -40,6 +40,9 @@ def test_parallel_benchmark_runs_and_routed_gradients_match_one_process(tmp_path
     assert all(expected <= set(r) and r["gpu"].startswith("cpu") for r in records)
     assert {(r["parallel"], r["semantics"]) for r in checks} == {(p, s) for p in ("ddp", "fsdp2")
                                                                  for s in ("stop", "skip")}
+    for r in timed:
+        assert ("routing" in r) == (r["arm"] in ("cggr", "compile+cggr", "stop"))
+    assert {r["routing"]["inactive"] for r in timed if r["arm"] == "stop"} == {"stop"}
     for r in checks:
         assert r["ok"] and r["worst_rel_err"] < 1e-4, r
         assert r["routing"] == (dict(inactive="stop", placement="nested", dense_ends=0) if r["semantics"] == "stop"

@@ -140,6 +140,8 @@ def test_cpu_smoke_run(tmp_path):
     assert by["cggr"]["speedup_vs_best_dense"] == pytest.approx(
         by["eager"]["step_ms_median"] / by["cggr"]["step_ms_median"], abs=1e-3)
     assert by["cggr"]["flop_ratio_ceiling"] > 1 and by["cggr"]["mean_depth_fraction"] < 1
+    assert by["cggr"]["routing"] == dict(inactive="skip", placement="per_block", dense_ends=1)  # as resolved
+    assert "routing" not in by["eager"]
     assert by["liger"]["skipped"] == "Liger-Kernel's Triton kernels need a CUDA device"
     assert "ran past --arm-timeout" in by["compile"]["error"] and by["compile"]["failed_at"] == "process"
     for key in ("gpu", "torch", "transformers", "triton", "liger_kernel", "git_rev", "command"):
