@@ -47,7 +47,7 @@ MODELS = dict(speed.MODELS, tiny=(64, 4, 4, 128, 2, 32))  # tiny: the CPU test's
 CHECK_BATCH = (2, 256)  # per-rank batch of the gradient check (its reference runs the global batch on one GPU)
 DEFAULT_ARMS = "eager,liger,cggr,cggr+lce,liger+cggr,compile,compile+cggr"
 # The gradient checks: cggr's options for each inactive-row semantics.
-CHECKS = {"stop": dict(num_buckets=4, warmup_steps=0),
+CHECKS = {"stop": dict(num_buckets=4, warmup_steps=0, inactive="stop"),
           "skip": dict(num_buckets=4, warmup_steps=0, policy="random", inactive="skip", placement="per_block",
                        dense_ends=1)}
 
@@ -109,6 +109,8 @@ def time_arm(name, parallel, arm, steps, warmup, rank, world, device) -> dict:
         if spec.base == "liger":
             speed.apply_liger(model, device.type)
         router = cggr.attach(model, **record["cggr_options"]) if spec.cggr is not None else None
+        if router is not None:
+            record["routing"] = speed.routing_of(router)
         wrapped = _wrap(model, parallel, device)
         if spec.base == "compile":
             wrapped = torch.compile(wrapped)
@@ -166,9 +168,9 @@ def gradient_check(name, parallel, semantics, rank, world, device) -> dict:
     if rank == 0:
         all_ids = torch.cat(everyone_ids)
         if r.block_active is None:
-            how = dict(depth=torch.cat(everyone_routing))
+            how = dict(depth=torch.cat(everyone_routing), inactive=router.config.inactive)
         else:
-            how = dict(block_active=torch.cat(everyone_routing, dim=1), inactive="skip")
+            how = dict(block_active=torch.cat(everyone_routing, dim=1), inactive=router.config.inactive)
         with cggr.reference_routing(find_layer_stack(reference)[1], **how):
             reference(input_ids=all_ids, labels=all_ids).loss.backward()
         for n, p in reference.named_parameters():
@@ -177,9 +179,10 @@ def gradient_check(name, parallel, semantics, rank, world, device) -> dict:
                 worst = max(worst, ((grads[n] - ref).norm() / ref.norm()).item())
     worst = _max_over_ranks(worst, device)
     tolerance = 5e-2 if device.type == "cuda" else 1e-4  # bf16 on GPUs, fp32 on CPU
+    routing = speed.routing_of(router)
     del wrapped, model, reference
     return dict(model=name, batch=batch, seq=seq, arm="gradient_check", semantics=semantics, parallel=parallel,
-                world_size=world, worst_rel_err=worst, tolerance=tolerance, ok=worst < tolerance)
+                world_size=world, routing=routing, worst_rel_err=worst, tolerance=tolerance, ok=worst < tolerance)
 
 
 def main(argv=None):

@@ -73,19 +73,24 @@ ARMS = {
     "eager": Arm("eager", doc="HF eager"),
     "compile": Arm("compile", doc="HF under torch.compile(model), default mode"),
     "liger": Arm("liger", doc="HF with Liger-Kernel's patches (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy)"),
-    "cggr": Arm("eager", dict(policy="random"), "cggr, 4 buckets at target depth, random routing (the default)"),
+    "cggr": Arm("eager", dict(policy="random"), "cggr's defaults: the work of 4 buckets at target depth in per-block "
+                "random subsets, first and last block dense, skip semantics"),
     "cggr+lce": Arm("eager", dict(policy="random", fused_loss=True), "cggr with its own fused linear cross-entropy (no logits)"),
     "full": Arm("eager", dict(num_buckets=1), "cggr's compacted backward with every token at full depth"),
     "light": Arm("eager", dict(num_buckets=2, depths=(1.0, 0.75)), "cggr, 2 buckets at depths 1 and 0.75"),
     "skip": Arm("eager", dict(policy="random", inactive="skip", placement="per_block", dense_ends=1),
-                "cggr, skip semantics, per-block random subsets, first and last block dense (same work as cggr)"),
+                "cggr, skip semantics, per-block random subsets, first and last block dense (cggr's defaults, "
+                "spelled out)"),
+    "stop": Arm("eager", dict(policy="random", inactive="stop"),
+                "cggr, the seed's routing: stop semantics, 4 random buckets at nested depths (same work as cggr)"),
     "compile+cggr": Arm("compile", dict(policy="random"), "cggr attached, then torch.compile(model)"),
     "liger+cggr": Arm("liger", dict(policy="random"), "Liger's patches, then cggr attached"),
     "liger+full": Arm("liger", dict(num_buckets=1), "Liger's patches, then cggr with every token at full depth"),
     "liger+light": Arm("liger", dict(num_buckets=2, depths=(1.0, 0.75)), "Liger's patches, then cggr's 2 buckets"),
     "liger+skip": Arm("liger", dict(policy="random", inactive="skip", placement="per_block", dense_ends=1),
                       "Liger's patches, then cggr with skip semantics (as skip)"),
-    "difficulty": Arm("eager", dict(policy="difficulty"), "cggr, 4 buckets, routing by difficulty (the seed's rule)"),
+    "difficulty": Arm("eager", dict(policy="difficulty"), "cggr, 4 buckets at nested depths, routing by difficulty "
+                      "(the seed's rule), skip semantics"),
     "generic": Arm("eager", dict(backward="generic"), "cggr's per-linear routed backward only"),
     "mask": Arm("eager", dict(mode="mask", policy="difficulty"), "mask mode: gates gradients, saves nothing"),
 }
@@ -165,6 +170,11 @@ def arm_options(arm: str) -> dict | None:
     return None if spec is None else dict(dict(num_buckets=4, warmup_steps=0), **spec)
 
 
+def routing_of(router) -> dict:
+    """The routing an arm ran, cggr's defaults resolved (its options name only what the arm sets)."""
+    return {k: getattr(router.config, k) for k in ("inactive", "placement", "dense_ends")}
+
+
 def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision="bf16", device="cuda"):
     """Measure one arm in this process; returns its record (no speedups: those need the whole group)."""
     import cggr
@@ -196,6 +206,7 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision
         if spec.cggr is not None:
             stage = "cggr.attach"
             router = cggr.attach(model, **record["cggr_options"])
+            record["routing"] = routing_of(router)
         stepped = model
         if spec.base == "compile":
             stage = "torch.compile"

@@ -47,7 +47,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train a small Llama dense, with cggr's default (random) routing and with "
                                          "difficulty routing; plot val loss",
                        description="Train a small Llama-style model three ways (dense, cggr's default random "
-                                   "routing, the seed's difficulty routing) from identical weights on identical batches; print "
+                                   "routing, routing by difficulty as the seed did) from identical weights on identical batches; print "
                                    "step times and validation losses, save a plot and a JSON of the curves.")
     add_demo_arguments(p)
     p.set_defaults(func=_lab_command("demo", "run_demo"))

@@ -9,6 +9,7 @@ nothing restates a default elsewhere. Every error a user can make here is a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ Scorer = Literal["entropy_confidence", "entropy", "margin"]
 Backward = Literal["auto", "generic"]
 Buckets = Literal["local", "global"]
 Inactive = Literal["stop", "skip"]
-Placement = Literal["nested", "per_block"]
+Placement = Literal["auto", "nested", "per_block"]
 
 MODES = get_args(Mode)
 BACKWARDS = get_args(Backward)
@@ -91,20 +92,27 @@ class RoutingConfig:
     total_steps: int | None = None
     """Length of training in optimizer steps (needed by ``handback_steps``; the callbacks fill it in)."""
 
-    inactive: Inactive = "stop"
-    """What an inactive row means in a block: ``"stop"`` (the seed's: its gradient stops there, so the blocks
-    below and the embedding get none from it) or ``"skip"`` (its gradient passes unchanged along the residual
-    stream to the block's input; only the block's own work for it is skipped)."""
+    inactive: Inactive = "skip"
+    """What an inactive row means in a block: ``"skip"`` (the default: its gradient passes unchanged along the
+    residual stream to the block's input; only the block's own work for it is skipped) or ``"stop"`` (the
+    seed's: its gradient stops there, so the blocks below and the embedding get none from it).
+    ``inactive="stop"`` alone gives the seed's routing back (``placement="auto"`` then resolves to nested)."""
 
-    placement: Placement = "nested"
-    """Where a token is active: ``"nested"`` (the seed's: a token of depth d in the top d blocks) or
+    placement: Placement = "auto"
+    """Where a token is active: ``"nested"`` (the seed's: a token of depth d in the top d blocks),
     ``"per_block"`` (each block draws its own random subset of exactly ``round(f_b * n)`` valid tokens, fresh
-    each step; needs ``inactive="skip"`` and the random policy). The fractions keep the nested routing's total
-    work unless ``block_fractions`` gives them."""
+    each step; needs ``inactive="skip"``, the random policy and ``buckets="local"``; the fractions keep the
+    nested routing's total work unless ``block_fractions`` gives them) or ``"auto"`` (the default):
+    ``"per_block"`` where it applies (skip, random, local buckets) unless every token is at full depth anyway
+    (one bucket at depth 1, where nested does the same without the per-block draws), else ``"nested"``.
+    ``config.placement`` holds the resolved value; :meth:`replace` resolves an automatic choice anew."""
 
-    dense_ends: int = 0
+    dense_ends: int | None = None
     """Per-block placement: this many blocks at each end of the stack (bottom and top) keep every valid token;
-    the middle blocks share the rest of the work."""
+    the middle blocks share the rest of the work. None (the default) = 1 under per-block placement without
+    ``block_fractions``, else 0 (``config.dense_ends`` holds the resolved value). At most ``(L - 1) // 2``
+    are kept at each end of an ``L``-block stack, so at least one block stays routed (a 2-block stack routes
+    both of its blocks)."""
 
     block_fractions: tuple[float, ...] | None = None
     """Per-block placement: the active fraction of each block, bottom first, one per block in [0, 1] (None =
@@ -153,7 +161,8 @@ class RoutingConfig:
         _check_choice("buckets", self.buckets, BUCKETS)
         _check_choice("inactive", self.inactive, INACTIVE)
         _check_choice("placement", self.placement, PLACEMENTS)
-        _check_int("dense_ends", self.dense_ends, 0)
+        if self.dense_ends is not None:
+            _check_int("dense_ends", self.dense_ends, 0)
         if self.block_fractions is not None:
             try:
                 fr = tuple(float(f) for f in self.block_fractions)
@@ -163,6 +172,7 @@ class RoutingConfig:
                 raise ValueError(f"block_fractions must be a sequence of fractions in [0, 1], one per block (bottom "
                                  f"first), got {self.block_fractions!r}")
             object.__setattr__(self, "block_fractions", fr)
+        self._resolve_placement()
         if self.placement == "per_block":
             if self.inactive != "skip":
                 raise ValueError("placement='per_block' needs inactive='skip': under 'stop' a row cut in a block gets no "
@@ -173,12 +183,57 @@ class RoutingConfig:
             if self.buckets != "local":
                 raise ValueError("placement='per_block' draws each rank's tokens on that rank; it needs buckets='local'")
         elif self.dense_ends or self.block_fractions is not None:
+            why = (f" (placement='auto' chose 'nested' here: {self._why_nested()})"
+                   if isinstance(self.placement, _Auto) else "")
             raise ValueError("dense_ends and block_fractions choose per-block active fractions: they need "
-                             "placement='per_block'")
+                             f"placement='per_block'{why}")
         if not isinstance(self.fused_loss, bool):
             raise ValueError(f"fused_loss must be True or False, got {self.fused_loss!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    def _resolve_placement(self) -> None:
+        """``placement="auto"`` and ``dense_ends=None`` -> their values for this config. A resolved value is
+        stored marked (:class:`_AutoStr`, :class:`_AutoInt`: equal to the plain value in every use), so that a
+        copy made by :meth:`replace` or :func:`dataclasses.replace`, which passes the old values on, resolves it
+        anew for its own options; a value the user gives is plain and kept (and checked)."""
+        placement = self.placement
+        if placement == "auto" or isinstance(placement, _Auto):
+            explicit_per_block = (self.block_fractions is not None
+                                  or (self.dense_ends is not None and not isinstance(self.dense_ends, _Auto)
+                                      and self.dense_ends > 0))
+            if self._why_nested() is None and (explicit_per_block or not self._dense_anyway()):
+                placement = _AutoStr("per_block")
+            else:
+                placement = _AutoStr("nested")
+            object.__setattr__(self, "placement", placement)
+        if self.dense_ends is None or isinstance(self.dense_ends, _Auto):
+            auto_ends = 1 if placement == "per_block" and self.block_fractions is None else 0
+            object.__setattr__(self, "dense_ends", _AutoInt(auto_ends))
+
+    def _why_nested(self) -> str | None:
+        """Why per-block placement cannot apply to this config (None: it can)."""
+        if self.inactive != "skip":
+            return f"inactive={self.inactive!r}"
+        if self.policy != "random":
+            return f"policy={self.policy!r}"
+        if self.buckets != "local":
+            return f"buckets={self.buckets!r}"
+        return None
+
+    def _dense_anyway(self) -> bool:
+        """Every token at full depth in every block (one bucket at depth 1): no placement routes anything."""
+        return self.num_buckets == 1 and (self.depths is None or self.depths[0] >= 1.0)
+
+    def __deepcopy__(self, memo) -> "RoutingConfig":
+        """A deep copy (of a model the router is attached to, say) keeps which values were resolved automatically;
+        :func:`dataclasses.asdict` gives the plain values (for JSON, YAML: an explicit config)."""
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            object.__setattr__(new, f.name, value if isinstance(value, _Auto) else copy.deepcopy(value, memo))
+        return new
 
     def replace(self, **overrides: Any) -> "RoutingConfig":
         """A copy with ``overrides`` applied (validated); an unknown name is a TypeError listing the options."""
@@ -203,6 +258,38 @@ def resolve_config(config: RoutingConfig | None, overrides: dict[str, Any], owne
     except TypeError as e:
         raise TypeError(f"{owner}: {e} ({owner} takes the options of cggr.attach)" if owner != "cggr.attach"
                         else f"{owner}: {e}") from None
+
+
+class _Auto:
+    """Marks a value that ``placement="auto"`` / ``dense_ends=None`` resolved to (see
+    :meth:`RoutingConfig._resolve_placement`)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:  # shown as the plain value
+        return repr(self._plain())
+
+
+class _AutoStr(_Auto, str):
+    def _plain(self) -> str:
+        return str.__str__(self)
+
+    def __reduce__(self):
+        return _AutoStr, (str.__str__(self),)
+
+    def __deepcopy__(self, memo):  # dataclasses.asdict deep-copies values: it gives the plain value
+        return self._plain()
+
+
+class _AutoInt(_Auto, int):
+    def _plain(self) -> int:
+        return int(self)
+
+    def __reduce__(self):
+        return _AutoInt, (int(self),)
+
+    def __deepcopy__(self, memo):
+        return self._plain()
 
 
 def _check_int(name: str, value, low: int) -> None:

@@ -181,7 +181,7 @@ class Router(nn.Module):
         c = self.config
         return (f"layers={self.layer_path!r} ({self.num_layers} blocks), num_buckets={c.num_buckets}, "
                 f"warmup_steps={c.warmup_steps}, mode={c.mode!r}, policy={c.policy!r}, leak_rate={c.leak_rate}, "
-                f"buckets={c.buckets!r}")
+                f"buckets={c.buckets!r}, inactive={c.inactive!r}, placement={c.placement!r}, dense_ends={c.dense_ends}")
 
     def _install(self) -> None:
         self._installation = install.Installation(self, self._model, self._blocks, self.block_names, self.config)

@@ -10,13 +10,16 @@ Where a token is active (DESIGN.md §1, "placement"):
 * *nested* (the seed's): block ``i`` (0-based, bottom first) of an ``L``-block
   stack sees token ``t`` as active when ``depth[t] > L - 1 - i`` (active in
   blocks ``b > L - d`` with ``b = i + 1``);
-* *per-block*: each block has its own set of active tokens (``block_active``,
-  ``[L, tokens]``), and ``depth[t]`` counts the blocks where ``t`` is active.
+* *per-block* (the default where it applies: skip semantics, the random policy,
+  per-rank buckets): each block has its own set of active tokens
+  (``block_active``, ``[L, tokens]``), and ``depth[t]`` counts the blocks where
+  ``t`` is active.
 
-What an inactive row means (``inactive``): ``"stop"``, its gradient stops at
-the block (the block's input row gets none from it); ``"skip"``, the gradient
-reaching the block's output row passes unchanged to its input row (the
-residual stream), and no other part of the block receives gradient from it.
+What an inactive row means (``inactive``): ``"stop"`` (the seed's), its
+gradient stops at the block (the block's input row gets none from it);
+``"skip"`` (the default), the gradient reaching the block's output row passes
+unchanged to its input row (the residual stream), and no other part of the
+block receives gradient from it.
 
 A backward that works on a block's active rows as a tensor of their own size
 needs their number on the host. Reading it back from the device would be a
@@ -57,13 +60,15 @@ def per_block_counts(num_valid: int, num_layers: int, nested_counts: Sequence[in
     ``fractions`` given: ``round(f_b * n)`` per block. Otherwise the same total work as the nested counts
     (``sum(nested_counts)`` rows over the stack), with ``dense_ends`` blocks at each end of the stack at
     every valid token and the rest spread evenly over the middle blocks (upper blocks first take the rest).
+    At most ``(L - 1) // 2`` blocks are dense at each end, so at least one block stays routed: a stack too
+    short for its dense ends (2 blocks with ``dense_ends=1``) routes every block instead of none.
     """
     n, L = num_valid, num_layers
     if fractions is not None:
         return [min(n, max(0, int(math.floor(f * n + 0.5)))) for f in fractions]
-    ends = min(dense_ends, L // 2)
+    ends = max(0, min(dense_ends, (L - 1) // 2))
     middle = L - 2 * ends
-    if middle <= 0:
+    if middle <= 0:  # no blocks
         return [n] * L
     remaining = max(0, sum(nested_counts) - 2 * ends * n)
     base, extra = divmod(remaining, middle)

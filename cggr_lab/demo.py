@@ -4,10 +4,12 @@ Arms, trained one after another from IDENTICAL initial weights on the SAME
 batches in the same order:
 
 * ``dense``  -- plain training, the baseline;
-* ``random`` -- ``cggr.attach()`` with its default policy: random routing (the
-  best in the quality benchmark), which is also the control;
-* ``difficulty`` -- ``cggr.attach(policy="difficulty")``, the seed's routing by
-  difficulty rank (same bucket sizes and depths).
+* ``random`` -- ``cggr.attach()`` with its defaults: random routing in
+  per-block subsets, one dense block at each end, skip semantics (the best in
+  the quality benchmark);
+* ``difficulty`` -- ``cggr.attach(policy="difficulty")``: tokens ranked by
+  difficulty (the seed's rule) into nested depths, skip semantics (the same
+  backward work as ``random``).
 
 Each arm: AdamW, linear LR warm-up then cosine decay to 10 %; validation loss
 on held-out documents (eval mode, no_grad, a fixed list of batches) at step

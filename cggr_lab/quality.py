@@ -30,9 +30,13 @@ Arms are named by a spec: a base (``dense``, ``difficulty``, ``random``,
   full (default 0);
 * ``mode``     -- ``sparse`` or ``mask``; ``scorer`` -- a scorer of
   :mod:`cggr.scoring`;
-* ``inactive`` -- ``stop`` or ``skip``; ``placement`` -- ``nested`` or
-  ``per_block``; ``dense_ends`` -- blocks kept dense at each end (per-block),
-  e.g. ``random/inactive=skip/placement=per_block/dense_ends=1``;
+* ``inactive`` -- ``skip`` (cggr's default) or ``stop``; ``placement`` --
+  ``auto`` (the default), ``nested`` or ``per_block``; ``dense_ends`` -- blocks
+  kept dense at each end (per-block; default 1). An arm without them runs
+  cggr's defaults (``random``: skip semantics, per-block random subsets, one
+  dense block at each end; ``difficulty``, ``sampled``: skip semantics, nested
+  depths); ``random/inactive=stop`` is the seed's routing (stop semantics,
+  nested depths);
 * ``compile=1`` -- ``torch.compile(model)`` (default mode), after cggr is attached; ``liger=1`` --
   Liger-Kernel's patches on the model instance (its fused linear cross-entropy included), before cggr is
   attached: a CUDA device and ``liger-kernel`` needed, and a routed arm must use policy ``random`` (the
@@ -62,7 +66,7 @@ CPU in about a minute, so they have no compiled arm (Inductor on a CPU takes
 first (a compile arm resets Dynamo, and the routed arms after it recompile
 cggr's pieces in their warm-up)::
 
-    --arms dense,random,random/inactive=skip/placement=per_block/dense_ends=1,ltd,dense/compile=1,
+    --arms dense,random,random/inactive=stop,ltd,dense/compile=1,
            dense/compile=1/seed=1,dense/compile=1/seed=2,random/compile=1,dense/liger=1,random/liger=1
 
 Output (``--out``): ``quality-<tag>.json`` per regime (curves, configuration,
@@ -519,6 +523,8 @@ def _run_arm(arm, regime, cfg, prep, start_state, checkpoint_info, train_stream,
         if unpatch is not None:
             unpatch()
     epochs = batches.epochs_used + (checkpoint_info["epochs_of_A"] if regime == "continued" else 0.0)
+    if router is not None:  # the routing the arm ran, defaults resolved (an arm spec names only what it sets)
+        r["routing"] = {k: getattr(router.config, k) for k in ("inactive", "placement", "dense_ends")}
     r.update(arm=arm["name"], policy=arm["policy"], seed=arm["seed"], options=arm.get("ltd", arm["attach"]),
              backend=backend, untimed_warmup_seconds=warm_seconds,
              warmup=arm["warmup"], handback=arm["handback"], epochs_of_training_data=epochs,

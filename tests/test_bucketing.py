@@ -151,7 +151,7 @@ def test_global_buckets_without_a_process_group_are_local():
     for buckets in ("local", "global"):
         torch.manual_seed(0)
         model = TinyLM()
-        router = cggr.attach(model, warmup_steps=0, buckets=buckets)
+        router = cggr.attach(model, warmup_steps=0, buckets=buckets, placement="nested")
         model(ids).sum().backward()
         depths.append(router.routing.depth)
     assert torch.equal(*depths)

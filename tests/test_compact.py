@@ -13,7 +13,7 @@ import cggr
 from cggr.compact import CompactedForward, _structural_family, compact_decision, compact_family
 from cggr.compact import verify as V
 from cggr.routing import Routing
-from tiny import hf_model, rel_err
+from tiny import hf_model, rel_err, routed_as
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=61, max_position_embeddings=64, pad_token_id=0)
@@ -139,7 +139,7 @@ def test_rejected_blocks_train_exactly_through_the_router():
     model(input_ids=ids, labels=ids).loss.backward()
     depth = router.routing.depth
     assert depth.min() < 4 and not router.routing.compact_blocks
-    with cggr.reference_routing(list(ref.model.layers), depth):
+    with cggr.reference_routing(list(ref.model.layers), **routed_as(router)):
         ref(input_ids=ids, labels=ids).loss.backward()
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         assert rel_err(p.grad, q.grad) < 1e-5 if q.grad.norm() > 0 else p.grad.norm() == 0, n

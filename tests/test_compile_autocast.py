@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import cggr
 from cggr.adapters import find_layer_stack
-from tiny import TinyLM, flat_grads, hf_model, rel_err
+from tiny import TinyLM, flat_grads, hf_model, rel_err, routed_as
 
 VOCAB = 97
 _HAS_BACKWARD_OPTION = "backward" in cggr.config.OPTION_NAMES
@@ -45,9 +45,10 @@ def _assert_close(g_fast, g_ref, tol):
         assert err < tol, f"{name}: relative error {err:.2e}"
 
 
-def _reference_grads(ref_model, depth, loss_fn):
+def _reference_grads(ref_model, how, loss_fn):
+    """``how``: the routing, as :func:`tiny.routed_as` gives it."""
     _, blocks = find_layer_stack(ref_model)
-    with cggr.reference_routing(blocks, depth):
+    with cggr.reference_routing(blocks, **how):
         loss_fn(ref_model).backward()
     return flat_grads(ref_model)
 
@@ -70,7 +71,7 @@ def test_compiled_hf_llama_matches_eager_reference(backward):
     depth = router.routing.depth.clone()
     assert depth.shape == batch["input_ids"].shape and _routed_depth_is_mixed(depth, router.num_layers)
     assert (depth[0, :2] == 0).all()  # next label is -100
-    g_ref = _reference_grads(ref, depth, lambda m: m(**batch).loss)
+    g_ref = _reference_grads(ref, routed_as(router), lambda m: m(**batch).loss)
     _assert_close(flat_grads(model), g_ref, 1e-5)
     # a second step (new routing, the curriculum stepped) reuses the compiled code and stays exact
     router.step()
@@ -78,7 +79,7 @@ def test_compiled_hf_llama_matches_eager_reference(backward):
     ref.zero_grad(set_to_none=True)
     batch2 = _hf_batch(seed=1)
     compiled(**batch2).loss.backward()
-    g_ref2 = _reference_grads(ref, router.routing.depth.clone(), lambda m: m(**batch2).loss)
+    g_ref2 = _reference_grads(ref, routed_as(router), lambda m: m(**batch2).loss)
     _assert_close(flat_grads(model), g_ref2, 1e-5)
 
 
@@ -95,7 +96,7 @@ def test_compiled_tiny_lm_matches_eager_reference():
     _tiny_loss(compiled, ids, targets).backward()
     depth = router.routing.depth.clone()
     assert _routed_depth_is_mixed(depth, router.num_layers)
-    g_ref = _reference_grads(ref, depth, lambda m: _tiny_loss(m, ids, targets))
+    g_ref = _reference_grads(ref, routed_as(router), lambda m: _tiny_loss(m, ids, targets))
     _assert_close(flat_grads(model), g_ref, 1e-5)
 
 
@@ -150,7 +151,7 @@ def test_bf16_autocast_hf_close_to_fp32_reference(kind, backward, checkpointing)
     assert _routed_depth_is_mixed(depth, router.num_layers)
     assert router.routing.compact_blocks == (set(range(router.num_layers)) if backward == "auto" else set())
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
-    g_ref = _reference_grads(ref, depth, lambda m: m(**batch).loss)  # fp32, no autocast
+    g_ref = _reference_grads(ref, routed_as(router), lambda m: m(**batch).loss)  # fp32, no autocast
     g = flat_grads(model)
     scale = max(v.norm().item() for v in g_ref.values())
     for name, r in g_ref.items():
@@ -170,8 +171,7 @@ def test_bf16_autocast_tiny_lm_close_to_fp32_reference():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = _tiny_loss(model, ids, targets)
     loss.backward()
-    depth = router.routing.depth.clone()
-    g_ref = _reference_grads(ref, depth, lambda m: _tiny_loss(m, ids, targets))
+    g_ref = _reference_grads(ref, routed_as(router), lambda m: _tiny_loss(m, ids, targets))
     grads = flat_grads(model)
     scale = max(v.norm().item() for v in g_ref.values())
     for name, r in g_ref.items():
@@ -188,7 +188,7 @@ def test_inductor_compiled_tiny_lm_matches_eager_reference(inactive):
     torch.manual_seed(0)
     model = TinyLM(vocab=VOCAB, layers=2)
     ref = copy.deepcopy(model)
-    router = cggr.attach(model, num_buckets=2, warmup_steps=0, inactive=inactive)
+    router = cggr.attach(model, num_buckets=2, warmup_steps=0, **({} if inactive == "skip" else dict(inactive=inactive)))
     compiled = torch.compile(model)
     g = torch.Generator().manual_seed(5)
     for step in range(2):
@@ -199,7 +199,8 @@ def test_inductor_compiled_tiny_lm_matches_eager_reference(inactive):
         _tiny_loss(compiled, ids, targets).backward()
         depth = router.routing.depth.clone()
         assert _routed_depth_is_mixed(depth, router.num_layers)
-        with cggr.reference_routing(find_layer_stack(ref)[1], depth, inactive=inactive):
+        assert router.config.placement == ("nested" if inactive == "stop" else "per_block")  # stop: the seed's
+        with cggr.reference_routing(find_layer_stack(ref)[1], **routed_as(router)):
             _tiny_loss(ref, ids, targets).backward()
         _assert_close(flat_grads(model), flat_grads(ref), 1e-5)
         router.step()

@@ -1,9 +1,14 @@
 """Every error a user can make names the argument and the allowed values."""
 
+import copy
+import dataclasses
+import pickle
+
 import pytest
 import torch
 
 import cggr
+import cggr.config
 from tiny import TinyLM
 
 
@@ -88,3 +93,114 @@ def test_every_option_has_a_docstring():
     documented = {a.target.id for a, d in zip(body, body[1:])
                   if isinstance(a, ast.AnnAssign) and isinstance(d, ast.Expr) and isinstance(d.value, ast.Constant)}
     assert documented == set(config_module.OPTION_NAMES)
+
+
+# ---------------------------------------------------------------- the defaults and their automatic resolution
+SEED = dict(inactive="stop", placement="nested", dense_ends=0)  # the seed's routing
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    (dict(), ("skip", "per_block", 1)),  # the default: skip, per-block, one dense block at each end
+    (dict(policy="difficulty"), ("skip", "nested", 0)),
+    (dict(policy="sampled"), ("skip", "nested", 0)),
+    (dict(buckets="global"), ("skip", "nested", 0)),
+    (dict(inactive="stop"), ("stop", "nested", 0)),  # the seed's routing: one argument away
+    (dict(inactive="stop", policy="difficulty"), ("stop", "nested", 0)),
+    (dict(num_buckets=1), ("skip", "nested", 0)),  # every token at full depth: no per-block draws
+    (dict(num_buckets=1, depths=(0.5,)), ("skip", "per_block", 1)),
+    (dict(mode="mask"), ("skip", "per_block", 1)),
+    (dict(leak_rate=0.25), ("skip", "per_block", 1)),
+    (dict(dense_ends=2), ("skip", "per_block", 2)),
+    (dict(dense_ends=0), ("skip", "per_block", 0)),
+    (dict(block_fractions=(1.0, 0.5, 0.5, 1.0)), ("skip", "per_block", 0)),
+    (dict(placement="nested"), ("skip", "nested", 0)),
+    (dict(placement="per_block"), ("skip", "per_block", 1)),
+    (dict(placement="auto", dense_ends=None), ("skip", "per_block", 1)),
+])
+def test_defaults_resolve(kwargs, expected):
+    config = cggr.RoutingConfig(**kwargs)
+    assert (config.inactive, config.placement, config.dense_ends) == expected
+    router = cggr.attach(TinyLM(), **kwargs)
+    assert (router.config.inactive, router.config.placement, router.config.dense_ends) == expected
+    assert (router._planner.config.placement == "per_block") == (expected[1] == "per_block")
+    assert f"inactive={expected[0]!r}, placement={expected[1]!r}, dense_ends={expected[2]}" in repr(router)
+
+
+def test_inactive_stop_alone_is_the_seeds_routing():
+    assert cggr.RoutingConfig(inactive="stop") == cggr.RoutingConfig(**SEED)
+    assert cggr.RoutingConfig(inactive="stop", policy="difficulty") == cggr.RoutingConfig(policy="difficulty", **SEED)
+
+
+def test_resolved_values_read_as_plain_values():
+    config = cggr.RoutingConfig()
+    assert config.placement == "per_block" and config.dense_ends == 1 and config.placement != "auto"
+    assert "placement='per_block', dense_ends=1" in repr(config)
+    assert hash(config) == hash(cggr.RoutingConfig(placement="per_block", dense_ends=1))
+    assert config == cggr.RoutingConfig(placement="per_block", dense_ends=1)
+    import json
+
+    import yaml
+
+    # asdict gives the plain values (JSON, YAML's safe dumper): such a dict makes an explicit config
+    plain = dataclasses.asdict(config)
+    assert type(plain["placement"]) is str and type(plain["dense_ends"]) is int
+    assert '"placement": "per_block", "dense_ends": 1' in json.dumps(plain)
+    assert "placement: per_block" in yaml.safe_dump(plain)
+    assert cggr.RoutingConfig(**plain) == config
+    with pytest.raises(ValueError, match="needs policy='random'"):
+        cggr.RoutingConfig(**{**plain, "policy": "difficulty"})
+
+
+@pytest.mark.parametrize("copy_fn", [
+    lambda c, **kw: c.replace(**kw),
+    lambda c, **kw: dataclasses.replace(c, **kw),
+    lambda c, **kw: cggr.config.resolve_config(c, kw),
+    lambda c, **kw: pickle.loads(pickle.dumps(c)).replace(**kw),
+    lambda c, **kw: copy.deepcopy(c).replace(**kw),
+    lambda c, **kw: copy.copy(c).replace(**kw),
+    lambda c, **kw: cggr.RoutingConfig(**{**{f: getattr(c, f) for f in cggr.config.OPTION_NAMES}, **kw}),
+], ids=["method", "dataclasses", "resolve_config", "pickle", "deepcopy", "copy", "by_name"])
+def test_replace_resolves_automatic_values_anew(copy_fn):
+    default = cggr.RoutingConfig()
+    for kw in (dict(policy="difficulty"), dict(policy="sampled"), dict(inactive="stop"), dict(buckets="global"),
+               dict(num_buckets=1)):
+        c = copy_fn(default, **kw)
+        assert (c.placement, c.dense_ends) == ("nested", 0), kw
+        back = copy_fn(c, **{k: getattr(default, k) for k in kw})  # and back to the default
+        assert (back.placement, back.dense_ends) == ("per_block", 1), kw
+    assert copy_fn(cggr.RoutingConfig(policy="difficulty"), policy="random").placement == "per_block"
+    assert copy_fn(default, inactive="stop") == cggr.RoutingConfig(**SEED)
+    assert copy_fn(default, seed=3).placement == "per_block"
+    # values the user gave are kept, and checked against the new options
+    assert copy_fn(cggr.RoutingConfig(placement="nested"), policy="random").placement == "nested"
+    assert copy_fn(cggr.RoutingConfig(dense_ends=2), seed=1).dense_ends == 2
+    assert copy_fn(default, placement="nested").dense_ends == 0
+    with pytest.raises(ValueError, match="needs policy='random'"):
+        copy_fn(cggr.RoutingConfig(placement="per_block"), policy="difficulty")
+    with pytest.raises(ValueError, match=r"need placement='per_block' \(placement='auto' chose 'nested' here: "
+                                         r"inactive='stop'\)"):
+        copy_fn(cggr.RoutingConfig(dense_ends=1), inactive="stop")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(placement="everywhere"), r"placement must be one of \('auto', 'nested', 'per_block'\), got 'everywhere'"),
+    (dict(placement=None), r"placement must be one of \('auto', 'nested', 'per_block'\)"),
+    (dict(dense_ends=-1), "dense_ends must be an integer >= 0"),
+    (dict(dense_ends=1.5), "dense_ends must be an integer >= 0"),
+    (dict(dense_ends=True), "dense_ends must be an integer >= 0"),
+    (dict(inactive="pass"), r"inactive must be one of \('stop', 'skip'\)"),
+    (dict(placement="per_block", inactive="stop"), "placement='per_block' needs inactive='skip'"),
+    (dict(placement="per_block", policy="difficulty"), "needs policy='random', got policy='difficulty'"),
+    (dict(placement="per_block", buckets="global"), "needs buckets='local'"),
+    (dict(placement="nested", dense_ends=1), r"need placement='per_block'$"),
+    (dict(placement="nested", block_fractions=(1.0,) * 4), r"need placement='per_block'$"),
+    (dict(dense_ends=1, policy="difficulty"),
+     r"need placement='per_block' \(placement='auto' chose 'nested' here: policy='difficulty'\)"),
+    (dict(block_fractions=(1.0,) * 4, buckets="global"),
+     r"need placement='per_block' \(placement='auto' chose 'nested' here: buckets='global'\)"),
+])
+def test_placement_options_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cggr.RoutingConfig(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        cggr.attach(TinyLM(), **kwargs)

@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from tiny import routed_as
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="needs CUDA with compiled Triton (TRITON_INTERPRET=0)")
@@ -81,7 +82,7 @@ def test_bf16_routed_gradients_match_fp32_reference(mode, family, checkpointing)
     router = cggr.attach(fast, warmup_steps=0, mode=mode)
     fast(input_ids=ids, labels=ids).loss.backward()
     depth = router.routing.depth
-    with cggr.reference_routing(find_layer_stack(ref)[1], depth, mode=mode):
+    with cggr.reference_routing(find_layer_stack(ref)[1], mode=mode, **routed_as(router)):
         ref(input_ids=ids, labels=ids).loss.backward()
     g, gr = _grads(fast), _grads(ref)
     worst = 0.0
@@ -112,7 +113,7 @@ def test_bf16_autocast_compacted_gradients_match_fp32_reference(family):
     loss.backward()
     depth = router.routing.depth
     assert len(router.routing.compact_blocks) == 12
-    with cggr.reference_routing(find_layer_stack(ref)[1], depth):
+    with cggr.reference_routing(find_layer_stack(ref)[1], **routed_as(router)):
         ref(input_ids=ids, labels=ids).loss.backward()
     g, gr = _grads(base), _grads(ref)
     worst = max(((g[n] - r).norm() / r.norm()).item() for n, r in gr.items() if r.norm() > 0)
@@ -131,7 +132,7 @@ def test_fp32_routed_gradients_match_reference_on_gpu():
     ids = torch.randint(0, 32000, (2, 256), device="cuda")
     router = cggr.attach(base, warmup_steps=0)
     base(input_ids=ids, labels=ids).loss.backward()
-    with cggr.reference_routing(find_layer_stack(ref)[1], router.routing.depth):
+    with cggr.reference_routing(find_layer_stack(ref)[1], **routed_as(router)):
         ref(input_ids=ids, labels=ids).loss.backward()
     g, gr = _grads(base), _grads(ref)
     for name, r in gr.items():

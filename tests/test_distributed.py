@@ -166,7 +166,7 @@ def _run_case(rank: int, world: int, kind: str, backward: str, order: str, data:
         expected = buckets_to_depths(rank_buckets_reference(everyone[rank][3], valid, 2), router.bucket_depths())
     _, ref_blocks = find_layer_stack(ref)
     for ids_r, labels_r, depth_r, _, _, per_block_r in everyone:
-        how = (dict(depth=depth_r) if per_block_r is None else
+        how = (dict(depth=depth_r, inactive=router.config.inactive) if per_block_r is None else
                dict(inactive="skip", block_active=per_block_r))
         with cggr.reference_routing(ref_blocks, **how):
             _loss(ref(input_ids=ids_r, labels=labels_r).logits, labels_r).backward()

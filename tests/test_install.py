@@ -11,19 +11,19 @@ import torch.nn.functional as F
 
 import cggr
 from cggr.adapters import find_layer_stack
-from tiny import TinyBlock, TinyLM, flat_grads, hf_model, rel_err
+from tiny import TinyBlock, TinyLM, flat_grads, hf_model, rel_err, routed_as
 
 
 def _tiny_loss(model, ids):
     return F.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
 
 
-def _reference_grads(model, depth, loss_fn):
+def _reference_grads(model, router, loss_fn):
     ref = copy.deepcopy(model)
     if getattr(ref, "_cggr_router", None) is not None:
         ref._cggr_router.detach()
     ref.zero_grad(set_to_none=True)
-    with cggr.reference_routing(find_layer_stack(ref)[1], depth):
+    with cggr.reference_routing(find_layer_stack(ref)[1], **routed_as(router)):
         loss_fn(ref).backward()
     return flat_grads(ref)
 
@@ -49,7 +49,7 @@ def test_deepcopy_of_an_attached_model_routes_the_copy(kind, seed):
     assert all(p.grad is None for p in model.parameters()), "gradients reached the original model"
     router = twin._cggr_router
     assert router is not model._cggr_router and router.model is twin
-    _assert_close(flat_grads(twin), _reference_grads(twin, router.routing.depth, loss_fn))
+    _assert_close(flat_grads(twin), _reference_grads(twin, router, loss_fn))
 
 
 @pytest.mark.parametrize("kind", ["tiny", "llama"])
@@ -68,7 +68,7 @@ def test_pickled_attached_model_trains_exactly(kind):
     loss_fn(loaded).backward()
     router = loaded._cggr_router
     assert router.model is loaded
-    _assert_close(flat_grads(loaded), _reference_grads(loaded, router.routing.depth, loss_fn))
+    _assert_close(flat_grads(loaded), _reference_grads(loaded, router, loss_fn))
     assert pickle.loads(pickle.dumps(router.config)) == router.config
 
 
@@ -152,5 +152,5 @@ def test_named_tuple_block_output_is_routed():
     cggr.attach(model, warmup_steps=0)
     ids = torch.randint(0, 61, (2, 6))
     _tiny_loss(model, ids).backward()
-    _assert_close(flat_grads(model), _reference_grads(model, model._cggr_router.routing.depth,
+    _assert_close(flat_grads(model), _reference_grads(model, model._cggr_router,
                                                      lambda m: _tiny_loss(m, ids)))

@@ -15,7 +15,7 @@ import torch
 
 import cggr
 from cggr.adapters import find_layer_stack
-from tiny import TokenDataset, flat_grads, hf_model
+from tiny import TokenDataset, flat_grads, hf_model, routed_as
 
 TOL = 1e-5
 VOCAB = 97
@@ -28,11 +28,12 @@ def _assert_equal_grads(g_fast, g_ref):
         assert err < TOL, f"{name}: relative error {err:.2e}"
 
 
-def _reference_backward(ref_model, batches_and_depths, scale=1.0):
-    """Backward of every (inputs, depth) through ``ref_model`` under the reference routing of its depth."""
+def _reference_backward(ref_model, batches_and_routings, scale=1.0):
+    """Backward of every (inputs, routing) through ``ref_model`` under the reference of that routing (as
+    :func:`tiny.routed_as` gives it)."""
     _, blocks = find_layer_stack(ref_model)
-    for inputs, depth in batches_and_depths:
-        with cggr.reference_routing(blocks, depth):
+    for inputs, how in batches_and_routings:
+        with cggr.reference_routing(blocks, **how):
             (ref_model(**inputs).loss * scale).backward()
 
 
@@ -132,7 +133,7 @@ def test_trainer_callback_steps_logs_and_resume(tmp_path):
     assert sorted(logs) == [1, 2, 3, 4, 5, 6]
     for step, entry in logs.items():
         assert entry["cggr/step"] == step
-        assert {"cggr/mean_depth_fraction", "cggr/backward_flops_skipped", "cggr/bucket_0_fraction"} <= set(entry)
+        assert {"cggr/mean_depth_fraction", "cggr/backward_flops_skipped", "cggr/valid_tokens"} <= set(entry)
     assert logs[1]["cggr/mean_depth_fraction"] > logs[6]["cggr/mean_depth_fraction"]  # the curriculum moved
     assert "cggr/mean_depth_fraction" in probe.logged_keys  # install() put cggr ahead of the reporters
     saved = torch.load(out / "checkpoint-3" / "cggr_state.pt", weights_only=True)
@@ -217,14 +218,15 @@ def test_gradient_accumulation_routes_each_micro_batch(backward):
     ref = copy.deepcopy(model)  # before attaching
     router = _attach(model, backward, warmup_steps=0)
     micro = [_batch(10, seq=12, pad_from=8), _batch(11, seq=9)]
-    depths = []
+    depths, routings = [], []
     for inputs in micro:
         (model(**inputs).loss / len(micro)).backward()
         depths.append(router.routing.depth.clone())
+        routings.append(routed_as(router))
     assert depths[0].shape != depths[1].shape
     assert (depths[0][0, 7:] == 0).all()  # padding and the positions predicting it
     assert all(d.min() < router.num_layers for d in depths)
-    _reference_backward(ref, zip(micro, depths), scale=1 / len(micro))
+    _reference_backward(ref, zip(micro, routings), scale=1 / len(micro))
     _assert_equal_grads(flat_grads(model), flat_grads(ref))
 
 
@@ -245,7 +247,7 @@ def test_peft_lora_adapter_gradients_equal_reference():
     model(**inputs).loss.backward()
     depth = router.routing.depth
     assert depth.min() < router.num_layers
-    _reference_backward(ref, [(inputs, depth)])
+    _reference_backward(ref, [(inputs, routed_as(router))])
     trainable = flat_grads(model)
     assert trainable and all("lora_" in n for n in trainable)
     _assert_equal_grads(trainable, flat_grads(ref))
@@ -286,26 +288,26 @@ def _checkpointed_model(reentrant: bool, backward):
 def _checkpointed_case(reentrant: bool, order: str, backward):
     model, ref, router = _checkpointed_model(reentrant, backward)
     micro = [_batch(20, seq=12, pad_from=10), _batch(21, seq=12)]
-    depths = []
+    routings = []
     if order == "sequential":  # forward, backward, forward, backward (what the Trainer does)
         for inputs in micro:
             model(**inputs).loss.backward()
-            depths.append(router.routing.depth)
+            routings.append(router.routing)
     elif order == "interleaved":  # both forwards, then one backward
         losses = []
         for inputs in micro:
             losses.append(model(**inputs).loss)
-            depths.append(router.routing.depth)
+            routings.append(router.routing)
         sum(losses).backward()
     else:  # "eval_between": an evaluation forward between a training forward and its backward
         micro = micro[:1]
         loss = model(**micro[0]).loss
-        depths.append(router.routing.depth)
+        routings.append(router.routing)
         with torch.no_grad():
             model(input_ids=micro[0]["input_ids"][:, :5])
         loss.backward()
-    assert min(d.min().item() for d in depths) < router.num_layers
-    _reference_backward(ref, zip(micro, depths))
+    assert min(r.depth.min().item() for r in routings) < router.num_layers
+    _reference_backward(ref, [(inputs, routed_as(router, r)) for inputs, r in zip(micro, routings)])
     _assert_equal_grads(flat_grads(model), flat_grads(ref))
 
 
@@ -360,3 +362,23 @@ def test_importing_cggr_does_not_need_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "lazy"
+
+
+def test_callback_options_resolve_the_defaults_for_their_own_options():
+    """The callbacks fill in total_steps late (handback): the automatic placement is resolved for the options the
+    callback attaches with, not frozen at the defaults'."""
+    from cggr.integrations.hf import CGGRCallback
+
+    def resolved(config):
+        return config.inactive, config.placement, config.dense_ends
+
+    assert resolved(CGGRCallback().options.resolve(None)) == ("skip", "per_block", 1)
+    assert resolved(CGGRCallback(policy="difficulty").options.resolve(None)) == ("skip", "nested", 0)
+    assert resolved(CGGRCallback(cggr.RoutingConfig(), inactive="stop").options.resolve(None)) == ("stop", "nested", 0)
+    by_name = CGGRCallback(policy="sampled").options.by_name
+    assert (by_name["placement"], by_name["dense_ends"]) == ("nested", 0)
+    assert cggr.RoutingConfig(**{**CGGRCallback().options.by_name, "policy": "difficulty"}).placement == "nested"
+    handback = CGGRCallback(cggr.RoutingConfig(policy="difficulty"), policy="random", handback_steps=2).options
+    assert resolved(handback.resolve(10)) == ("skip", "per_block", 1) and handback.resolve(10).total_steps == 10
+    seed = CGGRCallback(cggr.RoutingConfig(inactive="stop"), handback_steps=2).options.resolve(10)
+    assert resolved(seed) == ("stop", "nested", 0)

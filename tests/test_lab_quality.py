@@ -131,12 +131,18 @@ def test_quality_bench_streams_a_tokenized_corpus(tmp_path, monkeypatch, capsys)
     argv = ["bench", "quality", "--model", "tiny", "--d-model", "32", "--layers", "4", "--heads", "2",
             "--seq-len", "32", "--batch-size", "2", "--steps", "3", "--evals", "1", "--eval-batches", "1",
             "--corpus", str(tmp_path / "corpus"), "--regimes", "pretrain",
-            "--arms", "dense,random/inactive=skip/placement=per_block/dense_ends=1", "--out", str(tmp_path / "out")]
+            "--arms", "dense,random/inactive=skip/placement=per_block/dense_ends=1,random/inactive=stop",
+            "--out", str(tmp_path / "out")]
     assert main(argv) == 0
     rec = json.loads(next((tmp_path / "out").glob("quality-pretrain-*.json")).read_text())
     arms = {r["arm"]: r for r in rec["arms"]}
     assert arms["random/inactive=skip/placement=per_block/dense_ends=1"]["steps"] == 3
     assert arms["random/inactive=skip/placement=per_block/dense_ends=1"]["mean_depth_fraction"] < 1.0
+    # each routed arm records the routing it ran, cggr's defaults resolved
+    assert arms["random/inactive=skip/placement=per_block/dense_ends=1"]["routing"] == dict(
+        inactive="skip", placement="per_block", dense_ends=1)
+    assert arms["random/inactive=stop"]["routing"] == dict(inactive="stop", placement="nested", dense_ends=0)
+    assert "routing" not in arms["dense"]
     assert json.dumps(rec).count(str(tmp_path / "corpus")) >= 1  # the source is recorded
     capsys.readouterr()
     assert main(["bench", "quality", "--corpus", "x", "--data", "y", "--steps", "1"]) == 1
@@ -155,6 +161,10 @@ def test_parse_arm_backends():
     a = parse_arm("ltd/keep=0.5/liger=1")
     assert a["backend"] == "liger" and a["ltd"] == {"start_keep": 0.5, "ramp": 0.7}
     assert parse_arm("random/compile=0")["backend"] == "eager"
+    # an arm without routing options runs cggr's defaults: parse_arm adds none of its own
+    assert parse_arm("random")["attach"] == {} and parse_arm("difficulty")["attach"] == {}
+    assert parse_arm("random/inactive=stop")["attach"] == {"inactive": "stop"}
+    assert parse_arm("random/placement=auto")["attach"] == {"placement": "auto"}
 
 
 @pytest.mark.parametrize("spec,match", [

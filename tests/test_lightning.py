@@ -119,7 +119,7 @@ def test_lightning_callback_steps_logs_checkpoint_and_resume(tmp_path):
     assert sorted(records) == [0, 1, 2, 3]  # Lightning's logger step counts finished optimizer steps from 0
     for logger_step, m in records.items():
         assert m["cggr/step"] == logger_step + 1
-        assert {"cggr/mean_depth_fraction", "cggr/backward_flops_skipped", "cggr/bucket_0_fraction"} <= set(m)
+        assert {"cggr/mean_depth_fraction", "cggr/backward_flops_skipped", "cggr/valid_tokens"} <= set(m)
     assert records[0]["cggr/mean_depth_fraction"] > records[3]["cggr/mean_depth_fraction"]  # the curriculum moved
     assert trainer.callback_metrics["cggr/step"].item() == 4
 

@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_parallel_benchmark_runs_and_routed_gradients_match_one_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     # The arms a CPU runs (Inductor included; Liger needs a GPU: recorded as skipped), every gradient check.
-    arms = ("eager", "compile", "liger", "cggr", "compile+cggr", "skip")
+    arms = ("eager", "compile", "liger", "cggr", "compile+cggr", "stop")  # cggr: its defaults; stop: the seed's
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            os.path.join(ROOT, "benchmarks", "parallel.py"), "--model", "tiny", "--steps", "2", "--warmup", "1",
            "--arms", ",".join(arms), "--out", str(tmp_path)]
@@ -40,6 +40,11 @@ def test_parallel_benchmark_runs_and_routed_gradients_match_one_process(tmp_path
     assert all(expected <= set(r) and r["gpu"].startswith("cpu") for r in records)
     assert {(r["parallel"], r["semantics"]) for r in checks} == {(p, s) for p in ("ddp", "fsdp2")
                                                                  for s in ("stop", "skip")}
+    for r in timed:
+        assert ("routing" in r) == (r["arm"] in ("cggr", "compile+cggr", "stop"))
+    assert {r["routing"]["inactive"] for r in timed if r["arm"] == "stop"} == {"stop"}
     for r in checks:
         assert r["ok"] and r["worst_rel_err"] < 1e-4, r
+        assert r["routing"] == (dict(inactive="stop", placement="nested", dense_ends=0) if r["semantics"] == "stop"
+                                else dict(inactive="skip", placement="per_block", dense_ends=1)), r
     assert "gradient" in done.stdout and "| tiny | ddp | 2 |" in done.stdout and "skipped [1]" in done.stdout

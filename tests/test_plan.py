@@ -20,7 +20,7 @@ def test_nested_counts_match_the_buckets(seed, policy):
     g = torch.Generator().manual_seed(seed)
     valid = torch.rand(3, 11, generator=g) < 0.8
     logits = torch.randn(3, 11, 17, generator=g)
-    r, nonfinite = _decide(RoutingConfig(policy=policy, warmup_steps=0), 6, valid, logits, seed=seed)
+    r, nonfinite = _decide(RoutingConfig(policy=policy, warmup_steps=0, placement="nested"), 6, valid, logits, seed=seed)
     n = int(valid.sum())
     assert r.active_counts_tensor().tolist() == block_counts(n, 6, [6, 5, 3, 2])
     assert (r.depth[~valid] == 0).all() and (r.depth[valid] > 0).all()

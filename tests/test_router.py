@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import cggr
 from cggr.adapters import find_layer_stack
-from tiny import TinyLM, flat_grads, hf_model, rel_err
+from tiny import TinyLM, flat_grads, hf_model, rel_err, routed_as
 
 TOL = 1e-5
 MODELS = ["tiny", "llama", "llama-generic", "mistral", "gpt2", "gpt2-generic", "gpt_neox"]  # llama, mistral, gpt2: compacted
@@ -30,7 +30,7 @@ def _loss(kind, model, ids, labels=None, attention_mask=None):
     return model(input_ids=ids, labels=labels if labels is not None else ids, attention_mask=attention_mask).loss
 
 
-def _routed_and_reference(kind, mode, leak, progress, seed, policy="difficulty", padded=False):
+def _routed_and_reference(kind, mode, leak, progress, seed, policy="difficulty", padded=False, **options):
     model = _build(kind, seed)
     ref = copy.deepcopy(model)
     g = torch.Generator().manual_seed(seed)
@@ -44,13 +44,13 @@ def _routed_and_reference(kind, mode, leak, progress, seed, policy="difficulty",
         labels[1, :4] = -100  # a prompt masked out of the loss
     backward = "generic" if kind.endswith("-generic") else "auto"
     router = cggr.attach(model, warmup_steps=8, mode=mode, leak_rate=leak, policy=policy, seed=seed,
-                         backward=backward)
+                         backward=backward, **options)
     for _ in range(round(progress * 8)):
         router.step()
     _loss(kind, model, ids, labels, attention_mask).backward()
     depth = router.routing.depth
     _, ref_blocks = find_layer_stack(ref)
-    with cggr.reference_routing(ref_blocks, depth, mode=mode, leak_rate=leak):
+    with cggr.reference_routing(ref_blocks, mode=mode, leak_rate=leak, **routed_as(router)):
         _loss(kind, ref, ids, labels, attention_mask).backward()
     return router, flat_grads(model), flat_grads(ref), depth
 
@@ -62,11 +62,17 @@ def _assert_equal_grads(g_fast, g_ref):
         assert err < TOL, f"{name}: relative error {err:.2e}"
 
 
+# The defaults (random policy: per-block subsets, dense ends, skip) and the seed's routing (difficulty, nested, stop).
+ROUTINGS = {"default": dict(policy="random"), "seed": dict(policy="difficulty", inactive="stop")}
+
+
 @pytest.mark.parametrize("kind", MODELS)
 @pytest.mark.parametrize("mode,leak,progress", CASES)
-def test_gradients_equal_reference(kind, mode, leak, progress):
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_gradients_equal_reference(kind, mode, leak, progress, routing):
     seed = torch.randint(0, 10_000, ()).item()
-    router, g_fast, g_ref, depth = _routed_and_reference(kind, mode, leak, progress, seed)
+    router, g_fast, g_ref, depth = _routed_and_reference(kind, mode, leak, progress, seed, **ROUTINGS[routing])
+    assert router.config.placement == ("per_block" if routing == "default" else "nested")
     _assert_equal_grads(g_fast, g_ref)
     compact = kind in ("llama", "mistral", "gpt2") and mode == "sparse" and leak == 0
     assert router.routing.compact_blocks == (set(range(router.num_layers)) if compact else set())
@@ -131,10 +137,11 @@ def test_linear_backward_skips_inactive_rows():
     rows = _rows_reaching_matmul(loss)
     n = ids.numel()
     counts = [router.routing.active_count(i) for i in range(4)]
-    assert counts[0] < counts[-1] == n
+    low = min(counts)  # the defaults: the end blocks dense, the middle ones routed
+    assert low < max(counts) == n
     # ga @ w (input grad) and ga.t() @ x (weight grad: rows of ga.t() = out features) per linear
     assert min(r for r in rows if r in counts) < n
-    assert sum(1 for r in rows if r == counts[0]) >= 6  # 6 linears in block 0, on its active rows
+    assert sum(1 for r in rows if r == low) >= 6  # 6 linears in a block of the fewest rows, on its active rows
 
 
 def test_eval_mode_is_a_noop():
@@ -186,13 +193,13 @@ def test_each_backward_uses_its_own_forward_routing():
     router = cggr.attach(model, warmup_steps=0)
     ids1, ids2 = torch.randint(0, 61, (2, 2, 10))
     l1 = _loss("tiny", model, ids1)
-    d1 = router.routing.depth
+    r1 = router.routing
     l2 = _loss("tiny", model, ids2)
-    d2 = router.routing.depth
-    assert not torch.equal(d1, d2)
+    r2 = router.routing
+    assert not torch.equal(r1.depth, r2.depth)
     (l1 + l2).backward()
-    for ids, d in ((ids1, d1), (ids2, d2)):
-        with cggr.reference_routing(list(ref.blocks), d):
+    for ids, r in ((ids1, r1), (ids2, r2)):
+        with cggr.reference_routing(list(ref.blocks), **routed_as(router, r)):
             _loss("tiny", ref, ids).backward()
     _assert_equal_grads(flat_grads(model), flat_grads(ref))
 
@@ -202,7 +209,7 @@ def test_nonfinite_logits_route_at_full_depth(caplog, depths):
     torch.manual_seed(0)
     model = TinyLM()
     ref = copy.deepcopy(model)
-    router = cggr.attach(model, warmup_steps=0, depths=depths)
+    router = cggr.attach(model, warmup_steps=0, depths=depths, inactive="stop")  # nested depths: the seed's
     poison = {"on": True}
 
     def hook(module, args, out):
@@ -321,14 +328,14 @@ def test_block_with_other_parametrised_layers_falls_back_to_mask(caplog):
     assert any("blocks.1" in r.message and "conv" in r.message for r in caplog.records)
     ids = torch.randint(0, 61, (2, 8))
     _loss("tiny", model, ids).backward()
-    with cggr.reference_routing(list(ref.blocks), router.routing.depth, mode=["sparse", "mask", "sparse"]):
+    with cggr.reference_routing(list(ref.blocks), mode=["sparse", "mask", "sparse"], **routed_as(router)):
         _loss("tiny", ref, ids).backward()
     _assert_equal_grads(flat_grads(model), flat_grads(ref))
 
 
 def test_more_buckets_than_blocks_warns_and_collapses(caplog):
     with caplog.at_level(logging.WARNING, logger="cggr"):
-        router = cggr.attach(TinyLM(layers=2), num_buckets=5, warmup_steps=0)
+        router = cggr.attach(TinyLM(layers=2), num_buckets=5, warmup_steps=0, inactive="stop")  # nested depths
     assert router.targets == [2, 2, 2, 1, 1]
     assert any("num_buckets=5" in r.message for r in caplog.records)
     model = router.model
@@ -345,8 +352,9 @@ def test_compacted_llama_backward_runs_on_active_rows():
     rows = _rows_reaching_matmul(loss)
     n = ids.numel() - 3  # the last position of each sequence has no label
     counts = [router.routing.active_count(i) for i in range(4)]
-    assert counts == sorted(counts) and counts[0] < n
-    assert rows.count(counts[0]) >= 4  # dm, dr2 (2), do, dr1 (3) ... of block 0 on its active rows only
+    low = min(counts)  # the defaults: the end blocks dense, the middle ones routed
+    assert low < n and counts[0] == counts[-1] == n
+    assert rows.count(low) >= 4  # dm, dr2 (2), do, dr1 (3) ... of a routed block on its active rows only
     assert ids.numel() not in rows  # no projection backward ran on all rows
 
 
@@ -384,7 +392,7 @@ def test_gpt2_with_activation_checkpointing_takes_routed_checkpointing_and_stays
     assert router.routing.compact_blocks == set(range(router.num_layers))
     assert set(outputs) == {"GPT2BlockRoutedCheckpointedBackward"}
     assert router.routing.depth.min() < router.num_layers
-    with cggr.reference_routing(find_layer_stack(ref)[1], router.routing.depth):
+    with cggr.reference_routing(find_layer_stack(ref)[1], **routed_as(router)):
         _loss("gpt2", ref, ids).backward()
     _assert_equal_grads(flat_grads(model), flat_grads(ref))
 
@@ -433,9 +441,10 @@ def test_sampled_policy_routes_like_reference():
     depth = router.routing.depth
     assert sorted(torch.bincount(depth.reshape(-1), minlength=5).tolist()) == [0, 4, 4, 5, 5]
     got = flat_grads(model)
+    how = routed_as(router)
     router.detach()
     model.zero_grad()
-    with cggr.reference_routing(list(model.blocks), depth):
+    with cggr.reference_routing(list(model.blocks), **how):
         model(x).float().pow(2).mean().backward()
     want = flat_grads(model)
     assert max(rel_err(got[n], want[n]) for n in want) < 1e-5
@@ -509,7 +518,7 @@ def test_peft_after_attach_reinstalls_the_routing_and_stays_exact(kind, caplog):
     with caplog.at_level(logging.WARNING, logger="cggr"):
         model(input_ids=ids, labels=ids).loss.backward()
     assert "installed its routing on them anew" in caplog.text
-    with cggr.reference_routing(find_layer_stack(ref.base_model.model)[1], router.routing.depth):
+    with cggr.reference_routing(find_layer_stack(ref.base_model.model)[1], **routed_as(router)):
         ref(input_ids=ids, labels=ids).loss.backward()
     got = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
     want = {n: p.grad for n, p in ref.named_parameters() if "lora_" in n}
@@ -550,7 +559,7 @@ def test_return_dict_false_with_labels_finds_the_logits():
     loss, logits = model(input_ids=ids, labels=ids, return_dict=False)[:2]
     assert logits.shape == (2, 7, 97) and loss.dim() == 0
     loss.backward()
-    with cggr.reference_routing(find_layer_stack(ref)[1], router.routing.depth):
+    with cggr.reference_routing(find_layer_stack(ref)[1], **routed_as(router)):
         ref(input_ids=ids, labels=ids).loss.backward()
     _assert_equal_grads(flat_grads(model), flat_grads(ref))
 
@@ -670,9 +679,10 @@ def test_per_block_placement_is_fresh_each_step_and_exact_in_size():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(placement="per_block"), "needs inactive='skip'"),
+    (dict(placement="per_block", inactive="stop"), "needs inactive='skip'"),
     (dict(placement="per_block", inactive="skip", policy="difficulty"), "needs policy='random'"),
-    (dict(dense_ends=1), "need placement='per_block'"),
+    (dict(dense_ends=1, inactive="stop"), "need placement='per_block'"),
+    (dict(dense_ends=1, placement="nested"), "need placement='per_block'"),
     (dict(inactive="pass"), r"inactive must be one of \('stop', 'skip'\)"),
     (dict(placement="per_block", inactive="skip", block_fractions=[1.0, 0.5]), "block_fractions has 2 fractions"),
 ])
@@ -732,4 +742,44 @@ def test_skip_semantics_with_checkpointing_and_moe_equal_reference(kind, checkpo
     r = router.routing
     with cggr.reference_routing(find_layer_stack(ref)[1], inactive="skip", block_active=r.block_active.view(-1, 2, 9)):
         ref(input_ids=ids, labels=ids).loss.backward()
+    _assert_equal_grads(flat_grads(model), flat_grads(ref))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "tiny"])
+def test_the_defaults_equal_the_reference(kind):
+    """``cggr.attach(model)`` and nothing else (skip semantics, per-block random subsets, one dense block at each
+    end, the curriculum part-way) against the reference given the same per-block active sets."""
+    model = _build(kind, 5)
+    ref = copy.deepcopy(model)
+    router = cggr.attach(model)
+    assert (router.config.inactive, router.config.placement, router.config.dense_ends) == ("skip", "per_block", 1)
+    for _ in range(700):  # 70 % of the default warm-up: depths part-way to their targets
+        router.step()
+    ids = torch.randint(0, 61, (3, 12), generator=torch.Generator().manual_seed(5))
+    _loss(kind, model, ids).backward()
+    r = router.routing
+    counts = r.block_active.sum(1).tolist()
+    n = int(r.metrics["valid_tokens"])
+    assert counts[0] == counts[-1] == n and max(counts[1:-1]) < n  # dense ends, routed middle
+    with cggr.reference_routing(find_layer_stack(ref)[1], inactive="skip",
+                                block_active=r.block_active.view(-1, *ids.shape)):
+        _loss(kind, ref, ids).backward()
+    _assert_equal_grads(flat_grads(model), flat_grads(ref))
+    if kind != "tiny":
+        assert len(router.routing.compact_blocks) == router.num_layers  # the compacted backward, verified
+
+
+def test_the_defaults_on_a_two_block_stack_route_both_blocks():
+    """Too short for a dense block at each end: both blocks routed, the nested routing's work kept."""
+    torch.manual_seed(0)
+    model = TinyLM(layers=2)
+    ref = copy.deepcopy(model)
+    router = cggr.attach(model, warmup_steps=0)
+    ids = torch.randint(0, 61, (2, 16))
+    _loss("tiny", model, ids).backward()
+    r = router.routing
+    counts = r.block_active.sum(1).tolist()
+    assert counts == [24, 24]  # 32 tokens at nested depths 2, 2, 1, 1: 48 rows, spread over both blocks
+    with cggr.reference_routing(find_layer_stack(ref)[1], inactive="skip", block_active=r.block_active.view(2, 2, 16)):
+        _loss("tiny", ref, ids).backward()
     _assert_equal_grads(flat_grads(model), flat_grads(ref))

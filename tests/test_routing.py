@@ -70,12 +70,23 @@ def test_per_block_counts_keep_the_nested_work(n, L, ends):
     nested = block_counts(n, L, [L, (3 * L + 3) // 4, L // 2 or 1, 1])
     counts = per_block_counts(n, L, nested, dense_ends=ends)
     assert len(counts) == L and all(0 <= c <= n for c in counts)
-    e = min(ends, L // 2)
+    e = min(ends, (L - 1) // 2)  # at least one block stays routed
     assert counts[:e] == [n] * e and counts[L - e:] == [n] * e
     middle = counts[e:L - e]
     if middle:
         assert max(middle) - min(middle) <= 1
         assert sum(counts) == max(sum(nested), 2 * e * n) or all(c == n for c in middle)
+
+
+@pytest.mark.parametrize("L,ends,expected", [(1, 1, [10]), (2, 1, [7, 8]), (2, 3, [7, 8]), (3, 1, [10, 0, 10]),
+                                             (4, 2, [10, 3, 3, 10]), (5, 2, [10, 10, 0, 10, 10])])
+def test_dense_ends_leave_at_least_one_routed_block(L, ends, expected):
+    """A stack too short for its dense ends routes its middle (or every block) instead of none: the default
+    dense_ends=1 on a 2-block stack keeps the nested routing's work, spread over both blocks."""
+    n = 10
+    nested = block_counts(n, L, [L, (3 * L + 3) // 4, L // 2 or 1, 1])
+    assert per_block_counts(n, L, nested, dense_ends=ends) == expected
+    assert sum(expected) == max(sum(nested), 2 * min(ends, (L - 1) // 2) * n)
 
 
 def test_per_block_counts_from_fractions():

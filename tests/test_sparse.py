@@ -22,7 +22,7 @@ from cggr import reference_routing
 from cggr.adapters import find_layer_stack
 from cggr.routing import Routing
 from cggr.sparse import GateRows, RoutedLinear
-from tiny import flat_grads, hf_model, rel_err
+from tiny import flat_grads, hf_model, rel_err, routed_as
 
 SEEDS = [0, 1, 2]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -339,18 +339,19 @@ def _penalty(model, params, ids):
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 @pytest.mark.parametrize("seed", [5, 808], ids=lambda s: f"seed{s}")
-def test_double_backward_through_the_generic_path_equals_reference(kind, seed):
+@pytest.mark.parametrize("inactive", ["skip", "stop"])  # the default (SkipRows) and the seed's (GateRows)
+def test_double_backward_through_the_generic_path_equals_reference(kind, seed, inactive):
     model = hf_model(kind, layers=3, seed=seed)
     model.config._attn_implementation = "eager"  # twice-differentiable attention
     ref = copy.deepcopy(model)
-    router = cggr.attach(model, warmup_steps=0, backward="generic", seed=seed)
+    router = cggr.attach(model, warmup_steps=0, backward="generic", seed=seed, inactive=inactive)
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(seed))
     params = [p for p in model.parameters() if p.requires_grad]
     loss, penalty = _penalty(model, params, ids)
     penalty.backward()
     depth = router.routing.depth
-    assert depth.min() < 3 and not router.routing.compact_blocks  # routed, through RoutedLinear and GateRows
-    with cggr.reference_routing(find_layer_stack(ref)[1], depth):
+    assert depth.min() < 3 and not router.routing.compact_blocks  # routed, through RoutedLinear and the gate
+    with cggr.reference_routing(find_layer_stack(ref)[1], **routed_as(router)):
         ref_loss, ref_penalty = _penalty(ref, [p for p in ref.parameters() if p.requires_grad], ids)
         ref_penalty.backward()
     assert rel_err(penalty.detach(), ref_penalty.detach()) < 1e-5

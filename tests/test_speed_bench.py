@@ -140,6 +140,8 @@ def test_cpu_smoke_run(tmp_path):
     assert by["cggr"]["speedup_vs_best_dense"] == pytest.approx(
         by["eager"]["step_ms_median"] / by["cggr"]["step_ms_median"], abs=1e-3)
     assert by["cggr"]["flop_ratio_ceiling"] > 1 and by["cggr"]["mean_depth_fraction"] < 1
+    assert by["cggr"]["routing"] == dict(inactive="skip", placement="per_block", dense_ends=1)  # as resolved
+    assert "routing" not in by["eager"]
     assert by["liger"]["skipped"] == "Liger-Kernel's Triton kernels need a CUDA device"
     assert "ran past --arm-timeout" in by["compile"]["error"] and by["compile"]["failed_at"] == "process"
     for key in ("gpu", "torch", "transformers", "triton", "liger_kernel", "git_rev", "command"):
@@ -159,3 +161,17 @@ def test_gpu_run_script_names_existing_arms_and_parses():
     assert all(arm in speed.ARMS for tier in tiers for arm in tier)
     assert tiers[0][:3] == ["eager", "compile", "liger"] and "cggr" in tiers[0]
     assert {"full", "light", "compile+cggr", "liger+cggr"} <= {arm for tier in tiers for arm in tier}
+
+
+def test_cggr_arm_runs_the_defaults_and_stop_arm_the_seeds_routing():
+    import cggr
+
+    def config(arm):
+        return cggr.RoutingConfig(**speed.arm_options(arm))
+
+    assert config("cggr") == config("skip") == cggr.RoutingConfig(num_buckets=4, warmup_steps=0)
+    assert (config("cggr").inactive, config("cggr").placement, config("cggr").dense_ends) == ("skip", "per_block", 1)
+    assert config("stop") == cggr.RoutingConfig(num_buckets=4, warmup_steps=0, inactive="stop", placement="nested",
+                                                 dense_ends=0)
+    assert "defaults" in speed.ARMS["cggr"].doc and "seed's" in speed.ARMS["stop"].doc
+    assert config("stop").placement == "nested" and config("full").placement == "nested"  # nothing to draw

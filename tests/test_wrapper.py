@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import cggr
-from tiny import TinyLM, flat_grads, hf_model
+from tiny import TinyLM, flat_grads, hf_model, routed_as
 
 
 class TupleLM(TinyLM):
@@ -90,16 +90,20 @@ def test_curriculum_full_depth_at_step_zero():
     assert (w.routing.depth == 4).all()
 
 
-def test_metrics_are_python_numbers():
-    w = cggr.CGGRWrapper(hf_model("llama", layers=4), warmup_steps=0)
+@pytest.mark.parametrize("options", [{}, dict(inactive="stop")], ids=["default", "seed"])
+def test_metrics_are_python_numbers(options):
+    w = cggr.CGGRWrapper(hf_model("llama", layers=4), warmup_steps=0, **options)
     ids = torch.randint(0, 61, (4, 8))
     w(input_ids=ids, labels=ids).loss.backward()
     m = w.metrics()
-    keys = {"step", "warmup_progress", "bucket_0_fraction", "bucket_3_fraction", "mean_depth_fraction",
-            "backward_flops_skipped", "mean_entropy", "mean_confidence", "nonfinite_tokens", "valid_tokens"}
+    keys = {"step", "warmup_progress", "mean_depth_fraction", "backward_flops_skipped", "mean_entropy",
+            "mean_confidence", "nonfinite_tokens", "valid_tokens"}
     assert keys <= set(m) and all(isinstance(v, float) for v in m.values())
-    assert sum(m[f"bucket_{k}_fraction"] for k in range(4)) == pytest.approx(1.0)
-    # 28 valid tokens in 4 equal buckets at depths 4,3,2,1: mean depth 2.5 of 4
+    if options:  # nested depths (the seed's): the bucket sizes
+        assert sum(m[f"bucket_{k}_fraction"] for k in range(4)) == pytest.approx(1.0)
+    else:  # per-block placement (the default) has no buckets
+        assert not any(k.startswith("bucket_") for k in m)
+    # 28 valid tokens in 4 equal buckets at depths 4,3,2,1: mean depth 2.5 of 4 (per-block: the same work)
     assert m["valid_tokens"] == 28 and m["mean_depth_fraction"] == pytest.approx(0.625)
     assert 0 < m["backward_flops_skipped"] < 1 and 0 < m["mean_confidence"] < 1
 
@@ -116,7 +120,7 @@ def test_training_loop_with_wrapper_updates_only_routed_rows():
         ids = torch.randint(0, 61, (2, 9))
         loss = torch.nn.functional.cross_entropy(w(ids).flatten(0, 1), ids.flatten())
         loss.backward()
-        with cggr.reference_routing(list(ref_model.blocks), w.routing.depth):
+        with cggr.reference_routing(list(ref_model.blocks), **routed_as(w.router)):
             ref_loss = torch.nn.functional.cross_entropy(ref_model(ids).flatten(0, 1), ids.flatten())
         ref_loss.backward()
         torch.testing.assert_close(loss, ref_loss)

@@ -118,3 +118,16 @@ class TokenDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         ids = self.ids[i]
         return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+
+def routed_as(router, routing=None) -> dict:
+    """:func:`cggr.reference_routing`'s routing arguments for ``routing`` (default: ``router``'s last forward)
+    under the router's config: the depths (nested placement) or each block's active tokens (per-block), and the
+    inactive semantics."""
+    r = router.routing if routing is None else routing
+    how = dict(inactive=router.config.inactive)
+    if r.block_active is not None:
+        how["block_active"] = r.block_active.view(-1, *r.depth.shape)
+    else:
+        how["depth"] = r.depth
+    return how
