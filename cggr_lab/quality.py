@@ -69,6 +69,10 @@ cggr's pieces in their warm-up)::
     --arms dense,random,random/inactive=stop,ltd,dense/compile=1,
            dense/compile=1/seed=1,dense/compile=1/seed=2,random/compile=1,dense/liger=1,random/liger=1
 
+``--devices cuda:0,cuda:1`` runs the arms at the same time, one process per GPU (arms dealt round-robin),
+and merges their files into one comparison (``--merge FILES`` merges files run apart). Step times of
+different GPUs are compared then: put the arms you compare on the same kind of GPU.
+
 Output (``--out``): ``quality-<tag>.json`` per regime (curves, configuration,
 versions, git revision; rewritten after every arm with ``"partial": true`` until
 the regime ends; an arm that fails is recorded with its error and the run goes
@@ -81,6 +85,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -239,6 +244,10 @@ def add_quality_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     r.add_argument("--out", default="cggr-out", help="folder for the JSON and PNG files (default ./cggr-out)")
     r.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     r.add_argument("--tag", default="", help="extra text in the output file names")
+    r.add_argument("--devices", metavar="LIST",
+                   help="run the arms at the same time, one process per device (e.g. cuda:0,cuda:1: each process "
+                        "sees only its GPU), arms dealt round-robin in the order given, then merge the results as "
+                        "--merge does; cpu entries share the host's cores, so their timings interfere")
     r.add_argument("--merge", nargs="+", metavar="JSON",
                    help="train nothing: merge result files of one regime whose arms ran in separate processes "
                         "(one per GPU, same configuration) into one file in --out, summary recomputed")
@@ -712,6 +721,8 @@ def run_quality(args: argparse.Namespace) -> list[dict]:
 
     if getattr(args, "merge", None):
         return [merge_results(args.merge, Path(args.out), args.tag, command=getattr(args, "command_line", None))]
+    if getattr(args, "devices", None):
+        return run_on_devices(args)
     cfg = resolve_config(args)
     device = torch.device(cfg["device"])
     if device.type == "cuda":
@@ -751,13 +762,92 @@ def run_quality(args: argparse.Namespace) -> list[dict]:
     return records
 
 
+def _device_list(text: str) -> list[str]:
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    for d in devices:
+        if d != "cpu" and d != "cuda" and not (d.startswith("cuda:") and d[5:].isdigit()):
+            raise ValueError(f"--devices: {d!r} is not a device: give cpu, cuda or cuda:N, comma-separated")
+    gpus = [d for d in devices if d != "cpu"]
+    if len(set(gpus)) != len(gpus) or ("cuda" in gpus and len(gpus) > 1):
+        raise ValueError(f"--devices {text!r} names a GPU twice: two arms on one GPU would time each other")
+    if len(devices) < 2:
+        raise ValueError(f"--devices needs at least two devices, got {text!r} (for one, use --device)")
+    return devices
+
+
+def _without(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """``argv`` less the given options and their values (``--x v`` and ``--x=v``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in options:
+            skip = True
+        elif not a.startswith("--") or a.split("=", 1)[0] not in options:
+            out.append(a)
+    return out
+
+
+def run_on_devices(args: argparse.Namespace) -> list[dict]:
+    """``--devices``: the arms dealt round-robin over one ``cggr bench quality`` process per device, all started
+    at once (a GPU entry runs with ``CUDA_VISIBLE_DEVICES`` set to it alone: Triton and Liger launch on the
+    current device), then each regime's files merged (:func:`merge_results`) into ``--out``. A checkpoint the
+    continued and finetune regimes need is trained first, here, so the processes share it from the cache."""
+    import shlex
+    import subprocess
+
+    devices = _device_list(args.devices)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    devices = devices[:len(arms)]
+    if len(devices) < 2:
+        raise ValueError(f"--devices: {len(arms)} arm(s) need no second device; use --device")
+    cfg = resolve_config(argparse.Namespace(**{**vars(args), "device": devices[0]}))  # checks every option first
+    if any(r != "pretrain" for r in cfg["regimes"]):
+        _checkpoint(cfg, _prepare(cfg))
+    line = getattr(args, "command_line", None) or "cggr bench quality"
+    base = _without(shlex.split(line)[3:], ("--devices", "--arms", "--out", "--device", "--tag", "--merge"))
+    out = Path(args.out)
+    procs = []
+    for i, device in enumerate(devices):
+        part = out / "parts" / f"{i}-{device.replace(':', '')}"
+        part.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        if device.startswith("cuda:"):
+            env["CUDA_VISIBLE_DEVICES"] = device[5:]
+        argv = [*base, "--arms", ",".join(arms[i::len(devices)]), "--device", device.split(":")[0],
+                "--out", str(part), "--tag", args.tag]
+        log = open(part / "run.log", "w")
+        print(f"{device}: cggr bench quality {shlex.join(argv)} > {part / 'run.log'}", flush=True)
+        procs.append((device, part, log, subprocess.Popen([sys.executable, "-m", "cggr", "bench", "quality", *argv],
+                                                          stdout=log, stderr=subprocess.STDOUT, env=env)))
+    failed = []
+    for device, part, log, proc in procs:
+        if proc.wait() != 0:
+            failed.append(f"{device} (exit {proc.returncode}; log {part / 'run.log'})")
+        log.close()
+    if failed:
+        raise RuntimeError(f"--devices: the processes on {', '.join(failed)} failed; the others' files are in "
+                           f"{out / 'parts'} (merge them with --merge)")
+    records = []
+    for regime in cfg["regimes"]:
+        files = []
+        for _, part, _, _ in procs:
+            found = [f for f in sorted(part.glob("quality-*.json")) if json.loads(f.read_text())["regime"] == regime]
+            if len(found) != 1:
+                raise RuntimeError(f"--devices: expected one {regime} result in {part}, found {len(found)}")
+            files += found
+        records.append(merge_results([str(f) for f in files], out, args.tag, command=line, arm_order=arms))
+    return records
+
+
 # What must agree between the files of one merged comparison: everything that changes what an arm learns
 # or how its time is counted (the device may differ: one GPU per process, recorded per arm).
 _MERGE_KEYS = ("model", "d_model", "layers", "heads", "batch_size", "seq_len", "vocab_size", "lr", "budget",
                "evals", "eval_batches", "data", "corpus", "finetune_data", "pretrain_steps", "lr_warmup")
 
 
-def merge_results(paths: list[str], out: Path, tag: str = "", command: str | None = None) -> dict:
+def merge_results(paths: list[str], out: Path, tag: str = "", command: str | None = None,
+                  arm_order: list[str] | None = None) -> dict:
     """One result from files of the same regime and configuration whose arms ran in separate processes
     (``CUDA_VISIBLE_DEVICES=0`` and ``=1`` on one host, say): arms concatenated in file order, each
     recording the file, device and revision it came from; the summary recomputed over all of them.
@@ -786,6 +876,8 @@ def merge_results(paths: list[str], out: Path, tag: str = "", command: str | Non
                                          "timestamp": r["timestamp"]}})
         sources.append({"file": Path(p).name, "device": r["device"], "git_rev": r["git_rev"],
                         "command": r["command"], "timestamp": r["timestamp"], "arms": [a["arm"] for a in r["arms"]]})
+    if arm_order is not None:  # the order the arms were given in, not the order of the files
+        arms.sort(key=lambda a: arm_order.index(a["arm"]) if a["arm"] in arm_order else len(arm_order))
     names = [a["arm"] for a in arms]
     if len(set(names)) != len(names):
         raise ValueError(f"--merge: arm names repeat across the files: {sorted({n for n in names if names.count(n) > 1})}")
@@ -814,8 +906,12 @@ def merge_results(paths: list[str], out: Path, tag: str = "", command: str | Non
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m cggr_lab.quality``: the same as ``cggr bench quality``."""
+    import shlex
+
     parser = add_quality_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    run_quality(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    args.command_line = "cggr bench quality " + shlex.join(sys.argv[1:] if argv is None else argv)
+    run_quality(args)
 
 
 if __name__ == "__main__":

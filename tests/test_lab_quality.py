@@ -466,3 +466,35 @@ def test_results_of_parallel_processes_merge_into_one_comparison(tmp_path, monke
     for files, said in refusals:
         assert main(["bench", "quality", "--merge", *files, "--out", str(tmp_path / "x")]) == 1
         assert said in capsys.readouterr().err
+
+
+def test_arms_run_on_several_devices_at_once_and_merge(tmp_path, monkeypatch, capsys):
+    """--devices deals the arms round-robin over one process per device, started together, and merges their
+    files: the same arms, in the order given, with the curves of a single-process run; bad lists are refused
+    before anything trains."""
+    from cggr.cli import main
+
+    monkeypatch.setenv("CGGR_CACHE", str(tmp_path / "cache"))
+    a = _corpus(tmp_path / "a.txt", ["one", "two", "three", "four"])
+    base = ["bench", "quality", "--model", "tiny", "--d-model", "32", "--layers", "3", "--heads", "2",
+            "--seq-len", "32", "--batch-size", "2", "--vocab-size", "300", "--eval-batches", "1", "--data", a,
+            "--steps", "3", "--evals", "1", "--regimes", "pretrain,continued", "--pretrain-steps", "2",
+            "--arms", "dense,random,dense/seed=1"]
+    assert main(base + ["--out", str(tmp_path / "one"), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "two"), "--devices", "cpu,cpu", "--tag", "par"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu: cggr bench quality" in out and "merged 2 files (3 arms)" in out
+    for regime in ("pretrain", "continued"):
+        one = json.loads((tmp_path / "one" / f"quality-{regime}-tiny-a-3steps.json").read_text())
+        two = json.loads((tmp_path / "two" / f"quality-{regime}-tiny-a-3steps-par.json").read_text())
+        assert [r["arm"] for r in two["arms"]] == ["dense", "random", "dense/seed=1"]
+        assert [s["arms"] for s in two["merged_from"]] == [["dense", "dense/seed=1"], ["random"]]
+        assert "--devices" not in two["merged_from"][0]["command"] and "--device cpu" in two["merged_from"][0]["command"]
+        for r, o in zip(two["arms"], one["arms"]):
+            assert r["val_loss"] == pytest.approx(o["val_loss"], abs=1e-4)
+    for devices, said in [("cpu", "at least two devices"), ("cuda:0,cuda:0", "names a GPU twice"),
+                          ("cpu,gpu1", "'gpu1' is not a device")]:
+        assert main(base + ["--out", str(tmp_path / "x"), "--devices", devices]) == 1
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
