@@ -262,34 +262,30 @@ def resolve_config(config: RoutingConfig | None, overrides: dict[str, Any], owne
 
 class _Auto:
     """Marks a value that ``placement="auto"`` / ``dense_ends=None`` resolved to (see
-    :meth:`RoutingConfig._resolve_placement`)."""
+    :meth:`RoutingConfig._resolve_placement`). A subclass names the plain type it marks in ``_plain_type``."""
 
     __slots__ = ()
+    _plain_type: type
+
+    def _plain(self):
+        return self._plain_type(self)
 
     def __repr__(self) -> str:  # shown as the plain value
         return repr(self._plain())
 
-
-class _AutoStr(_Auto, str):
-    def _plain(self) -> str:
-        return str.__str__(self)
-
-    def __reduce__(self):
-        return _AutoStr, (str.__str__(self),)
+    def __reduce__(self):  # pickle and copy keep the mark
+        return type(self), (self._plain(),)
 
     def __deepcopy__(self, memo):  # dataclasses.asdict deep-copies values: it gives the plain value
         return self._plain()
 
 
+class _AutoStr(_Auto, str):
+    _plain_type = str
+
+
 class _AutoInt(_Auto, int):
-    def _plain(self) -> int:
-        return int(self)
-
-    def __reduce__(self):
-        return _AutoInt, (int(self),)
-
-    def __deepcopy__(self, memo):
-        return self._plain()
+    _plain_type = int
 
 
 def _check_int(name: str, value, low: int) -> None:
