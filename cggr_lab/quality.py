@@ -740,9 +740,7 @@ def run_quality(args: argparse.Namespace) -> list[dict]:
               "budget": {"steps": cfg["budget"].steps, "seconds": cfg["budget"].seconds},
               "arms": [a["name"] for a in cfg["arms"]]}
     for regime in cfg["regimes"]:
-        corpus = Path(info["B" if regime == "finetune" else "A"]["source"]).name.split(".")[0] or "corpus"
-        tag = "-".join(x for x in ("quality", regime, cfg["model"], corpus, cfg["budget"].describe().replace(" ", ""),
-                                   cfg["tag"]) if x)
+        tag = _result_name(regime, cfg["model"], info, cfg["budget"], cfg["tag"])
 
         def save(result: dict, partial: bool, path: Path = out / f"{tag}.json") -> dict:
             record = {**prov, "config": config, "data": info, **result}
@@ -760,6 +758,12 @@ def run_quality(args: argparse.Namespace) -> list[dict]:
     print()
     print("\n\n".join(tables))
     return records
+
+
+def _result_name(regime: str, model: str, data_info: dict, budget, tag: str) -> str:
+    """``quality-<regime>-<model>-<corpus>-<budget>[-<tag>]``: the file name of a regime's result."""
+    corpus = Path(data_info["B" if regime == "finetune" else "A"]["source"]).name.split(".")[0] or "corpus"
+    return "-".join(x for x in ("quality", regime, model, corpus, budget.describe().replace(" ", ""), tag) if x)
 
 
 def _device_list(text: str) -> list[str]:
@@ -871,11 +875,9 @@ def merge_results(paths: list[str], out: Path, tag: str = "", command: str | Non
             raise ValueError(f"--merge: {p} and {paths[0]} differ in {', '.join(differ)}: not one comparison")
     arms, sources = [], []
     for p, r in zip(paths, records):
-        for a in r["arms"]:
-            arms.append({**a, "source": {"file": Path(p).name, "device": r["device"], "git_rev": r["git_rev"],
-                                         "timestamp": r["timestamp"]}})
-        sources.append({"file": Path(p).name, "device": r["device"], "git_rev": r["git_rev"],
-                        "command": r["command"], "timestamp": r["timestamp"], "arms": [a["arm"] for a in r["arms"]]})
+        source = {"file": Path(p).name, "device": r["device"], "git_rev": r["git_rev"], "timestamp": r["timestamp"]}
+        arms += [{**a, "source": source} for a in r["arms"]]
+        sources.append({**source, "command": r["command"], "arms": [a["arm"] for a in r["arms"]]})
     if arm_order is not None:  # the order the arms were given in, not the order of the files
         arms.sort(key=lambda a: arm_order.index(a["arm"]) if a["arm"] in arm_order else len(arm_order))
     names = [a["arm"] for a in arms]
@@ -887,16 +889,15 @@ def merge_results(paths: list[str], out: Path, tag: str = "", command: str | Non
               "summary": summarise(arms, equal_steps=budget.steps is not None)}
     config = dict(first["config"], arms=names)
     devices = sorted({r["device"] for r in records})
+    prov = provenance(command)  # the merge's own command and time (one git query)
     record = {**{k: first[k] for k in first if k not in ("config", "data", "regime", "corpus", "lr", "checkpoint",
                                                           "arms", "summary", "partial")},
               "device": devices[0] if len(devices) == 1 else " + ".join(devices),
               "git_rev": first["git_rev"] if len({r["git_rev"] for r in records}) == 1 else "mixed",
-              "command": provenance(command)["command"], "timestamp": provenance()["timestamp"],
+              "command": prov["command"], "timestamp": prov["timestamp"],
               "merged_from": sources, "config": config, "data": first["data"], **result}
     out.mkdir(parents=True, exist_ok=True)
-    corpus = Path(first["data"]["B" if first["regime"] == "finetune" else "A"]["source"]).name.split(".")[0] or "corpus"
-    name = "-".join(x for x in ("quality", first["regime"], config["model"], corpus,
-                                budget.describe().replace(" ", ""), tag) if x)
+    name = _result_name(first["regime"], config["model"], first["data"], budget, tag)
     (out / f"{name}.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
     _plot(result, dict(config, budget=budget, device=record["device"]), out / f"{name}.png")
     print(f"merged {len(paths)} files ({len(arms)} arms) into {out / name}.json and .png\n")
