@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 import zlib
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -37,6 +39,7 @@ DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_kernel = pytest.mark.skipif(not HAS_TRITON or (not INTERPRET and DEVICE == "cpu"),
                                   reason="the Triton kernels need triton, and TRITON_INTERPRET=1 or a CUDA device")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SEEDS = [0, 1, 2]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -345,3 +348,26 @@ def test_stage_pieces_call_the_ops_when_the_switch_picks_them(monkeypatch):
     for a, b in zip(pointwise.mlp_rows(*mlp), plain_mlp):
         assert torch.equal(a, b)
     assert calls == [("rope_rows_backward", 3), ("rope_rows_backward", 3), ("swiglu_rows_backward", 2)]
+
+
+# --------------------------------------------------------------------------- the GPU micro-benchmark
+
+@needs_kernel
+def test_benchmark_cpu_smoke(tmp_path):
+    """benchmarks/rows.py end to end on tiny shapes on the CPU (Triton's interpreter), so that it does not rot:
+    both stages, both active fractions, the Triton results equal to the references, the JSON written."""
+    import json
+
+    run_env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "rows.py"), "--device", "cpu", "--smoke",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=run_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = json.load(open(tmp_path / "rows-cpu.json"))
+    assert [(x["stage"], x["fraction"]) for x in records] == [
+        ("rope_backward", 0.59), ("rope_backward", 1.0), ("swiglu_backward", 0.59), ("swiglu_backward", 1.0)]
+    for x in records:
+        assert x["triton_ms"] > 0 and x["inductor_ms"] > 0 and x["bound_ms"] > 0
+        assert x["triton_max_abs_diff"] is not None and x["triton_max_abs_diff"] <= x["tolerance"]
+        for key in ("gpu", "torch", "triton", "git_rev", "command"):
+            assert key in x
+    assert r.stdout.splitlines()[-1].startswith("| tiny | swiglu_backward | 1.0 |")
