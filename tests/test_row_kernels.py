@@ -102,15 +102,18 @@ def test_rope_kernel_is_the_reference(seed, dtype):
         g = _gen(seed, "rope", B, S, heads, hd, dtype)
         dts = _dt_layouts(g, B, S, heads, hd, dtype)
         assert dts["token_major"].stride() == (heads * hd, 1) and dts["heads_major"].is_contiguous()
-        for cs_name, (cos, sin) in _cos_sin_layouts(g, B, S, hd, dtype).items():
+        cs_layouts = _cos_sin_layouts(g, B, S, hd, dtype)
+        # Each dt layout with the stage's cos/sin, and each cos/sin layout with the stage's dt.
+        cases = [(d, "expanded") for d in dts] + [("token_major", c) for c in cs_layouts if c != "expanded"]
+        for dt_name, cs_name in cases:
+            dt, (cos, sin) = dts[dt_name], cs_layouts[cs_name]
             flat_cos, flat_sin = cos.reshape(B * S, hd), sin.reshape(B * S, hd)
-            for dt_name, dt in dts.items():
-                for name, idx in _subsets(B * S, g).items():
-                    idx = idx.to(DEVICE)
-                    got = rope_rows_backward(dt, cos, sin, idx)
-                    ref = rope_backward(dt, flat_cos, flat_sin, idx)
-                    assert got.dtype == dtype and got.shape == ref.shape and got.is_contiguous()
-                    assert torch.equal(got, ref), f"B={B} S={S} heads={heads} hd={hd} {dt_name} {cs_name} {name}"
+            for name, idx in _subsets(B * S, g).items():
+                idx = idx.to(DEVICE)
+                got = rope_rows_backward(dt, cos, sin, idx)
+                ref = rope_backward(dt, flat_cos, flat_sin, idx)
+                assert got.dtype == dtype and got.shape == ref.shape and got.is_contiguous()
+                assert torch.equal(got, ref), f"B={B} S={S} heads={heads} hd={hd} {dt_name} {cs_name} {name}"
 
 
 @needs_kernel
@@ -197,6 +200,59 @@ def test_swiglu_kernel_refuses_what_it_does_not_compute():
         swiglu_rows_backward(torch.zeros(2, 5, device=DEVICE), g, g, idx)
     with pytest.raises(TypeError, match="fp32/bf16/fp16 only"):
         swiglu_rows_backward(torch.zeros(3, 5, device=DEVICE).double(), g.double(), g.double(), idx)
+
+
+_PTX_CHECK = r"""
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from cggr.kernels import rows
+
+def ptx(fn, sig, constexprs, fusion=False):
+    # Launch-time specialisation: pointers, strides and sizes divisible by 16 (as the 350M's are), unit strides.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t in ("*bf16", "*i64", "i32")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    options = dict(rows._launch_opts(8192), **({"enable_fp_fusion": True} if fusion else {}))  # the launchers'
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+p, i, c = "*bf16", "i32", "constexpr"
+rope = ptx(rows._rope_rows_backward_kernel,
+           dict(dt_ptr=p, cos_ptr=p, sin_ptr=p, idx_ptr="*i64", out_ptr=p, n=i, S=i, heads=i, s_dr=i, s_dc=c, s_cb=c,
+                s_cs=i, s_cd=c, s_sb=c, s_ss=i, s_sd=c, HALF=c, BLOCK_R=c, BLOCK_H=c, BLOCK_D=c),
+           dict(s_dc=1, s_cb=0, s_cd=1, s_sb=0, s_sd=1, HALF=32, BLOCK_R=8, BLOCK_H=16, BLOCK_D=32))
+swiglu, swiglu_fused = (
+    ptx(rows._swiglu_rows_backward_kernel,
+        dict(dm_ptr=p, g_ptr=p, u_ptr=p, idx_ptr="*i64", m_ptr=p, dg_ptr=p, du_ptr=p, n=i, F=i, s_mr=i, s_mc=c,
+             s_gr=i, s_gc=c, s_ur=i, s_uc=c, PRECISE=c, BLOCK_R=c, BLOCK_F=c),
+        dict(s_mc=1, s_gc=1, s_uc=1, PRECISE=True, BLOCK_R=16, BLOCK_F=256), fusion)
+    for fusion in (False, True))
+count = lambda text, *ops: sum(text.count(op) for op in ops)
+print(json.dumps({name: dict(fma=count(t, "fma."), approx_div=count(t, "div.full", "div.approx"), ex2=count(t, "ex2."),
+                             vector_loads=count(t, "ld.global.v"), vector_stores=count(t, "st.global.v"))
+                  for name, t in (("rope", rope), ("swiglu", swiglu), ("swiglu_fused", swiglu_fused))}))
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_kernels_compile_for_the_gpu_as_intended():
+    """The compiled (not interpreted) kernels, built for an sm_90 GPU without one (Triton's own compiler, in a
+    process without TRITON_INTERPRET): the rotary backward has no FMA (contraction off); the SwiGLU backward's
+    FMAs are those inside libdevice's expf (the same number per exp2; with contraction on there would be more),
+    and its division is IEEE (no approximate one); both read and write bf16 rows with 16-byte vector accesses."""
+    import json
+
+    run_env = dict(os.environ, TRITON_INTERPRET="0")
+    r = subprocess.run([sys.executable, "-c", _PTX_CHECK], capture_output=True, text=True, timeout=300, env=run_env,
+                       cwd=ROOT)
+    if r.returncode != 0 and ("ptxas" in r.stderr or "No module named 'triton.backends.nvidia'" in r.stderr):
+        pytest.skip("this Triton cannot build for CUDA here: " + r.stderr.strip().splitlines()[-1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["rope"]["fma"] == 0 and got["rope"]["vector_loads"] > 0 and got["rope"]["vector_stores"] > 0
+    sw = got["swiglu"]
+    assert sw["ex2"] > 0 and sw["fma"] % sw["ex2"] == 0 and sw["fma"] < got["swiglu_fused"]["fma"], got
+    assert sw["approx_div"] == 0, sw
+    assert sw["vector_loads"] > 0 and sw["vector_stores"] > 0
 
 
 # --------------------------------------------------------------------------- custom ops

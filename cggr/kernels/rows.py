@@ -45,9 +45,11 @@ def _sigmoid(x, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def _round(x, ty: tl.constexpr):
-    """fp32 ``x`` rounded to ``ty``, to nearest even. bf16 by its bits, as PyTorch's ``c10::BFloat16`` rounds (the
-    GPU's conversion gives the same; Triton's interpreter would truncate); NaN stays NaN."""
+def _round(x, ptr):
+    """fp32 ``x`` rounded to the element type of ``ptr``, to nearest even. bf16 by its bits, as PyTorch's
+    ``c10::BFloat16`` rounds (the GPU's conversion gives the same; Triton's interpreter would truncate); NaN stays
+    NaN."""
+    ty = ptr.dtype.element_ty
     if ty == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = tl.where(x == x, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16, 0x7FC0)
@@ -90,9 +92,8 @@ def _rope_rows_backward_kernel(
     o1 = t1 * c1 + t2 * s2
     o2 = t2 * c2 - t1 * s1
     o_at = out_ptr + i[:, None, None] * (heads * 2 * HALF) + col
-    ty = out_ptr.dtype.element_ty
-    tl.store(o_at, _round(o1, ty), mask=mask)
-    tl.store(o_at + HALF, _round(o2, ty), mask=mask)
+    tl.store(o_at, _round(o1, out_ptr), mask=mask)
+    tl.store(o_at + HALF, _round(o2, out_ptr), mask=mask)
 
 
 @triton.jit
@@ -110,17 +111,16 @@ def _swiglu_rows_backward_kernel(
     dm = tl.load(dm_ptr + i[:, None] * s_mr + f[None, :] * s_mc, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + r[:, None] * s_gr + f[None, :] * s_gc, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + r[:, None] * s_ur + f[None, :] * s_uc, mask=mask, other=0.0).to(tl.float32)
-    ty = m_ptr.dtype.element_ty
     sig = _sigmoid(g, PRECISE)
-    act = _round(g * sig, ty).to(tl.float32)  # the layer's forward rounds silu(g) to the activation dtype
+    act = _round(g * sig, m_ptr).to(tl.float32)  # the layer's forward rounds silu(g) to the activation dtype
     # The reference's operations in its order (no contraction): every intermediate rounds to fp32 alike.
     m = act * u
     du = dm * act
     dg = dm * u * (sig * (1.0 + g * (1.0 - sig)))
     o = i[:, None] * F + f[None, :]
-    tl.store(m_ptr + o, _round(m, ty), mask=mask)
-    tl.store(dg_ptr + o, _round(dg, ty), mask=mask)
-    tl.store(du_ptr + o, _round(du, ty), mask=mask)
+    tl.store(m_ptr + o, _round(m, m_ptr), mask=mask)
+    tl.store(dg_ptr + o, _round(dg, dg_ptr), mask=mask)
+    tl.store(du_ptr + o, _round(du, du_ptr), mask=mask)
 
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
