@@ -291,14 +291,18 @@ def add_speedups(group):
 
 def environment(device="cuda"):
     """The provenance every record carries (``cggr_lab.provenance``): the device under the key ``gpu``, plus the
-    CUDA and Liger-Kernel versions the speed arms depend on."""
+    CUDA and Liger-Kernel versions the speed arms depend on, and ``row_kernels``: ``CGGR_ROW_KERNELS`` (what
+    computes the compacted Llama backward's rotary and SwiGLU backward), which every arm's process inherits."""
     from importlib import metadata
+
+    from cggr.env import row_kernels
 
     env = provenance(device=device if device == "cpu" or torch.cuda.is_available() else "cpu")
     env["gpu"] = env.pop("device")
     if not env["gpu"].startswith("NVIDIA") and device == "cpu":
         env["gpu"], env["cpu"] = "cpu", env["gpu"]  # a CPU smoke run: the processor goes under its own key
     env["cuda"] = torch.version.cuda
+    env["row_kernels"] = row_kernels()
     try:
         env["liger_kernel"] = metadata.version("liger-kernel")
     except metadata.PackageNotFoundError:

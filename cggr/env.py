@@ -24,6 +24,21 @@ def compile_enabled() -> bool:
     return os.environ.get("CGGR_COMPILE", "1") != "0"
 
 
+ROW_KERNELS = ("inductor", "triton")
+
+
+def row_kernels() -> str:
+    """``CGGR_ROW_KERNELS``: what computes the rotary and SwiGLU backward inside the compacted Llama backward's
+    stages on CUDA: ``inductor`` (the default: Inductor compiles the plain PyTorch pieces with the rest of the
+    stage) or ``triton`` (cggr's hand-written kernels, :mod:`cggr.kernels.rows`, called as custom ops). Off CUDA
+    the PyTorch pieces run either way. The compiled stages read it when they compile (once per process).
+    Any other value raises ValueError."""
+    value = os.environ.get("CGGR_ROW_KERNELS") or ROW_KERNELS[0]
+    if value not in ROW_KERNELS:
+        raise ValueError(f"CGGR_ROW_KERNELS={value!r}: allowed values are {', '.join(ROW_KERNELS)}")
+    return value
+
+
 def cache_dir() -> Path:
     """``CGGR_CACHE``: where tokenizers and tokenized corpora are cached (default ``~/.cache/cggr``)."""
     return Path(os.environ.get("CGGR_CACHE") or Path.home() / ".cache" / "cggr")

@@ -150,6 +150,14 @@ def test_cpu_smoke_run(tmp_path):
     assert "| liger | skipped [1] |" in r.stdout and r.stdout.splitlines()[-1].startswith("| tiny | cggr |")
 
 
+def test_records_say_which_row_kernels_ran(monkeypatch):
+    """CGGR_ROW_KERNELS (inherited by every arm's process) is recorded: an A/B of the switch is two runs."""
+    monkeypatch.delenv("CGGR_ROW_KERNELS", raising=False)
+    assert speed.environment("cpu")["row_kernels"] == "inductor"
+    monkeypatch.setenv("CGGR_ROW_KERNELS", "triton")
+    assert speed.environment("cpu")["row_kernels"] == "triton"
+
+
 def test_gpu_run_script_names_existing_arms_and_parses():
     """benchmarks/gpu_run.sh is only ever run on the GPU machine: check here that bash parses it and that every
     arm it asks for exists, the dense baselines first."""

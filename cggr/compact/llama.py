@@ -150,12 +150,12 @@ def qkv_backward_rows(dq, dk, dv, cos, sin, x, rstd1, w_n1, idx, dh, wq, bq, wk,
 
     ``dq, dk, dv`` ``[N, heads * hd]``: the attention's input gradients as token rows (inactive keys and values
     are constants here: only the active rows are read); ``cos, sin`` ``[B, S, hd]`` (expanded over the batch:
-    flattened to rows here, inside the compiled stage, rather than copied in every block); ``x`` ``[N, D]``:
+    flattened to rows by ``qkv_rows``, inside the compiled stage, rather than copied in every block; the Triton
+    kernels read them as they are); ``x`` ``[N, D]``:
     the block input; ``dh``: from :func:`mlp_backward_rows`. Returns ``dx`` ``[N, D]`` (zero on inactive rows:
     the one scatter) and ``(dw_n1, dwq, dbq, dwk, dbk, dwv, dbv)``.
     """
     N, n = x.shape[0], idx.shape[0]
-    cos, sin = cos.reshape(N, cos.shape[-1]), sin.reshape(N, sin.shape[-1])
     dq_a, dk_a, dv_a, r1_a = qkv_rows(dq, dk, dv, cos, sin, x, rstd1, w_n1, idx)
     dwq, dwk, dwv = dq_a.t() @ r1_a, dk_a.t() @ r1_a, dv_a.t() @ r1_a
     dbq, dbk, dbv = _bias_grad(dq_a, bq), _bias_grad(dk_a, bk), _bias_grad(dv_a, bv)

@@ -8,7 +8,9 @@ runs on CPU. On CUDA :func:`kernel` compiles them by ``torch.compile`` with
 dynamic shapes (the number of active rows changes every block and step),
 mostly inside the two stage functions of each compacted backward, which fuses
 the gather and the arithmetic into few kernels; ``CGGR_COMPILE=0`` turns that
-off.
+off. With ``CGGR_ROW_KERNELS=triton`` the rotary and SwiGLU backward run cggr's
+Triton kernels instead (:mod:`cggr.kernels.rows`), as custom ops Inductor calls
+as opaque kernels from the compiled stages.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import math
 
 import torch
 
-from ..env import compile_enabled
+from ..env import compile_enabled, row_kernels
 
 logger = logging.getLogger("cggr")
 
@@ -92,18 +94,92 @@ def rope_backward(dt: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, idx: t
     return (t * c + rot_t).to(dt.dtype).reshape(idx.shape[0], dt.shape[1])
 
 
+# ---- The Triton kernels of cggr.kernels.rows as custom ops, for CGGR_ROW_KERNELS=triton: inside a compiled stage
+# Inductor calls them as opaque kernels (register_fake gives it the output shapes, symbolic in the row count).
+# On CUDA they launch the kernels (the reference where Triton is missing or disabled, or for fp64); on any other
+# device they run the reference.
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """cos/sin ``[B, S, hd]`` (or ``[N, hd]``) as ``[N, hd]``."""
+    return t.reshape(-1, t.shape[-1])
+
+
+@torch.library.custom_op("cggr::rope_rows_backward", mutates_args=())
+def rope_rows_backward(dt: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """:func:`rope_backward` with ``cos``/``sin`` ``[N, hd]`` or ``[B, S, hd]`` (``B * S = N``; the kernel reads
+    a batch-expanded view in place, where flattening it would copy)."""
+    return rope_backward(dt, _flat(cos), _flat(sin), idx)
+
+
+@rope_rows_backward.register_fake
+def _(dt, cos, sin, idx):
+    return dt.new_empty(idx.shape[0], dt.shape[1])
+
+
+@rope_rows_backward.register_kernel("cuda")
+def _rope_rows_cuda(dt, cos, sin, idx):
+    from ..kernels import triton_available
+
+    if triton_available():
+        from ..kernels import rows
+
+        if rows.supported(dt, cos, sin):
+            return rows.rope_rows_backward(dt, cos, sin, idx)
+    return rope_backward(dt, _flat(cos), _flat(sin), idx)
+
+
+@torch.library.custom_op("cggr::swiglu_rows_backward", mutates_args=())
+def swiglu_rows_backward(dm: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
+                         idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`swiglu_backward`."""
+    return swiglu_backward(dm, g, u, idx)
+
+
+@swiglu_rows_backward.register_fake
+def _(dm, g, u, idx):
+    return tuple(dm.new_empty(idx.shape[0], g.shape[1]) for _ in range(3))
+
+
+@swiglu_rows_backward.register_kernel("cuda")
+def _swiglu_rows_cuda(dm, g, u, idx):
+    from ..kernels import triton_available
+
+    if triton_available():
+        from ..kernels import rows
+
+        if rows.supported(dm, g, u):
+            return rows.swiglu_rows_backward(dm, g, u, idx)
+    return swiglu_backward(dm, g, u, idx)
+
+
+@torch.compiler.assume_constant_result  # a compiled stage reads the setting once, when it compiles
+def _row_kernels_triton() -> bool:
+    return row_kernels() == "triton"
+
+
+def triton_rows(t: torch.Tensor) -> bool:
+    """Whether the stages' rotary and SwiGLU backward on ``t``'s device are the custom ops above:
+    ``CGGR_ROW_KERNELS=triton`` (read on every device, so that a bad value fails anywhere) and a CUDA tensor."""
+    return _row_kernels_triton() and t.is_cuda
+
+
 def mlp_rows(dm: torch.Tensor, g: torch.Tensor, u: torch.Tensor, h: torch.Tensor, rstd: torch.Tensor,
              w_norm: torch.Tensor, idx: torch.Tensor):
     """Everything row-wise the MLP backward needs: ``swiglu_backward`` and the recomputed norm output."""
-    return (*swiglu_backward(dm, g, u, idx), rms_rows(h, rstd, w_norm, idx))
+    swiglu = swiglu_rows_backward if triton_rows(dm) else swiglu_backward
+    return (*swiglu(dm, g, u, idx), rms_rows(h, rstd, w_norm, idx))
 
 
 def qkv_rows(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
              x: torch.Tensor, rstd: torch.Tensor, w_norm: torch.Tensor, idx: torch.Tensor):
     """Active rows of the q/k/v gradients before rotary (``dq, dk, dv``: token rows ``[N, heads * hd]``;
-    ``cos``/``sin``: ``[N, hd]``), and the recomputed input norm output."""
-    return (rope_backward(dq, cos, sin, idx), rope_backward(dk, cos, sin, idx), dv[idx],
-            rms_rows(x, rstd, w_norm, idx))
+    ``cos``/``sin``: ``[N, hd]``, or ``[B, S, hd]`` with ``B * S = N``), and the recomputed input norm output."""
+    if triton_rows(dq):
+        dq_a, dk_a = rope_rows_backward(dq, cos, sin, idx), rope_rows_backward(dk, cos, sin, idx)
+    else:
+        cos, sin = _flat(cos), _flat(sin)
+        dq_a, dk_a = rope_backward(dq, cos, sin, idx), rope_backward(dk, cos, sin, idx)
+    return dq_a, dk_a, dv[idx], rms_rows(x, rstd, w_norm, idx)
 
 
 _GELU_C = math.sqrt(2.0 / math.pi)
@@ -171,6 +247,7 @@ def kernel(eager, on_cuda: bool, dynamic: bool | None = True):
     """
     # Under an outer torch.compile (dynamo tracing the block), the pieces are traced as plain PyTorch.
     if on_cuda and compile_enabled() and not _eager_only and not torch.compiler.is_compiling():
+        row_kernels()  # read inside the stages as they compile: a bad value raises a plain ValueError here
         fn = _compiled(eager, dynamic)
         # Detached inputs: a requires_grad flag that differs between calls would make dynamo recompile.
         return lambda *args: fn(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))

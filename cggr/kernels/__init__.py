@@ -3,6 +3,8 @@
 * ``scoring.py``   -- one-pass difficulty score; reference ``cggr.scoring.entropy_confidence_reference``
 * ``bucketing.py`` -- O(n) rank-threshold buckets; reference ``cggr.bucketing.rank_buckets_reference``
 * ``gate.py``      -- fused gradient row gate; reference ``cggr.gate.gate_rows_reference``
+* ``rows.py``      -- rotary and SwiGLU backward on active rows (``CGGR_ROW_KERNELS=triton``); references
+  ``cggr.compact.pointwise.rope_backward`` and ``swiglu_backward``
 
 Triton is optional: without it (or off CUDA) the references run. Tests run
 every kernel on the CPU with ``TRITON_INTERPRET=1``.
