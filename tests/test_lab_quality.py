@@ -1,6 +1,7 @@
 """cggr_lab.quality (``cggr bench quality``): arm specs, the comparison figures, and a tiny end-to-end run on CPU."""
 
 import json
+import subprocess
 
 import pytest
 import torch
@@ -484,15 +485,28 @@ def test_arms_run_on_several_devices_at_once_and_merge(tmp_path, monkeypatch, ca
     capsys.readouterr()
     assert main(base + ["--out", str(tmp_path / "two"), "--devices", "cpu,cpu", "--tag", "par"]) == 0
     out = capsys.readouterr().out
-    assert "cpu: cggr bench quality" in out and "merged 2 files (3 arms)" in out
+    assert "cpu: cggr bench quality" in out and "merged 3 files (3 arms)" in out
     for regime in ("pretrain", "continued"):
         one = json.loads((tmp_path / "one" / f"quality-{regime}-tiny-a-3steps.json").read_text())
         two = json.loads((tmp_path / "two" / f"quality-{regime}-tiny-a-3steps-par.json").read_text())
         assert [r["arm"] for r in two["arms"]] == ["dense", "random", "dense/seed=1"]
-        assert [s["arms"] for s in two["merged_from"]] == [["dense", "dense/seed=1"], ["random"]]
+        # One process per arm (dealt round-robin: dense and dense/seed=1 to the first device, one after another).
+        assert [s["arms"] for s in two["merged_from"]] == [["dense"], ["random"], ["dense/seed=1"]]
         assert "--devices" not in two["merged_from"][0]["command"] and "--device cpu" in two["merged_from"][0]["command"]
         for r, o in zip(two["arms"], one["arms"]):
             assert r["val_loss"] == pytest.approx(o["val_loss"], abs=1e-4)
+    # An arm whose process fails is named; the others are merged all the same.
+    real_run = subprocess.run
+
+    def fail_random(argv, **kw):
+        return subprocess.CompletedProcess(argv, 3) if "random" in argv else real_run(argv, **kw)
+
+    monkeypatch.setattr(subprocess, "run", fail_random)
+    assert main(base + ["--out", str(tmp_path / "three"), "--devices", "cpu,cpu"]) == 1
+    assert "1 arm(s) failed: random on cpu (exit 3" in capsys.readouterr().err
+    three = json.loads((tmp_path / "three" / "quality-pretrain-tiny-a-3steps.json").read_text())
+    assert [r["arm"] for r in three["arms"]] == ["dense", "dense/seed=1"]
+    monkeypatch.setattr(subprocess, "run", real_run)
     for devices, said in [("cpu", "at least two devices"), ("cuda:0,cuda:0", "names a GPU twice"),
                           ("cpu,gpu1", "'gpu1' is not a device")]:
         assert main(base + ["--out", str(tmp_path / "x"), "--devices", devices]) == 1
