@@ -803,7 +803,9 @@ def run_on_devices(args: argparse.Namespace) -> list[dict]:
     One process per arm, not per device: an arm that follows another in one process inherits its compiled
     code, caches and allocator state, and on 4 H200s the same routed configuration ran 11 % slower as the
     fourth arm of its process than as the first (89.7 against 99.9 ms per step), which an equal wall-clock
-    comparison counts against it. Arms that fail are named after the others are merged."""
+    comparison counts against it. The cause was not isolated (the process's state, or the GPU or host after
+    minutes of load); a fresh process per arm removes the first. Arms that fail are named after the others
+    are merged."""
     import shlex
     import subprocess
     import threading
