@@ -169,6 +169,10 @@ def test_gpu_run_script_names_existing_arms_and_parses():
     assert all(arm in speed.ARMS for tier in tiers for arm in tier)
     assert tiers[0][:3] == ["eager", "compile", "liger"] and "cggr" in tiers[0]
     assert {"full", "light", "compile+cggr", "liger+cggr"} <= {arm for tier in tiers for arm in tier}
+    # The CGGR_ROW_KERNELS A/B (ROWS_AB=1) times existing arms too, under the switch's allowed value.
+    ab = text.split('--arms "')[2].split('"', 1)[0].split(",")
+    assert all(arm in speed.ARMS for arm in ab) and "cggr" in ab
+    assert "CGGR_ROW_KERNELS=triton" in text
 
 
 def test_cggr_arm_runs_the_defaults_and_stop_arm_the_seeds_routing():
