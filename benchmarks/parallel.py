@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import speed  # noqa: E402  (benchmarks/speed.py: the models, their builder, the provenance record)
+from cggr_lab.provenance import routing_record  # noqa: E402  (importable once speed set the path)
 from report import parallel_table  # noqa: E402  (the README's table, from the same function)
 
 MODELS = dict(speed.MODELS, tiny=(64, 4, 4, 128, 2, 32))  # tiny: the CPU test's model
@@ -110,7 +111,7 @@ def time_arm(name, parallel, arm, steps, warmup, rank, world, device) -> dict:
             speed.apply_liger(model, device.type)
         router = cggr.attach(model, **record["cggr_options"]) if spec.cggr is not None else None
         if router is not None:
-            record["routing"] = speed.routing_of(router)
+            record["routing"] = routing_record(router)
         wrapped = _wrap(model, parallel, device)
         if spec.base == "compile":
             wrapped = torch.compile(wrapped)
@@ -179,7 +180,7 @@ def gradient_check(name, parallel, semantics, rank, world, device) -> dict:
                 worst = max(worst, ((grads[n] - ref).norm() / ref.norm()).item())
     worst = _max_over_ranks(worst, device)
     tolerance = 5e-2 if device.type == "cuda" else 1e-4  # bf16 on GPUs, fp32 on CPU
-    routing = speed.routing_of(router)
+    routing = routing_record(router)
     del wrapped, model, reference
     return dict(model=name, batch=batch, seq=seq, arm="gradient_check", semantics=semantics, parallel=parallel,
                 world_size=world, routing=routing, worst_rel_err=worst, tolerance=tolerance, ok=worst < tolerance)

@@ -44,7 +44,7 @@ from report import speed_summary, speed_table  # benchmarks/report.py, beside th
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's cggr, cggr_lab
 from cggr_lab import liger as cggr_lab_liger  # noqa: E402
-from cggr_lab.provenance import provenance  # noqa: E402
+from cggr_lab.provenance import provenance, routing_record  # noqa: E402
 
 MODELS = {  # name: (hidden, layers, heads, mlp, batch, seq); Llama-style unless the name says gpt2
     "125M": (768, 12, 12, 2048, 16, 1024),
@@ -170,11 +170,6 @@ def arm_options(arm: str) -> dict | None:
     return None if spec is None else dict(dict(num_buckets=4, warmup_steps=0), **spec)
 
 
-def routing_of(router) -> dict:
-    """The routing an arm ran, cggr's defaults resolved (its options name only what the arm sets)."""
-    return {k: getattr(router.config, k) for k in ("inactive", "placement", "dense_ends")}
-
-
 def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision="bf16", device="cuda"):
     """Measure one arm in this process; returns its record (no speedups: those need the whole group)."""
     import cggr
@@ -206,7 +201,7 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision
         if spec.cggr is not None:
             stage = "cggr.attach"
             router = cggr.attach(model, **record["cggr_options"])
-            record["routing"] = routing_of(router)
+            record["routing"] = routing_record(router)
         stepped = model
         if spec.base == "compile":
             stage = "torch.compile"

@@ -107,3 +107,9 @@ def package_version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def routing_record(router) -> dict:
+    """The routing a routed arm ran, cggr's automatic choices resolved (``placement="auto"``, ``dense_ends=None``):
+    an arm's options name only what it sets, so its record says what they resolved to."""
+    return {k: getattr(router.config, k) for k in ("inactive", "placement", "dense_ends")}

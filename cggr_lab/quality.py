@@ -534,7 +534,9 @@ def _run_arm(arm, regime, cfg, prep, start_state, checkpoint_info, train_stream,
             unpatch()
     epochs = batches.epochs_used + (checkpoint_info["epochs_of_A"] if regime == "continued" else 0.0)
     if router is not None:  # the routing the arm ran, defaults resolved (an arm spec names only what it sets)
-        r["routing"] = {k: getattr(router.config, k) for k in ("inactive", "placement", "dense_ends")}
+        from .provenance import routing_record
+
+        r["routing"] = routing_record(router)
     r.update(arm=arm["name"], policy=arm["policy"], seed=arm["seed"], options=arm.get("ltd", arm["attach"]),
              backend=backend, untimed_warmup_seconds=warm_seconds,
              warmup=arm["warmup"], handback=arm["handback"], epochs_of_training_data=epochs,
