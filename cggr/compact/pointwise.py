@@ -116,16 +116,22 @@ def _(dt, cos, sin, idx):
     return dt.new_empty(idx.shape[0], dt.shape[1])
 
 
-@rope_rows_backward.register_kernel("cuda")
-def _rope_rows_cuda(dt, cos, sin, idx):
+def _row_kernel(name: str, *tensors: torch.Tensor):
+    """The Triton kernel ``cggr.kernels.rows.<name>`` when Triton is available and takes these tensors' dtypes,
+    else None (the caller runs its reference)."""
     from ..kernels import triton_available
 
-    if triton_available():
-        from ..kernels import rows
+    if not triton_available():
+        return None
+    from ..kernels import rows
 
-        if rows.supported(dt, cos, sin):
-            return rows.rope_rows_backward(dt, cos, sin, idx)
-    return rope_backward(dt, _flat(cos), _flat(sin), idx)
+    return getattr(rows, name) if rows.supported(*tensors) else None
+
+
+@rope_rows_backward.register_kernel("cuda")
+def _rope_rows_cuda(dt, cos, sin, idx):
+    fast = _row_kernel("rope_rows_backward", dt, cos, sin)
+    return fast(dt, cos, sin, idx) if fast is not None else rope_backward(dt, _flat(cos), _flat(sin), idx)
 
 
 @torch.library.custom_op("cggr::swiglu_rows_backward", mutates_args=())
@@ -142,14 +148,8 @@ def _(dm, g, u, idx):
 
 @swiglu_rows_backward.register_kernel("cuda")
 def _swiglu_rows_cuda(dm, g, u, idx):
-    from ..kernels import triton_available
-
-    if triton_available():
-        from ..kernels import rows
-
-        if rows.supported(dm, g, u):
-            return rows.swiglu_rows_backward(dm, g, u, idx)
-    return swiglu_backward(dm, g, u, idx)
+    fast = _row_kernel("swiglu_rows_backward", dm, g, u)
+    return fast(dm, g, u, idx) if fast is not None else swiglu_backward(dm, g, u, idx)
 
 
 @torch.compiler.assume_constant_result  # a compiled stage reads the setting once, when it compiles
