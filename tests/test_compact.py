@@ -388,6 +388,61 @@ def test_liger_patched_llama_blocks_take_the_compacted_path_when_the_check_passe
     assert _structural_family(_blocks(gemma_like)[0]) is None
 
 
+def _rope_reading(half_of: str):
+    """HF's ``apply_rotary_pos_emb`` with cos/sin's ``half_of`` half read and repeated: "first" is what
+    Liger-Kernel's RoPE kernel computes (it assumes HF's tables, ``cat(freqs, freqs)``), "second" no known one."""
+    def rope(q, k, cos, sin, *args, **kwargs):
+        h = cos.shape[-1] // 2
+        part = slice(None, h) if half_of == "first" else slice(h, None)
+        cos, sin = torch.cat((cos[..., part],) * 2, -1).unsqueeze(1), torch.cat((sin[..., part],) * 2, -1).unsqueeze(1)
+        rot = tf.models.llama.modeling_llama.rotate_half
+        return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+    return rope
+
+
+def test_a_rope_reading_the_first_half_of_cos_sin_takes_the_compacted_path_that_reads_it_so(monkeypatch, caplog):
+    """Liger's RoPE (patched into HF's module) reads the first half of cos/sin only: it equals HF's rotary on HF's
+    tables but not on the check's unstructured ones. The check then tries the variant that reads them so, and the
+    router trains exactly (the reference runs the same patched model)."""
+    plain = [compact_decision(b)[0] for b in _blocks(_model("llama"))]
+    assert all(found[1].rotary_first_half is False for found in plain)
+    V.clear_cache()
+    monkeypatch.setattr(tf.models.llama.modeling_llama, "apply_rotary_pos_emb", _rope_reading("first"))
+    model = _liger_like(_model("llama"))
+    with caplog.at_level(logging.WARNING, logger="cggr"):
+        decisions = [compact_decision(b) for b in _blocks(model)]
+    assert [found[1].rotary_first_half for found, _ in decisions] == [True] * 4, decisions
+    assert "Liger-Kernel's RoPE" in decisions[0][1] and not caplog.records  # no warning: the variant passed
+
+    ref = copy.deepcopy(model)
+    router = cggr.attach(model, warmup_steps=0)
+    assert router.compact_blocks == ["llama"] * 4
+    ids = torch.randint(1, 61, (3, 9), generator=torch.Generator().manual_seed(2))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert router.routing.compact_blocks == {0, 1, 2, 3} and router.routing.depth.min() < 4
+    with cggr.reference_routing(list(ref.model.layers), **routed_as(router)):
+        ref(input_ids=ids, labels=ids).loss.backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert rel_err(p.grad, q.grad) < 1e-5 if q.grad.norm() > 0 else p.grad.norm() == 0, n
+
+
+def test_a_rope_no_variant_reads_is_refused(monkeypatch):
+    monkeypatch.setattr(tf.models.llama.modeling_llama, "apply_rotary_pos_emb", _rope_reading("second"))
+    model = _model("llama")
+    assert [compact_decision(b)[0] for b in _blocks(model)] == [None] * 4
+    reason = compact_decision(_blocks(model)[0])[1]
+    assert "differs from it by" in reason
+
+
+def test_liger_rope_under_the_interpreter_takes_the_first_half_variant(monkeypatch):
+    """Liger-Kernel's own RoPE kernel (where installed: a ``bench`` extra, not in CI), through Triton's
+    interpreter on the CPU: the block is admitted with the variant, and the Function equals the block."""
+    rope = pytest.importorskip("liger_kernel.transformers.rope")
+    monkeypatch.setattr(tf.models.llama.modeling_llama, "apply_rotary_pos_emb", rope.liger_rotary_pos_emb)
+    found, reason = compact_decision(_blocks(_model("llama"))[0])
+    assert found is not None and found[1].rotary_first_half, reason
+
+
 # ---------------------------------------------------------------------------- copying the compacted forward
 class _Source:
     """Stands in for the router: hands out the routing of the running forward."""

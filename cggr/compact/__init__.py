@@ -30,7 +30,8 @@ import torch
 from ..adapters import is_moe_module
 from ..routing import Routing
 from .gpt2 import GPT2BlockRouted, GPT2BlockRoutedCheckpointed, gpt2_block_params, gpt2_block_spec, gpt2_dropout_off
-from .llama import LlamaBlockRouted, LlamaBlockRoutedCheckpointed, llama_block_params, llama_block_spec
+from .llama import (LlamaBlockRouted, LlamaBlockRoutedCheckpointed, llama_block_params, llama_block_spec,
+                    llama_spec_variants)
 
 logger = logging.getLogger("cggr")
 _warned_dtype = False  # once per process: the advice is the same for every block and every model
@@ -55,7 +56,9 @@ class Family:
     weights in the Functions' order; ``inputs(block, kwargs, dtype)``: the per-call inputs before routing
     (e.g. rotary cos/sin), or None when this call cannot take the compacted path; ``saving`` /
     ``checkpointed``: the autograd Functions (checkpointed may be None: then checkpointed calls use the
-    model's own checkpointing and the generic backward).
+    model's own checkpointing and the generic backward); ``variants(spec)``: other specs for a block of that
+    shape, which the attach-time check tries in turn when the block fails with ``spec`` (fused kernels with
+    conventions of their own: Liger-Kernel's RoPE).
     """
 
     spec: Callable
@@ -63,6 +66,7 @@ class Family:
     inputs: Callable
     saving: type
     checkpointed: type | None
+    variants: Callable = lambda spec: ()
 
 
 def _sliding_window(attn) -> float:
@@ -93,7 +97,7 @@ def _gpt2_inputs(block, kwargs, dtype):
 
 FAMILIES: dict[str, Family] = {
     "llama": Family(llama_block_spec, llama_block_params, _llama_inputs, LlamaBlockRouted,
-                    LlamaBlockRoutedCheckpointed),
+                    LlamaBlockRoutedCheckpointed, llama_spec_variants),
     "gpt2": Family(gpt2_block_spec, gpt2_block_params, _gpt2_inputs, GPT2BlockRouted, GPT2BlockRoutedCheckpointed),
 }
 
@@ -150,7 +154,7 @@ def compact_decision(block: torch.nn.Module) -> tuple[tuple[str, Any] | None, st
     verdict = verify(block, family, spec)
     if not verdict.ok:
         return None, verdict.reason
-    return found, verdict.reason
+    return (family, verdict.spec), verdict.reason
 
 
 def compact_family(block: torch.nn.Module) -> tuple[str, Any] | None:

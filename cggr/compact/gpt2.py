@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..routing import Routing
 from .attention import attention_in_forward, attention_with_grad, refuse_double_backward, take_attention_grad
 from .pointwise import (gelu_tanh_rows, keep_attention_for, kernel, layer_norm_backward_add, layer_norm_rows,
-                        token_rows, with_skip)
+                        scatter_rows, token_rows, with_skip)
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,9 @@ def _zero_grads(x, weights):
 
 
 def _backward_on_active_rows(dy, idx, mlp_src, attention_grad, x, mean1, rstd1, spec: GPT2BlockSpec,
-                             weights):
-    """The block backward on its active rows; shared by the saved and the checkpointed variants.
+                             weights, skip: bool):
+    """The block backward on its active rows; shared by the saved and the checkpointed variants. ``skip``: the
+    inactive rows' input gradient is their output gradient (skip semantics), else zero.
 
     ``mlp_src = (f, h, mean2, rstd2, o, rows)``: where the values after the attention are read (rows ``rows``);
     ``attention_grad(do)``: gradients of the attention's q, k, v for an output gradient ``do`` ``[B, H, S, hd]``.
@@ -109,7 +110,7 @@ def _backward_on_active_rows(dy, idx, mlp_src, attention_grad, x, mean1, rstd1, 
     dq, dk, dv = attention_grad(do.view(B, S, spec.num_heads, spec.head_dim).transpose(1, 2))
     dx, dln1_w, dln1_b, dw_attn, db_attn = K(qkv_backward_rows)(
         token_rows(dq), token_rows(dk), token_rows(dv), x.view(N, D), mean1.view(N, 1), rstd1.view(N, 1), ln1_w,
-        ln1_b, w_attn, idx, dh)
+        ln1_b, w_attn, idx, dh, dy.reshape(N, D) if skip else None)
     grads = (dln1_w, dln1_b, dw_attn, db_attn, dw_proj, db_proj, dln2_w, dln2_b, dw_fc, db_fc, dw_out, db_out)
     grads = [gr.to(w.dtype) for gr, w in zip(grads, weights)]
     return (dx.view(B, S, D), None, None, None, None, *grads)
@@ -137,8 +138,8 @@ class GPT2BlockRouted(torch.autograd.Function):
             return with_skip(_zero_grads(x, weights), dy, r, ctx.block_index)
         idx = r.active_indices(ctx.block_index)
         mlp_src = (f.view(N, -1), h.view(N, D), mean2.view(N, 1), rstd2.view(N, 1), o.view(N, D), idx)
-        return with_skip(_backward_on_active_rows(dy, idx, mlp_src, attention_grad, x, mean1, rstd1, ctx.spec,
-                                                  weights), dy, r, ctx.block_index)
+        return _backward_on_active_rows(dy, idx, mlp_src, attention_grad, x, mean1, rstd1, ctx.spec, weights,
+                                        r.skip)
 
 
 class GPT2BlockRoutedCheckpointed(torch.autograd.Function):
@@ -176,8 +177,7 @@ class GPT2BlockRoutedCheckpointed(torch.autograd.Function):
         local = torch.arange(idx.numel(), device=idx.device)
         mlp_src = (f_a, h_a, mean2_a, rstd2_a, o_a, local)
 
-        return with_skip(_backward_on_active_rows(dy, idx, mlp_src, attention_grad, x, mean1, rstd1, spec,
-                                                  weights), dy, r, ctx.block_index)
+        return _backward_on_active_rows(dy, idx, mlp_src, attention_grad, x, mean1, rstd1, spec, weights, r.skip)
 
 
 def mlp_backward_rows(dy, idx, f, h, mean2, rstd2, o, rows, ln2_w, ln2_b, w_fc, w_out, w_proj):
@@ -188,7 +188,7 @@ def mlp_backward_rows(dy, idx, f, h, mean2, rstd2, o, rows, ln2_w, ln2_b, w_fc, 
     Returns ``dh`` (active rows), ``do`` ``[N, D]`` (zero on inactive rows) and the gradients of ``ln_2``,
     ``c_fc``, the MLP's ``c_proj`` and the attention's ``c_proj``. One compiled graph on CUDA.
     """
-    N, n = dy.shape[0], idx.shape[0]
+    N = dy.shape[0]
     # ---- MLP: y = h + c_proj(gelu(c_fc(ln_2(h))))
     dy_a = dy.index_select(0, idx).to(h.dtype)
     dact = dy_a @ w_out.t()
@@ -202,22 +202,22 @@ def mlp_backward_rows(dy, idx, f, h, mean2, rstd2, o, rows, ln2_w, ln2_b, w_fc, 
     o_a = o.index_select(0, rows)
     dw_proj, db_proj = o_a.t() @ dh, dh.sum(0)
     do_a = dh @ w_proj.t()
-    do = do_a if n == N else do_a.new_zeros(N, do_a.shape[1]).index_copy(0, idx, do_a)  # every row active: in order
+    do = scatter_rows(do_a, idx, N)
     return dh, do, dln2_w, dln2_b, dw_fc, db_fc, dw_out, db_out, dw_proj, db_proj
 
 
-def qkv_backward_rows(dq, dk, dv, x, mean1, rstd1, ln1_w, ln1_b, w_attn, idx, dh):
+def qkv_backward_rows(dq, dk, dv, x, mean1, rstd1, ln1_w, ln1_b, w_attn, idx, dh, dx_base):
     """Second half, on rows ``idx``: the fused q/k/v projection and ``ln_1`` (inactive keys and values are
     constants: only active rows of ``dq, dk, dv``, token rows ``[N, D]``, are read). Returns ``dx`` ``[N, D]``
-    (zero on inactive rows: the one scatter) and the gradients of ``ln_1`` and ``c_attn``."""
-    N, n = x.shape[0], idx.shape[0]
+    (the one scatter; inactive rows from ``dx_base``, zeros when None) and the gradients of ``ln_1`` and
+    ``c_attn``."""
+    N = x.shape[0]
     dqkv = torch.cat([t[idx] for t in (dq, dk, dv)], dim=1)  # [n, 3D]
     a1_a = layer_norm_rows(x, mean1, rstd1, ln1_w, ln1_b, idx)
     dw_attn, db_attn = a1_a.t() @ dqkv, dqkv.sum(0)
     da1 = dqkv @ w_attn.t()
     dx_a, dln1_w, dln1_b = layer_norm_backward_add(da1, dh, x, mean1, rstd1, ln1_w, idx)
-    dx = dx_a if n == N else dx_a.new_zeros(N, dx_a.shape[1]).index_copy(0, idx, dx_a)
-    return dx, dln1_w, dln1_b, dw_attn, db_attn
+    return scatter_rows(dx_a, idx, N, dx_base), dln1_w, dln1_b, dw_attn, db_attn
 
 
 def gpt2_block_spec(block) -> GPT2BlockSpec | None:

@@ -20,14 +20,15 @@ The gradient is that of DESIGN.md §1's sparse mode; tests compare it with
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from ..routing import Routing
 from .attention import attention_in_forward, attention_with_grad, refuse_double_backward, take_attention_grad
-from .pointwise import keep_attention_for, kernel, mlp_rows, qkv_rows, rms_backward_add, token_rows, with_skip
+from .pointwise import (keep_attention_for, kernel, mlp_rows, qkv_rows, rms_backward_add, scatter_rows, token_rows,
+                        with_skip)
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,29 @@ class LlamaBlockSpec:
     scaling: float
     eps1: float
     eps2: float
+    # Whether the block's rotary reads only the first half of cos/sin and repeats it, as Liger-Kernel's RoPE
+    # kernel does (it assumes HF's tables, cat(freqs, freqs)). The attach-time check tries this only when the
+    # block fails the plain reading (verify.py); with it the Function computes what such a block computes for
+    # any cos/sin, HF's tables or not.
+    rotary_first_half: bool = False
+
+
+def llama_spec_variants(spec: LlamaBlockSpec) -> tuple[LlamaBlockSpec, ...]:
+    """Other readings of a block of this shape, tried in turn when the block fails the check with ``spec``."""
+    return () if spec.rotary_first_half else (replace(spec, rotary_first_half=True),)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def _rotary_tables(cos: torch.Tensor, sin: torch.Tensor, spec: LlamaBlockSpec):
+    """The cos/sin the block's rotary reads (``spec.rotary_first_half``: their first halves, twice)."""
+    if not spec.rotary_first_half:
+        return cos, sin
+    half = spec.head_dim // 2
+    return torch.cat((cos[..., :half],) * 2, dim=-1), torch.cat((sin[..., :half],) * 2, dim=-1)
 
 
 def _rms_forward(x: torch.Tensor, w: torch.Tensor, eps: float):
@@ -128,7 +147,7 @@ def mlp_backward_rows(dy, idx, g, u, h, rstd2, mlp_idx, o_a, w_n2, wo, bo, wg, b
     One compiled graph on CUDA: its matmuls and row-wise kernels are launched by Inductor's wrapper, far
     cheaper on the host than as separate eager ops.
     """
-    N, n = dy.shape[0], idx.shape[0]
+    N = dy.shape[0]
     # ---- MLP: y = h + down(silu(gate(r2)) * up(r2)), r2 = rmsnorm(h)
     dy_a = dy.index_select(0, idx).to(h.dtype)  # the one gather of the output gradient
     dm = dy_a @ wd
@@ -141,33 +160,34 @@ def mlp_backward_rows(dy, idx, g, u, h, rstd2, mlp_idx, o_a, w_n2, wo, bo, wg, b
     # ---- attention output projection: h = x + o_proj(o)
     dwo, dbo = dh.t() @ o_a, _bias_grad(dh, bo)
     do_a = dh @ wo
-    do = do_a if n == N else do_a.new_zeros(N, do_a.shape[1]).index_copy(0, idx, do_a)  # every row active: in order
+    do = scatter_rows(do_a, idx, N)
     return dh, do, dw_n2, dwo, dbo, dwg, dbg, dwu, dbu, dwd, dbd
 
 
-def qkv_backward_rows(dq, dk, dv, cos, sin, x, rstd1, w_n1, idx, dh, wq, bq, wk, bk, wv, bv):
+def qkv_backward_rows(dq, dk, dv, cos, sin, x, rstd1, w_n1, idx, dh, dx_base, wq, bq, wk, bk, wv, bv):
     """Second half, on rows ``idx``: rotary, the q/k/v projections and the input norm, after the attention.
 
     ``dq, dk, dv`` ``[N, heads * hd]``: the attention's input gradients as token rows (inactive keys and values
     are constants here: only the active rows are read); ``cos, sin`` ``[B, S, hd]`` (expanded over the batch:
     flattened to rows by ``qkv_rows``, inside the compiled stage, rather than copied in every block; the Triton
     kernels read them as they are); ``x`` ``[N, D]``:
-    the block input; ``dh``: from :func:`mlp_backward_rows`. Returns ``dx`` ``[N, D]`` (zero on inactive rows:
-    the one scatter) and ``(dw_n1, dwq, dbq, dwk, dbk, dwv, dbv)``.
+    the block input; ``dh``: from :func:`mlp_backward_rows`; ``dx_base``: the input gradient's inactive rows
+    (the output gradient under skip semantics; None: zeros). Returns ``dx`` ``[N, D]`` (the one scatter) and
+    ``(dw_n1, dwq, dbq, dwk, dbk, dwv, dbv)``.
     """
-    N, n = x.shape[0], idx.shape[0]
+    N = x.shape[0]
     dq_a, dk_a, dv_a, r1_a = qkv_rows(dq, dk, dv, cos, sin, x, rstd1, w_n1, idx)
     dwq, dwk, dwv = dq_a.t() @ r1_a, dk_a.t() @ r1_a, dv_a.t() @ r1_a
     dbq, dbk, dbv = _bias_grad(dq_a, bq), _bias_grad(dk_a, bk), _bias_grad(dv_a, bv)
     dr1 = torch.addmm(torch.addmm(dq_a @ wq, dk_a, wk), dv_a, wv)
     dx_a, dw_n1 = rms_backward_add(dr1, dh, x, rstd1, w_n1, idx)
-    dx = dx_a if n == N else dx_a.new_zeros(N, dx_a.shape[1]).index_copy(0, idx, dx_a)
-    return dx, dw_n1, dwq, dbq, dwk, dbk, dwv, dbv
+    return scatter_rows(dx_a, idx, N, dx_base), dw_n1, dwq, dbq, dwk, dbk, dwv, dbv
 
 
 def _backward_on_active_rows(dy, idx, mlp_rows_src, o_a, attention_grad, x, rstd1, cos, sin,
-                             spec: LlamaBlockSpec, weights):
-    """The block backward on its active rows; shared by the saved and the checkpointed variants.
+                             spec: LlamaBlockSpec, weights, skip: bool):
+    """The block backward on its active rows; shared by the saved and the checkpointed variants. ``skip``: the
+    inactive rows' input gradient is their output gradient (skip semantics), else zero.
 
     ``mlp_rows_src = (g, u, h, rstd2, rows)``: where the MLP's saved values are read (rows ``rows`` of
     ``[*, ...]`` tensors); ``o_a``: attention output of the active rows; ``attention_grad(do)``: gradients of
@@ -184,7 +204,7 @@ def _backward_on_active_rows(dy, idx, mlp_rows_src, o_a, attention_grad, x, rstd
     dq, dk, dv = attention_grad(do.view(B, S, H, hd).transpose(1, 2))
     dx, dw_n1, dwq, dbq, dwk, dbk, dwv, dbv = K(qkv_backward_rows)(
         token_rows(dq), token_rows(dk), token_rows(dv), cos.expand(B, S, hd), sin.expand(B, S, hd), x.view(N, D),
-        rstd1.view(N, 1), w_n1, idx, dh, wq, bq, wk, bk, wv, bv)
+        rstd1.view(N, 1), w_n1, idx, dh, dy.reshape(N, D) if skip else None, wq, bq, wk, bk, wv, bv)
     grads = (dw_n1, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dw_n2, dwg, dbg, dwu, dbu, dwd, dbd)
     grads = [None if gr is None else gr.to(w.dtype) for gr, w in zip(grads, weights)]
     return (dx.view(B, S, D), None, None, None, None, None, None, *grads)
@@ -199,6 +219,7 @@ class LlamaBlockRouted(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cos, sin, mask, routing: Routing, block_index: int, spec: LlamaBlockSpec, *weights):
+        cos, sin = _rotary_tables(cos, sin, spec)
         y, saved, ctx.attention_grad = _block_forward(x, cos, sin, mask, spec, weights, keep_attention_for(ctx))
         ctx.save_for_backward(x, *saved, cos, sin, mask, *weights)
         ctx.routing, ctx.block_index, ctx.spec = routing, block_index, spec
@@ -217,9 +238,8 @@ class LlamaBlockRouted(torch.autograd.Function):
         idx = r.active_indices(ctx.block_index)
         o_a = o.view(N, -1).index_select(0, idx)
         mlp_src = (g.view(N, -1), u.view(N, -1), h.view(N, D), rstd2.view(N, 1), idx)
-        grads = _backward_on_active_rows(dy, idx, mlp_src, o_a, attention_grad, x, rstd1, cos, sin, ctx.spec,
-                                         weights)
-        return with_skip(grads, dy, r, ctx.block_index)
+        return _backward_on_active_rows(dy, idx, mlp_src, o_a, attention_grad, x, rstd1, cos, sin, ctx.spec,
+                                        weights, r.skip)
 
 
 class LlamaBlockRoutedCheckpointed(torch.autograd.Function):
@@ -232,6 +252,7 @@ class LlamaBlockRoutedCheckpointed(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cos, sin, mask, routing: Routing, block_index: int, spec: LlamaBlockSpec, *weights):
+        cos, sin = _rotary_tables(cos, sin, spec)
         y, _, _ = _block_forward(x, cos, sin, mask, spec, weights)  # activations dropped: recomputed in backward
         ctx.save_for_backward(x, cos, sin, mask, *weights)
         ctx.routing, ctx.block_index, ctx.spec = routing, block_index, spec
@@ -258,9 +279,8 @@ class LlamaBlockRoutedCheckpointed(torch.autograd.Function):
         local = torch.arange(idx.numel(), device=idx.device)
         mlp_src = (g_a, u_a, h_a, rstd2_a, local)
 
-        grads = _backward_on_active_rows(dy, idx, mlp_src, o_a, attention_grad, x, rstd1, cos, sin, spec,
-                                         weights)
-        return with_skip(grads, dy, r, ctx.block_index)
+        return _backward_on_active_rows(dy, idx, mlp_src, o_a, attention_grad, x, rstd1, cos, sin, spec,
+                                        weights, r.skip)
 
 
 def _linear_ok(m) -> bool:

@@ -261,6 +261,18 @@ def keep_attention_for(ctx) -> bool:
     return any(ctx.needs_input_grad) and not torch.compiler.is_compiling()
 
 
+def scatter_rows(rows: torch.Tensor, idx: torch.Tensor, num_rows: int, base: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """``[num_rows, D]``: ``rows`` at rows ``idx``, ``base``'s rows (zeros when None) elsewhere; ``rows`` itself
+    when every row is active (``idx`` then lists them in order). Traced into the compiled backward stages: the
+    input gradient of a block under skip semantics (``base`` = its output gradient, which the inactive rows pass
+    on) is one copy and one scatter, rather than a scatter into zeros and then a select over the whole tensor."""
+    if rows.shape[0] == num_rows:
+        return rows
+    out = rows.new_zeros(num_rows, rows.shape[1]) if base is None else base.to(rows.dtype)
+    return out.index_copy(0, idx, rows)
+
+
 def with_skip(grads: tuple, dy: torch.Tensor, routing, block_index: int) -> tuple:
     """A compacted block's gradients ``(dx, ...)`` under the routing's inactive semantics: under skip the
     inactive rows' output gradient ``dy`` passes to the block input (:meth:`cggr.routing.Routing.block_input_grad`)."""

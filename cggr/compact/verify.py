@@ -62,6 +62,7 @@ class Verdict:
     max_diff: float
     reason: str
     seconds: float
+    spec: Any = None  # the spec checked: the Functions run with it (a variant of the structural one, maybe)
 
 
 _verdicts: dict[Any, Verdict] = {}  # by the key of :func:`_key`: the full check
@@ -77,9 +78,11 @@ def clear_cache() -> None:
 
 
 def verify(block: torch.nn.Module, family: str, spec: Any) -> Verdict:
-    """The cached verdict for ``block`` taking ``family``'s compacted backward with ``spec``.
+    """The cached verdict for ``block`` taking ``family``'s compacted backward with ``spec`` or, where the block
+    fails with it, with the first of the family's variants of it that passes (``verdict.spec`` says which).
 
-    A failed verdict logs one warning per kind of block (class, family, and the measured difference).
+    A failed verdict logs one warning per kind of block (class, family, and the measured difference with
+    ``spec``).
     """
     known = _by_block.get(block)
     if known is not None:
@@ -87,15 +90,30 @@ def verify(block: torch.nn.Module, family: str, spec: Any) -> Verdict:
     key = _key(block, family, spec)
     verdict = _verdicts.get(key)
     if verdict is None:
-        verdict = _verdicts[key] = check(block, family, spec)
+        verdict = _verdicts[key] = _first_passing(block, family, spec)
     elif verdict.ok:
         # Same kind of block, already proven: its forward once more, in case it reads its layer index.
-        verdict = check(block, family, spec, full=False)
+        verdict = check(block, family, verdict.spec, full=False)
     if not verdict.ok and key not in _warned:
         _warned.add(key)
         logger.warning("cggr: %s; it takes the generic routed backward", verdict.reason)
     _by_block[block] = verdict
     return verdict
+
+
+def _first_passing(block: torch.nn.Module, family: str, spec: Any) -> Verdict:
+    """The full check with ``spec``, then with each of the family's variants of it until one passes; the first
+    verdict when none does (its difference is the one to report)."""
+    from . import FAMILIES
+
+    first = check(block, family, spec)
+    if first.ok:
+        return first
+    for variant in FAMILIES[family].variants(spec):
+        verdict = check(block, family, variant)
+        if verdict.ok:
+            return verdict
+    return first
 
 
 # ------------------------------------------------------------------ the cache key
@@ -293,16 +311,23 @@ def check(block: torch.nn.Module, family: str, spec: Any, *, seed: int = 0, full
     except Exception as e:  # noqa: BLE001 -- any failure to run the check is a failed check
         return Verdict(False, math.nan, f"the check of the compacted {family} backward against "
                        f"{type(block).__name__} could not run ({type(e).__name__}: {e})",
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, spec)
     finally:
         torch.set_num_threads(threads)
     seconds = time.perf_counter() - start
     if worst <= tolerance:
         return Verdict(True, worst, f"compacted {family} backward, checked against {type(block).__name__} "
-                       f"(largest relative difference {worst:.1e})", seconds)
+                       f"(largest relative difference {worst:.1e}){_variant_note(spec)}", seconds, spec)
     return Verdict(False, worst, f"{type(block).__name__} has the modules of a {family} block but computes "
                    f"something else: the compacted {family} backward differs from it by {worst:.2g} of the "
-                   f"largest entry in {where} (tolerance {tolerance:g})", seconds)
+                   f"largest entry in {where} (tolerance {tolerance:g})", seconds, spec)
+
+
+def _variant_note(spec: Any) -> str:
+    """What a passing variant reads differently, for the router's report."""
+    if getattr(spec, "rotary_first_half", False):
+        return ", its rotary reading the first half of cos/sin (as Liger-Kernel's RoPE does)"
+    return ""
 
 
 def _compare(block, family, spec, seed, full) -> tuple[float, str]:
