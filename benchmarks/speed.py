@@ -202,6 +202,10 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision
             stage = "cggr.attach"
             router = cggr.attach(model, **record["cggr_options"])
             record["routing"] = routing_record(router)
+            # Which blocks the attach-time check admitted to the compacted backward (the others run the generic
+            # per-linear one): "24/24" is the fast path everywhere.
+            blocks = router.compact_blocks
+            record["compacted_blocks"] = f"{sum(f is not None for f in blocks)}/{len(blocks)}"
         stepped = model
         if spec.base == "compile":
             stage = "torch.compile"

@@ -188,6 +188,38 @@ def test_fp32_routed_gradients_match_reference_on_gpu():
             assert ((g[name] - r).norm() / r.norm()).item() < 1e-4, name
 
 
+def test_liger_patched_llama_takes_the_compacted_path_and_equals_reference():
+    """Liger-Kernel's patches (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy: no logits), then cggr: every
+    block passes the attach-time check (its RoPE through the first-half variant) and the routed gradients, in
+    fp32 on Liger's own kernels, are the reference routing's of the same patched model."""
+    liger = pytest.importorskip("liger_kernel.transformers")
+    import cggr
+    from cggr.adapters import find_layer_stack
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    base = _llama(torch.float32)
+    liger.apply_liger_kernel_to_llama(model=base)
+    ref = copy.deepcopy(base)
+    ids = torch.randint(0, 32000, (2, 256), device="cuda")
+    router = cggr.attach(base, warmup_steps=0)
+    assert router.compact_blocks == ["llama"] * 12
+    assert [f.spec.rotary_first_half for f in _compacted_forwards(base)] == [True] * 12
+    base(input_ids=ids, labels=ids).loss.backward()
+    assert len(router.routing.compact_blocks) == 12
+    with cggr.reference_routing(find_layer_stack(ref)[1], **routed_as(router)):
+        ref(input_ids=ids, labels=ids).loss.backward()
+    g, gr = _grads(base), _grads(ref)
+    for name, r in gr.items():
+        if r.norm() > 0:
+            assert ((g[name] - r).norm() / r.norm()).item() < 1e-4, name
+
+
+def _compacted_forwards(model):
+    from cggr.compact import CompactedForward
+
+    return [b.forward for b in model.model.layers if isinstance(b.forward, CompactedForward)]
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_routed_step_never_waits_for_the_forward(family):
     """cggr adds no synchronising call to a training step (forward, routing, backward), with masked labels.
