@@ -16,7 +16,7 @@
 #    untimed ones, most important arms first: the dense baselines and cggr on both models, then the other
 #    routed arms. The JSON is rewritten after every arm, so a stop at the time limit keeps what was measured;
 # 4. with ROWS_AB=1, after the budget: the CGGR_ROW_KERNELS A/B (tests, benchmarks/rows.py, and the routed arms
-#    timed again with CGGR_ROW_KERNELS=triton into $OUT/rows-triton);
+#    timed again with CGGR_ROW_KERNELS=inductor, the pieces Inductor compiles, into $OUT/rows-inductor);
 # 5. prints a short table last.
 #
 # Results go to $OUT (default ./gpu-out). The run stops itself after $BUDGET_S seconds (default 480 s; the CUDA tests get at
@@ -61,18 +61,18 @@ fi
 
 if [ "${ROWS_AB:-0}" = 1 ]; then
   # CGGR_ROW_KERNELS A/B (ROWS_AB=1; outside $BUDGET_S, about 4 minutes): the row kernels' micro-benchmark, then
-  # the routed arms again with CGGR_ROW_KERNELS=triton on the same machine, into their own folder (speed.py
+  # the routed arms again with CGGR_ROW_KERNELS=inductor on the same machine, into their own folder (speed.py
   # replaces a record of the same model and arm in a file; each record says which row kernels it ran).
-  echo "== row kernels: micro-benchmark and the routed step with CGGR_ROW_KERNELS=triton"
+  echo "== row kernels: micro-benchmark and the routed step with CGGR_ROW_KERNELS=inductor"
   TRITON_INTERPRET=0 timeout 150 python3 -m pytest tests/test_row_kernels.py tests/test_cuda.py -q -p no:cacheprovider \
     -k "row or kernel" > "$OUT/test_rows.log" 2>&1
   echo "exit $?"; tail -n 3 "$OUT/test_rows.log"
   TRITON_INTERPRET=0 timeout 120 python3 benchmarks/rows.py --out "$OUT" > "$OUT/rows.log" 2>&1
   echo "exit $?"; tail -n 14 "$OUT/rows.log"
-  mkdir -p "$OUT/rows-triton"
-  CGGR_ROW_KERNELS=triton TRITON_INTERPRET=0 timeout 300 python3 benchmarks/speed.py --models 350M,1B \
-    --arms "cggr,full,stop" --steps 12 --warmup 6 --arm-timeout 150 --out "$OUT/rows-triton" > "$OUT/rows-triton.log" 2>&1
-  echo "exit $?"; grep "^== " "$OUT/rows-triton.log"
+  mkdir -p "$OUT/rows-inductor"
+  CGGR_ROW_KERNELS=inductor TRITON_INTERPRET=0 timeout 300 python3 benchmarks/speed.py --models 350M,1B \
+    --arms "cggr,liger+cggr,full" --steps 12 --warmup 6 --arm-timeout 150 --out "$OUT/rows-inductor" > "$OUT/rows-inductor.log" 2>&1
+  echo "exit $?"; grep "^== " "$OUT/rows-inductor.log"
 fi
 
 echo "== summary ($SECONDS s)"
@@ -80,7 +80,7 @@ python3 - "$OUT" <<'PY'
 import glob, json, os, sys
 sys.path.insert(0, "benchmarks")
 import report
-for path in sorted(glob.glob(os.path.join(sys.argv[1], "speed-*.json")) + glob.glob(os.path.join(sys.argv[1], "rows-triton", "speed-*.json"))):
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "speed-*.json")) + glob.glob(os.path.join(sys.argv[1], "rows-inductor", "speed-*.json"))):
     records = json.load(open(path))
     print(path)
     print(report.speed_summary(records))

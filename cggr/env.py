@@ -25,15 +25,19 @@ def compile_enabled() -> bool:
 
 
 ROW_KERNELS = ("inductor", "triton")
+# The default since the H200 A/B at rev f31efd5 (benchmarks/results/rows-nvidia-h200.json and the speed records'
+# row_kernels): the Triton kernels equal Inductor's bit for bit, run the rotary backward 5-10x and the SwiGLU
+# backward 1.15x faster, and the whole 1B routed step 4 % faster (350M: level, its step is bound by the host).
+DEFAULT_ROW_KERNELS = "triton"
 
 
 def row_kernels() -> str:
     """``CGGR_ROW_KERNELS``: what computes the rotary and SwiGLU backward inside the compacted Llama backward's
-    stages on CUDA: ``inductor`` (the default: Inductor compiles the plain PyTorch pieces with the rest of the
-    stage) or ``triton`` (cggr's hand-written kernels, :mod:`cggr.kernels.rows`, called as custom ops). Off CUDA
-    the PyTorch pieces run either way. The compiled stages read it when they compile (once per process).
-    Any other value raises ValueError."""
-    value = os.environ.get("CGGR_ROW_KERNELS") or ROW_KERNELS[0]
+    stages on CUDA: ``triton`` (the default: cggr's hand-written kernels, :mod:`cggr.kernels.rows`, called as
+    custom ops; where Triton or the dtypes are missing, the PyTorch pieces) or ``inductor`` (Inductor compiles the
+    plain PyTorch pieces with the rest of the stage). Off CUDA the PyTorch pieces run either way. The compiled
+    stages read it when they compile (once per process). Any other value raises ValueError."""
+    value = os.environ.get("CGGR_ROW_KERNELS") or DEFAULT_ROW_KERNELS
     if value not in ROW_KERNELS:
         raise ValueError(f"CGGR_ROW_KERNELS={value!r}: allowed values are {', '.join(ROW_KERNELS)}")
     return value

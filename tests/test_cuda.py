@@ -98,8 +98,8 @@ def test_bf16_routed_gradients_match_fp32_reference(mode, family, checkpointing)
 
 
 def test_row_kernels_triton_routed_gradients_match_fp32_reference(monkeypatch):
-    """CGGR_ROW_KERNELS=triton: the compiled Llama stages launch cggr's row kernels (counted), and the bf16
-    routed gradients match the fp32 reference as the default's do; then the kernels at a 350M size against the
+    """CGGR_ROW_KERNELS=triton (the default, set here all the same): the compiled Llama stages launch cggr's row
+    kernels (counted), and the bf16 routed gradients match the fp32 reference as Inductor's pieces' do; then the kernels at a 350M size against the
     eager references (the rotary backward bit-exact)."""
     import cggr
     from cggr.adapters import find_layer_stack

@@ -332,12 +332,13 @@ def test_cuda_implementation_launches_the_kernels_else_the_reference(monkeypatch
 
 def test_switch_values(monkeypatch):
     monkeypatch.delenv("CGGR_ROW_KERNELS", raising=False)
-    assert env.row_kernels() == "inductor"  # the default
-    for value in ("", "inductor"):
+    assert env.row_kernels() == "triton"  # the default
+    for value in ("", "triton"):
         monkeypatch.setenv("CGGR_ROW_KERNELS", value)
-        assert env.row_kernels() == "inductor"
+        assert env.row_kernels() == "triton"
+    monkeypatch.setenv("CGGR_ROW_KERNELS", "inductor")
+    assert env.row_kernels() == "inductor"
     monkeypatch.setenv("CGGR_ROW_KERNELS", "triton")
-    assert env.row_kernels() == "triton"
     assert not pointwise.triton_rows(torch.zeros(1))  # off CUDA the PyTorch pieces run
 
 

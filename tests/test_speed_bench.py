@@ -153,9 +153,9 @@ def test_cpu_smoke_run(tmp_path):
 def test_records_say_which_row_kernels_ran(monkeypatch):
     """CGGR_ROW_KERNELS (inherited by every arm's process) is recorded: an A/B of the switch is two runs."""
     monkeypatch.delenv("CGGR_ROW_KERNELS", raising=False)
-    assert speed.environment("cpu")["row_kernels"] == "inductor"
-    monkeypatch.setenv("CGGR_ROW_KERNELS", "triton")
     assert speed.environment("cpu")["row_kernels"] == "triton"
+    monkeypatch.setenv("CGGR_ROW_KERNELS", "inductor")
+    assert speed.environment("cpu")["row_kernels"] == "inductor"
 
 
 def test_gpu_run_script_names_existing_arms_and_parses():
@@ -172,7 +172,7 @@ def test_gpu_run_script_names_existing_arms_and_parses():
     # The CGGR_ROW_KERNELS A/B (ROWS_AB=1) times existing arms too, under the switch's allowed value.
     ab = text.split('--arms "')[2].split('"', 1)[0].split(",")
     assert all(arm in speed.ARMS for arm in ab) and "cggr" in ab
-    assert "CGGR_ROW_KERNELS=triton" in text
+    assert "CGGR_ROW_KERNELS=inductor" in text
 
 
 def test_cggr_arm_runs_the_defaults_and_stop_arm_the_seeds_routing():

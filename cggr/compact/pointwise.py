@@ -8,9 +8,10 @@ runs on CPU. On CUDA :func:`kernel` compiles them by ``torch.compile`` with
 dynamic shapes (the number of active rows changes every block and step),
 mostly inside the two stage functions of each compacted backward, which fuses
 the gather and the arithmetic into few kernels; ``CGGR_COMPILE=0`` turns that
-off. With ``CGGR_ROW_KERNELS=triton`` the rotary and SwiGLU backward run cggr's
-Triton kernels instead (:mod:`cggr.kernels.rows`), as custom ops Inductor calls
-as opaque kernels from the compiled stages.
+off. The rotary and SwiGLU backward run cggr's Triton kernels
+(:mod:`cggr.kernels.rows`) there, as custom ops Inductor calls as opaque kernels
+from the compiled stages; ``CGGR_ROW_KERNELS=inductor`` lets Inductor compile
+the PyTorch pieces instead.
 """
 
 from __future__ import annotations
