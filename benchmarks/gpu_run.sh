@@ -17,7 +17,8 @@
 #    routed arms. The JSON is rewritten after every arm, so a stop at the time limit keeps what was measured;
 # 4. with ROWS_AB=1, after the budget: the CGGR_ROW_KERNELS A/B (tests, benchmarks/rows.py, and the routed arms
 #    timed again with CGGR_ROW_KERNELS=inductor, the pieces Inductor compiles, into $OUT/rows-inductor);
-# 5. prints a short table last.
+# 5. prints a short table last;
+# 6. with PACK=1, packs $OUT into $OUT/gpu-results.tgz (for runners that return few files).
 #
 # Results go to $OUT (default ./gpu-out). The run stops itself after $BUDGET_S seconds (default 480 s; the CUDA tests get at
 # most 120 s of it). Estimated from DESIGN.md §2's step times (350M ~150 ms, 1B ~250 ms), ~10 s to start each
@@ -86,3 +87,10 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "speed-*.json")) + glob.g
     print(report.speed_summary(records))
     print(report.speed_headline(records))
 PY
+
+if [ "${PACK:-0}" = 1 ]; then
+  # PACK=1: everything under $OUT in one archive, the files themselves removed (a remote runner that returns
+  # only a few files, such as this project's lent GPU machines, at most 8, then returns all of it).
+  PACKED=$(mktemp) && tar czf "$PACKED" -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv "$PACKED" "$OUT/gpu-results.tgz"
+  echo "packed into $OUT/gpu-results.tgz"
+fi
