@@ -427,6 +427,31 @@ def test_a_rope_reading_the_first_half_of_cos_sin_takes_the_compacted_path_that_
         assert rel_err(p.grad, q.grad) < 1e-5 if q.grad.norm() > 0 else p.grad.norm() == 0, n
 
 
+@pytest.mark.parametrize("patched_first", [False, True], ids=["plain-first", "patched-first"])
+def test_a_cached_verdict_does_not_keep_the_next_model_off_its_variant(monkeypatch, patched_first):
+    """Verdicts are cached per kind of block. A model whose rotary was patched since (Liger patches HF's module)
+    fails the cached spec's re-check; the full check then finds the variant it reads, in either order."""
+    llama = tf.models.llama.modeling_llama
+    plain_rope = llama.apply_rotary_pos_emb
+    order = [_rope_reading("first"), plain_rope] if patched_first else [plain_rope, _rope_reading("first")]
+    for rope in order:
+        monkeypatch.setattr(llama, "apply_rotary_pos_emb", rope)
+        found = [compact_decision(b)[0] for b in _blocks(_model("llama"))]
+        assert [f[1].rotary_first_half if f else None for f in found] == [rope is not plain_rope] * 4
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_the_check_covers_skip_semantics(monkeypatch, kind):
+    """A compacted backward whose skip path were wrong (here: inactive rows' input gradient left zero, as under
+    stop) is refused at attach, the reason naming the skip case."""
+    from cggr.compact import gpt2, llama, pointwise
+
+    stop_only = lambda rows, idx, num_rows, base=None: pointwise.scatter_rows(rows, idx, num_rows)  # noqa: E731
+    monkeypatch.setattr(llama if kind == "llama" else gpt2, "scatter_rows", stop_only)
+    found, reason = compact_decision(_blocks(_model(kind))[0])
+    assert found is None and "some rows inactive (skip)" in reason, reason
+
+
 def test_a_rope_no_variant_reads_is_refused(monkeypatch):
     monkeypatch.setattr(tf.models.llama.modeling_llama, "apply_rotary_pos_emb", _rope_reading("second"))
     model = _model("llama")

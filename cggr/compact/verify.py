@@ -13,8 +13,8 @@ part of the block shows in the output; the check holds for any weights or for no
   :class:`~cggr.compact.CompactedForward` call path the router installs;
 
 comparing the output, the input gradient and the gradient of every parameter, every row active and with some
-rows inactive, with and without a 4-D float attention mask, within ``TOLERANCE`` of the largest entry of each
-tensor. Nothing of the user's is touched: the block runs on substituted weights
+rows inactive (under both inactive semantics), with and without a 4-D float attention mask, within
+``TOLERANCE`` of the largest entry of each tensor. Nothing of the user's is touched: the block runs on substituted weights
 (``torch.func.functional_call``: no ``.grad`` is written), the global RNG state is restored, and what the check
 sets (train mode, gradient checkpointing off, the attention implementation, the block's own hooks left out,
 TF32 off) is put back. A check that cannot run is a failed check.
@@ -29,6 +29,7 @@ else on the CPU.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -92,8 +93,12 @@ def verify(block: torch.nn.Module, family: str, spec: Any) -> Verdict:
     if verdict is None:
         verdict = _verdicts[key] = _first_passing(block, family, spec)
     elif verdict.ok:
-        # Same kind of block, already proven: its forward once more, in case it reads its layer index.
+        # Same kind of block, already proven: its forward once more, in case it reads its layer index. Where it
+        # differs, the full check decides, variants included: the block may compute what another variant reads
+        # (a function patched into the model's module since, as Liger-Kernel patches HF's rotary).
         verdict = check(block, family, verdict.spec, full=False)
+        if not verdict.ok:
+            verdict = _first_passing(block, family, spec)
     if not verdict.ok and key not in _warned:
         _warned.add(key)
         logger.warning("cggr: %s; it takes the generic routed backward", verdict.reason)
@@ -109,11 +114,15 @@ def _first_passing(block: torch.nn.Module, family: str, spec: Any) -> Verdict:
     first = check(block, family, spec)
     if first.ok:
         return first
-    for variant in FAMILIES[family].variants(spec):
+    variants = FAMILIES[family].variants(spec)
+    for variant in variants:
         verdict = check(block, family, variant)
         if verdict.ok:
             return verdict
-    return first
+    if not variants:
+        return first
+    return dataclasses.replace(first, reason=f"{first.reason}; no variant of the {family} spec matches it either "
+                                             f"({len(variants)} tried)")
 
 
 # ------------------------------------------------------------------ the cache key
@@ -299,8 +308,8 @@ def check(block: torch.nn.Module, family: str, spec: Any, *, seed: int = 0, full
           tolerance: float = TOLERANCE) -> Verdict:
     """Run ``block`` and ``family``'s compacted Functions side by side (uncached; :func:`verify` caches).
 
-    ``full``: every case (every row active and some inactive, with and without a 4-D mask, saving and
-    checkpointed); else the forward output of one (some rows inactive, no mask, saving).
+    ``full``: every case (every row active and some inactive under stop and skip semantics, with and without a
+    4-D mask, saving and checkpointed); else the forward output of one (some rows inactive, no mask, saving).
     """
     start = time.perf_counter()
     threads = torch.get_num_threads()
@@ -345,7 +354,10 @@ def _compare(block, family, spec, seed, full) -> tuple[float, str]:
     x = torch.randn(BATCH, SEQ, fam.params(block)[0].shape[0], generator=g, device=device)
     routed_depth = (torch.rand(BATCH, SEQ, generator=g, device=device) < 0.5).long()
     routed_depth[0, 0], routed_depth[1, -1] = 0, 1  # some rows inactive, some active
-    depths = [torch.ones_like(routed_depth), routed_depth] if full else [routed_depth]
+    # (depth, inactive semantics): every row active; some rows inactive, under stop and under skip (the default:
+    # inactive rows pass their output gradient to the input). The per-layer re-check runs the forward only.
+    depths = ([(torch.ones_like(routed_depth), "stop"), (routed_depth, "stop"), (routed_depth, "skip")] if full
+              else [(routed_depth, "stop")])
     functions = [False] + ([True] if full and fam.checkpointed is not None else [])
     compacted = CompactedForward(None, block, 0, family, spec, block.forward)
 
@@ -370,14 +382,14 @@ def _compare(block, family, spec, seed, full) -> tuple[float, str]:
         for masked in ([False, True] if full else [False]):
             with _check_state(block, training, sdpa=not masked, device=device):
                 kwargs = _call_kwargs(family, spec, g, masked)
-                for depth in depths:
-                    case = (f"{'every row active' if bool(depth.all()) else 'some rows inactive'}, "
+                for depth, inactive in depths:
+                    case = (f"{'every row active' if bool(depth.all()) else f'some rows inactive ({inactive})'}, "
                             f"{'4-D mask' if masked else 'no mask'}, {'train' if training else 'eval'} mode")
-                    with reference_routing([block], depth):
+                    with reference_routing([block], depth, inactive=inactive):
                         want = grads(lambda xx: block(xx, **kwargs))
                     for checkpointed in functions:
-                        got = grads(lambda xx: compacted.run(Routing.from_depth(depth, num_layers=1), xx, (), kwargs,
-                                                             checkpointed, 0))
+                        routing = Routing.from_depth(depth, num_layers=1, inactive=inactive)
+                        got = grads(lambda xx: compacted.run(routing, xx, (), kwargs, checkpointed, 0))
                         if got is None:
                             return None
                         d, w = _worst(got, want, names, f"{case}, {'checkpointed' if checkpointed else 'saving'}")
