@@ -14,10 +14,10 @@ part of the block shows in the output; the check holds for any weights or for no
 
 comparing the output, the input gradient and the gradient of every parameter, every row active and with some
 rows inactive (under both inactive semantics), with and without a 4-D float attention mask, within
-``TOLERANCE`` of the largest entry of each tensor. Nothing of the user's is touched: the block runs on substituted weights
-(``torch.func.functional_call``: no ``.grad`` is written), the global RNG state is restored, and what the check
-sets (train mode, gradient checkpointing off, the attention implementation, the block's own hooks left out,
-TF32 off) is put back. A check that cannot run is a failed check.
+``TOLERANCE`` of the largest entry of each tensor. Nothing of the user's is touched: the block runs on
+substituted weights (``torch.func.functional_call``: no ``.grad`` is written), the global RNG state is
+restored, and what the check sets (train mode, gradient checkpointing off, the attention implementation, the
+block's own hooks left out, TF32 off) is put back. A check that cannot run is a failed check.
 
 Verdicts are cached by what can make two blocks differ: the class, the spec, every plain attribute of every
 submodule, the parameter shapes, the model config's scalars and its per-layer entries (``layer_types``,
