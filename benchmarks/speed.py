@@ -45,6 +45,7 @@ from report import speed_summary, speed_table  # benchmarks/report.py, beside th
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's cggr, cggr_lab
 from cggr_lab import liger as cggr_lab_liger  # noqa: E402
 from cggr_lab.provenance import provenance, routing_record  # noqa: E402
+from cggr_lab.training import train_step  # noqa: E402
 
 MODELS = {  # name: (hidden, layers, heads, mlp, batch, seq); Llama-style unless the name says gpt2
     "125M": (768, 12, 12, 2048, 16, 1024),
@@ -173,7 +174,6 @@ def arm_options(arm: str) -> dict | None:
 def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision="bf16", device="cuda"):
     """Measure one arm in this process; returns its record (no speedups: those need the whole group)."""
     import cggr
-    from cggr_lab.training import train_step
 
     hidden, layers, heads, mlp, batch, seq = MODELS[name]
     spec = ARMS[arm]
@@ -233,9 +233,12 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision
                 warm_s.append(time.perf_counter() - t0)
             else:
                 times.append(start.elapsed_time(end) if cuda else 1e3 * (time.perf_counter() - t0))
+        stage = "phase timing"
+        phases = phase_times(stepped, batches, opt, router, amp, cuda)
         if profile_dir:
             stage = "profile"
-            _profile(stepped, batches, opt, amp, profile_dir, f"{name} {arm} ckpt={checkpointing}")
+            record["profile"] = _profile(stepped, batches, opt, router, amp, profile_dir,
+                                         f"{name} {arm} ckpt={checkpointing}")
         stage = "router.metrics"
         metrics = router.metrics() if router is not None else {}
     except Skipped as e:
@@ -249,27 +252,93 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision
     return dict(record, step_ms_median=round(med, 3), step_ms_min=round(min(times), 3),
                 step_ms=[round(t, 3) for t in times], warmup_s=[round(t, 3) for t in warm_s],
                 tokens_per_s=round(batch * seq / (med / 1e3)), peak_mem_gib=None if peak is None else round(peak, 3),
+                **phases,
                 mean_depth_fraction=metrics.get("mean_depth_fraction"),
                 backward_flops_skipped=metrics.get("backward_flops_skipped"))
 
 
-def _profile(model, batches, opt, amp, profile_dir, title):
+PHASES = ("forward", "backward", "optimizer")
+
+
+def phase_times(model, batches, opt, router, amp, cuda, steps=5):
+    """Where one step's time goes: the median over ``steps`` more steps of each phase's device time
+    (``phase_ms``: between CUDA events recorded as the phase is issued; forward includes the loss, optimizer
+    includes the router's curriculum step) and of the host's time to issue it (``issue_ms``: when it is close
+    to the device time the phase is host-bound, its kernels launched no faster than they run)."""
+    device_ms = {p: [] for p in PHASES}
+    issue_ms = {p: [] for p in PHASES}
+    for i in range(steps):
+        events, clock = [], []
+
+        def mark(phase):
+            clock.append(time.perf_counter())
+            if cuda:
+                events.append(torch.cuda.Event(enable_timing=True))
+                events[-1].record()
+
+        mark("start")
+        train_step(model, batches[i % len(batches)], opt, router, amp, mark=mark)
+        if cuda:
+            torch.cuda.synchronize()
+        for j, p in enumerate(PHASES):
+            issue_ms[p].append(1e3 * (clock[j + 1] - clock[j]))
+            device_ms[p].append(events[j].elapsed_time(events[j + 1]) if cuda else issue_ms[p][-1])
+    med = lambda xs: round(statistics.median(xs), 3)
+    return dict(phase_ms={p: med(device_ms[p]) for p in PHASES}, issue_ms={p: med(issue_ms[p]) for p in PHASES})
+
+
+# Kernel name -> kind, first match wins: where a profiled step's device time goes (``_profile``'s summary).
+KERNEL_KINDS = (
+    ("attention", ("sdpa", "flash", "fmha", "attention", "cudnn")),
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "splitkreduce", "sm90_", "sm80_")),
+    ("loss", ("cross_entropy", "softmax", "nll_loss")),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+    # Triton kernels (cggr's, Liger's, Inductor's fusions) are row-wise work, with any gather fused in.
+    ("row-wise (Triton, Liger, Inductor)", ("triton", "_rms_norm", "_swiglu", "_rope", "rows_backward", "liger")),
+    ("gather/scatter", ("index", "gather", "scatter")),
+    ("copies and fills", ("copy", "fill", "memset", "memcpy", "cat")),
+    ("elementwise and reductions", ("elementwise", "reduce")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def _profile(model, batches, opt, router, amp, profile_dir, title, steps=2):
+    """Profile ``steps`` whole training steps: the kernel table goes to ``profile_dir``; returns the per-step
+    device time by kind of kernel (:data:`KERNEL_KINDS`) with the step's wall time, for the record."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for ids in batches[:2]:
-            with amp() if amp else contextlib.nullcontext():
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        for ids in batches[:steps]:
+            train_step(model, ids, opt, router, amp)
         torch.cuda.synchronize()
+        wall_ms = 1e3 * (time.perf_counter() - t0) / steps
     averages = prof.key_averages()
+    kinds: dict[str, float] = {}
+    for e in averages:
+        if e.device_type == DeviceType.CUDA:
+            us = getattr(e, "self_device_time_total", None) or e.self_cuda_time_total
+            kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + us / 1e3 / steps
+    busy = sum(kinds.values())
     table = (averages.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=60)
              + "\nby host time:\n" + averages.table(sort_by="self_cpu_time_total", row_limit=15,
                                                      max_name_column_width=60))
+    summary = "\n".join(f"  {k:<40} {ms:8.2f} ms" for k, ms in sorted(kinds.items(), key=lambda kv: -kv[1]))
     os.makedirs(profile_dir, exist_ok=True)
     with open(os.path.join(profile_dir, f"profile-{title.split()[0]}.txt"), "a") as f:
-        f.write(f"\n=== {title}: 2 forward+backward steps (no optimizer), CUDA time by kernel\n{table}\n")
+        f.write(f"\n=== {title}: {steps} training steps (forward, backward, optimizer), CUDA time by kernel\n"
+                f"per step: kernels {busy:.2f} ms of {wall_ms:.2f} ms wall (under the profiler)\n{summary}\n{table}\n")
+    return dict(steps=steps, wall_ms=round(wall_ms, 3), kernel_ms=round(busy, 3),
+                kernel_ms_by_kind={k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])})
 
 
 def add_speedups(group):

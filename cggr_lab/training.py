@@ -112,22 +112,28 @@ def sync(device: torch.device) -> None:
 
 
 def train_step(model: torch.nn.Module, ids: torch.Tensor, opt: torch.optim.Optimizer, router=None,
-               autocast=None) -> torch.Tensor:
+               autocast=None, mark=None) -> torch.Tensor:
     """One language-model training step on ``ids`` (labels = inputs, HF's loss): forward (under
     ``autocast()`` when given), backward, optimizer step, curriculum step. Returns the loss.
 
     The step every cggr loop and benchmark times (the timing, and any synchronisation, stay the caller's).
+    ``mark(phase)``, when given, is called as each phase has been issued ("forward", "backward", "optimizer"):
+    the speed benchmark's per-phase timing (:func:`benchmarks.speed.phase_times`) records its events there.
     """
+    mark = mark or (lambda phase: None)
     if autocast is None:
         loss = model(input_ids=ids, labels=ids).loss
     else:
         with autocast():
             loss = model(input_ids=ids, labels=ids).loss
+    mark("forward")
     loss.backward()
+    mark("backward")
     opt.step()
     opt.zero_grad(set_to_none=True)
     if router is not None:
         router.step()
+    mark("optimizer")
     return loss
 
 

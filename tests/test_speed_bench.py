@@ -140,6 +140,10 @@ def test_cpu_smoke_run(tmp_path):
     assert by["cggr"]["speedup_vs_best_dense"] == pytest.approx(
         by["eager"]["step_ms_median"] / by["cggr"]["step_ms_median"], abs=1e-3)
     assert by["cggr"]["flop_ratio_ceiling"] > 1 and by["cggr"]["mean_depth_fraction"] < 1
+    for arm in ("eager", "cggr"):  # where the step's time goes, per phase
+        phases = by[arm]["phase_ms"]
+        assert list(phases) == ["forward", "backward", "optimizer"] and all(ms > 0 for ms in phases.values())
+        assert list(by[arm]["issue_ms"]) == list(phases)
     assert by["cggr"]["routing"] == dict(inactive="skip", placement="per_block", dense_ends=1)  # as resolved
     assert "routing" not in by["eager"]
     assert by["liger"]["skipped"] == "Liger-Kernel's Triton kernels need a CUDA device"
@@ -148,6 +152,24 @@ def test_cpu_smoke_run(tmp_path):
         assert key in by["eager"]
     assert by["eager"]["gpu"] == "cpu" and "speed.py" in by["eager"]["command"]
     assert "| liger | skipped [1] |" in r.stdout and r.stdout.splitlines()[-1].startswith("| tiny | cggr |")
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT", "matmul"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16", "attention"),
+    ("void at::native::index_elementwise_kernel<128, 4>", "gather/scatter"),
+    ("_rope_rows_backward_kernel", "row-wise (Triton, Liger, Inductor)"),
+    ("triton_poi_fused__to_copy_add_index_mul_rsub_sigmoid_2", "row-wise (Triton, Liger, Inductor)"),  # gather fused in
+    ("liger_cross_entropy_kernel", "loss"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("Memset (Device)", "copies and fills"),
+    ("void at::native::vectorized_elementwise_kernel<8, add>", "elementwise and reductions"),
+    ("some_unknown_kernel", "other"),
+])
+def test_kernel_kinds_of_a_profiled_step(name, kind):
+    """The profile's summary sorts kernels into kinds by name, first match first: a Triton kernel is row-wise
+    work even with a gather fused in (only a gather that runs alone counts as one)."""
+    assert speed.kernel_kind(name) == kind
 
 
 def test_records_say_which_row_kernels_ran(monkeypatch):
