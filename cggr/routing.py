@@ -232,6 +232,11 @@ class Routing:
             self._rows_by_block[block_index] = rows
         return rows
 
+    def compact_indices(self, block_index: int) -> torch.Tensor | None:
+        """:meth:`active_indices` for the compacted backwards, or None when every row is active: they then read
+        whole tensors, with no gather and no scatter (full depth, and the dense end blocks)."""
+        return None if self.active_count(block_index) >= self.num_rows else self.active_indices(block_index)
+
     def active_indices(self, block_index: int) -> torch.Tensor:
         """Active rows of ``block_index`` as flat indices (into the flattened tokens) for a compacted backward:
         all rows in order when every row is active (the gathers are then in order)."""

@@ -272,12 +272,17 @@ BF16_FACTOR = 2.0
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("seed", [11, 4242, 90210], ids=lambda s: f"seed{s}")
-def test_compacted_block_equals_hf_layer_under_reference(seed, family, dtype, checkpointed):
+@pytest.mark.parametrize("active", ["some", "every"])
+def test_compacted_block_equals_hf_layer_under_reference(seed, family, dtype, checkpointed, active):
+    """``active="every"``: the block reads whole tensors (its indices are None: no gather, no scatter)."""
     batch, seq = 3, 7
     layer, ref, x, kwargs, kwargs_dt = _layer_and_kwargs(family, seed, dtype, batch, seq)
     g = torch.Generator().manual_seed(seed)
     depth = torch.randint(0, 2, (batch, seq), generator=g)
     depth[0, 0], depth[-1, -1], depth[1] = 0, 1, 0  # a whole sequence inactive too
+    if active == "every":
+        depth.fill_(1)
+        assert Routing.from_depth(depth, 1).compact_indices(0) is None
     gy = torch.randn(batch, seq, x.shape[-1], generator=g)
     spec = _structural_family(layer)[1]
     forward = CompactedForward(None, layer, 0, family, spec, layer.forward)

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from cggr import env  # noqa: E402
 from cggr.compact import pointwise  # noqa: E402
-from cggr.compact.pointwise import rope_backward, swiglu_backward, token_rows  # noqa: E402
+from cggr.compact.pointwise import rope_backward, rows_of, swiglu_backward, token_rows  # noqa: E402
 
 INTERPRET = env.triton_interpret()
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
@@ -59,9 +59,14 @@ def _randn(g, *shape, dtype, scale=1.0):
 
 
 def _subsets(N: int, g: torch.Generator):
-    """Row subsets a routing hands a block: none, every row in order, some in random order (not sorted)."""
+    """Row subsets a routing hands a block: none, every row in order (as indices, and as None: no index read),
+    some in random order (not sorted)."""
     some = torch.randperm(N, generator=g)[:max(1, (2 * N) // 3)]
-    return {"none": torch.zeros(0, dtype=torch.long), "all": torch.arange(N), "some": some}
+    return {"none": torch.zeros(0, dtype=torch.long), "all": torch.arange(N), "every (None)": None, "some": some}
+
+
+def _on_device(idx):
+    return None if idx is None else idx.to(DEVICE)
 
 
 # --------------------------------------------------------------------------- rotary backward
@@ -109,7 +114,7 @@ def test_rope_kernel_is_the_reference(seed, dtype):
             dt, (cos, sin) = dts[dt_name], cs_layouts[cs_name]
             flat_cos, flat_sin = cos.reshape(B * S, hd), sin.reshape(B * S, hd)
             for name, idx in _subsets(B * S, g).items():
-                idx = idx.to(DEVICE)
+                idx = _on_device(idx)
                 got = rope_rows_backward(dt, cos, sin, idx)
                 ref = rope_backward(dt, flat_cos, flat_sin, idx)
                 assert got.dtype == dtype and got.shape == ref.shape and got.is_contiguous()
@@ -149,7 +154,7 @@ def _swiglu_bound(dm, g, u, idx, refs, dtype):
     """Per-element bound of ``|kernel - reference|`` for ``(m, dg, du)`` (the module docstring says why): three
     units of the dtype's last place, plus the sigmoids' difference ``|dsig| <= 8 * 2^-24`` times each result's
     sensitivity to it: ``|u g|`` (m = silu(g) u), ``|dm u| (1 + 3|g|)`` (dg) and ``|dm g|`` (du)."""
-    gf, uf, dmf = g[idx].double(), u[idx].double(), dm.double()
+    gf, uf, dmf = rows_of(g, idx).double(), rows_of(u, idx).double(), dm.double()
     dsig = 8 * _UNIT_ROUNDOFF
     sens = ((uf * gf).abs(), (dmf * uf).abs() * (1 + 3 * gf.abs()), (dmf * gf).abs())
     return [3 * _ulp(r, dtype) + dsig * s for r, s in zip(refs, sens)]
@@ -173,8 +178,8 @@ def test_swiglu_kernel_is_the_reference(seed, dtype):
     for N, F in SWIGLU_SHAPES:
         gen = _gen(seed, "swiglu", N, F, dtype)
         for name, idx in _subsets(N, gen).items():
-            idx = idx.to(DEVICE)
-            for layout, (g, u, dm) in _swiglu_layouts(gen, N, F, idx.numel(), dtype).items():
+            idx = _on_device(idx)
+            for layout, (g, u, dm) in _swiglu_layouts(gen, N, F, N if idx is None else idx.numel(), dtype).items():
                 got = swiglu_rows_backward(dm, g, u, idx)
                 ref = swiglu_backward(dm, g, u, idx)
                 bounds = _swiglu_bound(dm, g, u, idx, ref, dtype)
@@ -212,33 +217,40 @@ def ptx(fn, sig, constexprs, fusion=False):
     # Launch-time specialisation: pointers, strides and sizes divisible by 16 (as the 350M's are), unit strides.
     attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t in ("*bf16", "*i64", "i32")}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    options = dict(rows._launch_opts(8192), **({"enable_fp_fusion": True} if fusion else {}))  # the launchers'
+    options = dict(rows._launch_opts(8192), enable_fp_fusion=fusion)  # fusion: as Inductor builds user kernels
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
 p, i, c = "*bf16", "i32", "constexpr"
-rope = ptx(rows._rope_rows_backward_kernel,
-           dict(dt_ptr=p, cos_ptr=p, sin_ptr=p, idx_ptr="*i64", out_ptr=p, n=i, S=i, heads=i, s_dr=i, s_dc=c, s_cb=c,
-                s_cs=i, s_cd=c, s_sb=c, s_ss=i, s_sd=c, HALF=c, BLOCK_R=c, BLOCK_H=c, BLOCK_D=c),
-           dict(s_dc=1, s_cb=0, s_cd=1, s_sb=0, s_sd=1, HALF=32, BLOCK_R=8, BLOCK_H=16, BLOCK_D=32))
+rope, rope_fused = (
+    ptx(rows._rope_rows_backward_kernel,
+        dict(dt_ptr=p, cos_ptr=p, sin_ptr=p, idx_ptr="*i64", out_ptr=p, n=i, S=i, heads=i, s_dr=i, s_dc=c, s_cb=c,
+             s_cs=i, s_cd=c, s_sb=c, s_ss=i, s_sd=c, HALF=c, BLOCK_R=c, BLOCK_H=c, BLOCK_D=c, PRECISE=c, HAS_IDX=c),
+        dict(s_dc=1, s_cb=0, s_cd=1, s_sb=0, s_sd=1, HALF=32, BLOCK_R=8, BLOCK_H=16, BLOCK_D=32, PRECISE=True,
+             HAS_IDX=True), fusion)
+    for fusion in (False, True))
 swiglu, swiglu_fused = (
     ptx(rows._swiglu_rows_backward_kernel,
         dict(dm_ptr=p, g_ptr=p, u_ptr=p, idx_ptr="*i64", m_ptr=p, dg_ptr=p, du_ptr=p, n=i, F=i, s_mr=i, s_mc=c,
-             s_gr=i, s_gc=c, s_ur=i, s_uc=c, PRECISE=c, BLOCK_R=c, BLOCK_F=c),
-        dict(s_mc=1, s_gc=1, s_uc=1, PRECISE=True, BLOCK_R=16, BLOCK_F=256), fusion)
+             s_gr=i, s_gc=c, s_ur=i, s_uc=c, PRECISE=c, BLOCK_R=c, BLOCK_F=c, HAS_IDX=c),
+        dict(s_mc=1, s_gc=1, s_uc=1, PRECISE=True, BLOCK_R=16, BLOCK_F=256, HAS_IDX=True), fusion)
     for fusion in (False, True))
 count = lambda text, *ops: sum(text.count(op) for op in ops)
 print(json.dumps({name: dict(fma=count(t, "fma."), approx_div=count(t, "div.full", "div.approx"), ex2=count(t, "ex2."),
+                             rn_bf16=count(t, "cvt.rn.bf16"), rz_bf16=count(t, "cvt.rz.bf16"),
                              vector_loads=count(t, "ld.global.v"), vector_stores=count(t, "st.global.v"))
-                  for name, t in (("rope", rope), ("swiglu", swiglu), ("swiglu_fused", swiglu_fused))}))
+                  for name, t in (("rope", rope), ("rope_fused", rope_fused), ("swiglu", swiglu),
+                                  ("swiglu_fused", swiglu_fused))}))
 """
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_kernels_compile_for_the_gpu_as_intended():
     """The compiled (not interpreted) kernels, built for an sm_90 GPU without one (Triton's own compiler, in a
-    process without TRITON_INTERPRET): the rotary backward has no FMA (contraction off); the SwiGLU backward's
-    FMAs are those inside libdevice's expf (the same number per exp2; with contraction on there would be more),
-    and its division is IEEE (no approximate one); both read and write bf16 rows with 16-byte vector accesses."""
+    process without TRITON_INTERPRET), with floating-point contraction off and on (Inductor, which launches them
+    from the compiled stages, builds them with it on): the rotary backward has no FMA either way; the SwiGLU
+    backward's FMAs are those inside libdevice's expf (the same number per exp2, and the same either way: its
+    products are ``mul.rn``, which no contraction fuses), and its division is IEEE (no approximate one); both read and write bf16 rows with 16-byte vector accesses and
+    round to bf16 by the hardware's round-to-nearest-even conversion (the interpreter's path rounds by bits)."""
     import json
 
     run_env = dict(os.environ, TRITON_INTERPRET="0")
@@ -248,9 +260,12 @@ def test_kernels_compile_for_the_gpu_as_intended():
         pytest.skip("this Triton cannot build for CUDA here: " + r.stderr.strip().splitlines()[-1])
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
-    assert got["rope"]["fma"] == 0 and got["rope"]["vector_loads"] > 0 and got["rope"]["vector_stores"] > 0
+    assert got["rope"]["fma"] == got["rope_fused"]["fma"] == 0, got
+    assert got["rope"]["vector_loads"] > 0 and got["rope"]["vector_stores"] > 0
+    for name in ("rope", "swiglu"):  # bf16 results by the hardware's round-to-nearest-even conversion
+        assert got[name]["rn_bf16"] > 0 and got[name]["rz_bf16"] == 0, got[name]
     sw = got["swiglu"]
-    assert sw["ex2"] > 0 and sw["fma"] % sw["ex2"] == 0 and sw["fma"] < got["swiglu_fused"]["fma"], got
+    assert sw["ex2"] > 0 and sw["fma"] % sw["ex2"] == 0 and sw["fma"] == got["swiglu_fused"]["fma"], got
     assert sw["approx_div"] == 0, sw
     assert sw["vector_loads"] > 0 and sw["vector_stores"] > 0
 
@@ -294,6 +309,13 @@ def test_custom_ops_under_dynamic_compile_equal_eager(seed):
         for a, b in zip(got, eager):
             assert a.shape == b.shape and torch.equal(a, b), n
     assert counter.frame_count == 1
+    # idx None (every row, in order, no index read): the values of the listed rows, eager and compiled.
+    args = _op_inputs(seed, B, S, heads, hd, F, B * S)
+    listed = _stage(*args, w)
+    every = (*args[:-1], None)
+    for got in (_stage(*every, w), compiled(*every, w)):
+        for a, b in zip(got, listed):
+            assert a.shape == b.shape and torch.equal(a, b)
     # The eager ops are the references.
     dq, cos, sin, dm, gate, up, idx = _op_inputs(seed, B, S, heads, hd, F, 6)
     assert torch.equal(pointwise.rope_rows_backward(dq, cos, sin, idx),
@@ -318,7 +340,12 @@ def test_cuda_implementation_launches_the_kernels_else_the_reference(monkeypatch
     assert torch.equal(pointwise._rope_rows_cuda(dq, cos, sin, idx), rope_backward(dq, *flat, idx))
     for a, b in zip(pointwise._swiglu_rows_cuda(dm, gate, up, idx), swiglu_backward(dm, gate, up, idx)):
         assert torch.equal(a, b)
-    assert calls == ["rope_rows_backward", "swiglu_rows_backward"]
+    every = torch.arange(dq.shape[0], device=DEVICE)  # idx None: every row, the kernels reading no index
+    assert torch.equal(pointwise._rope_rows_cuda(dq, cos, sin, None), rope_backward(dq, *flat, every))
+    for a, b in zip(pointwise._swiglu_rows_cuda(dm[:0].new_ones(gate.shape), gate, up, None),
+                    swiglu_backward(dm[:0].new_ones(gate.shape), gate, up, every)):
+        assert torch.equal(a, b)
+    assert calls == ["rope_rows_backward", "swiglu_rows_backward"] * 2
     calls.clear()
     pointwise._rope_rows_cuda(dq.double(), cos.double(), sin.double(), idx)
     pointwise._swiglu_rows_cuda(dm.double(), gate.double(), up.double(), idx)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..routing import Routing
 from .attention import attention_in_forward, attention_with_grad, refuse_double_backward, take_attention_grad
 from .pointwise import (gelu_tanh_rows, keep_attention_for, kernel, layer_norm_backward_add, layer_norm_rows,
-                        scatter_rows, token_rows, with_skip)
+                        rows_of, scatter_rows, token_rows, with_skip)
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ class GPT2BlockRouted(torch.autograd.Function):
         attention_grad = take_attention_grad(ctx, functools.partial(_attention, mask=mask, spec=ctx.spec), q, k, v)
         if r.active_count(ctx.block_index) == 0:
             return with_skip(_zero_grads(x, weights), dy, r, ctx.block_index)
-        idx = r.active_indices(ctx.block_index)
+        idx = r.compact_indices(ctx.block_index)
         mlp_src = (f.view(N, -1), h.view(N, D), mean2.view(N, 1), rstd2.view(N, 1), o.view(N, D), idx)
         return _backward_on_active_rows(dy, idx, mlp_src, attention_grad, x, mean1, rstd1, ctx.spec, weights,
                                         r.skip)
@@ -168,13 +168,13 @@ class GPT2BlockRoutedCheckpointed(torch.autograd.Function):
         N = B * S
         if r.active_count(ctx.block_index) == 0:
             return with_skip(_zero_grads(x, weights), dy, r, ctx.block_index)
-        idx = r.active_indices(ctx.block_index)
+        idx = r.compact_indices(ctx.block_index)
         mean1, rstd1, q, k, v = kernel(_qkv, x.is_cuda, dynamic=None)(x, spec, ln1_w, ln1_b, w_attn, b_attn)
         out, attention_grad = attention_with_grad(functools.partial(_attention, mask=mask, spec=spec), q, k, v)
-        o_a = token_rows(out.detach()).index_select(0, idx)
-        h_a, mean2_a, rstd2_a, f_a = _mlp_input(x.view(N, D).index_select(0, idx), o_a, spec, w_proj, b_proj,
+        o_a = rows_of(token_rows(out.detach()), idx)
+        h_a, mean2_a, rstd2_a, f_a = _mlp_input(rows_of(x.view(N, D), idx), o_a, spec, w_proj, b_proj,
                                                 ln2_w, ln2_b, w_fc, b_fc)
-        local = torch.arange(idx.numel(), device=idx.device)
+        local = None if idx is None else torch.arange(idx.numel(), device=idx.device)
         mlp_src = (f_a, h_a, mean2_a, rstd2_a, o_a, local)
 
         return _backward_on_active_rows(dy, idx, mlp_src, attention_grad, x, mean1, rstd1, spec, weights, r.skip)
@@ -184,13 +184,14 @@ def mlp_backward_rows(dy, idx, f, h, mean2, rstd2, o, rows, ln2_w, ln2_b, w_fc, 
     """First half of the block backward, on rows ``idx``: the MLP, ``ln_2`` and the attention's output projection.
 
     ``dy`` ``[N, D]``: the block's output gradient; ``f, h, mean2, rstd2, o``: the values after the attention,
-    read at rows ``rows`` (``idx`` when saved for all rows; ``0..n-1`` when recomputed for the active rows).
+    read at rows ``rows`` (``idx`` when saved for all rows; ``0..n-1`` when recomputed for the active rows;
+    both None when every row is active).
     Returns ``dh`` (active rows), ``do`` ``[N, D]`` (zero on inactive rows) and the gradients of ``ln_2``,
     ``c_fc``, the MLP's ``c_proj`` and the attention's ``c_proj``. One compiled graph on CUDA.
     """
     N = dy.shape[0]
     # ---- MLP: y = h + c_proj(gelu(c_fc(ln_2(h))))
-    dy_a = dy.index_select(0, idx).to(h.dtype)
+    dy_a = rows_of(dy, idx).to(h.dtype)
     dact = dy_a @ w_out.t()
     act_a, df = gelu_tanh_rows(dact, f, rows)
     dw_out, db_out = act_a.t() @ dy_a, dy_a.sum(0)
@@ -199,7 +200,7 @@ def mlp_backward_rows(dy, idx, f, h, mean2, rstd2, o, rows, ln2_w, ln2_b, w_fc, 
     da2 = df @ w_fc.t()
     dh, dln2_w, dln2_b = layer_norm_backward_add(da2, dy_a, h, mean2, rstd2, ln2_w, rows)
     # ---- attention output projection: h = x + c_proj(o)
-    o_a = o.index_select(0, rows)
+    o_a = rows_of(o, rows)
     dw_proj, db_proj = o_a.t() @ dh, dh.sum(0)
     do_a = dh @ w_proj.t()
     do = scatter_rows(do_a, idx, N)
@@ -212,7 +213,7 @@ def qkv_backward_rows(dq, dk, dv, x, mean1, rstd1, ln1_w, ln1_b, w_attn, idx, dh
     (the one scatter; inactive rows from ``dx_base``, zeros when None) and the gradients of ``ln_1`` and
     ``c_attn``."""
     N = x.shape[0]
-    dqkv = torch.cat([t[idx] for t in (dq, dk, dv)], dim=1)  # [n, 3D]
+    dqkv = torch.cat([rows_of(t, idx) for t in (dq, dk, dv)], dim=1)  # [n, 3D]
     a1_a = layer_norm_rows(x, mean1, rstd1, ln1_w, ln1_b, idx)
     dw_attn, db_attn = a1_a.t() @ dqkv, dqkv.sum(0)
     da1 = dqkv @ w_attn.t()

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from ..routing import Routing
 from .attention import attention_in_forward, attention_with_grad, refuse_double_backward, take_attention_grad
-from .pointwise import (keep_attention_for, kernel, mlp_rows, qkv_rows, rms_backward_add, scatter_rows, token_rows,
-                        with_skip)
+from .pointwise import (keep_attention_for, kernel, mlp_rows, qkv_rows, rms_backward_add, rows_of, scatter_rows,
+                        token_rows, with_skip)
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def mlp_backward_rows(dy, idx, g, u, h, rstd2, mlp_idx, o_a, w_n2, wo, bo, wg, b
     """First half of the block backward, on rows ``idx``: the MLP, the post-attention norm, the output projection.
 
     ``dy`` ``[N, D]``: the block's output gradient; ``g, u, h, rstd2``: the MLP's saved values, read at rows
-    ``mlp_idx``; ``o_a``: the attention output of rows ``idx``. Returns ``dh`` (gradient of the residual
+    ``mlp_idx``; ``o_a``: the attention output of rows ``idx``. ``idx`` (and ``mlp_idx``) None: every row. Returns ``dh`` (gradient of the residual
     stream after attention, active rows), ``do`` ``[N, H*hd]`` (the attention output's gradient, zero on
     inactive rows) and the weight gradients ``(dw_n2, dwo, dbo, dwg, dbg, dwu, dbu, dwd, dbd)``.
     One compiled graph on CUDA: its matmuls and row-wise kernels are launched by Inductor's wrapper, far
@@ -149,7 +149,7 @@ def mlp_backward_rows(dy, idx, g, u, h, rstd2, mlp_idx, o_a, w_n2, wo, bo, wg, b
     """
     N = dy.shape[0]
     # ---- MLP: y = h + down(silu(gate(r2)) * up(r2)), r2 = rmsnorm(h)
-    dy_a = dy.index_select(0, idx).to(h.dtype)  # the one gather of the output gradient
+    dy_a = rows_of(dy, idx).to(h.dtype)  # the one gather of the output gradient
     dm = dy_a @ wd
     m_a, dg, du, r2_a = mlp_rows(dm, g, u, h, rstd2, w_n2, mlp_idx)
     dwd, dbd = dy_a.t() @ m_a, _bias_grad(dy_a, bd)
@@ -235,8 +235,8 @@ class LlamaBlockRouted(torch.autograd.Function):
         attention_grad = take_attention_grad(ctx, functools.partial(_attention, mask=mask, spec=ctx.spec), q, k, v)
         if r.active_count(ctx.block_index) == 0:
             return with_skip(_zero_grads(x, weights), dy, r, ctx.block_index)
-        idx = r.active_indices(ctx.block_index)
-        o_a = o.view(N, -1).index_select(0, idx)
+        idx = r.compact_indices(ctx.block_index)
+        o_a = rows_of(o.view(N, -1), idx)
         mlp_src = (g.view(N, -1), u.view(N, -1), h.view(N, D), rstd2.view(N, 1), idx)
         return _backward_on_active_rows(dy, idx, mlp_src, o_a, attention_grad, x, rstd1, cos, sin, ctx.spec,
                                         weights, r.skip)
@@ -269,14 +269,14 @@ class LlamaBlockRoutedCheckpointed(torch.autograd.Function):
         N = B * S
         if r.active_count(ctx.block_index) == 0:
             return with_skip(_zero_grads(x, weights), dy, r, ctx.block_index)
-        idx = r.active_indices(ctx.block_index)
+        idx = r.compact_indices(ctx.block_index)
         rstd1, q, k, v = kernel(_qkv, x.is_cuda, dynamic=None)(x, cos, sin, spec, w_n1, wq, bq, wk, bk, wv, bv)
         out, attention_grad = attention_with_grad(functools.partial(_attention, mask=mask, spec=spec), q, k, v)
-        o_a = token_rows(out.detach()).index_select(0, idx)
-        x_a = x.view(N, D).index_select(0, idx)
+        o_a = rows_of(token_rows(out.detach()), idx)
+        x_a = rows_of(x.view(N, D), idx)
         h_a, r2_a, rstd2_a = _mlp_input(x_a, o_a, w_n2, wo, bo, spec)
         g_a, u_a = _lin(r2_a, wg, bg), _lin(r2_a, wu, bu)
-        local = torch.arange(idx.numel(), device=idx.device)
+        local = None if idx is None else torch.arange(idx.numel(), device=idx.device)
         mlp_src = (g_a, u_a, h_a, rstd2_a, local)
 
         return _backward_on_active_rows(dy, idx, mlp_src, o_a, attention_grad, x, rstd1, cos, sin, spec,
