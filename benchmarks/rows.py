@@ -14,10 +14,10 @@ default 0.59 and 1.0):
 
 The active rows are those a routing hands a block: the tokens sorted by a random depth, deepest first, the
 first ``fraction * N`` of them (every row in order at 1.0). For each: (a) ``inductor``: the plain PyTorch piece
-(``cggr.compact.pointwise``) under ``torch.compile(dynamic=True)``, called first with two other row counts so
-that it is compiled for dynamic shapes as in training (the rotary one flattens the expanded cos/sin inside,
-as ``qkv_rows`` does); (b) ``triton``: the kernel (on CUDA the custom op that the stages call is checked to give
-the same result); (c) ``bound``: the bytes the piece must move (active rows read and written once; the index),
+(``cggr.compact.pointwise``) under ``torch.compile``, called first with two other row counts, with the row count
+dynamic and every other size static, as the stages are compiled in training (the rotary one flattens the
+expanded cos/sin inside, as ``qkv_rows`` does); (b) ``triton``: the op the stages call, compiled the same way
+(Inductor launches the kernel; the op, eager and compiled, is checked to give the kernel's result); (c) ``bound``: the bytes the piece must move (active rows read and written once; the index),
 at the copy bandwidth measured here (``torch.empty_like(x).copy_(x)`` of a 1 GiB tensor). Times are medians of
 ``--reps`` CUDA-event timings, each after a 256 MB write that evicts the L2 cache (the saved tensors are not in
 cache in training either).
@@ -141,8 +141,10 @@ def bench_model(name, fractions, timer, bandwidth, device, backend, dtype=torch.
     cos, sin = cos1.expand(B, S, hd), sin1.expand(B, S, hd)  # as _backward_on_active_rows passes them
     g = torch.randn(N, Fm, generator=gen).to(device, dtype)
     u = torch.randn(N, Fm, generator=gen).to(device, dtype)
-    rope_c = torch.compile(_rope_flat, dynamic=True, backend=backend)
-    swiglu_c = torch.compile(pointwise.swiglu_backward, dynamic=True, backend=backend)
+    # Both arms compiled as the stages compile (pointwise.kernel): the row count dynamic, every other size static.
+    compile_ = lambda fn: (lambda *a, _c=torch.compile(fn, backend=backend): _c(*pointwise.row_count_dynamic(a, 3)))
+    rope_c, swiglu_c = compile_(_rope_flat), compile_(pointwise.swiglu_backward)
+    rope_op, swiglu_op = compile_(_rope_op), compile_(_swiglu_op)
     records = []
     for stage in ("rope_backward", "swiglu_backward"):
         for frac in fractions:
@@ -151,7 +153,7 @@ def bench_model(name, fractions, timer, bandwidth, device, backend, dtype=torch.
             if stage == "rope_backward":
                 dq = pointwise.token_rows(attention_grads(B, S, H, hd, idx, dtype, device, gen)[0])
                 args = (dq, cos, sin, idx)
-                ref_fn, compiled, kernel = _rope_flat, rope_c, rows.rope_rows_backward
+                ref_fn, compiled, kernel, compiled_op = _rope_flat, rope_c, rows.rope_rows_backward, rope_op
                 op = torch.ops.cggr.rope_rows_backward
                 nbytes = 2 * n * H * hd * es + 2 * S * hd * es + n * idx.element_size()
                 shape = dict(B=B, S=S, heads=H, head_dim=hd, dt_stride=list(dq.stride()))
@@ -159,7 +161,8 @@ def bench_model(name, fractions, timer, bandwidth, device, backend, dtype=torch.
             else:
                 dm = torch.randn(n, Fm, generator=gen).to(device, dtype)
                 args = (dm, g, u, idx)
-                ref_fn, compiled, kernel = pointwise.swiglu_backward, swiglu_c, rows.swiglu_rows_backward
+                ref_fn, compiled, kernel, compiled_op = (pointwise.swiglu_backward, swiglu_c, rows.swiglu_rows_backward,
+                                                         swiglu_op)
                 op = torch.ops.cggr.swiglu_rows_backward
                 nbytes = 6 * n * Fm * es + n * idx.element_size()
                 shape = dict(N=N, F=Fm)
@@ -168,15 +171,17 @@ def bench_model(name, fractions, timer, bandwidth, device, backend, dtype=torch.
             # Two other row counts first: compiled for dynamic row counts, as the stages are in training.
             for m in (n // 2 + 1, n // 3 + 1):
                 compiled(*_with_rows(stage, args, active_rows(N, m, gen, device), gen))
+                compiled_op(*_with_rows(stage, args, active_rows(N, m, gen, device), gen))
             ref = ref_fn(*args)
             got, ind = kernel(*args), compiled(*args)
             if tol is None:
                 tol = 2 * max(r.abs().max().item() for r in ref) * 2.0 ** -7
-            if device == "cuda":  # the op the stages call launches the same kernel
-                assert _max_abs_diff(op(*args), got) == 0.0, f"{stage}: the custom op differs from the kernel"
+            if device == "cuda":  # the op the stages call launches the same kernel, eagerly and compiled
+                assert _max_abs_diff(op(*args), got) == 0.0, f"{stage}: the op differs from the kernel"
+                assert _max_abs_diff(compiled_op(*args), got) == 0.0, f"{stage}: the compiled op differs"
             rec = dict(stage=stage, model=name, fraction=frac, n=n, dtype=str(dtype).replace("torch.", ""),
                        shape=shape, bytes=nbytes,
-                       inductor_ms=timer(lambda: compiled(*args)), triton_ms=timer(lambda: kernel(*args)),
+                       inductor_ms=timer(lambda: compiled(*args)), triton_ms=timer(lambda: compiled_op(*args)),
                        bound_ms=nbytes / bandwidth, copy_gb_per_s=bandwidth / 1e6,
                        triton_max_abs_diff=_max_abs_diff(got, ref), inductor_max_abs_diff=_max_abs_diff(ind, ref),
                        tolerance=tol)
@@ -187,6 +192,15 @@ def bench_model(name, fractions, timer, bandwidth, device, backend, dtype=torch.
                 print(f"WARNING {stage} {name} {frac}: Triton differs from the reference by "
                       f"{rec['triton_max_abs_diff']:.3g} > {tol:.3g}", flush=True)
     return records
+
+
+def _rope_op(dt, cos, sin, idx):
+    """The Triton arm as the stages run it: the op inside a compiled graph (Inductor launches the kernel)."""
+    return torch.ops.cggr.rope_rows_backward(dt, cos, sin, idx)
+
+
+def _swiglu_op(dm, g, u, idx):
+    return torch.ops.cggr.swiglu_rows_backward(dm, g, u, idx)
 
 
 def _with_rows(stage, args, idx, gen):

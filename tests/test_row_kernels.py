@@ -455,3 +455,48 @@ def test_benchmark_cpu_smoke(tmp_path):
         for key in ("gpu", "torch", "triton", "git_rev", "command"):
             assert key in x
     assert r.stdout.splitlines()[-1].startswith("| tiny | swiglu_backward | 1.0 |")
+
+
+def test_backward_stages_compile_with_only_the_row_count_dynamic():
+    """``row_count_dynamic``, as ``kernel(..., rows="idx")`` passes a backward stage its arguments: one graph
+    for every row count (three here), in which the row count is symbolic and every other size is a number (the
+    model's hidden sizes, for which Inductor builds its best kernels): a weight's dim 0 stays static even when
+    it equals the row count, and so do the ``[N, D]`` tensors."""
+    import torch._dynamo.testing
+    from cggr.compact.pointwise import row_count_dynamic
+
+    def stage(x, idx, dh, w, w_n):
+        return (rows_of(x, idx) + dh) @ w * w_n, dh.sum(0)
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append([tuple(n.meta["example_value"].shape) for n in gm.graph.nodes
+                     if n.op == "placeholder" and isinstance(n.meta.get("example_value"), torch.Tensor)])
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(stage, backend=backend)
+    g = _gen(5, "dynamic rows")
+    N, D = 13, 7
+    w = torch.randn(D, 5, generator=g).requires_grad_()  # dim 0 = 7 = one of the row counts below
+    w_n = torch.randn(5, generator=g).requires_grad_()
+    x = torch.randn(N, D, generator=g)
+    for n in (4, 7, 11):
+        idx = torch.randperm(N, generator=g)[:n]
+        dh = torch.randn(n, D, generator=g)
+        args = row_count_dynamic((x, idx, dh, w, w_n), 1)
+        assert all(not a.requires_grad for a in args)
+        got = compiled(*args)
+        want = stage(x, idx, dh, w.detach(), w_n.detach())
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), n
+    assert len(seen) == 1, seen  # one graph
+    shapes = seen[0]
+    is_int = lambda d: isinstance(d, int)  # a symbolic size is a torch.SymInt
+    static = [s for s in shapes if all(map(is_int, s))]
+    dynamic = [s for s in shapes if not all(map(is_int, s))]
+    assert sorted(static) == sorted([(N, D), (D, 5), (5,)]), shapes  # x, w, w_n: numbers
+    assert len(dynamic) == 2 and all(not is_int(s[0]) and all(map(is_int, s[1:])) for s in dynamic), shapes
+    # idx None (every row): nothing is marked, the stage compiles for its shapes.
+    plain = row_count_dynamic((x, None, x, w, w_n), 1)
+    assert not any(hasattr(a, "_dynamo_weak_dynamic_indices") for a in plain if isinstance(a, torch.Tensor))

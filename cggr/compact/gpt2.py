@@ -80,7 +80,7 @@ def _block_forward(x, mask, spec: GPT2BlockSpec, weights, keep_attention: bool =
     (the stages around the attention compiled on CUDA)."""
     (ln1_w, ln1_b, w_attn, b_attn, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_out, b_out) = weights
     B, S, D = x.shape
-    K = functools.partial(kernel, on_cuda=x.is_cuda, dynamic=None)
+    K = functools.partial(kernel, on_cuda=x.is_cuda)
     mean1, rstd1, q, k, v = K(_qkv)(x, spec, ln1_w, ln1_b, w_attn, b_attn)
     out, attention_grad = attention_in_forward(functools.partial(_attention, mask=mask, spec=spec), q, k, v,
                                                keep_attention)
@@ -104,7 +104,7 @@ def _backward_on_active_rows(dy, idx, mlp_src, attention_grad, x, mean1, rstd1, 
     (ln1_w, ln1_b, w_attn, b_attn, w_proj, b_proj, ln2_w, ln2_b, w_fc, b_fc, w_out, b_out) = weights
     B, S, D = x.shape
     N = B * S
-    K = functools.partial(kernel, on_cuda=x.is_cuda)
+    K = functools.partial(kernel, on_cuda=x.is_cuda, rows="idx")  # the row count: dynamic
     dh, do, dln2_w, dln2_b, dw_fc, db_fc, dw_out, db_out, dw_proj, db_proj = K(mlp_backward_rows)(
         dy.reshape(N, D), idx, *mlp_src, ln2_w, ln2_b, w_fc, w_out, w_proj)
     dq, dk, dv = attention_grad(do.view(B, S, spec.num_heads, spec.head_dim).transpose(1, 2))
@@ -169,7 +169,7 @@ class GPT2BlockRoutedCheckpointed(torch.autograd.Function):
         if r.active_count(ctx.block_index) == 0:
             return with_skip(_zero_grads(x, weights), dy, r, ctx.block_index)
         idx = r.compact_indices(ctx.block_index)
-        mean1, rstd1, q, k, v = kernel(_qkv, x.is_cuda, dynamic=None)(x, spec, ln1_w, ln1_b, w_attn, b_attn)
+        mean1, rstd1, q, k, v = kernel(_qkv, x.is_cuda)(x, spec, ln1_w, ln1_b, w_attn, b_attn)
         out, attention_grad = attention_with_grad(functools.partial(_attention, mask=mask, spec=spec), q, k, v)
         o_a = rows_of(token_rows(out.detach()), idx)
         h_a, mean2_a, rstd2_a, f_a = _mlp_input(rows_of(x.view(N, D), idx), o_a, spec, w_proj, b_proj,

@@ -119,7 +119,7 @@ def _block_forward(x, cos, sin, mask, spec: LlamaBlockSpec, weights, keep_attent
     """
     (w_n1, wq, bq, wk, bk, wv, bv, wo, bo, w_n2, wg, bg, wu, bu, wd, bd) = weights
     B, S, _ = x.shape
-    K = functools.partial(kernel, on_cuda=x.is_cuda, dynamic=None)
+    K = functools.partial(kernel, on_cuda=x.is_cuda)
     rstd1, q, k, v = K(_qkv)(x, cos, sin, spec, w_n1, wq, bq, wk, bk, wv, bv)
     out, attention_grad = attention_in_forward(functools.partial(_attention, mask=mask, spec=spec), q, k, v,
                                                keep_attention)
@@ -197,7 +197,7 @@ def _backward_on_active_rows(dy, idx, mlp_rows_src, o_a, attention_grad, x, rstd
     B, S, D = x.shape
     N = B * S
     H, hd = spec.num_heads, spec.head_dim
-    K = functools.partial(kernel, on_cuda=x.is_cuda)
+    K = functools.partial(kernel, on_cuda=x.is_cuda, rows="idx")  # the row count: dynamic
     dh, do, dw_n2, dwo, dbo, dwg, dbg, dwu, dbu, dwd, dbd = K(mlp_backward_rows)(
         dy.reshape(N, D), idx, *mlp_rows_src, o_a, w_n2, wo, bo, wg, bg, wu, bu, wd, bd)
     # ---- attention: dense over the sequence; inactive queries' output gradient is zero
@@ -270,7 +270,7 @@ class LlamaBlockRoutedCheckpointed(torch.autograd.Function):
         if r.active_count(ctx.block_index) == 0:
             return with_skip(_zero_grads(x, weights), dy, r, ctx.block_index)
         idx = r.compact_indices(ctx.block_index)
-        rstd1, q, k, v = kernel(_qkv, x.is_cuda, dynamic=None)(x, cos, sin, spec, w_n1, wq, bq, wk, bk, wv, bv)
+        rstd1, q, k, v = kernel(_qkv, x.is_cuda)(x, cos, sin, spec, w_n1, wq, bq, wk, bk, wv, bv)
         out, attention_grad = attention_with_grad(functools.partial(_attention, mask=mask, spec=spec), q, k, v)
         o_a = rows_of(token_rows(out.detach()), idx)
         x_a = rows_of(x.view(N, D), idx)

@@ -5,7 +5,7 @@ Each function reads the active rows of full saved tensors through an index
 SwiGLU backward, an RMSNorm recompute or backward with its residual, the
 rotary backward. Written in plain PyTorch: that is the reference, and what
 runs on CPU. On CUDA :func:`kernel` compiles them by ``torch.compile`` with
-dynamic shapes (the number of active rows changes every block and step),
+the row count dynamic (the number of active rows changes every block and step) and every other size static,
 mostly inside the two stage functions of each compacted backward, which fuses
 the gather and the arithmetic into few kernels; ``CGGR_COMPILE=0`` turns that
 off. The rotary and SwiGLU backward run cggr's Triton kernels
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import math
 
@@ -248,19 +249,49 @@ def eager_kernels():
         _eager_only = previous
 
 
-def kernel(eager, on_cuda: bool, dynamic: bool | None = True):
+def row_count_dynamic(args: tuple, rows_at: int) -> tuple:
+    """``args`` for a compiled backward stage, detached, with the row count marked dynamic: dim 0 of
+    ``args[rows_at]`` (the stage's active rows, ``idx``) and of every other tensor of that many rows that is not
+    a weight (weights require grad). Every other dim stays static: the hidden sizes are the model's, and
+    Inductor builds its best kernels for static ones (single-pass reductions over a known row length; the row
+    kernels' strides known multiples of 16, so their loads are vectorised). ``idx`` None (every row): nothing
+    is marked. Detached: a requires_grad flag that differs between calls would make dynamo recompile."""
+    idx = args[rows_at]
+    n = None if idx is None else idx.shape[0]
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            d = a.detach()
+            if n is not None and d.dim() and d.shape[0] == n and not a.requires_grad:
+                torch._dynamo.maybe_mark_dynamic(d, 0)
+            a = d
+        out.append(a)
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _position(fn, name: str) -> int:
+    return list(inspect.signature(fn).parameters).index(name)
+
+
+def kernel(eager, on_cuda: bool, rows: str | None = None):
     """What to run for the function ``eager`` (a row-wise piece, a whole stage of a compacted backward made
     of them, or a stage of a compacted block's forward around its attention): compiled on CUDA unless
     ``CGGR_COMPILE=0`` (or within :func:`eager_kernels`, or under an outer ``torch.compile``), else ``eager``.
 
-    ``dynamic``: True for the backward stages, whose row count changes every block and step; None for the
-    forward stages, whose shapes change only with the batch: compiled for the first shape (static shapes get
-    Inductor's best kernels), with dynamic shapes from a second shape on (torch.compile's default).
+    Compiled for the shapes of its first call (static shapes get Inductor's best kernels), with dynamic shapes
+    from a second shape on (torch.compile's default): the forward stages' shapes change only with the batch.
+    ``rows``: for the backward stages, whose row count changes every block and step, the name of their argument
+    that lists the active rows (``"idx"``): the row count is dynamic from the first call, every other size
+    static (:func:`row_count_dynamic`).
     """
     # Under an outer torch.compile (dynamo tracing the block), the pieces are traced as plain PyTorch.
     if on_cuda and compile_enabled() and not _eager_only and not torch.compiler.is_compiling():
         row_kernels()  # read inside the stages as they compile: a bad value raises a plain ValueError here
-        fn = _compiled(eager, dynamic)
+        fn = _compiled(eager, None)
+        if rows is not None:
+            at = _position(eager, rows)
+            return lambda *args: fn(*row_count_dynamic(args, at))
         # Detached inputs: a requires_grad flag that differs between calls would make dynamo recompile.
         return lambda *args: fn(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
     return eager
