@@ -111,25 +111,62 @@ def speed_summary(records):
     return "\n".join(lines)
 
 
+# The arms a user of cggr's defaults runs: cggr on HF's model, on Liger's, or under torch.compile.
+ROUTED_DEFAULT_ARMS = ("cggr", "liger+cggr", "compile+cggr")
+
+
 def speed_headline(records):
-    """The README headline's sentence: cggr's step against the fastest dense arm of the same run."""
+    """The README headline's sentence: cggr's step (its defaults; on whichever base ran fastest: HF's model,
+    Liger's or torch.compile's) against the fastest dense arm of the same run."""
     # One run = one GPU and revision: ratios are quoted only against the dense arms of the same run.
     config = lambda r: (r.get("gpu"), r.get("git_rev"), r["model"], bool(r.get("checkpointing")),
                         r.get("precision", "bf16"))
     measured = {config(r) + (r["arm"],): r for r in records if r.get("step_ms_median") is not None}
-    runs = {}
+    fastest = {}  # config -> the fastest routed-default arm of that configuration
     for r in records:
-        if r["arm"] == "cggr" and r.get("speedup_vs_best_dense") is not None:
-            best = measured[config(r) + (r["best_dense_arm"],)]
-            runs.setdefault((r.get("gpu"), (r.get("git_rev") or "?")[:7]), []).append(
-                f"{r['speedup_vs_best_dense']:.2f}x ({_speed_model(r)}{', act. ckpt' if r.get('checkpointing') else ''}: "
-                f"{r['step_ms_median']:.1f} ms against {best['arm']}'s {best['step_ms_median']:.1f} ms)")
+        if r["arm"] in ROUTED_DEFAULT_ARMS and r.get("speedup_vs_best_dense") is not None:
+            if config(r) not in fastest or r["step_ms_median"] < fastest[config(r)]["step_ms_median"]:
+                fastest[config(r)] = r
+    runs = {}
+    for r in fastest.values():
+        best = measured[config(r) + (r["best_dense_arm"],)]
+        arm = "" if r["arm"] == "cggr" else f"{r['arm']}, "
+        runs.setdefault((r.get("gpu"), (r.get("git_rev") or "?")[:7]), []).append(
+            f"{r['speedup_vs_best_dense']:.2f}x ({_speed_model(r)}{', act. ckpt' if r.get('checkpointing') else ''}: "
+            f"{arm}{r['step_ms_median']:.1f} ms against {best['arm']}'s {best['step_ms_median']:.1f} ms)")
     if not runs:
         return ("_No committed speed run has the `torch.compile` and Liger-Kernel dense arms yet: the speedups above "
                 "are against HF eager only._")
     return "\n\n".join(f"On {gpu} (rev {rev}), against the fastest dense arm of the same run (HF eager, `torch.compile` "
                         f"or Liger-Kernel), a cggr step with 4 buckets at target depth runs at {', '.join(parts)}."
                         for (gpu, rev), parts in sorted(runs.items(), key=str))
+
+
+PHASE_KINDS = ("matmul", "attention", "row-wise (Triton, Liger, Inductor)")
+
+
+def speed_phases_table(records):
+    """Where a step's time goes, per arm (records of ``speed.py`` with ``phase_ms``): each phase's device time,
+    the host's time to issue the backward (close to its device time: host-bound), and, for profiled arms, the
+    device time of the main kinds of kernel (``speed.KERNEL_KINDS``) and of all kernels."""
+    rows = [r for r in records if r.get("phase_ms")]
+    if not rows:
+        return "_No committed speed run has per-phase times yet._"
+    lines = ["| model | arm | step ms | forward | backward | optimizer | backward issued in | matmul | attention | "
+             "row-wise | other kernels | all kernels |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ph, issue = r["phase_ms"], r.get("issue_ms") or {}
+        kinds = (r.get("profile") or {}).get("kernel_ms_by_kind")
+        if kinds:
+            main = [kinds.get(k, 0.0) for k in PHASE_KINDS]
+            total = (r.get("profile") or {}).get("kernel_ms", sum(kinds.values()))
+            prof = [f"{v:.1f}" for v in main] + [f"{total - sum(main):.1f}", f"{total:.1f}"]
+        else:
+            prof = ["—"] * 5
+        lines.append(f"| {_speed_model(r)} | {r['arm']} | {r['step_ms_median']:.1f} | {ph['forward']:.1f} | "
+                     f"{ph['backward']:.1f} | {ph['optimizer']:.1f} | {_cell(issue.get('backward'), '.1f')} | "
+                     + " | ".join(prof) + " |")
+    return "\n".join(lines) + "\n\n" + _speed_source_line(rows)
 
 
 def _gpu(r) -> str:
@@ -296,9 +333,11 @@ def hf_trainer_table(records):
     return "\n\n".join(out)
 
 
-TABLES = {"speed": speed_table, "speed-headline": speed_headline, "parallel": parallel_table, "kernels": kernels_table, "demo": demo_table, "quality": quality_table,
+TABLES = {"speed": speed_table, "speed-headline": speed_headline, "speed-phases": speed_phases_table,
+          "parallel": parallel_table, "kernels": kernels_table, "demo": demo_table, "quality": quality_table,
           "hf-trainer": hf_trainer_table}
-LOADERS = {"quality": _load_quality, "speed-headline": lambda _name: _load("speed")}
+LOADERS = {"quality": _load_quality, "speed-headline": lambda _name: _load("speed"),
+           "speed-phases": lambda _name: _load("speed")}
 
 
 def render(readme: str) -> str:

@@ -87,6 +87,32 @@ def test_speed_headline_quotes_the_best_dense_arm():
     assert "HF eager only" in report.speed_headline([_rec("cggr", 50.0, speedup_vs_dense=1.3)])
 
 
+def test_speed_headline_quotes_the_fastest_of_the_routed_default_arms():
+    """cggr's defaults on HF's model, on Liger's or under torch.compile: the headline quotes whichever ran
+    fastest, naming it when it is not plain ``cggr``."""
+    group = speed.add_speedups([_rec("liger", 177.7, model="1B"), _rec("compile", 200.0, model="1B"),
+                                _rec("cggr", 150.0, model="1B"), _rec("liger+cggr", 145.7, model="1B"),
+                                _rec("liger+full", 140.0, model="1B")])  # not a default arm: not quoted
+    text = report.speed_headline(group)
+    assert "1.22x (1B: liger+cggr, 145.7 ms against liger's 177.7 ms)" in text and "150.0" not in text
+
+
+def test_speed_phases_table_shows_phases_host_issue_and_kernel_kinds():
+    prof = dict(kernel_ms=140.0, kernel_ms_by_kind={"matmul": 92.0, "attention": 19.3,
+                                                   "row-wise (Triton, Liger, Inductor)": 14.2, "optimizer": 10.2,
+                                                   "copies and fills": 4.3})
+    phases = dict(phase_ms=dict(forward=63.9, backward=77.9, optimizer=5.2),
+                  issue_ms=dict(forward=58.2, backward=41.9, optimizer=2.3))
+    records = [_rec("liger+cggr", 145.7, model="1B", profile=prof, **phases), _rec("liger", 177.7, model="1B", **phases),
+               _rec("cggr", 80.0)]  # no phase times (an older record): no row
+    table = report.speed_phases_table(records)
+    rows = [line for line in table.splitlines() if line.startswith("| 1B")]
+    assert rows[0] == "| 1B | liger+cggr | 145.7 | 63.9 | 77.9 | 5.2 | 41.9 | 92.0 | 19.3 | 14.2 | 14.5 | 140.0 |"
+    assert rows[1].endswith("| 41.9 | — | — | — | — | — |") and len(rows) == 2
+    assert "rev abcdef0123" in table
+    assert "No committed speed run" in report.speed_phases_table([_rec("cggr", 80.0)])
+
+
 def test_flop_ratio_ceiling_follows_the_planned_depths():
     L = 24
     assert speed.planned_depth_fraction(None, L) == 1.0
