@@ -14,7 +14,9 @@
 # 2. runs tests/test_cuda.py with compiled Triton (TRITON_INTERPRET=0);
 # 3. runs benchmarks/speed.py at 350M (16x1024) and 1B (8x2048), one process per arm, 12 timed steps after 6
 #    untimed ones, most important arms first: the dense baselines and cggr on both models, then the other
-#    routed arms. The JSON is rewritten after every arm, so a stop at the time limit keeps what was measured;
+#    routed arms; every arm with its per-phase times, both models' arms profiled (kernel tables and device time
+#    by kind of kernel). The JSON is rewritten after every arm, so a stop at the time limit keeps what was measured.
+#    Run it with nothing else on the host: at 350M and below the routed step is bound by the host;
 # 4. with ROWS_AB=1, after the budget: the CGGR_ROW_KERNELS A/B (tests, benchmarks/rows.py, and the routed arms
 #    timed again with CGGR_ROW_KERNELS=inductor, the pieces Inductor compiles, into $OUT/rows-inductor);
 # 5. prints a short table last;
@@ -56,7 +58,7 @@ if [ "$LEFT" -gt 30 ]; then
   # group, so the arm running at the limit stops with the benchmark.
   TRITON_INTERPRET=0 timeout "$LEFT" python3 benchmarks/speed.py --models 350M,1B \
     --arms "eager,compile,liger,cggr,cggr+lce,skip/full,light/liger+cggr,compile+cggr" \
-    --steps 12 --warmup 6 --arm-timeout 150 --out "$OUT" > "$OUT/speed.log" 2>&1
+    --steps 12 --warmup 6 --arm-timeout 150 --profile 350M,1B --out "$OUT" > "$OUT/speed.log" 2>&1
   echo "exit $?"; grep "^== " "$OUT/speed.log"
 fi
 

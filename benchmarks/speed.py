@@ -387,7 +387,7 @@ def _order(r):
 def _child(a, path):
     """Run one arm (``--models`` and ``--arms`` name exactly one each) and write its record to ``path``."""
     ck = {"off": False, "on": True}[a.checkpointing]
-    rec = run_arm(a.models, a.arms, a.steps, a.warmup, ck, a.profile_dir if a.profile == a.models else None,
+    rec = run_arm(a.models, a.arms, a.steps, a.warmup, ck, a.profile_dir if a.models in a.profile.split(",") else None,
                   a.precision, a.device)
     with open(path, "w") as f:
         json.dump(rec, f)
@@ -446,7 +446,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: the smoke test (tiny model)")
     p.add_argument("--arm-timeout", type=float, default=900.0, help="seconds before one arm's process is stopped")
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--profile", default="", help="model whose arms are also profiled (kernel table per arm)")
+    p.add_argument("--profile", default="", help="comma-separated models whose arms are also profiled (a kernel "
+                   "table per arm into --profile-dir, device time by kind of kernel into the record)")
     p.add_argument("--profile-dir", default=None, help="where profile tables go (default --out)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one arm, write its record here
     a = p.parse_args(argv)

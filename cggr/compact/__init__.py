@@ -30,8 +30,8 @@ import torch
 from ..adapters import is_moe_module
 from ..routing import Routing
 from .gpt2 import GPT2BlockRouted, GPT2BlockRoutedCheckpointed, gpt2_block_params, gpt2_block_spec, gpt2_dropout_off
-from .llama import (LlamaBlockRouted, LlamaBlockRoutedCheckpointed, llama_block_params, llama_block_spec,
-                    llama_spec_variants)
+from .llama import (LlamaBlockRouted, LlamaBlockRoutedCheckpointed, describe_llama_spec, llama_block_params,
+                    llama_block_spec, llama_spec_variants)
 
 logger = logging.getLogger("cggr")
 _warned_dtype = False  # once per process: the advice is the same for every block and every model
@@ -58,7 +58,8 @@ class Family:
     ``checkpointed``: the autograd Functions (checkpointed may be None: then checkpointed calls use the
     model's own checkpointing and the generic backward); ``variants(spec)``: other specs for a block of that
     shape, which the attach-time check tries in turn when the block fails with ``spec`` (fused kernels with
-    conventions of their own: Liger-Kernel's RoPE).
+    conventions of their own: Liger-Kernel's RoPE); ``describe(spec)``: what such a spec reads differently,
+    for the router's report ("" for the plain one).
     """
 
     spec: Callable
@@ -67,6 +68,7 @@ class Family:
     saving: type
     checkpointed: type | None
     variants: Callable = lambda spec: ()
+    describe: Callable = lambda spec: ""
 
 
 def _sliding_window(attn) -> float:
@@ -97,7 +99,7 @@ def _gpt2_inputs(block, kwargs, dtype):
 
 FAMILIES: dict[str, Family] = {
     "llama": Family(llama_block_spec, llama_block_params, _llama_inputs, LlamaBlockRouted,
-                    LlamaBlockRoutedCheckpointed, llama_spec_variants),
+                    LlamaBlockRoutedCheckpointed, llama_spec_variants, describe_llama_spec),
     "gpt2": Family(gpt2_block_spec, gpt2_block_params, _gpt2_inputs, GPT2BlockRouted, GPT2BlockRoutedCheckpointed),
 }
 

@@ -51,6 +51,13 @@ def llama_spec_variants(spec: LlamaBlockSpec) -> tuple[LlamaBlockSpec, ...]:
     return () if spec.rotary_first_half else (replace(spec, rotary_first_half=True),)
 
 
+def describe_llama_spec(spec: LlamaBlockSpec) -> str:
+    """What ``spec`` reads differently from the plain Llama block, for the router's report."""
+    if spec.rotary_first_half:
+        return "its rotary reading the first half of cos/sin (as Liger-Kernel's RoPE does)"
+    return ""
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

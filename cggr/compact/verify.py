@@ -326,17 +326,19 @@ def check(block: torch.nn.Module, family: str, spec: Any, *, seed: int = 0, full
     seconds = time.perf_counter() - start
     if worst <= tolerance:
         return Verdict(True, worst, f"compacted {family} backward, checked against {type(block).__name__} "
-                       f"(largest relative difference {worst:.1e}){_variant_note(spec)}", seconds, spec)
+                       f"(largest relative difference {worst:.1e}){_reading(family, spec)}", seconds, spec)
     return Verdict(False, worst, f"{type(block).__name__} has the modules of a {family} block but computes "
                    f"something else: the compacted {family} backward differs from it by {worst:.2g} of the "
                    f"largest entry in {where} (tolerance {tolerance:g})", seconds, spec)
 
 
-def _variant_note(spec: Any) -> str:
-    """What a passing variant reads differently, for the router's report."""
-    if getattr(spec, "rotary_first_half", False):
-        return ", its rotary reading the first half of cos/sin (as Liger-Kernel's RoPE does)"
-    return ""
+def _reading(family: str, spec: Any) -> str:
+    """What a passing spec reads differently from the family's plain one, for the router's report
+    (:attr:`Family.describe`)."""
+    from . import FAMILIES
+
+    note = FAMILIES[family].describe(spec)
+    return f", {note}" if note else ""
 
 
 def _compare(block, family, spec, seed, full) -> tuple[float, str]:
