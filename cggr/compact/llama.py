@@ -148,9 +148,10 @@ def mlp_backward_rows(dy, idx, g, u, h, rstd2, mlp_idx, o_a, w_n2, wo, bo, wg, b
     """First half of the block backward, on rows ``idx``: the MLP, the post-attention norm, the output projection.
 
     ``dy`` ``[N, D]``: the block's output gradient; ``g, u, h, rstd2``: the MLP's saved values, read at rows
-    ``mlp_idx``; ``o_a``: the attention output of rows ``idx``. ``idx`` (and ``mlp_idx``) None: every row. Returns ``dh`` (gradient of the residual
-    stream after attention, active rows), ``do`` ``[N, H*hd]`` (the attention output's gradient, zero on
-    inactive rows) and the weight gradients ``(dw_n2, dwo, dbo, dwg, dbg, dwu, dbu, dwd, dbd)``.
+    ``mlp_idx``; ``o_a``: the attention output of rows ``idx``; ``idx`` (and ``mlp_idx``) None: every row.
+    Returns ``dh`` (gradient of the residual stream after attention, active rows), ``do`` ``[N, H*hd]`` (the
+    attention output's gradient, zero on inactive rows) and the weight gradients
+    ``(dw_n2, dwo, dbo, dwg, dbg, dwu, dbu, dwd, dbd)``.
     One compiled graph on CUDA: its matmuls and row-wise kernels are launched by Inductor's wrapper, far
     cheaper on the host than as separate eager ops.
     """
