@@ -17,7 +17,8 @@ first ``fraction * N`` of them (every row in order at 1.0). For each: (a) ``indu
 (``cggr.compact.pointwise``) under ``torch.compile``, called first with two other row counts, with the row count
 dynamic and every other size static, as the stages are compiled in training (the rotary one flattens the
 expanded cos/sin inside, as ``qkv_rows`` does); (b) ``triton``: the op the stages call, compiled the same way
-(Inductor launches the kernel; the op, eager and compiled, is checked to give the kernel's result); (c) ``bound``: the bytes the piece must move (active rows read and written once; the index),
+(Inductor launches the kernel; the op, eager and compiled, is checked to give the kernel's result); (c)
+``bound``: the bytes the piece must move (active rows read and written once; the index),
 at the copy bandwidth measured here (``torch.empty_like(x).copy_(x)`` of a 1 GiB tensor). Times are medians of
 ``--reps`` CUDA-event timings, each after a 256 MB write that evicts the L2 cache (the saved tensors are not in
 cache in training either).
@@ -65,8 +66,9 @@ def _rotary(S: int, hd: int, dtype, device):
 
 
 def active_rows(N: int, n: int, gen: torch.Generator, device) -> torch.Tensor:
-    """``n`` rows as ``Routing.active_indices`` hands them: tokens sorted by a random depth (4 buckets), deepest
-    first, ties in order; every row in order when ``n == N``."""
+    """``n`` rows as ``Routing.compact_indices`` hands them: tokens sorted by a random depth (4 buckets), deepest
+    first, ties in order; every row in order when ``n == N`` (where the routing hands None, which reads no index:
+    here the indexed path is timed at that size)."""
     if n == N:
         return torch.arange(N, device=device)
     depth = torch.randint(0, 4, (N,), generator=gen)

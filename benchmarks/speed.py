@@ -327,18 +327,20 @@ def _profile(model, batches, opt, router, amp, profile_dir, title, steps=2):
     for e in averages:
         if e.device_type == DeviceType.CUDA:
             us = getattr(e, "self_device_time_total", None) or e.self_cuda_time_total
-            kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + us / 1e3 / steps
+            kind = kernel_kind(e.key)
+            kinds[kind] = kinds.get(kind, 0.0) + us / 1e3 / steps
+    kinds = dict(sorted(kinds.items(), key=lambda kv: -kv[1]))  # largest first
     busy = sum(kinds.values())
     table = (averages.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=60)
              + "\nby host time:\n" + averages.table(sort_by="self_cpu_time_total", row_limit=15,
                                                      max_name_column_width=60))
-    summary = "\n".join(f"  {k:<40} {ms:8.2f} ms" for k, ms in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    summary = "\n".join(f"  {k:<40} {ms:8.2f} ms" for k, ms in kinds.items())
     os.makedirs(profile_dir, exist_ok=True)
     with open(os.path.join(profile_dir, f"profile-{title.split()[0]}.txt"), "a") as f:
         f.write(f"\n=== {title}: {steps} training steps (forward, backward, optimizer), CUDA time by kernel\n"
                 f"per step: kernels {busy:.2f} ms of {wall_ms:.2f} ms wall (under the profiler)\n{summary}\n{table}\n")
     return dict(steps=steps, wall_ms=round(wall_ms, 3), kernel_ms=round(busy, 3),
-                kernel_ms_by_kind={k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])})
+                kernel_ms_by_kind={k: round(v, 3) for k, v in kinds.items()})
 
 
 def add_speedups(group):

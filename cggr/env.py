@@ -25,16 +25,18 @@ def compile_enabled() -> bool:
 
 
 ROW_KERNELS = ("inductor", "triton")
-# The default since the H200 A/B at rev f31efd5 (benchmarks/results/rows-nvidia-h200.json and the speed records'
-# row_kernels): the Triton kernels equal Inductor's bit for bit, run the rotary backward 5-10x and the SwiGLU
-# backward 1.15x faster, and the whole 1B routed step 4 % faster (350M: level, its step is bound by the host).
+# The default since the H200 A/B at rev 6e87199 (runs/rows-h200-6e87199.json, the speed records' row_kernels):
+# the whole 1B routed step 4 % faster. Since the stages compile with static model sizes (rev d3d1b73,
+# benchmarks/results/rows-nvidia-h200.json) Inductor's own pieces have caught up: the Triton rotary backward is
+# 1.8-6x faster at 1B but slower at 350M with 59 % of the rows, the SwiGLU backward 1.04-1.09x at 350M, 0.86x
+# at 1B. The whole step has not been timed with CGGR_ROW_KERNELS=inductor at that revision.
 DEFAULT_ROW_KERNELS = "triton"
 
 
 def row_kernels() -> str:
     """``CGGR_ROW_KERNELS``: what computes the rotary and SwiGLU backward inside the compacted Llama backward's
     stages on CUDA: ``triton`` (the default: cggr's hand-written kernels, :mod:`cggr.kernels.rows`, called as
-    custom ops; where Triton or the dtypes are missing, the PyTorch pieces) or ``inductor`` (Inductor compiles the
+    Triton ops; where Triton or the dtypes are missing, the PyTorch pieces) or ``inductor`` (Inductor compiles the
     plain PyTorch pieces with the rest of the stage). Off CUDA the PyTorch pieces run either way. The compiled
     stages read it when they compile (once per process). Any other value raises ValueError."""
     value = os.environ.get("CGGR_ROW_KERNELS") or DEFAULT_ROW_KERNELS

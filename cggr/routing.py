@@ -88,7 +88,6 @@ class Routing:
     _order: torch.Tensor | None = field(default=None, repr=False)
     _active_counts: list[int] | None = field(default=None, repr=False)
     _rows_by_block: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
-    _indices: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_depth(cls, depth: torch.Tensor, num_layers: int, leak_rate: float = 0.0, inactive: str = "stop"
@@ -233,16 +232,7 @@ class Routing:
         return rows
 
     def compact_indices(self, block_index: int) -> torch.Tensor | None:
-        """:meth:`active_indices` for the compacted backwards, or None when every row is active: they then read
-        whole tensors, with no gather and no scatter (full depth, and the dense end blocks)."""
-        return None if self.active_count(block_index) >= self.num_rows else self.active_indices(block_index)
-
-    def active_indices(self, block_index: int) -> torch.Tensor:
-        """Active rows of ``block_index`` as flat indices (into the flattened tokens) for a compacted backward:
-        all rows in order when every row is active (the gathers are then in order)."""
-        cached = self._indices.get(block_index)
-        if cached is None:
-            n = self.active_count(block_index)
-            cached = self._indices[block_index] = self.active_rows(block_index) if n < self.num_rows else (
-                torch.arange(self.num_rows, device=self.depth.device))
-        return cached
+        """Active rows of ``block_index`` as flat indices (:meth:`active_rows`) for a compacted backward, or None
+        when every row is active: the compacted backwards then read whole tensors, with no gather and no scatter.
+        (With HF's labels that is rare: the last position of each sequence has no label and is inactive.)"""
+        return None if self.active_count(block_index) >= self.num_rows else self.active_rows(block_index)

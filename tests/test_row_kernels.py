@@ -249,8 +249,9 @@ def test_kernels_compile_for_the_gpu_as_intended():
     process without TRITON_INTERPRET), with floating-point contraction off and on (Inductor, which launches them
     from the compiled stages, builds them with it on): the rotary backward has no FMA either way; the SwiGLU
     backward's FMAs are those inside libdevice's expf (the same number per exp2, and the same either way: its
-    products are ``mul.rn``, which no contraction fuses), and its division is IEEE (no approximate one); both read and write bf16 rows with 16-byte vector accesses and
-    round to bf16 by the hardware's round-to-nearest-even conversion (the interpreter's path rounds by bits)."""
+    products are ``mul.rn``, which no contraction fuses), and its division is IEEE (no approximate one); both
+    read and write bf16 rows with 16-byte vector accesses and round to bf16 by the hardware's
+    round-to-nearest-even conversion (the interpreter's path rounds by bits)."""
     import json
 
     run_env = dict(os.environ, TRITON_INTERPRET="0")

@@ -6,12 +6,13 @@ SwiGLU backward, an RMSNorm recompute or backward with its residual, the
 rotary backward. Written in plain PyTorch: that is the reference, and what
 runs on CPU. On CUDA :func:`kernel` compiles them by ``torch.compile`` with
 the row count dynamic (the number of active rows changes every block and
-step) and every other size static, mostly inside the two stage functions of each compacted backward, which fuses
-the gather and the arithmetic into few kernels; ``CGGR_COMPILE=0`` turns that
-off. The rotary and SwiGLU backward run cggr's Triton kernels
-(:mod:`cggr.kernels.rows`) there, as custom ops Inductor calls as opaque kernels
-from the compiled stages; ``CGGR_ROW_KERNELS=inductor`` lets Inductor compile
-the PyTorch pieces instead.
+step) and every other size static, mostly inside the two stage functions of
+each compacted backward, which fuses the gather and the arithmetic into few
+kernels; ``CGGR_COMPILE=0`` turns that off. The rotary and SwiGLU backward
+run cggr's Triton kernels (:mod:`cggr.kernels.rows`) there, as Triton ops
+whose kernels Inductor launches from the compiled stages;
+``CGGR_ROW_KERNELS=inductor`` lets Inductor compile the PyTorch pieces
+instead.
 """
 
 from __future__ import annotations
@@ -35,11 +36,6 @@ def rows_of(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     all rows cost about 0.45 ms a block on an H200, 6 % of its backward. (With HF's labels every row is rarely
     active: the last position of each sequence has no label, so it is routed out of every block.)"""
     return t if idx is None else t[idx]
-
-
-def _count(t: torch.Tensor, idx: torch.Tensor | None) -> int:
-    """How many rows ``idx`` selects from ``t``."""
-    return t.shape[0] if idx is None else idx.shape[0]
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
@@ -102,7 +98,7 @@ def rope_backward(dt: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, idx: t
     ``dt = dt'*cos + rotate_half^T(dt'*sin)`` with ``rotate_half^T([a, b]) = [b, -a]``.
     """
     hd = cos.shape[-1]
-    n = _count(dt, idx)
+    n = dt.shape[0] if idx is None else idx.shape[0]
     t = _acc(rows_of(dt, idx)).reshape(n, dt.shape[1] // hd, hd)  # [n, heads, hd]; n may be 0
     c = _acc(rows_of(cos, idx)).unsqueeze(1)
     s = _acc(rows_of(sin, idx)).unsqueeze(1)
@@ -250,14 +246,15 @@ def eager_kernels():
         _eager_only = previous
 
 
-def row_count_dynamic(args: tuple, rows_at: int) -> tuple:
-    """``args`` for a compiled backward stage, detached, with the row count marked dynamic: dim 0 of
-    ``args[rows_at]`` (the stage's active rows, ``idx``) and of every other tensor of that many rows that is not
-    a weight (weights require grad). Every other dim stays static: the hidden sizes are the model's, and
-    Inductor builds its best kernels for static ones (single-pass reductions over a known row length; the row
-    kernels' strides known multiples of 16, so their loads are vectorised). ``idx`` None (every row): nothing
-    is marked. Detached: a requires_grad flag that differs between calls would make dynamo recompile."""
-    idx = args[rows_at]
+def row_count_dynamic(args: tuple, rows_at: int | None) -> tuple:
+    """``args`` for a compiled stage, detached (a requires_grad flag that differs between calls would make dynamo
+    recompile), with the row count of a backward stage marked dynamic: dim 0 of ``args[rows_at]`` (the stage's
+    active rows, ``idx``) and of every other tensor of that many rows that is not a weight (weights require
+    grad). Every other dim stays static: the hidden sizes are the model's, and Inductor builds its best kernels
+    for static ones (single-pass reductions over a known row length; the row kernels' strides known multiples of
+    16, so their loads are vectorised). ``rows_at`` None (a forward stage) or ``idx`` None (every row): nothing
+    is marked."""
+    idx = None if rows_at is None else args[rows_at]
     n = None if idx is None else idx.shape[0]
     out = []
     for a in args:
@@ -290,11 +287,8 @@ def kernel(eager, on_cuda: bool, rows: str | None = None):
     if on_cuda and compile_enabled() and not _eager_only and not torch.compiler.is_compiling():
         row_kernels()  # read inside the stages as they compile: a bad value raises a plain ValueError here
         fn = _compiled(eager, None)
-        if rows is not None:
-            at = _position(eager, rows)
-            return lambda *args: fn(*row_count_dynamic(args, at))
-        # Detached inputs: a requires_grad flag that differs between calls would make dynamo recompile.
-        return lambda *args: fn(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+        at = None if rows is None else _position(eager, rows)
+        return lambda *args: fn(*row_count_dynamic(args, at))
     return eager
 
 
@@ -308,10 +302,10 @@ def keep_attention_for(ctx) -> bool:
 def scatter_rows(rows: torch.Tensor, idx: torch.Tensor | None, num_rows: int, base: torch.Tensor | None = None
                  ) -> torch.Tensor:
     """``[num_rows, D]``: ``rows`` at rows ``idx``, ``base``'s rows (zeros when None) elsewhere; ``rows`` itself
-    when every row is active (``idx`` None, or listing every row in order). Traced into the compiled backward stages: the
-    input gradient of a block under skip semantics (``base`` = its output gradient, which the inactive rows pass
-    on) is one copy and one scatter, rather than a scatter into zeros and then a select over the whole tensor."""
-    if idx is None or rows.shape[0] == num_rows:
+    when every row is active (``idx`` None). Traced into the compiled backward stages: the input gradient of a
+    block under skip semantics (``base`` = its output gradient, which the inactive rows pass on) is one copy and
+    one scatter, rather than a scatter into zeros and then a select over the whole tensor."""
+    if idx is None:
         return rows
     out = rows.new_zeros(num_rows, rows.shape[1]) if base is None else base.to(rows.dtype)
     return out.index_copy(0, idx, rows)

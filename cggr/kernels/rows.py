@@ -10,9 +10,10 @@ rounded to nearest even (compiled, by the GPU's conversion; under Triton's inter
 truncates, bf16 by its bits).
 No product is contracted into a sum: PyTorch's eager ops round every product and sum, and an FMA would round
 once fewer. Compiled, the kernels multiply and add with libdevice's ``mul_rn``/``add_rn``/``sub_rn`` (PTX
-``mul.rn``/``add.rn``, which the compiler never fuses), so they compute the same under any ``enable_fp_fusion``:
-Inductor, which launches them from the compacted backward's compiled stages (``wrap_triton``: no Python launcher
-and no custom-op dispatch per call), builds user kernels with its default, fusion on. The sigmoid is ``1 / (1 + exp(-x))`` with libdevice's ``expf`` and an
+``mul.rn``/``add.rn``, which the compiler never fuses), so they compute the same under any
+``enable_fp_fusion``: Inductor, which launches them from the compacted backward's compiled stages
+(``wrap_triton``: no Python launcher and no custom-op dispatch per call), builds user kernels with its default,
+fusion on. The sigmoid is ``1 / (1 + exp(-x))`` with libdevice's ``expf`` and an
 IEEE division, the formula and functions of PyTorch's CUDA kernel (Triton's ``tl.exp`` and ``/`` are
 approximate); under Triton's interpreter, which has no libdevice, a fp64 ``exp`` rounded to fp32 stands in. The
 sigmoid is the one operation whose last fp32 bit may differ from the reference's (on the CPU PyTorch's own
@@ -79,8 +80,9 @@ def _sigmoid(x, PRECISE: tl.constexpr):
 def _round(x, ptr, PRECISE: tl.constexpr):
     """fp32 ``x`` rounded to the element type of ``ptr``, to nearest even, as PyTorch's ``c10::BFloat16`` rounds.
     ``PRECISE`` (compiled for the GPU): the hardware's conversion, one instruction (``cvt.rn``). Off (Triton's
-    interpreter, whose conversion truncates): bf16 by its bits, which costs about seven integer operations per
-    value (measured on an H200, they made the SwiGLU backward instruction-bound); NaN stays NaN either way."""
+    interpreter, whose conversion truncates): bf16 by its bits, about seven integer operations per value (four
+    roundings a value in the SwiGLU backward, which by its instruction count, not a profile, is bound by its
+    instructions more than by memory); NaN stays NaN either way."""
     ty = ptr.dtype.element_ty
     if ty == tl.bfloat16 and not PRECISE:
         bits = x.to(tl.uint32, bitcast=True)
@@ -153,7 +155,7 @@ def _swiglu_rows_backward_kernel(
     g = tl.load(g_ptr + r[:, None] * s_gr + f[None, :] * s_gc, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + r[:, None] * s_ur + f[None, :] * s_uc, mask=mask, other=0.0).to(tl.float32)
     sig = _sigmoid(g, PRECISE)
-    act = _round(g * sig, m_ptr, PRECISE).to(tl.float32)  # the layer's forward rounds silu(g) to the activation dtype
+    act = _round(g * sig, m_ptr, PRECISE).to(tl.float32)  # the forward rounds silu(g) to the activation dtype
     # The reference's operations in its order (no contraction): every intermediate rounds to fp32 alike.
     m = act * u
     du = dm * act
