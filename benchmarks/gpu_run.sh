@@ -56,7 +56,7 @@ echo "== speed benchmark, ${LEFT} s left (log: \$OUT/speed.log)"
 if [ "$LEFT" -gt 30 ]; then
   # Tiers: every model runs a tier before any model runs the next. timeout signals the whole process
   # group, so the arm running at the limit stops with the benchmark.
-  TRITON_INTERPRET=0 timeout "$LEFT" python3 benchmarks/speed.py --models 350M,1B \
+  TRITON_INTERPRET=0 timeout "$LEFT" python3 -m benchmarks.speed --models 350M,1B \
     --arms "eager,compile,liger,cggr,cggr+lce,skip/full,light/liger+cggr,compile+cggr" \
     --steps 12 --warmup 6 --arm-timeout 150 --profile 350M,1B --out "$OUT" > "$OUT/speed.log" 2>&1
   echo "exit $?"; grep "^== " "$OUT/speed.log"
@@ -70,10 +70,10 @@ if [ "${ROWS_AB:-0}" = 1 ]; then
   TRITON_INTERPRET=0 timeout 150 python3 -m pytest tests/test_row_kernels.py tests/test_cuda.py -q -p no:cacheprovider \
     -k "row or kernel" > "$OUT/test_rows.log" 2>&1
   echo "exit $?"; tail -n 3 "$OUT/test_rows.log"
-  TRITON_INTERPRET=0 timeout 120 python3 benchmarks/rows.py --out "$OUT" > "$OUT/rows.log" 2>&1
+  TRITON_INTERPRET=0 timeout 120 python3 -m benchmarks.rows --out "$OUT" > "$OUT/rows.log" 2>&1
   echo "exit $?"; tail -n 14 "$OUT/rows.log"
   mkdir -p "$OUT/rows-inductor"
-  CGGR_ROW_KERNELS=inductor TRITON_INTERPRET=0 timeout 300 python3 benchmarks/speed.py --models 350M,1B \
+  CGGR_ROW_KERNELS=inductor TRITON_INTERPRET=0 timeout 300 python3 -m benchmarks.speed --models 350M,1B \
     --arms "cggr,liger+cggr,full" --steps 12 --warmup 6 --arm-timeout 150 --out "$OUT/rows-inductor" > "$OUT/rows-inductor.log" 2>&1
   echo "exit $?"; grep "^== " "$OUT/rows-inductor.log"
 fi

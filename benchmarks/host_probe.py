@@ -6,19 +6,20 @@ time spent reading routing counts back from the device (``plan``: 0 when they co
 wall-clock of the step (CUDA-synchronised at its end) and the GPU's time between the same points (CUDA
 events). A phase whose host time matches its GPU time is bound by the host.
 
-    python benchmarks/host_probe.py 125M eager,cggr,full
+    python -m benchmarks.host_probe 125M eager,cggr,full
 """
-import os
+if not __package__:  # run by path: this folder would shadow installed packages (benchmarks/__init__.py)
+    raise SystemExit("run it from the repository root as a module: python -m benchmarks.host_probe ...")
+
 import statistics
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import speed  # noqa: E402  (benchmarks/speed.py: the models and arms; puts the checkout first on the path)
-import cggr  # noqa: E402
-from cggr import routing  # noqa: E402
+import cggr
+from benchmarks import speed  # the models and arms
+from cggr import routing
 
 
 def main(name: str, arms: list[str]) -> None:

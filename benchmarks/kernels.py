@@ -1,6 +1,6 @@
 """GPU micro-benchmark of cggr's Triton kernels against their PyTorch references.
 
-    python benchmarks/kernels.py --out benchmarks/results
+    python -m benchmarks.kernels --out benchmarks/results
 
 For each kernel at realistic sizes: checks the result against the reference,
 times kernel, eager reference and (for scoring) ``torch.compile`` of the
@@ -26,6 +26,9 @@ A markdown table of the records is printed last.
 
 from __future__ import annotations
 
+if not __package__:  # run by path: this folder would shadow installed packages (benchmarks/__init__.py)
+    raise SystemExit("run it from the repository root as a module: python -m benchmarks.kernels ...")
+
 import argparse
 import json
 import re
@@ -35,19 +38,18 @@ from pathlib import Path
 
 import torch
 
+import triton
+from triton.testing import do_bench
+
+from cggr.bucketing import rank_buckets_reference
+from cggr.gate import gate_rows_reference
+from cggr.kernels.bucketing import rank_buckets_triton
+from cggr.kernels.gate import gate_rows_triton
+from cggr.kernels.scoring import entropy_confidence_triton
+from cggr.scoring import entropy_confidence_reference
+from cggr_lab.provenance import provenance
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
-
-from cggr.bucketing import rank_buckets_reference  # noqa: E402
-from cggr.gate import gate_rows_reference  # noqa: E402
-from cggr.kernels.bucketing import rank_buckets_triton  # noqa: E402
-from cggr.kernels.gate import gate_rows_triton  # noqa: E402
-from cggr.kernels.scoring import entropy_confidence_triton  # noqa: E402
-from cggr.scoring import entropy_confidence_reference  # noqa: E402
-from cggr_lab.provenance import provenance  # noqa: E402
 
 
 def _ms(fn, rep: int = 200) -> float:

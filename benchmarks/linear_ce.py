@@ -1,6 +1,6 @@
 """GPU benchmark of cggr's fused linear cross-entropy (loss + difficulty scores) against the alternatives.
 
-    python benchmarks/linear_ce.py --out benchmarks/results
+    python -m benchmarks.linear_ce --out benchmarks/results
 
 For each hidden size (N tokens, vocabulary V, bf16 by default), one training
 step of the LM head and loss (forward + backward into hidden, weight) by:
@@ -20,6 +20,9 @@ Writes ``linear-ce-<gpu>.json`` into ``--out`` and prints a markdown table last.
 
 from __future__ import annotations
 
+if not __package__:  # run by path: this folder would shadow installed packages (benchmarks/__init__.py)
+    raise SystemExit("run it from the repository root as a module: python -m benchmarks.linear_ce ...")
+
 import argparse
 import json
 import re
@@ -31,12 +34,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from cggr.env import git_rev_override
+from cggr.loss import linear_cross_entropy, linear_cross_entropy_reference
+from cggr.scoring import score_difficulty
 
-from cggr.env import git_rev_override  # noqa: E402
-from cggr.loss import linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402
-from cggr.scoring import score_difficulty  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MISMATCH_TOL = 2e-2  # bf16 gradients differ from the reference by a few bf16 ulps (2^-8 each) at most
 

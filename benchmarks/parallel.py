@@ -1,7 +1,7 @@
 """Data-parallel step time and gradients: the dense baselines against cggr under DDP and FSDP2, one process per
 GPU.
 
-    torchrun --nproc-per-node 2 benchmarks/parallel.py --model 1B --out benchmarks/results
+    torchrun --nproc-per-node 2 -m benchmarks.parallel --model 1B --out benchmarks/results
 
 For each parallel mode (``ddp``: ``DistributedDataParallel``; ``fsdp2``: ``fully_shard`` on every decoder
 layer and on the root) and arm (the speed benchmark's arms, :data:`speed.ARMS`: the dense baselines ``eager``,
@@ -27,6 +27,9 @@ Without GPUs it runs on CPU processes over gloo in fp32 (what the tests do, with
 
 from __future__ import annotations
 
+if not __package__:  # run by path: this folder would shadow installed packages (benchmarks/__init__.py)
+    raise SystemExit("run it from the repository root as a module: python -m benchmarks.parallel ...")
+
 import argparse
 import copy
 import json
@@ -39,10 +42,9 @@ import time
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import speed  # noqa: E402  (benchmarks/speed.py: the models, their builder, the provenance record)
-from cggr_lab.provenance import routing_record  # noqa: E402  (importable once speed set the path)
-from report import parallel_table  # noqa: E402  (the README's table, from the same function)
+from benchmarks import speed  # the models, their builder, the provenance record
+from benchmarks.report import parallel_table  # the README's table, from the same function
+from cggr_lab.provenance import routing_record
 
 MODELS = dict(speed.MODELS, tiny=(64, 4, 4, 128, 2, 32))  # tiny: the CPU test's model
 CHECK_BATCH = (2, 256)  # per-rank batch of the gradient check (its reference runs the global batch on one GPU)

@@ -3,11 +3,14 @@
 Each table sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``
 in README.md and is rebuilt from ``benchmarks/results/NAME-*.json``:
 
-    python benchmarks/report.py          # rewrite README.md in place
-    python benchmarks/report.py --check  # exit 1 if README.md is stale
+    python -m benchmarks.report          # rewrite README.md in place
+    python -m benchmarks.report --check  # exit 1 if README.md is stale
 """
 
 from __future__ import annotations
+
+if not __package__:  # run by path: this folder would shadow installed packages (benchmarks/__init__.py)
+    raise SystemExit("run it from the repository root as a module: python -m benchmarks.report ...")
 
 import argparse
 import glob
@@ -358,7 +361,7 @@ def main(argv=None):
     new = render(old)
     if a.check:
         if new != old:
-            print("README.md result tables are stale: run python benchmarks/report.py", file=sys.stderr)
+            print("README.md result tables are stale: run python -m benchmarks.report", file=sys.stderr)
             return 1
         return 0
     with open(path, "w") as f:

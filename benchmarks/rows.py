@@ -1,6 +1,6 @@
 """GPU micro-benchmark of the compacted Llama backward's row-wise stages: Inductor against cggr's Triton kernels.
 
-    python benchmarks/rows.py --out benchmarks/results
+    python -m benchmarks.rows --out benchmarks/results
 
 The two row-gather pieces that ``CGGR_ROW_KERNELS`` switches (:mod:`cggr.kernels.rows`), at the shapes of
 ``benchmarks/speed.py``'s models (``--models``, default 350M and 1B; bf16) and active fractions (``--fractions``,
@@ -33,6 +33,9 @@ as Inductor's CPU build is slow), so that the script is tested and does not rot;
 
 from __future__ import annotations
 
+if not __package__:  # run by path: this folder would shadow installed packages (benchmarks/__init__.py)
+    raise SystemExit("run it from the repository root as a module: python -m benchmarks.rows ...")
+
 import argparse
 import json
 import os
@@ -45,14 +48,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.speed import MODELS  # name: hidden, layers, heads, mlp, batch, seq
+
+from cggr.compact import pointwise
+from cggr.compact.attention import attention_with_grad
+from cggr_lab.provenance import provenance
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from speed import MODELS  # noqa: E402  benchmarks/speed.py's models (name: hidden, layers, heads, mlp, batch, seq)
-
-from cggr.compact import pointwise  # noqa: E402
-from cggr.compact.attention import attention_with_grad  # noqa: E402
-from cggr_lab.provenance import provenance  # noqa: E402
 
 FLUSH_BYTES = 256 * 2**20  # more than an H200's 50 MB L2
 

@@ -20,10 +20,13 @@ is recorded with its error and shown as failed; one that cannot run here
 timeout keeps what was measured) and ``speed-<gpu>.md`` into ``--out``, and
 prints the table last.
 
-    python benchmarks/speed.py --models 350M,1B --arms eager,compile,liger,cggr,full --out benchmarks/results
+    python -m benchmarks.speed --models 350M,1B --arms eager,compile,liger,cggr,full --out benchmarks/results
 """
 
 from __future__ import annotations
+
+if not __package__:  # run by path: this folder would shadow installed packages (benchmarks/__init__.py)
+    raise SystemExit("run it from the repository root as a module: python -m benchmarks.speed ...")
 
 import argparse
 import contextlib
@@ -40,13 +43,12 @@ import traceback
 
 import torch
 
-from report import speed_summary, speed_table  # benchmarks/report.py, beside this script
+from benchmarks.report import speed_summary, speed_table
+from cggr_lab import liger as cggr_lab_liger
+from cggr_lab.provenance import provenance, routing_record
+from cggr_lab.training import train_step
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's cggr, cggr_lab
-from cggr_lab import liger as cggr_lab_liger  # noqa: E402
-from cggr_lab.provenance import provenance, routing_record  # noqa: E402
-from cggr_lab.training import train_step  # noqa: E402
-
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: the arms' processes run there
 MODELS = {  # name: (hidden, layers, heads, mlp, batch, seq); Llama-style unless the name says gpt2
     "125M": (768, 12, 12, 2048, 16, 1024),
     "350M": (1024, 24, 16, 2816, 16, 1024),
@@ -399,12 +401,12 @@ def measure(a, name, arm, ck):
     """One arm in a fresh process; its record, or a failed record when the process died without one."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "record.json")
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", path, "--models", name, "--arms", arm,
+        cmd = [sys.executable, "-m", "benchmarks.speed", "--child", path, "--models", name, "--arms", arm,
                "--checkpointing", "on" if ck else "off", "--steps", str(a.steps), "--warmup", str(a.warmup),
                "--precision", a.precision, "--device", a.device, "--profile", a.profile,
                "--profile-dir", a.profile_dir or a.out]
         try:
-            proc = subprocess.run(cmd, timeout=a.arm_timeout)
+            proc = subprocess.run(cmd, timeout=a.arm_timeout, cwd=ROOT)
             error = f"the arm's process exited with code {proc.returncode} without a result (see its log)"
         except subprocess.TimeoutExpired:
             error = f"the arm's process ran past --arm-timeout {a.arm_timeout:g} s and was stopped"

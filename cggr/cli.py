@@ -65,7 +65,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                                      "write curves (JSON), plots (PNG) and a table.")
     add_quality_arguments(q)
     q.set_defaults(func=_lab_command("quality", "run_quality"))
-    # The speed benchmark is benchmarks/speed.py (it needs a GPU): see the README.
+    # The speed benchmark is `python -m benchmarks.speed` from a checkout (it needs a GPU): see the README.
 
 
 SUBCOMMANDS = (_add_demo, _add_bench)

@@ -11,7 +11,7 @@ import platform
 import sys
 from importlib import metadata
 
-_PACKAGES = ("torch", "triton", "transformers", "accelerate", "peft")
+_PACKAGES = ("torch", "triton", "transformers", "tokenizers", "accelerate", "peft", "lightning", "trl", "liger-kernel")
 
 
 def _version(dist: str) -> str:

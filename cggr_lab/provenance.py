@@ -54,9 +54,18 @@ def provenance(command: str | None = None, *, device: torch.device | str | None 
         "transformers": package_version("transformers"),
         "triton": package_version("triton"),
         "python": platform.python_version(),
-        "command": command if command is not None else shlex.join([Path(sys.executable).name] + sys.argv),
+        "command": command if command is not None else _command_line(),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _command_line() -> str:
+    """This process's command line as it was typed: ``python -m pkg.mod args`` for a module run (``sys.argv[0]``
+    then holds the module's file path, which is not how it is run), else ``python script.py args``."""
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    module = main_spec.name.removesuffix(".__main__") if main_spec is not None else None  # -m pkg runs pkg.__main__
+    head = ["-m", module] if module and module != "__main__" else sys.argv[:1]
+    return shlex.join([Path(sys.executable).name, *head, *sys.argv[1:]])
 
 
 def git_revision() -> tuple[str | None, bool | None]:

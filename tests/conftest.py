@@ -1,6 +1,12 @@
 import os
-import sys
 
 # Kernels are tested on the CPU through Triton's interpreter.
 os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, os.path.dirname(__file__))
+
+
+def pytest_report_header(config):
+    """The versions this run tests (CI installs the newest releases within the declared ranges)."""
+    from cggr.env_report import env_report
+
+    return "versions: " + ", ".join(f"{name} {version}" for name, version in env_report().items()
+                                    if name not in ("platform", "gpus"))

@@ -5,7 +5,7 @@ import torch.nn as nn
 
 from cggr.adapters import (FAMILY_TABLE, default_label_shift, find_layer_stack, is_fused_experts, is_moe_router,
                            unsupported_parametrised_modules)
-from tiny import TinyLM, hf_model
+from tests.tiny import TinyLM, hf_model
 
 
 @pytest.mark.parametrize("kind,path", [("llama", "model.layers"), ("mistral", "model.layers"),

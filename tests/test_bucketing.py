@@ -8,7 +8,7 @@ import torch
 import cggr
 from cggr.bucketing import (assign_depths, buckets_to_depths, curriculum_depths, random_buckets, rank_buckets,
                             rank_buckets_global, rank_buckets_reference, target_depths)
-from tiny import TinyLM
+from tests.tiny import TinyLM
 
 
 @pytest.mark.parametrize("n,k", [(1, 4), (7, 4), (100, 4), (101, 3), (1000, 7), (13, 1)])

@@ -14,7 +14,7 @@ import cggr
 from cggr.compact import CompactedForward, _structural_family, compact_decision, compact_family
 from cggr.compact import verify as V
 from cggr.routing import Routing
-from tiny import hf_model, rel_err, routed_as
+from tests.tiny import hf_model, rel_err, routed_as
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=61, max_position_embeddings=64, pad_token_id=0)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import cggr
 from cggr.adapters import find_layer_stack
-from tiny import TinyLM, flat_grads, hf_model, rel_err, routed_as
+from tests.tiny import TinyLM, flat_grads, hf_model, rel_err, routed_as
 
 VOCAB = 97
 _HAS_BACKWARD_OPTION = "backward" in cggr.config.OPTION_NAMES

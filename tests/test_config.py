@@ -9,7 +9,7 @@ import torch
 
 import cggr
 import cggr.config
-from tiny import TinyLM
+from tests.tiny import TinyLM
 
 
 @pytest.mark.parametrize("kwargs,match", [

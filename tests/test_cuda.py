@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from tiny import routed_as
+from tests.tiny import routed_as
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="needs CUDA with compiled Triton (TRITON_INTERPRET=0)")

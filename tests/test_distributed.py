@@ -99,7 +99,7 @@ def _run_case(rank: int, world: int, kind: str, backward: str, order: str, data:
     from cggr.bucketing import buckets_to_depths, rank_buckets_reference
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from tiny import hf_model
+    from tests.tiny import hf_model
 
     torch.manual_seed(0)
     model = hf_model("llama", layers=2)
@@ -184,7 +184,6 @@ def _run_case(rank: int, world: int, kind: str, backward: str, order: str, data:
 
 
 def _worker(rank: int, world: int, port: int, outdir: str) -> None:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))

@@ -17,7 +17,7 @@ import cggr
 import cggr.loss
 from cggr.adapters import find_layer_stack
 from cggr.scoring import score_difficulty
-from tiny import TinyLM, flat_grads, hf_model
+from tests.tiny import TinyLM, flat_grads, hf_model
 
 V = 97
 # Relative error (against the largest gradient's norm) allowed between two computations of one quantity.
@@ -277,7 +277,7 @@ def _trainer_run(tmp_path, bf16=False, **options):
     from transformers import Trainer, TrainingArguments
 
     from cggr.integrations import CGGRCallback
-    from tiny import TokenDataset
+    from tests.tiny import TokenDataset
 
     model = _model("llama", 5, torch.float32)
     seen = []  # (num_items_in_batch passed, logits returned)

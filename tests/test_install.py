@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import cggr
 from cggr.adapters import find_layer_stack
-from tiny import TinyBlock, TinyLM, flat_grads, hf_model, rel_err, routed_as
+from tests.tiny import TinyBlock, TinyLM, flat_grads, hf_model, rel_err, routed_as
 
 
 def _tiny_loss(model, ids):

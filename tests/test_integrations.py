@@ -15,7 +15,7 @@ import torch
 
 import cggr
 from cggr.adapters import find_layer_stack
-from tiny import TokenDataset, flat_grads, hf_model, routed_as
+from tests.tiny import TokenDataset, flat_grads, hf_model, routed_as
 
 TOL = 1e-5
 VOCAB = 97

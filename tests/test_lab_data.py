@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cggr_lab import data
-from textdata import _corpus_folder, _paragraphs
+from tests.textdata import _corpus_folder, _paragraphs
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cggr_lab.provenance import provenance
-from textdata import _corpus_folder
+from tests.textdata import _corpus_folder
 
 
 @pytest.fixture(autouse=True)

@@ -36,8 +36,20 @@ def test_keys_versions_command_and_time():
     assert p["device"].startswith("cpu (") and f"{torch.get_num_threads()} threads)" in p["device"]
 
 
-def test_default_command_is_this_process():
-    assert shlex.split(prov.provenance()["command"]) == [os.path.basename(sys.executable)] + sys.argv
+def test_default_command_is_this_process_as_it_was_typed(tmp_path):
+    """A script run by path is recorded with its path; a module run (``python -m benchmarks.speed``) with ``-m``
+    and the module's name, as it is run again, not with the file path Python puts into ``sys.argv[0]``."""
+    (tmp_path / "pkg_x").mkdir()
+    (tmp_path / "pkg_x" / "__init__.py").write_text("")
+    (tmp_path / "pkg_x" / "run.py").write_text("from cggr_lab import provenance\nprint(provenance.provenance()['command'])\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    exe = os.path.basename(sys.executable)
+    as_module = subprocess.run([sys.executable, "-m", "pkg_x.run", "a b", "--c"], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, check=True)
+    assert shlex.split(as_module.stdout.strip()) == [exe, "-m", "pkg_x.run", "a b", "--c"]
+    script = str(tmp_path / "pkg_x" / "run.py")
+    by_path = subprocess.run([sys.executable, script, "x"], env=env, capture_output=True, text=True, check=True)
+    assert shlex.split(by_path.stdout.strip()) == [exe, script, "x"]
     assert prov.package_version("surely-not-an-installed-distribution") is None
 
 

@@ -311,11 +311,7 @@ def test_quality_bench_compiled_dense_arm(tmp_path, monkeypatch):
 
 def test_report_renders_best_dense_summaries_and_old_ones():
     """benchmarks/report.py: a summary naming the best dense arm gets its columns; an older one stays as it was."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    import report
+    from benchmarks import report
 
     arms = [_rec("dense", 0, 100.0, [6, 4.0, 3.3], "eager"), _rec("dense/seed=1", 1, 100.0, [6, 4.1, 3.4], "eager"),
             _rec("dense/compile=1", 0, 60.0, [6, 3.8, 3.0], "compile", seconds=[0.0, 0.5, 1.0]),

@@ -13,7 +13,7 @@ try:
 except ImportError:
     pl = pytest.importorskip("pytorch_lightning")
 
-from tiny import TokenDataset, hf_model  # noqa: E402
+from tests.tiny import TokenDataset, hf_model  # noqa: E402
 
 VOCAB = 97
 

@@ -384,7 +384,7 @@ def test_strided_inputs(backend, monkeypatch):
 def test_hf_causal_lm_loss_and_gradients(monkeypatch):
     """On a tiny HF Llama: the model's own loss (labels shifted inside) and every parameter's gradient."""
     pytest.importorskip("transformers")
-    from tiny import hf_model
+    from tests.tiny import hf_model
 
     _backend(monkeypatch, "torch")
     model = hf_model("llama", layers=2, vocab=97)

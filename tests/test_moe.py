@@ -13,7 +13,7 @@ import torch
 import cggr
 from cggr.adapters import find_layer_stack, is_fused_experts
 from cggr.moe import REPLAY_BELOW
-from tiny import MOE_KINDS, flat_grads, hf_model, routed_as
+from tests.tiny import MOE_KINDS, flat_grads, hf_model, routed_as
 
 TOL = 1e-5
 LAYERS = 4

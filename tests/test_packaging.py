@@ -1,8 +1,11 @@
 """The distribution: ``cggr`` (the library) and ``cggr_lab`` (the harness) ship together; the library never
-imports the harness except lazily in its command; the extras hold what the harness and benchmarks import."""
+imports the harness except lazily in its command; the extras hold what the harness and benchmarks import; no
+module of the checkout can shadow an installed package."""
 
 import ast
+import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 
@@ -73,3 +76,61 @@ def test_importing_the_library_and_its_command_loads_no_harness():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def _checkout_module_names() -> dict[str, str]:
+    """Every top-level module name the checkout can put first on ``sys.path``, with where it comes from: the
+    root's packages, folders of modules and ``.py`` files (``python -m pytest`` and ``python -m benchmarks.X``
+    run from the root), and the scripts of ``examples/`` (run by path, so their folder comes first)."""
+    names = {}
+    for entry in sorted(os.listdir(ROOT)):
+        path = os.path.join(ROOT, entry)
+        if entry.startswith(".") or entry in ("build", "dist") or entry.endswith(".egg-info"):
+            continue
+        if entry.endswith(".py"):
+            names[entry[:-3]] = entry
+        elif os.path.isdir(path) and any(f.endswith(".py") for f in os.listdir(path)):
+            names[entry] = entry + "/"
+    for script in sorted(os.listdir(os.path.join(ROOT, "examples"))):
+        if script.endswith(".py"):
+            names[script[:-3]] = f"examples/{script}"
+    return names
+
+
+def test_no_module_of_the_checkout_shadows_an_installed_package():
+    """A module of ours named like an installed package hides it from everything in the process (benchmarks/
+    kernels.py once hid Hugging Face's ``kernels`` from transformers, and no model could be built)."""
+    names = _checkout_module_names()
+    assert {"cggr", "cggr_lab", "benchmarks", "tests", "hf_trainer"} <= set(names)
+    installed = importlib.metadata.packages_distributions()  # import name -> distributions that ship it
+    clashes = {f"{where} ({name})": installed[name] for name, where in names.items()
+               if set(installed.get(name, ())) - {"cggr"}}
+    assert not clashes, f"modules of the checkout named like installed packages: {clashes}"
+
+
+def test_nothing_puts_a_folder_of_the_checkout_on_sys_path():
+    """Code and tests import through packages (``from tests.tiny import ...``, ``python -m benchmarks.speed``):
+    a folder of the checkout inserted ahead of site-packages makes each of its files a top-level name."""
+    offenders = []
+    for top in ("cggr", "cggr_lab", "benchmarks", "tests", "examples"):
+        for folder, _, files in os.walk(os.path.join(ROOT, top)):
+            for name in files:
+                if name.endswith(".py"):
+                    path = os.path.join(folder, name)
+                    for no, line in enumerate(open(path), 1):
+                        if re.search(r"sys\.path\s*(\.(insert|append|extend)|\[|\+?=)", line):
+                            offenders.append(f"{os.path.relpath(path, ROOT)}:{no}")
+    assert not offenders, offenders
+    root = os.path.realpath(ROOT)
+    inside = [p for p in sys.path if p and os.path.realpath(p).startswith(root + os.sep)]
+    assert not inside, f"folders of the checkout on sys.path in this test run: {inside}"
+
+
+def test_benchmark_scripts_refuse_to_run_by_path():
+    """``python benchmarks/speed.py`` would put benchmarks/ first on the path: each script says how to run it."""
+    scripts = sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.endswith(".py") and f != "__init__.py")
+    assert {"speed.py", "report.py", "kernels.py"} <= set(scripts)
+    for script in scripts:
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--help"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and f"python -m benchmarks.{script[:-3]}" in done.stderr, (script, done.stderr)

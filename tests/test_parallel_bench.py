@@ -13,7 +13,7 @@ def test_parallel_benchmark_runs_and_routed_gradients_match_one_process(tmp_path
     # The arms a CPU runs (Inductor included; Liger needs a GPU: recorded as skipped), every gradient check.
     arms = ("eager", "compile", "liger", "cggr", "compile+cggr", "stop")  # cggr: its defaults; stop: the seed's
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           os.path.join(ROOT, "benchmarks", "parallel.py"), "--model", "tiny", "--steps", "2", "--warmup", "1",
+           "-m", "benchmarks.parallel", "--model", "tiny", "--steps", "2", "--warmup", "1",
            "--arms", ",".join(arms), "--out", str(tmp_path)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -8,8 +8,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_readme_tables_match_committed_results():
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "report.py"), "--check"],
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "benchmarks.report", "--check"],
+                       capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import cggr
 from cggr.adapters import find_layer_stack
-from tiny import TinyLM, flat_grads, hf_model, rel_err, routed_as
+from tests.tiny import TinyLM, flat_grads, hf_model, rel_err, routed_as
 
 TOL = 1e-5
 MODELS = ["tiny", "llama", "llama-generic", "mistral", "gpt2", "gpt2-generic", "gpt_neox"]  # llama, mistral, gpt2: compacted

@@ -295,8 +295,16 @@ def _stage(dq, cos, sin, dm, gate, up, idx, w):
 @pytest.mark.parametrize("seed", [0], ids=_seed_id)
 def test_custom_ops_under_dynamic_compile_equal_eager(seed):
     """The ops inside ``torch.compile(dynamic=True)`` (Inductor calls them as extern kernels; off CUDA they run
-    the reference): the eager results, for three row counts with one compilation (the row count is dynamic)."""
+    the reference): the eager results, for three row counts with one compilation (the row count is dynamic).
+
+    Within fp32 rounding, not bit for bit: Inductor's CPU code for the work around the ops (the matmul, the
+    fused adds) may vectorise, reorder and contract differently from eager, depending on the machine's
+    instructions. Bit-equality is asserted where the instructions are fixed: the ops' own eager results
+    below and the kernels under the interpreter (``test_rope_kernel_is_the_reference``,
+    ``test_swiglu_kernel_is_the_reference``)."""
     import torch._dynamo.testing
+
+    close = dict(rtol=1e-5, atol=1e-5)  # fp32: a few ulps of reassociation over sums of ~12 terms
 
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
@@ -308,15 +316,16 @@ def test_custom_ops_under_dynamic_compile_equal_eager(seed):
         eager = _stage(*args, w)
         got = compiled(*args, w)
         for a, b in zip(got, eager):
-            assert a.shape == b.shape and torch.equal(a, b), n
+            torch.testing.assert_close(a, b, **close, msg=lambda m: f"{n} rows: {m}")
     assert counter.frame_count == 1
     # idx None (every row, in order, no index read): the values of the listed rows, eager and compiled.
     args = _op_inputs(seed, B, S, heads, hd, F, B * S)
     listed = _stage(*args, w)
     every = (*args[:-1], None)
-    for got in (_stage(*every, w), compiled(*every, w)):
-        for a, b in zip(got, listed):
-            assert a.shape == b.shape and torch.equal(a, b)
+    for a, b in zip(_stage(*every, w), listed):
+        assert a.shape == b.shape and torch.equal(a, b)
+    for a, b in zip(compiled(*every, w), listed):
+        torch.testing.assert_close(a, b, **close)
     # The eager ops are the references.
     dq, cos, sin, dm, gate, up, idx = _op_inputs(seed, B, S, heads, hd, F, 6)
     assert torch.equal(pointwise.rope_rows_backward(dq, cos, sin, idx),
@@ -444,8 +453,8 @@ def test_benchmark_cpu_smoke(tmp_path):
     import json
 
     run_env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "rows.py"), "--device", "cpu", "--smoke",
-                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=run_env)
+    r = subprocess.run([sys.executable, "-m", "benchmarks.rows", "--device", "cpu", "--smoke",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=run_env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     records = json.load(open(tmp_path / "rows-cpu.json"))
     assert [(x["stage"], x["fraction"]) for x in records] == [

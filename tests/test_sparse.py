@@ -22,7 +22,7 @@ from cggr import reference_routing
 from cggr.adapters import find_layer_stack
 from cggr.routing import Routing
 from cggr.sparse import GateRows, RoutedLinear
-from tiny import flat_grads, hf_model, rel_err, routed_as
+from tests.tiny import flat_grads, hf_model, rel_err, routed_as
 
 SEEDS = [0, 1, 2]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]

@@ -8,11 +8,9 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from benchmarks import report, speed
 
-import report  # noqa: E402
-import speed  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _rec(arm, ms=None, model="350M", **extra):
@@ -149,9 +147,9 @@ def test_cpu_smoke_run(tmp_path):
     provenance and the best-dense figures. (``compile`` runs too, but Inductor's CPU build of the tiny
     model's training step takes about a minute of CPU time: too slow for this suite.)"""
     run = lambda arms, *extra: subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "speed.py"), "--device", "cpu", "--models", "tiny",
+        [sys.executable, "-m", "benchmarks.speed", "--device", "cpu", "--models", "tiny",
          "--arms", arms, "--steps", "2", "--warmup", "1", "--out", str(tmp_path), *extra],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
     r = run("eager,liger/cggr")  # two tiers
     assert r.returncode == 0, r.stderr[-3000:]
     assert [line.split()[3] for line in r.stdout.splitlines() if line.startswith("== ")] == ["eager:", "liger:", "cggr:"]
@@ -176,7 +174,7 @@ def test_cpu_smoke_run(tmp_path):
     assert "ran past --arm-timeout" in by["compile"]["error"] and by["compile"]["failed_at"] == "process"
     for key in ("gpu", "torch", "transformers", "triton", "liger_kernel", "git_rev", "command"):
         assert key in by["eager"]
-    assert by["eager"]["gpu"] == "cpu" and "speed.py" in by["eager"]["command"]
+    assert by["eager"]["gpu"] == "cpu" and "benchmarks.speed" in by["eager"]["command"]
     assert "| liger | skipped [1] |" in r.stdout and r.stdout.splitlines()[-1].startswith("| tiny | cggr |")
 
 

@@ -17,7 +17,7 @@ pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate"
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from tiny import hf_model  # noqa: E402
+from tests.tiny import hf_model  # noqa: E402
 
 PROMPTS = ["the cat sat on", "a dog ran to", "the bird flew over", "my fish swam in", "the cow ate some",
            "a fox hid under", "the owl looked at", "an ant walked past"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import cggr
-from tiny import TinyLM, flat_grads, hf_model, routed_as
+from tests.tiny import TinyLM, flat_grads, hf_model, routed_as
 
 
 class TupleLM(TinyLM):
