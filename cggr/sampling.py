@@ -14,7 +14,7 @@ unbiased estimate of the sum over all valid rows (Horvitz-Thompson: ``w = 1/pi``
 :func:`mixed_importance` mixes an importance with uniform (``g + alpha * mean(g)``) so that no weight explodes;
 :func:`draw` is the one call a router needs (mix, then draw). :func:`variance_ratio` and
 :func:`smallest_k_for_budget` are the bookkeeping of a variance-budget mode (VCAS-like): the only host
-synchronisation of this module is at the end of :func:`smallest_k_for_budget`.
+synchronisation of this module (outside the slow references) is at the end of :func:`smallest_k_for_budget`.
 
 Shapes: rows are flat indices ``0..N-1`` along the last dimension. ``importance`` and ``valid`` are ``[N]``
 (shared by every block) or ``[L, N]``; ``k`` is one host int or a host sequence of ``L`` ints. Draws always
@@ -141,8 +141,10 @@ def _check_alpha(alpha) -> None:
 
 
 def mixed_importance(importance: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``g + alpha * mean(g)`` over each block's valid rows (DESIGN.md §1): every valid row then has
-    ``pi >= alpha/(1 + alpha) * k/n``-ish reach, so no weight ``1/pi`` exceeds about ``(1 + 1/alpha) * n/k``.
+    """``g + alpha * mean(g)`` over each block's ``n`` valid rows (DESIGN.md §1), so that no weight explodes:
+    the mixed total is ``(1 + alpha) * n * mean(g)`` and capping only raises the uncapped rows' ``c``, so the
+    pi-ps design of ``k`` rows gives every valid row ``pi >= min(1, alpha/(1 + alpha) * k/n)``: no weight
+    ``1/pi`` exceeds ``max(1, (1 + 1/alpha) * n/k)`` (``alpha = 1``: twice the uniform weight).
 
     ``alpha = math.inf``, or a block whose valid importance is all zero, gives uniform importance (1 on valid
     rows). ``alpha = 0`` returns the sanitized importance (module docstring). float64, 0 on invalid rows, the
