@@ -47,8 +47,8 @@ SCHEMES = ("uniform", "systematic", "priority")
 Scheme = Literal["uniform", "systematic", "priority"]
 
 # Internal precision: every probability, cumulative sum and weight is computed in float64 (the tensors are
-# [L, N] with N the rows of one step, so this costs little), so that sum(pi) = k holds to ~1e-12 and the
-# systematic lattice meets the cumulative sums exactly in all but ~1e-12-probable rounding events.
+# [L, N] with N the rows of one step, so this costs little), so that sum(pi) = k holds to a relative ~1e-13
+# and the systematic draw's interval ends are off by about ulp(k) (~2e-12 at k = 16384) at most.
 _F64 = torch.float64
 
 
@@ -277,9 +277,11 @@ def systematic(importance: torch.Tensor, valid: torch.Tensor, k, generator: torc
     whose interval holds a point. An interval of length ``pi_t <= 1`` holds at most one point, with
     probability ``pi_t`` whatever the order, so the first-order inclusion probabilities are exact for any
     order; the random order only spreads the second-order ones (rows adjacent in a fixed order would be
-    dependent). Exactly ``k`` points lie in ``[0, k)``. float64 rounding can move a point across an interval
-    end with probability ~1e-12 per draw; the selection is then repaired to exactly ``k`` distinct valid rows
-    (the unselected row of largest ``pi`` fills a gap), so the size is exact by construction.
+    dependent). Exactly ``k`` points lie in ``[0, k)``. In float64 the cumulative sums are off by about
+    ``ulp(k)``: the inclusion probabilities are exact to that, and a capped row's interval can hold two points
+    (or the last point fall past the end) with a probability of that order per row; the selection is then
+    repaired to exactly ``k`` distinct valid rows (the unselected row of largest ``pi`` fills the gap), so the
+    size is exact by construction.
     """
     x, valid2, counts, _ = _blocks(importance, valid, k)
     L, N = x.shape
