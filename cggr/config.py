@@ -25,12 +25,18 @@ Backward = Literal["auto", "generic"]
 Buckets = Literal["local", "global"]
 Inactive = Literal["stop", "skip"]
 Placement = Literal["auto", "nested", "per_block"]
+Estimator = Literal["plain", "unbiased"]
+Importance = Literal["uniform", "loss", "block"]
+Sampler = Literal["systematic", "priority"]
 
 MODES = get_args(Mode)
 BACKWARDS = get_args(Backward)
 BUCKETS = get_args(Buckets)
 INACTIVE = get_args(Inactive)
 PLACEMENTS = get_args(Placement)
+ESTIMATORS = get_args(Estimator)
+IMPORTANCES = get_args(Importance)
+SAMPLERS = get_args(Sampler)
 assert set(get_args(Policy)) == set(POLICIES) and set(get_args(Scorer)) == set(SCORERS)
 
 # More buckets than this make no sense for any stack (each bucket is a depth, and depths are whole blocks)
@@ -128,6 +134,42 @@ class RoutingConfig:
     the per-token scores it computes. Eval and label-free forwards are unchanged. Refused where the model's
     forward does more than ``lm_head`` and cross-entropy (logit softcapping or scales, a non-Linear head)."""
 
+    estimator: Estimator = "plain"
+    """Per-block placement: what a kept row's gradient is worth in a routed block. ``"plain"`` (the default): its
+    gradient as it is, so a block's branch sees the sum over its subset (a smaller, biased step).
+    ``"unbiased"``: multiplied by ``1/pi``, the row's inclusion probability (Horvitz-Thompson; ``n/k`` for a
+    uniform draw of ``k`` of ``n`` tokens) on its way into the block's branch, while the residual stream carries
+    it unweighted: the gradients of the branch's row-local parts (query and output projections, MLP, norms) are
+    unbiased estimates of dense training's, noisier; the attention's key and value rows of dropped tokens stay
+    constants, so their gradient path keeps a bias of about the kept fraction (docs/design.md)."""
+
+    importance: Importance = "uniform"
+    """Per-block placement: how each routed block draws its ``k_b`` kept rows. ``"uniform"`` (the default): every
+    subset of that size equally likely. ``"loss"``: inclusion probability rising with the size of the token's
+    gradient at the logits, ``||softmax(z_t) - onehot(y_t)||`` (small exactly when the model is confident and
+    right; needs the labels in the forward, or ``fused_loss=True``). ``"block"``: rising with the norm of the
+    block's own output-gradient row, drawn in the backward as that gradient arrives. Non-uniform draws need
+    ``estimator="unbiased"``: selecting hard tokens without reweighting measured worst of all."""
+
+    importance_mix: float = 1.0
+    """alpha >= 0 of a non-uniform ``importance``: rows are drawn by ``g_t + alpha * mean(g)``, so no row's
+    probability falls near 0 and no weight explodes (every weight is at most ``(1 + 1/alpha) n/k``);
+    ``float("inf")`` is uniform."""
+
+    sampler: Sampler = "systematic"
+    """Fixed-size draw of a non-uniform ``importance``: ``"systematic"`` (systematic pi-ps: exact inclusion
+    probabilities) or ``"priority"`` (priority sampling: unbiased conditionally on the other rows' threshold)."""
+
+    variance_budget: float | None = None
+    """tau > 0: each routed block's kept fraction is chosen so that the variance its sampling adds to the
+    block's gradient stays within tau times the minibatch's own (VCAS's criterion; VCAS uses 0.025), measured
+    from the block's output-gradient rows every ``variance_every`` optimizer steps; the backward work follows
+    from the budget instead of the buckets (per-block placement; until the first measurement every row is kept).
+    None (the default): the fractions come from the buckets or ``block_fractions``."""
+
+    variance_every: int = 100
+    """Optimizer steps between two measurements of ``variance_budget`` (each costs one host synchronisation)."""
+
     def __post_init__(self) -> None:
         _check_int("num_buckets", self.num_buckets, 1)
         if self.num_buckets > MAX_BUCKETS:
@@ -172,7 +214,39 @@ class RoutingConfig:
                 raise ValueError(f"block_fractions must be a sequence of fractions in [0, 1], one per block (bottom "
                                  f"first), got {self.block_fractions!r}")
             object.__setattr__(self, "block_fractions", fr)
+        _check_choice("estimator", self.estimator, ESTIMATORS)
+        _check_choice("importance", self.importance, IMPORTANCES)
+        _check_choice("sampler", self.sampler, SAMPLERS)
+        if isinstance(self.importance_mix, bool) or not isinstance(self.importance_mix, (int, float)) \
+                or not self.importance_mix >= 0:
+            raise ValueError(f"importance_mix must be a number >= 0 (float('inf') for uniform), got "
+                             f"{self.importance_mix!r}")
+        object.__setattr__(self, "importance_mix", float(self.importance_mix))
+        if self.variance_budget is not None:
+            if isinstance(self.variance_budget, bool) or not isinstance(self.variance_budget, (int, float)) \
+                    or not 0 < self.variance_budget < math.inf:
+                raise ValueError(f"variance_budget must be None or a number > 0 (VCAS uses 0.025), got "
+                                 f"{self.variance_budget!r}")
+            object.__setattr__(self, "variance_budget", float(self.variance_budget))
+        _check_int("variance_every", self.variance_every, 1)
         self._resolve_placement()
+        sampling = self._sampling_options()
+        if sampling and self.placement != "per_block":
+            raise ValueError(f"{', '.join(sampling)}: these options reweight or draw the kept rows of per-block "
+                             f"placement and need placement='per_block' (got placement={self.placement!r}"
+                             + (f", chosen by 'auto' for {self._why_nested()}" if self._why_nested() else "") + ")")
+        if self.importance != "uniform" and self.estimator != "unbiased":
+            raise ValueError(f"importance={self.importance!r} draws hard tokens likelier; without reweighting that "
+                             "biases every block toward them (it measured worst of all sampling choices): it needs "
+                             "estimator='unbiased'")
+        if self.estimator == "unbiased" and self.leak_rate > 0:
+            raise ValueError("estimator='unbiased' reweights the kept rows of sparse blocks; leak_rate > 0 keeps "
+                             "every row: use one of them")
+        if self.variance_budget is not None and self.estimator != "unbiased":
+            raise ValueError("variance_budget bounds the variance of an unbiased estimate of the gradient: it needs "
+                             "estimator='unbiased'")
+        if self.variance_budget is not None and self.block_fractions is not None:
+            raise ValueError("variance_budget and block_fractions both set each block's kept fraction: give one")
         if self.placement == "per_block":
             if self.inactive != "skip":
                 raise ValueError("placement='per_block' needs inactive='skip': under 'stop' a row cut in a block gets no "
@@ -199,7 +273,7 @@ class RoutingConfig:
         anew for its own options; a value the user gives is plain and kept (and checked)."""
         placement = self.placement
         if placement == "auto" or isinstance(placement, _Auto):
-            explicit_per_block = (self.block_fractions is not None
+            explicit_per_block = (self.block_fractions is not None or bool(self._sampling_options())
                                   or (self.dense_ends is not None and not isinstance(self.dense_ends, _Auto)
                                       and self.dense_ends > 0))
             if self._why_nested() is None and (explicit_per_block or not self._dense_anyway()):
@@ -210,6 +284,12 @@ class RoutingConfig:
         if self.dense_ends is None or isinstance(self.dense_ends, _Auto):
             auto_ends = 1 if placement == "per_block" and self.block_fractions is None else 0
             object.__setattr__(self, "dense_ends", _AutoInt(auto_ends))
+
+    def _sampling_options(self) -> list[str]:
+        """The options given that only per-block placement has (their names as given, for messages)."""
+        out = [f"estimator={self.estimator!r}"] if self.estimator != "plain" else []
+        out += [f"importance={self.importance!r}"] if self.importance != "uniform" else []
+        return out + ([f"variance_budget={self.variance_budget!r}"] if self.variance_budget is not None else [])
 
     def _why_nested(self) -> str | None:
         """Why per-block placement cannot apply to this config (None: it can)."""

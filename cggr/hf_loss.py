@@ -141,9 +141,10 @@ class FusedLossForward:
     signature is the model's own (the HF Trainer reads it to choose dataset columns and loss kwargs).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, grad_norm: bool = False):
         self.model = model
         self.shift_labels = default_label_shift(model) == 1
+        self.grad_norm = grad_norm  # also score each token's loss-gradient norm (importance="loss" routing)
         # An instance-level forward installed before (accelerate's mixed-precision wrapper, say), called inside
         # this one and put back by detach; else None, and the class's forward is called with the model.
         self.previous = model.__dict__.get("forward")
@@ -214,7 +215,7 @@ class FusedLossForward:
             loss = linear_cross_entropy(hidden, weight, target.to(hidden.device), bias,
                                         ignore_index=kwargs.get("ignore_index", -100),
                                         reduction="mean" if num_items is None else "sum", shift_labels=shift,
-                                        num_items=num_items).loss
+                                        num_items=num_items, grad_norm=self.grad_norm).loss
         aux = getattr(out, "aux_loss", None)
         if aux is not None:  # MoE: HF adds router_aux_loss_coef * aux_loss to the loss when labels are given
             coef = getattr(m, "router_aux_loss_coef", None)

@@ -30,7 +30,7 @@ from .compact import compact_decision, make_compact_forward
 from .config import RoutingConfig
 from .hf_loss import FusedLossForward, fused_loss_target
 from .moe import RoutedExperts
-from .sparse import GateRows, RoutedLinear, SkipRows
+from .sparse import BranchWeights, GateRows, RoutedLinear, SkipRows
 
 logger = logging.getLogger("cggr")
 
@@ -126,8 +126,13 @@ class BlockGate:
 
     def __call__(self, module, args, kwargs, out):
         r = self.router.current_routing()
-        if r is None or self.block_index in r.compact_blocks:  # a compacted backward gates its own rows
+        if r is None:
             return out
+        if self.block_index in r.compact_blocks:  # a compacted backward gates its own rows ...
+            if not r.reweighted:
+                return out
+            h = _first_tensor(out)  # ... and its kept rows' weights are applied at its output
+            return _replace_first(out, BranchWeights.apply(h, _block_input(args, kwargs), r, self.block_index))
         h = _first_tensor(out)
         if h is None:
             raise TypeError(f"cggr: {self.name} returned {type(out).__name__}; a routed block must return a tensor "
@@ -251,7 +256,8 @@ class Installation:
             self.handles.append(block.register_forward_hook(BlockGate(router, i, names[i]), with_kwargs=True))
         self.names = names
         if self.fused_loss_model is not None:
-            self.patch_forward(self.fused_loss_model, FusedLossForward(self.fused_loss_model))
+            self.patch_forward(self.fused_loss_model,
+                               FusedLossForward(self.fused_loss_model, grad_norm=config.importance == "loss"))
         # Every container inside the blocks and the children it held at install. Checked at each training
         # forward (a few dictionary look-ups per module): no global module-registration hook, which would
         # make dynamo guard on a counter that HF bumps in every forward (``self.layers[:n]`` builds a list).

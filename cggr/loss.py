@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .scoring import Scores, entropy_confidence_reference, offer_scores
+from .scoring import Scores, entropy_confidence_reference, loss_gradient_norm, offer_scores
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -162,6 +162,7 @@ def linear_cross_entropy_reference(
     reduction: Literal["mean", "sum", "none"] = "mean",
     shift_labels: bool = False,
     num_items: torch.Tensor | float | None = None,
+    grad_norm: bool = False,
 ) -> LossWithScores:
     """What :func:`linear_cross_entropy` computes, the slow and obvious way.
 
@@ -188,7 +189,15 @@ def linear_cross_entropy_reference(
         loss = loss.reshape(labels.shape)
     if num_items is not None:  # as Hugging Face's ForCausalLMLoss divides the sum
         loss = loss / (num_items.to(loss.device) if isinstance(num_items, torch.Tensor) else num_items)
-    return LossWithScores(loss, entropy_confidence_reference(logits.detach()))
+    scores = entropy_confidence_reference(logits.detach())
+    if grad_norm:  # the gradient of the per-token loss at the logits, by autograd: the definition
+        z = logits.detach().float().requires_grad_(True)
+        per_token = F.cross_entropy(z.reshape(-1, V), labels.reshape(-1).long(), ignore_index=ignore_index,
+                                    reduction="sum")
+        (dz,) = torch.autograd.grad(per_token, z)
+        norms = torch.linalg.vector_norm(dz, dim=-1)
+        scores = scores._replace(grad_norm=torch.where(labels != ignore_index, norms, float("nan")))
+    return LossWithScores(loss, scores)
 
 
 # --------------------------------------------------------------------------- per-chunk rows
@@ -251,12 +260,14 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Te
 
 
 def _chunked(hidden, weight, bias, labels, ignore_index, chunk_rows, use_triton, scale, compute_grad, needs,
-             loss, scores):
+             loss, scores, grad_norm=None):
     """Steps 1-3 of the module docstring over all rows; returns ``(grad_hidden, grad_weight, grad_bias)``.
 
     ``hidden`` is ``[N, D]``, ``labels`` ``[N]`` int64, ``scale`` fp32 of one
     element or ``[N]``; ``loss`` ``[N]`` and ``scores`` ``[3, N]`` fp32 are
-    filled. The gradients are None unless ``compute_grad`` and the matching entry of ``needs``.
+    filled, and ``grad_norm`` ``[N]`` fp32 when given (each row's ``||softmax - onehot||``: from the gradient the
+    chunk holds after step 2, or from its logits when no gradient is computed). The gradients are None unless
+    ``compute_grad`` and the matching entry of ``needs``.
     """
     N, D = hidden.shape
     V = weight.shape[0]
@@ -278,8 +289,14 @@ def _chunked(hidden, weight, bias, labels, ignore_index, chunk_rows, use_triton,
                 torch.mm(h, w_t, out=logits)
             else:
                 torch.addmm(bias, h, w_t, out=logits)
+            if grad_norm is not None and not compute_grad:
+                grad_norm[start:end] = loss_gradient_norm(logits, labels[start:end], ignore_index)
             row_op(logits, labels[start:end], scale[start:end] if per_row_scale else scale, ignore_index,
                    compute_grad, loss[start:end], scores[0, start:end], scores[1, start:end], scores[2, start:end])
+            if grad_norm is not None and compute_grad:  # the row holds (softmax - onehot) * scale now
+                norms = torch.linalg.vector_norm(logits, dim=-1, dtype=f32) / scale.reshape(-1)
+                valid = labels[start:end] != ignore_index
+                grad_norm[start:end] = torch.where(valid, norms, float("nan"))
             if compute_grad:  # logits now holds d loss / d logits
                 if need_h:
                     torch.mm(logits, weight, out=grad_h[start:end])
@@ -297,11 +314,11 @@ def _chunked(hidden, weight, bias, labels, ignore_index, chunk_rows, use_triton,
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, chunk_rows, use_triton, needs,
-                num_items):
+                num_items, with_grad_norm):
         N = hidden.shape[0]
         dev = hidden.device
         loss_rows = torch.empty((N,), dtype=torch.float32, device=dev)
-        scores = torch.empty((3, N), dtype=torch.float32, device=dev)
+        scores = torch.empty((4 if with_grad_norm else 3, N), dtype=torch.float32, device=dev)
         n_valid = (labels != ignore_index).sum()
         grad_now = reduction != "none" and any(needs)
         if reduction == "mean":
@@ -315,7 +332,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             scale = torch.ones((1,), dtype=torch.float32, device=dev)
         with torch.autocast(dev.type, enabled=False):
             grads = _chunked(hidden, weight, bias, labels, ignore_index, chunk_rows, use_triton, scale, grad_now,
-                             needs, loss_rows, scores)
+                             needs, loss_rows, scores[:3], scores[3] if with_grad_norm else None)
         if reduction == "mean":
             loss = loss_rows.sum() / n_valid  # NaN with no valid token, as F.cross_entropy
         elif reduction == "sum":
@@ -330,9 +347,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             ctx.save_for_backward(hidden, weight, bias, labels)
         else:
             ctx.save_for_backward(*grads)
-        difficulty, entropy, confidence = scores.unbind(0)
-        ctx.mark_non_differentiable(difficulty, entropy, confidence)
-        return loss, difficulty, entropy, confidence
+        per_token = scores.unbind(0)
+        ctx.mark_non_differentiable(*per_token)
+        return (loss, *per_token)
 
     @staticmethod
     @once_differentiable
@@ -351,7 +368,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grads = _chunked(hidden, weight, bias, labels, ignore_index, chunk_rows, use_triton,
                                  grad_loss.float().contiguous(), True, ctx.needs_input_grad[:3],
                                  scratch_loss, scratch_scores)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def linear_cross_entropy(
@@ -365,6 +382,7 @@ def linear_cross_entropy(
     shift_labels: bool = False,
     chunk_rows: int | None = None,
     num_items: torch.Tensor | float | None = None,
+    grad_norm: bool = False,
 ) -> LossWithScores:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` and every token's difficulty scores, without ``[N, V]`` logits.
 
@@ -399,6 +417,8 @@ def linear_cross_entropy(
             dividing the returned loss, the division is folded into the fp32
             gradient the forward computes, so a half-precision backward does not
             scale every gradient by a rounded copy of ``1 / num_items``.
+        grad_norm: also return each token's ``||softmax(z) - onehot(y)||`` in ``scores.grad_norm`` (NaN at ignored
+            labels): the importance of ``importance="loss"`` routing, at one more read of each chunk's logits.
 
     Returns:
         :class:`LossWithScores` ``(loss, scores)``; see there. The loss is fp32.
@@ -426,10 +446,12 @@ def linear_cross_entropy(
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     needs = tuple(bool(n and torch.is_grad_enabled()) for n in needs)
     rows = chunk_rows if chunk_rows is not None else _default_chunk_rows(N, V, D)
-    loss, d, ent, conf = _LinearCrossEntropy.apply(h2, weight, bias, y, ignore_index, reduction, rows,
-                                                   _use_triton(h2), needs, num_items)
+    if not isinstance(grad_norm, bool):
+        raise TypeError(f"grad_norm must be True or False, got {grad_norm!r}")
+    loss, *per_token = _LinearCrossEntropy.apply(h2, weight, bias, y, ignore_index, reduction, rows,
+                                                 _use_triton(h2), needs, num_items, grad_norm)
     if reduction == "none":
         loss = loss.reshape(lead)
-    scores = Scores(d.reshape(lead), ent.reshape(lead), conf.reshape(lead))
+    scores = Scores(*(t.reshape(lead) for t in per_token))
     offer_scores(scores)  # inside a routed forward, its router routes by these (no logits needed)
     return LossWithScores(loss, scores)

@@ -10,14 +10,16 @@ training forward. Its only state is caches (device constants, generators).
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
+from . import sampling
 from ._host import HostCopy
 from .bucketing import (POLICY_FNS, buckets_to_depths, curriculum_depths, rank_buckets, rank_buckets_global,
                         target_depths)
 from .config import RoutingConfig
-from .routing import Routing, block_counts, per_block_counts
+from .routing import BackwardDraws, Routing, VarianceProbe, block_counts, per_block_counts
 from .scoring import Scores, score_difficulty, scores_for
 
 # Policies that need per-token scores (hence logits); "random" needs only the valid tokens.
@@ -34,6 +36,8 @@ class Planner:
         self.sparse_blocks = list(sparse_blocks)
         self._constants: dict[tuple, torch.Tensor] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
+        # variance_budget: each block's kept fraction from the last measurement (None until the first one)
+        self.budget_fractions: list[float] | None = None
 
     @property
     def needs_scores(self) -> bool:
@@ -51,7 +55,8 @@ class Planner:
     @torch.no_grad()
     def decide_into(self, routing: Routing, valid: torch.Tensor, logits: torch.Tensor | None, *,
                     scores: Scores | None = None, progress: float,
-                    draw_seed: int, num_valid: int | None = None, global_buckets: bool = False
+                    draw_seed: int, num_valid: int | None = None, global_buckets: bool = False,
+                    importance: torch.Tensor | None = None, measure: bool = False
                     ) -> tuple[Routing, torch.Tensor]:
         """Decide the routing of one forward into ``routing`` (the object its routed ops captured when they ran;
         it holds nothing yet); returns it and ``[tokens with non-finite logits, those of them below full depth]``
@@ -67,6 +72,8 @@ class Planner:
             num_valid: the number of valid tokens when already on the host (per-rank buckets: every block's
                 count then follows without reading anything back).
             global_buckets: rank the valid tokens of all data-parallel ranks together.
+            importance: ``importance="loss"``: each token's ``||softmax(z) - onehot(y)||`` (the token grid's shape).
+            measure: record every block's output-gradient row norms in the backward (``variance_budget``).
         """
         c, L = self.config, self.num_layers
         if scores is None and logits is not None:
@@ -80,8 +87,11 @@ class Planner:
         generator = self._generator(valid.device, draw_seed)
         if c.placement == "per_block":
             n = num_valid if num_valid is not None else int(valid.sum())
-            self._place_per_block(routing, valid, nonfinite, n, progress, generator)
-            routing.metrics = self._metrics(routing, None, valid, finite, scores)
+            counts = self._place_per_block(routing, valid, nonfinite, n, progress, generator, importance, draw_seed)
+            if measure:
+                routing.probe = VarianceProbe(torch.zeros((L, valid.numel()), dtype=torch.float32, device=valid.device),
+                                              valid.reshape(-1), None if importance is None else importance.reshape(-1))
+            routing.metrics = self._metrics(routing, None, valid, finite, scores, counts)
             return routing, torch.stack([routing.metrics["nonfinite_tokens"],
                                          (nonfinite & (routing.depth < L)).sum()])
         if scores is None:  # random policy without logits: only the valid tokens matter
@@ -104,26 +114,92 @@ class Planner:
         nonfinite_summary = torch.stack([routing.metrics["nonfinite_tokens"], (nonfinite & (routing.depth < L)).sum()])
         return routing, nonfinite_summary
 
-    def _place_per_block(self, routing: Routing, valid, nonfinite, n: int, progress: float, generator) -> None:
-        """Each block's own random subset of exactly ``counts[i]`` valid tokens (non-finite ones first)."""
+    def measure_budget(self, probe: VarianceProbe) -> list[float]:
+        """``variance_budget``: each routed block's kept fraction from a measured forward's output-gradient norms,
+        the smallest whose draw adds at most ``tau`` of the minibatch's variance
+        (:func:`cggr.sampling.smallest_k_for_budget`; the dense end blocks keep every row). Stored for the next
+        forwards and returned. Synchronises (twice), once every ``variance_every`` steps."""
         c, L = self.config, self.num_layers
-        if c.block_fractions is not None and len(c.block_fractions) != L:
-            raise ValueError(f"block_fractions has {len(c.block_fractions)} fractions for a stack of {L} blocks")
+        ends = max(0, min(c.dense_ends, (L - 1) // 2))
+        routed = list(range(ends, L - ends))
+        fractions = [1.0] * L
+        if routed:
+            # The draw's inclusion probabilities: uniform, the loss's importance, or the block's own sizes.
+            alpha = math.inf if c.importance == "uniform" else c.importance_mix
+            ks = sampling.smallest_k_for_budget(probe.sizes[routed], probe.valid.expand(len(routed), -1),
+                                                c.variance_budget, alpha, importance=probe.importance)
+            n = max(1, int(probe.valid.sum()))
+            for b, k in zip(routed, ks):
+                fractions[b] = k / n
+        self.budget_fractions = fractions
+        return fractions
+
+    def block_fractions(self, progress: float) -> list[float] | None:
+        """Each block's kept fraction at curriculum ``progress`` when it is given (``block_fractions``) or measured
+        (``variance_budget``: every row until the first measurement), rising from the target to 1 as the
+        curriculum goes back; None when the fractions follow the buckets."""
+        c, L = self.config, self.num_layers
+        if c.variance_budget is not None:
+            target = self.budget_fractions or [1.0] * L
+        elif c.block_fractions is not None:
+            if len(c.block_fractions) != L:
+                raise ValueError(f"block_fractions has {len(c.block_fractions)} fractions for a stack of {L} blocks")
+            return list(c.block_fractions)
+        else:
+            return None
+        return [1.0 - progress * (1.0 - f) for f in target]
+
+    def _place_per_block(self, routing: Routing, valid, nonfinite, n: int, progress: float, generator,
+                         importance: torch.Tensor | None, draw_seed: int) -> list[int]:
+        """Each block's own subset of exactly ``counts[i]`` valid tokens; returns the counts.
+
+        Uniform draws put tokens with non-finite logits first (they have no distribution: full depth); the
+        importance draws (:mod:`cggr.sampling`) treat a non-finite importance as the largest. With
+        ``estimator="unbiased"`` every kept row gets its weight ``1/pi`` (``routing.branch_weight``); with
+        ``importance="block"`` the routed blocks' rows are drawn later, in each block's backward.
+        """
+        c, L = self.config, self.num_layers
         nested = block_counts(n, L, self.bucket_depths(progress))
-        counts = per_block_counts(n, L, nested, c.dense_ends, c.block_fractions)
+        counts = per_block_counts(n, L, nested, c.dense_ends, self.block_fractions(progress))
         N = valid.numel()
-        keys = torch.rand((L, N), device=valid.device, generator=generator)
-        keys = torch.where(nonfinite.reshape(1, N), 2.0, keys)  # no distribution: in every block first
-        keys = torch.where(valid.reshape(1, N), keys, -1.0)  # invalid tokens never
-        order = torch.argsort(keys, dim=1, descending=True)
-        rows = [order[i, :counts[i]] for i in range(L)]
-        position = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=order.device).expand(L, N))
-        block_active = position < self._constant(tuple(counts), valid.device)[:, None]
+        flat_valid = valid.reshape(N)
+        if c.importance == "loss":
+            d = sampling.draw(c.sampler, importance.reshape(N), flat_valid, counts, alpha=c.importance_mix,
+                              generator=generator)
+            block_active, rows, weight = d.mask, d.rows, d.weight
+        else:
+            keys = torch.rand((L, N), device=valid.device, generator=generator)
+            keys = torch.where(nonfinite.reshape(1, N), 2.0, keys)  # no distribution: in every block first
+            keys = torch.where(flat_valid.reshape(1, N), keys, -1.0)  # invalid tokens never
+            order = torch.argsort(keys, dim=1, descending=True)
+            rows = [order[i, :counts[i]] for i in range(L)]
+            position = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=order.device).expand(L, N))
+            block_active = position < self._constant(tuple(counts), valid.device)[:, None]
+            # A uniform draw of k of n rows: pi = k / n (a block keeping every valid row: weight 1).
+            weight = None if c.estimator == "plain" else torch.where(
+                block_active, self._constant(tuple(n / max(k, 1) for k in counts), valid.device, torch.float32)[:, None],
+                0.0)
+        if c.importance == "block":
+            # Blocks that keep every valid row need no draw; the others draw in their backward.
+            pending = {i for i, k in enumerate(counts) if k < n}
+            routed = self._constant(tuple(i in pending for i in range(L)), valid.device) != 0
+            block_active = block_active & ~routed[:, None]
+            weight = torch.where(block_active, 1.0, 0.0)
+            rows = [r if i not in pending else r[:0] for i, r in enumerate(rows)]
+            routing.backward_draws = BackwardDraws(counts=list(counts), pending=pending, valid=flat_valid,
+                                                   sampler=c.sampler, alpha=c.importance_mix, generator=generator,
+                                                   seed=draw_seed)
         routing.block_active = block_active
+        routing.branch_weight = weight
         routing.depth = block_active.long().sum(0).view(valid.shape)
         routing.set_block_rows(rows)
+        routing._active_counts = list(counts)  # drawn in the backward or not, each block keeps this many
+        return counts
 
-    def _metrics(self, r: Routing, buckets, valid, finite, scores: Scores | None) -> dict[str, torch.Tensor]:
+    def _metrics(self, r: Routing, buckets, valid, finite, scores: Scores | None,
+                 block_counts: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """``block_counts``: each block's kept rows when the planner fixed them (per-block placement; some may be
+        drawn only in the backward), else they are read from the routing on the device."""
         c, L = self.config, self.num_layers
         depth = r.depth
         n_valid = valid.sum()
@@ -134,11 +210,13 @@ class Planner:
             counts.scatter_add_(0, (buckets + 1).reshape(-1), torch.ones_like(buckets).reshape(-1))
             out = {f"bucket_{k}_fraction": counts[k + 1].float() / denom for k in range(c.num_buckets)}
         out["valid_tokens"] = n_valid
-        out["mean_depth_fraction"] = depth.sum().float() / (denom * L)
+        active = (r.active_counts_tensor() if block_counts is None
+                  else self._constant(tuple(block_counts), depth.device))
+        out["mean_depth_fraction"] = active.sum().float() / (denom * L)
         # Backward block work skipped: rows inactive in each sparse-routed block, over all rows of all blocks.
         n = depth.numel()
         sparse = self._constant(tuple(self.sparse_blocks), depth.device) != 0
-        inactive = torch.where(sparse, n - r.active_counts_tensor(), torch.zeros_like(sparse, dtype=torch.long))
+        inactive = torch.where(sparse, n - active, torch.zeros_like(sparse, dtype=torch.long))
         skipped = inactive.sum().float() / max(1, n * L)
         out["backward_flops_skipped"] = skipped if c.leak_rate == 0 else torch.zeros_like(skipped)
         if scores is not None:
@@ -150,15 +228,15 @@ class Planner:
         out["nonfinite_tokens"] = (valid & ~finite).sum()
         return out
 
-    def _constant(self, values: tuple, device: torch.device) -> torch.Tensor:
-        """A small int64 tensor of ``values`` on ``device``, made once: ``torch.tensor(..., device=cuda)``
-        would synchronise the host with the GPU at every call (a copy from pageable memory)."""
-        key = (values, device)
+    def _constant(self, values: tuple, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        """A small tensor of ``values`` on ``device``, made once: ``torch.tensor(..., device=cuda)`` would
+        synchronise the host with the GPU at every call (a copy from pageable memory)."""
+        key = (values, device, dtype)
         t = self._constants.get(key)
         if t is None:
             if len(self._constants) > 1024:  # batch shapes and curriculum steps seen: a handful in practice
                 self._constants.clear()
-            host = torch.tensor(values, dtype=torch.long)
+            host = torch.tensor(values, dtype=dtype)
             if device.type == "cuda":
                 host = host.pin_memory()
             t = self._constants[key] = host.to(device, non_blocking=True)

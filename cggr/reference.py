@@ -13,6 +13,11 @@ inactive in a block by ``λ·x + (1-λ)·x.detach()`` (``x.detach()`` when
   of that token's logits row alone, so freezing them is freezing the router's
   linear output);
 * mask mode: the block's output only.
+
+With skip semantics the inactive rows of the block output ``y`` become ``x + (y - x).detach()`` instead (``x``
+the block's input row), and with ``branch_weight`` (estimator="unbiased") each kept row becomes
+``x + (y - x).detach() + w * ((y - x) - (y - x).detach())``: the same value, its gradient entering the block's
+branch times ``w`` while the residual stream carries it unweighted.
 """
 
 from __future__ import annotations
@@ -52,7 +57,8 @@ def _replace_floats(out: tuple, fn) -> tuple:
 @contextlib.contextmanager
 def reference_routing(blocks: Sequence[nn.Module], depth: torch.Tensor | None = None, *,
                       mode: str | Sequence[str] = "sparse", leak_rate: float = 0.0, inactive: str = "stop",
-                      block_active: torch.Tensor | None = None) -> Iterator[None]:
+                      block_active: torch.Tensor | None = None,
+                      branch_weight: torch.Tensor | None = None) -> Iterator[None]:
     """Within this context, forwards through ``blocks`` apply the routing ``depth`` (or ``block_active``).
 
     Args:
@@ -64,6 +70,8 @@ def reference_routing(blocks: Sequence[nn.Module], depth: torch.Tensor | None = 
         inactive: ``"stop"`` (an inactive row of the block output is a constant) or ``"skip"`` (it is
             ``x + c``, ``x`` the block's input row: its gradient passes to the input).
         block_active: instead of ``depth``, each block's active tokens, ``[L, *tokens]`` bool.
+        branch_weight: skip semantics only: each block's weight of its active rows, ``[L, *tokens]`` (the
+            estimator="unbiased" routing's ``1/pi``; values on inactive rows are not read).
     """
     L = len(blocks)
     modes = [mode] * L if isinstance(mode, str) else list(mode)
@@ -81,23 +89,33 @@ def reference_routing(blocks: Sequence[nn.Module], depth: torch.Tensor | None = 
             return replace(out, lambda t: _freeze_rows(t, inactive_rows, leak_rate))
         return hook
 
-    def skip_hook(inactive_rows):
+    def skip_hook(inactive_rows, weight_rows):
         def hook(module, args, kwargs, out):
             x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs["hidden_states"]
-            # y -> x + (y - x).detach() on inactive rows (λ of the row stays on y with a leak)
-            return _replace_first(out, lambda y: torch.where(
-                inactive_rows.reshape(*y.shape[:-1], 1),
-                leak_rate * y + (1 - leak_rate) * (x + (y - x).detach()) if leak_rate > 0 else x + (y - x).detach(),
-                y))
+
+            def route(y):
+                branch = y - x
+                if weight_rows is not None:  # kept rows: the branch's gradient times w, the residual's as it is
+                    w = weight_rows.reshape(*y.shape[:-1], 1).to(y.dtype)
+                    y = x + branch.detach() + w * (branch - branch.detach())
+                # y -> x + (y - x).detach() on inactive rows (λ of the row stays on y with a leak)
+                frozen = x + branch.detach()
+                return torch.where(inactive_rows.reshape(*y.shape[:-1], 1),
+                                   leak_rate * y + (1 - leak_rate) * frozen if leak_rate > 0 else frozen, y)
+            return _replace_first(out, route)
         return hook
 
     if inactive not in ("stop", "skip"):
         raise ValueError(f"inactive must be 'stop' or 'skip', got {inactive!r}")
+    if branch_weight is not None and inactive != "skip":
+        raise ValueError("branch_weight reweights the branch under skip semantics: it needs inactive='skip'")
+    weights = None if branch_weight is None else branch_weight.reshape(L, -1)
     try:
         for i, block in enumerate(blocks):
             inactive_rows = ~active[i]
             if inactive == "skip":
-                handles.append(block.register_forward_hook(skip_hook(inactive_rows), with_kwargs=True))
+                handles.append(block.register_forward_hook(
+                    skip_hook(inactive_rows, None if weights is None else weights[i]), with_kwargs=True))
             else:
                 handles.append(block.register_forward_hook(make_hook(inactive_rows)))
             if modes[i] == "sparse":

@@ -32,8 +32,8 @@ from .bucketing import schedule_progress
 from .config import RoutingConfig, resolve_config
 from .plan import NonfiniteReport, Planner
 from .routing import Routing
-from .scoring import close_score_sink, open_score_sink
-from .tokens import find_logits, input_device, input_tokens_shape, no_logits_error, valid_tokens
+from .scoring import close_score_sink, loss_gradient_norm, open_score_sink
+from .tokens import find_logits, input_device, input_tokens_shape, label_targets, no_logits_error, valid_tokens
 
 logger = logging.getLogger("cggr")
 
@@ -99,6 +99,8 @@ class Router(nn.Module):
         self._forward: _Forward | None = None  # the running forward, between its start and its end
         self._warned: set[str] = set()
         self._nonfinite = NonfiniteReport()
+        self._measured_step: int | None = None  # variance_budget: the optimizer step last measured
+        self._probe = None  # ... and its measurement, until its backward has recorded every block
         self._install()
         if config.num_buckets > self.num_layers and config.depths is None:
             self._warn_once("buckets", f"num_buckets={config.num_buckets} exceeds the {self.num_layers} blocks "
@@ -227,6 +229,9 @@ class Router(nn.Module):
     @torch._dynamo.disable  # the decision point runs eagerly under torch.compile: a clean graph break
     def _pre_forward(self, module, args, kwargs):
         self._nonfinite.report()
+        if self._probe is not None and self._probe.complete():  # the measured backward has run
+            self._planner.measure_budget(self._probe)
+            self._probe = None
         extra = kwargs.pop(VALID_MASK_KWARG, None)
         self._forward = None
         if not (module.training and torch.is_grad_enabled()):
@@ -234,7 +239,8 @@ class Router(nn.Module):
         self._reinstall_if_changed()
         self._installation.bind_checkpoints()
         tokens_shape = input_tokens_shape(args, kwargs)
-        routing = Routing(num_layers=self.num_layers, leak_rate=self.config.leak_rate, inactive=self.config.inactive)
+        routing = Routing(num_layers=self.num_layers, leak_rate=self.config.leak_rate, inactive=self.config.inactive,
+                          reweighted=self.config.estimator == "unbiased")
         f = _Forward(routing, tokens_shape, extra)
         device = input_device(args, kwargs)
         if tokens_shape is not None and device is not None:
@@ -283,10 +289,14 @@ class Router(nn.Module):
                   else f.valid.device)
         valid = f.valid.to(device) if f.valid is not None else self._valid(shape, kwargs, f.extra_valid, device)
         seed = self.config.seed * 1_000_003 + _rank() * 100_003 + self._step * 1009 + self._micro
+        measure = self._measure_now()
         r, nonfinite = self._planner.decide_into(
             f.routing, valid, None if logits is None else logits.detach(), scores=scores, progress=self.progress,
             draw_seed=seed,
-            num_valid=None if f.num_valid is None else f.num_valid.get(), global_buckets=self._global_buckets())
+            num_valid=None if f.num_valid is None else f.num_valid.get(), global_buckets=self._global_buckets(),
+            importance=self._loss_importance(logits, scores, kwargs, shape), measure=measure)
+        if measure:
+            self._probe, self._measured_step = r.probe, self._step
         self._nonfinite.offer(nonfinite)
         self.routing = r
         self._micro += 1
@@ -298,6 +308,29 @@ class Router(nn.Module):
         if self._forward is not None:
             close_score_sink(self._forward.take_scores)
         self._forward = None
+
+    def _measure_now(self) -> bool:
+        """variance_budget: measure the first forward of every ``variance_every``-th optimizer step (once)."""
+        c = self.config
+        return (c.variance_budget is not None and self._micro == 0 and self._step % c.variance_every == 0
+                and self._measured_step != self._step)
+
+    def _loss_importance(self, logits, scores, kwargs, shape) -> torch.Tensor | None:
+        """importance="loss": each token's ``||softmax(z) - onehot(y)||``, from the fused loss's scores or from the
+        logits and the labels; None for the other importances."""
+        c = self.config
+        if c.importance != "loss":
+            return None
+        if scores is not None and scores.grad_norm is not None:
+            return scores.grad_norm
+        labels = kwargs.get("labels")
+        if logits is None or not isinstance(labels, torch.Tensor):
+            raise ValueError("cggr: importance='loss' draws tokens by the size of their loss gradient at the logits, "
+                             "which needs the logits and the labels in the forward (labels=... to a Hugging Face "
+                             "model, or fused_loss=True); this forward gave "
+                             + ("no labels" if logits is not None else "no logits (a fused loss of another library?)"))
+        targets = label_targets(labels, shape, self.label_shift, c.ignore_index)
+        return loss_gradient_norm(logits.detach(), targets.to(logits.device), c.ignore_index)
 
     def _valid(self, shape, kwargs, extra, device) -> torch.Tensor:
         return valid_tokens(shape, device, attention_mask=kwargs.get("attention_mask"), labels=kwargs.get("labels"),

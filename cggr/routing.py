@@ -39,6 +39,8 @@ from typing import Sequence
 
 import torch
 
+from . import sampling
+
 
 def block_counts(num_valid: int, num_layers: int, bucket_depths: Sequence[int]) -> list[int]:
     """Active rows of every block, bottom first, from the number of valid tokens alone.
@@ -77,6 +79,34 @@ def per_block_counts(num_valid: int, num_layers: int, nested_counts: Sequence[in
 
 
 @dataclass(eq=False)
+class BackwardDraws:
+    """``importance="block"``: the blocks whose kept rows are drawn in their own backward, from the norms of their
+    output-gradient rows (:meth:`Routing.prepare_backward`), with the counts the planner fixed."""
+
+    counts: list[int]  # rows kept in each block (host ints); blocks not in ``pending`` were drawn at plan time
+    pending: set[int]  # blocks still to draw
+    valid: torch.Tensor  # [N] bool
+    sampler: str
+    alpha: float
+    generator: torch.Generator | None
+    seed: int  # block b draws with seed + b: the same rows whatever order the blocks' backwards run in
+
+
+@dataclass(eq=False)
+class VarianceProbe:
+    """A forward measured for ``variance_budget``: each block's backward records the norms of its output-gradient
+    rows (:meth:`Routing.prepare_backward`); the planner reads them once every block has (:meth:`complete`)."""
+
+    sizes: torch.Tensor  # [L, N] float32
+    valid: torch.Tensor  # [N] bool
+    importance: torch.Tensor | None  # [N] the draws' importance when it is not the sizes (importance="loss")
+    recorded: set[int] = field(default_factory=set)
+
+    def complete(self) -> bool:
+        return len(self.recorded) == self.sizes.shape[0]
+
+
+@dataclass(eq=False)
 class Routing:
     num_layers: int
     leak_rate: float = 0.0
@@ -85,6 +115,13 @@ class Routing:
     compact_blocks: set[int] = field(default_factory=set)  # blocks whose forward took a compacted backward
     inactive: str = "stop"  # "stop" or "skip": see the module docstring
     block_active: torch.Tensor | None = None  # [L, tokens] bool under per-block placement, else None (nested)
+    # estimator="unbiased" (known when the forward starts, before the weights are decided at its end)
+    reweighted: bool = False
+    # ... then [L, tokens] float32, each block's weight 1/pi on its kept rows and 0 elsewhere (the gradient a kept
+    # row sends into the block's branch is multiplied by it); None: plain, every kept row as it is.
+    branch_weight: torch.Tensor | None = None
+    backward_draws: BackwardDraws | None = None  # importance="block": rows drawn in the backward, else None
+    probe: VarianceProbe | None = None  # variance_budget: this forward's backward is measured, else None
     _order: torch.Tensor | None = field(default=None, repr=False)
     _active_counts: list[int] | None = field(default=None, repr=False)
     _rows_by_block: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -142,6 +179,35 @@ class Routing:
 
         keys, threshold = self.gate_keys(block_index)
         return gate_rows(grad, keys, threshold, self.leak_rate)
+
+    def prepare_backward(self, block_index: int, grad: torch.Tensor) -> None:
+        """Called with the gradient of block ``block_index``'s output, before the block's own backward: records
+        the rows' norms when this forward is measured, and draws the block's rows when they are drawn from them."""
+        draws, probe = self.backward_draws, self.probe
+        if probe is None and (draws is None or block_index not in draws.pending):
+            return
+        norms = torch.linalg.vector_norm(grad.reshape(-1, grad.shape[-1]), dim=-1, dtype=torch.float32)
+        if probe is not None:
+            probe.sizes[block_index] = norms
+            probe.recorded.add(block_index)
+        if draws is not None and block_index in draws.pending:
+            draws.pending.discard(block_index)
+            if draws.generator is not None:
+                draws.generator.manual_seed((draws.seed + block_index) % (2**63))
+            d = sampling.draw(draws.sampler, norms, draws.valid, [draws.counts[block_index]], alpha=draws.alpha,
+                              generator=draws.generator)
+            self.block_active[block_index] = d.mask[0]
+            self.branch_weight[block_index] = d.weight[0]
+            self._rows_by_block[block_index] = d.rows[0]
+            self.depth = self.depth + d.mask[0].view(self.depth.shape)
+
+    def into_branch(self, grad: torch.Tensor, block_index: int) -> torch.Tensor:
+        """The gradient rows that enter block ``block_index``'s branch from its output gradient ``grad``: the
+        active rows (times their weight when reweighted), the inactive ones zero (or scaled by the leak)."""
+        if self.branch_weight is None:
+            return self.gate(grad, block_index)
+        w = self.branch_weight[block_index].view(*grad.shape[:-1], 1)
+        return (grad * w).to(grad.dtype)  # the product in fp32: a weight rounded to bf16 would be off by 0.4 %
 
     def block_input_grad(self, dx: torch.Tensor, dy: torch.Tensor, block_index: int) -> torch.Tensor:
         """The gradient of a block's input under the inactive semantics, from ``dx`` (the block's own backward,

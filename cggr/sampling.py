@@ -390,9 +390,11 @@ def variance_ratio(sizes: torch.Tensor, pi: torch.Tensor, valid: torch.Tensor | 
     return torch.where(total > 0, added.sum(-1) / torch.where(total > 0, total, 1.0), 0.0)
 
 
-def smallest_k_for_budget(sizes: torch.Tensor, valid: torch.Tensor, tau: float, alpha: float) -> int | list[int]:
-    """The smallest ``k`` per block whose pi-ps design on the mixed sizes (:func:`mixed_importance` of
-    ``sizes`` with ``alpha``, as :func:`draw` would use) keeps :func:`variance_ratio` of ``sizes`` ``<= tau``.
+def smallest_k_for_budget(sizes: torch.Tensor, valid: torch.Tensor, tau: float, alpha: float,
+                          importance: torch.Tensor | None = None) -> int | list[int]:
+    """The smallest ``k`` per block whose pi-ps design on the mixed importance (:func:`mixed_importance` of
+    ``importance`` with ``alpha``, as :func:`draw` would use; ``importance`` None: the ``sizes`` themselves)
+    keeps :func:`variance_ratio` of ``sizes`` ``<= tau``.
 
     The ratio does not increase with ``k`` (every ``pi_t`` grows with ``k``), and it is 0 at ``k = n_valid``,
     so a bisection over ``[0, n_valid]`` finds it: all blocks at once, on the device, a fixed
@@ -405,7 +407,7 @@ def smallest_k_for_budget(sizes: torch.Tensor, valid: torch.Tensor, tau: float, 
         raise ValueError(f"cggr.sampling: tau must be a host float >= 0, got {tau!r}")
     batched = sizes.dim() == 2 or valid.dim() == 2
     x, valid2, _, _ = _blocks(sizes, valid, 0, name="sizes")
-    g = mixed_importance(x, valid2, alpha)
+    g = mixed_importance(x if importance is None else importance.expand_as(x), valid2, alpha)
     design = _sorted_design(g, valid2)
     n = design[2]
     low, high = torch.zeros_like(n), n.clone()

@@ -28,11 +28,14 @@ SCORERS = ("entropy_confidence", "entropy", "margin")
 
 
 class Scores(NamedTuple):
-    """Per-token scores, fp32, shaped like ``logits.shape[:-1]``."""
+    """Per-token scores, fp32, shaped like ``logits.shape[:-1]``. ``grad_norm``: the size of each token's loss
+    gradient at its logits, ``||softmax(z) - onehot(y)||`` (:func:`loss_gradient_norm`), where the labels were
+    known (a fused loss), else None."""
 
     difficulty: torch.Tensor
     entropy: torch.Tensor
     confidence: torch.Tensor
+    grad_norm: torch.Tensor | None = None
 
 
 def _check_logits(logits: torch.Tensor) -> None:
@@ -110,10 +113,39 @@ def score_difficulty(logits: torch.Tensor, scorer: str = "entropy_confidence") -
 def scores_for(scores: Scores, scorer: str) -> Scores:
     """``scores`` (entropy-minus-confidence difficulty) with the difficulty of ``scorer``."""
     if scorer == "entropy":
-        return Scores(scores.entropy, scores.entropy, scores.confidence)
+        return scores._replace(difficulty=scores.entropy)
     if scorer == "margin":
-        return Scores(1.0 - scores.confidence, scores.entropy, scores.confidence)
+        return scores._replace(difficulty=1.0 - scores.confidence)
     return scores
+
+
+@torch.no_grad()
+def loss_gradient_norm(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                       chunk_rows: int = 2048) -> torch.Tensor:
+    """``||softmax(z_t) - onehot(y_t)||_2`` of every token, fp32, shaped like ``targets``: the size of the
+    cross-entropy's gradient at the token's logits (small exactly when the model is confident and right).
+
+    From ``sum_v p_v^2 = exp(logsumexp(2z) - 2 logsumexp(z))``: ``g^2 = sum p^2 - 2 p_y + 1``. ``chunk_rows`` rows
+    at a time in fp32 (no fp32 copy of the whole logits). NaN where the target is ``ignore_index`` or out of range,
+    or the logits row is not finite.
+    """
+    _check_logits(logits)
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"targets must have the logits' shape without the vocabulary, {tuple(logits.shape[:-1])}, "
+                         f"got {tuple(targets.shape)}")
+    V = logits.shape[-1]
+    x_all, y_all = logits.reshape(-1, V), targets.reshape(-1).to(logits.device)
+    out = torch.empty(y_all.shape, dtype=torch.float32, device=logits.device)
+    for start in range(0, y_all.numel(), chunk_rows):
+        x = x_all[start:start + chunk_rows].float()
+        y = y_all[start:start + chunk_rows]
+        ok = (y != ignore_index) & (y >= 0) & (y < V)
+        lse = torch.logsumexp(x, -1)
+        sum_p2 = torch.exp(torch.logsumexp(2 * x, -1) - 2 * lse)
+        p_y = torch.exp(x.gather(-1, torch.where(ok, y, 0).unsqueeze(-1)).squeeze(-1) - lse)
+        g = (sum_p2 - 2 * p_y + 1).clamp_min(0).sqrt()
+        out[start:start + chunk_rows] = torch.where(ok, g, float("nan"))
+    return out.view(targets.shape)
 
 
 # Routed forwards in flight that take per-token scores from a fused loss (innermost last). A loss that never

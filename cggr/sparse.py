@@ -136,10 +136,7 @@ class GateRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         r: Routing = ctx.routing
-        if g.numel() // max(1, g.shape[-1]) != r.num_rows:
-            raise RuntimeError(
-                f"cggr: block {ctx.block_index} output has {g.numel() // max(1, g.shape[-1])} rows "
-                f"but the batch has {r.num_rows} tokens")
+        _check_rows(g, r, ctx.block_index)
         return r.gate(g, ctx.block_index), None, None
 
 
@@ -159,8 +156,37 @@ class SkipRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         r: Routing = ctx.routing
-        if g.numel() // max(1, g.shape[-1]) != r.num_rows:
-            raise RuntimeError(f"cggr: block {ctx.block_index} output has {g.numel() // max(1, g.shape[-1])} rows "
-                               f"but the batch has {r.num_rows} tokens")
-        into_block = r.gate(g, ctx.block_index)
+        _check_rows(g, r, ctx.block_index)
+        r.prepare_backward(ctx.block_index, g)
+        into_block = r.into_branch(g, ctx.block_index)
         return into_block, (g - into_block).to(ctx.x_dtype), None, None
+
+
+class BranchWeights(torch.autograd.Function):
+    """Reweighting at the output of a block whose own backward applies skip semantics (a compacted block):
+    identity in forward; in backward each row kept in ``block_index`` enters the block with its weight ``w``
+    (``1/pi``, :attr:`Routing.branch_weight`) and the rest, ``(1 - w)`` of it, goes straight to the block's input,
+    so the input gets ``g + J^T (w g)``: the residual unweighted, the branch reweighted (docs/design.md). Rows not
+    kept enter the block unchanged (its skip semantics pass them to the input). Also the point where the block's
+    rows are drawn from its output gradient (importance="block"), before the block's backward reads them.
+    """
+
+    @staticmethod
+    def forward(ctx, y, x, routing: Routing, block_index: int):
+        ctx.routing, ctx.block_index, ctx.x_dtype = routing, block_index, x.dtype
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        r: Routing = ctx.routing
+        _check_rows(g, r, ctx.block_index)
+        r.prepare_backward(ctx.block_index, g)
+        w = r.branch_weight[ctx.block_index].view(*g.shape[:-1], 1)
+        into_block = torch.where(w > 0, g * w, g).to(g.dtype)
+        return into_block, (g - into_block).to(ctx.x_dtype), None, None
+
+
+def _check_rows(g: torch.Tensor, r: Routing, block_index: int) -> None:
+    if g.numel() // max(1, g.shape[-1]) != r.num_rows:
+        raise RuntimeError(f"cggr: block {block_index} output has {g.numel() // max(1, g.shape[-1])} rows "
+                           f"but the batch has {r.num_rows} tokens")

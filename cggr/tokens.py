@@ -69,6 +69,22 @@ def valid_tokens(shape: torch.Size, device: torch.device, *, attention_mask=None
     return valid
 
 
+def label_targets(labels: torch.Tensor, shape: torch.Size, label_shift: int | None, ignore_index: int
+                  ) -> torch.Tensor:
+    """The label each position's logits are scored against, shaped ``shape``: ``labels[t + 1]`` with
+    ``label_shift=1`` (HF causal LMs; the last position gets ``ignore_index``), else ``labels[t]``."""
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"cggr: labels have shape {tuple(labels.shape)}, the input tokens {tuple(shape)}")
+    if label_shift is None:
+        raise ValueError("cggr: cannot tell whether this model's logits at position t predict labels[t+1] or "
+                         "labels[t]; pass label_shift=1 or label_shift=0 to cggr.attach")
+    if not label_shift:
+        return labels
+    targets = torch.full_like(labels, ignore_index)
+    targets[..., :-1] = labels[..., 1:]
+    return targets
+
+
 def find_logits(output: Any, tokens_shape: torch.Size | None) -> torch.Tensor | None:
     """The logits in a forward's output, or None when it has none (a fused loss returns only the loss).
 

@@ -99,6 +99,9 @@ def _assert_loss_scores(got: LossWithScores, ref: LossWithScores, shape):
     torch.testing.assert_close(got.loss.detach().cpu(), ref.loss.detach().cpu(), rtol=LOSS_TOL[0], atol=LOSS_TOL[1],
                                equal_nan=True, msg="loss")
     for name, g, r in zip(Scores._fields, got.scores, ref.scores):
+        assert (g is None) == (r is None), name
+        if g is None:
+            continue
         assert g.dtype == torch.float32 and tuple(g.shape) == tuple(shape), name
         assert not g.requires_grad, f"{name} must be detached"
         assert torch.equal(torch.isnan(g), torch.isnan(r)), f"{name}: NaN positions differ"
@@ -159,6 +162,29 @@ CASES = (
 def test_matches_reference(backend, lead, D, V, chunk_rows, seed, dtype, reduction, monkeypatch):
     _backend(monkeypatch, backend)
     _check(seed, lead, D, V, dtype, reduction, chunk_rows)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend,seed", [("torch", 31), ("triton", 32), ("triton-block64", 33)])
+def test_grad_norm_matches_the_autograd_definition(backend, seed, dtype, reduction, monkeypatch):
+    """``grad_norm=True``: each token's ``||softmax(z) - onehot(y)||`` (importance="loss" routing), read from the
+    gradient the chunk holds (mean/sum) or recomputed from its logits (none), equal to the norm of autograd's
+    gradient of the token's loss at its logits; NaN at ignored labels; the loss and other scores unchanged."""
+    _backend(monkeypatch, backend)
+    for lead, D, V, chunk_rows, shift in (((3, 11), 17, 257, 16, True), ((37,), 24, 129, 5, False)):
+        h, w, b, y = _inputs(seed, lead, D, V, dtype)
+        got = linear_cross_entropy(h, w, y, b, reduction=reduction, chunk_rows=chunk_rows, shift_labels=shift,
+                                   grad_norm=True)
+        ref = linear_cross_entropy_reference(h, w, y, b, reduction=reduction, shift_labels=shift, grad_norm=True)
+        plain = linear_cross_entropy(h, w, y, b, reduction=reduction, chunk_rows=chunk_rows, shift_labels=shift)
+        assert plain.scores.grad_norm is None and torch.equal(plain.loss, got.loss)
+        g, r = got.scores.grad_norm, ref.scores.grad_norm
+        assert g.dtype == torch.float32 and g.shape == y.shape and torch.equal(g.isnan(), r.isnan())
+        assert bool(r.isnan().any()) and bool((~r.isnan()).any())  # ignored labels and scored ones both seen
+        # Half precision: the fused path reads the gradient rounded to the input dtype.
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(g.cpu(), r.cpu(), rtol=tol, atol=tol, equal_nan=True)
 
 
 @pytest.mark.parametrize("seed", [21])

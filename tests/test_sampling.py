@@ -301,6 +301,20 @@ def test_smallest_k_for_budget_is_the_smallest(N, seed):
                       for k in range(n + 1)]
             assert all(a >= b_ - 1e-12 for a, b_ in zip(ratios, ratios[1:]))  # the ratio falls with k
             assert got[b] == next(k for k, r in enumerate(ratios) if r <= tau), (tau, alpha, b, ratios)
+    # A design drawn by another importance (importance="loss" budgets the block's own gradient norms, drawn by
+    # the loss's) and the uniform one (alpha = inf: n/k - 1 <= tau).
+    other = _importance(N, seed + 99, zeros=0.1)
+    for tau, alpha in ((0.025, 1.0), (0.5, 0.0), (0.3, math.inf)):
+        got = S.smallest_k_for_budget(sizes, valid, tau, alpha, importance=other)
+        mixed = S.mixed_importance(other.expand(L, N), valid, alpha)
+        for b in range(L):
+            n, ok = int(valid[b].sum()), valid[b].tolist()
+            ratios = [_ratio_reference(sizes[b].double().tolist(),
+                                       S.inclusion_probabilities_reference(mixed[b], valid[b], k).tolist(), ok)
+                      for k in range(n + 1)]
+            assert got[b] == next(k for k, r in enumerate(ratios) if r <= tau), (tau, alpha, b)
+            if math.isinf(alpha) and (sizes[b] * valid[b]).abs().sum() > 0:
+                assert got[b] == math.ceil(n / (1 + tau) - 1e-9)
     single = S.smallest_k_for_budget(sizes[0], valid[0], 0.1, 1.0)
     assert isinstance(single, int) and single == S.smallest_k_for_budget(sizes, valid, 0.1, 1.0)[0]
     with pytest.raises(ValueError, match="tau"):
