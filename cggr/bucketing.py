@@ -11,6 +11,8 @@ Data flows one way: scores -> buckets -> depths.
 * Curriculum: at progress ``p`` bucket ``k`` has depth
   ``round(L - p*(L - depth_k))`` (round half up), so every token is at full
   depth at step 0 and at its target once warm-up ends.
+* Per-block fractions given by the user follow the same curriculum: block
+  ``b`` keeps ``1 - p*(1 - f_b)`` of the valid tokens at progress ``p``.
 * Hand-back (optional): over the last ``handback_steps`` of ``total_steps``
   the progress falls linearly back to 0, so training ends at full depth
   (DeepSpeed's random-LTD also ends dense).
@@ -42,6 +44,12 @@ def curriculum_depths(targets: Sequence[int], num_layers: int, progress: float) 
     """Depth of each bucket at warm-up progress ``progress`` in [0, 1]."""
     p = min(1.0, max(0.0, float(progress)))
     return [int(math.floor(num_layers - p * (num_layers - d) + 0.5)) for d in targets]
+
+
+def curriculum_fractions(fractions: Sequence[float], progress: float) -> list[float]:
+    """Per-block active fractions at curriculum ``progress``: 1 (dense) at 0, the given ``fractions`` at 1."""
+    p = min(1.0, max(0.0, float(progress)))
+    return [1.0 - p * (1.0 - float(f)) for f in fractions]
 
 
 def schedule_progress(step: float, warmup: float, total: float | None = None, handback: float = 0) -> float:

@@ -14,8 +14,8 @@ import logging
 import torch
 
 from ._host import HostCopy
-from .bucketing import (POLICY_FNS, buckets_to_depths, curriculum_depths, rank_buckets, rank_buckets_global,
-                        target_depths)
+from .bucketing import (POLICY_FNS, buckets_to_depths, curriculum_depths, curriculum_fractions, rank_buckets,
+                        rank_buckets_global, target_depths)
 from .config import RoutingConfig
 from .routing import Routing, block_counts, per_block_counts
 from .scoring import Scores, score_difficulty, scores_for
@@ -31,6 +31,9 @@ class Planner:
         self.config = config
         self.num_layers = num_layers
         self.targets = target_depths(num_layers, config.num_buckets, config.depths)
+        if config.block_fractions is not None and len(config.block_fractions) != num_layers:
+            raise ValueError(f"block_fractions has {len(config.block_fractions)} fractions for a stack of "
+                             f"{num_layers} blocks: give one per block, bottom first")
         self.sparse_blocks = list(sparse_blocks)
         self._constants: dict[tuple, torch.Tensor] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -107,10 +110,9 @@ class Planner:
     def _place_per_block(self, routing: Routing, valid, nonfinite, n: int, progress: float, generator) -> None:
         """Each block's own random subset of exactly ``counts[i]`` valid tokens (non-finite ones first)."""
         c, L = self.config, self.num_layers
-        if c.block_fractions is not None and len(c.block_fractions) != L:
-            raise ValueError(f"block_fractions has {len(c.block_fractions)} fractions for a stack of {L} blocks")
         nested = block_counts(n, L, self.bucket_depths(progress))
-        counts = per_block_counts(n, L, nested, c.dense_ends, c.block_fractions)
+        fractions = None if c.block_fractions is None else curriculum_fractions(c.block_fractions, progress)
+        counts = per_block_counts(n, L, nested, c.dense_ends, fractions)
         N = valid.numel()
         keys = torch.rand((L, N), device=valid.device, generator=generator)
         keys = torch.where(nonfinite.reshape(1, N), 2.0, keys)  # no distribution: in every block first
