@@ -287,3 +287,15 @@ def test_the_options_block_fractions_uses_are_accepted_with_it():
     assert cggr.RoutingConfig(policy="difficulty", scorer="margin").scorer == "margin"
     assert cggr.RoutingConfig(policy="sampled", scorer="entropy").scorer == "entropy"
 
+
+# ---------------------------------------------------------------- config= by keyword (issue 27)
+def test_config_by_keyword_as_the_docstrings_show():
+    config = cggr.RoutingConfig(num_buckets=2, warmup_steps=0)
+    assert cggr.attach(TinyLM(), config=config).config == config
+    assert cggr.attach(TinyLM(), config=config, seed=3).config == config.replace(seed=3)
+    assert cggr.CGGRWrapper(TinyLM(), config=config).router.config == config
+    assert cggr.attach(TinyLM(), config=None).config == cggr.RoutingConfig()
+    with pytest.raises(TypeError, match="config must be a cggr.RoutingConfig"):
+        cggr.attach(TinyLM(), config={"num_buckets": 2})
+    with pytest.raises(TypeError, match="multiple values for argument 'config'"):
+        cggr.attach(TinyLM(), config, config=config)
