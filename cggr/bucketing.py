@@ -274,7 +274,7 @@ def assign_depths(
         depths: optional target depth fractions per bucket, hardest first.
         progress: curriculum progress in [0, 1].
     """
-    from .config import RoutingConfig  # every option check in one place (config imports this module)
+    from .config import RoutingConfig, as_number  # every option check in one place (config imports this module)
 
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
         raise TypeError(f"scores must be a floating-point tensor, got {type(scores).__name__}")
@@ -285,7 +285,7 @@ def assign_depths(
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
     depths = RoutingConfig(num_buckets=num_buckets, depths=depths).depths
-    if not isinstance(progress, (int, float)) or not 0.0 <= float(progress) <= 1.0:
+    if not 0.0 <= as_number(progress) <= 1.0:
         raise ValueError(f"progress must be a number in [0, 1], got {progress!r}")
     buckets = rank_buckets(scores, valid, num_buckets)
     return buckets_to_depths(buckets, curriculum_depths(target_depths(num_layers, num_buckets, depths), num_layers, progress))

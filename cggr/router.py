@@ -80,6 +80,9 @@ class Router(nn.Module):
 
     def __init__(self, model: nn.Module, config: RoutingConfig):
         super().__init__()
+        if not isinstance(config, RoutingConfig):
+            raise TypeError(f"Router(model, config) takes a cggr.RoutingConfig, got {type(config).__name__}; "
+                            "cggr.attach(model, ...) builds the router from options by name")
         self.config = config
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         self._step = 0  # host mirror of step_count: reading the buffer would synchronise
@@ -401,7 +404,7 @@ def _refuse_wrappers(model: nn.Module) -> None:
                          f"(router = cggr.attach(model); model = {wrap}(model))")
 
 
-def attach(model: nn.Module, /, config: RoutingConfig | None = None, **overrides: Any) -> Router:
+def attach(model: nn.Module, config: RoutingConfig | None = None, **overrides: Any) -> Router:
     """Install cggr's gradient routing on ``model`` in place and return its :class:`Router`.
 
     Args:

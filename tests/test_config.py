@@ -295,6 +295,8 @@ def test_config_by_keyword_as_the_docstrings_show():
     assert cggr.attach(TinyLM(), config=config, seed=3).config == config.replace(seed=3)
     assert cggr.CGGRWrapper(TinyLM(), config=config).router.config == config
     assert cggr.attach(TinyLM(), config=None).config == cggr.RoutingConfig()
+    assert cggr.attach(model=TinyLM(), config=config).config == config
+    assert cggr.CGGRWrapper(model=TinyLM(), config=config).router.config == config
     with pytest.raises(TypeError, match="config must be a cggr.RoutingConfig"):
         cggr.attach(TinyLM(), config={"num_buckets": 2})
     with pytest.raises(TypeError, match="multiple values for argument 'config'"):

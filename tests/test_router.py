@@ -929,3 +929,23 @@ def test_block_fractions_mid_warmup_equal_the_reference():
 def test_block_fractions_of_the_wrong_length_are_refused_at_attach():
     with pytest.raises(ValueError, match="block_fractions has 2 fractions for a stack of 4 blocks: give one per block"):
         cggr.attach(TinyLM(layers=4), block_fractions=(1.0, 0.5))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(leak_rate=True), r"leak_rate must be a number in \[0, 1\], got True"),
+    (dict(leak_rate=2.0), r"leak_rate must be a number in \[0, 1\]"),
+    (dict(mode="dense"), r"mode must be one of \('sparse', 'mask'\)"),
+    (dict(mode=["sparse", "mask"]), r"one per block \(4\)"),
+])
+def test_reference_routing_refuses_what_it_would_misread(kwargs, match):
+    """The reference took leak_rate=True as 1.0 and any mode but 'sparse' as 'mask'."""
+    model = TinyLM(layers=4)
+    with pytest.raises(ValueError, match=match):
+        with cggr.reference_routing(list(model.blocks), torch.zeros(2, 3, dtype=torch.long), **kwargs):
+            pass
+
+
+def test_router_built_directly_takes_a_config_only():
+    with pytest.raises(TypeError, match=r"Router\(model, config\) takes a cggr.RoutingConfig, got NoneType"):
+        cggr.Router(TinyLM(), None)
+    assert cggr.Router(TinyLM(), cggr.RoutingConfig(num_buckets=2)).config.num_buckets == 2
