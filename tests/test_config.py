@@ -224,7 +224,6 @@ def test_every_numeric_option_is_in_the_bool_check():
 def test_numeric_options_refuse_bools_and_strings(name, bad):
     good = NUMERIC[name]
     others = dict(total_steps=5) if name == "handback_steps" else {}
-    others.update(placement="per_block") if name in ("dense_ends", "block_fractions") else None
     cggr.RoutingConfig(**others, **{name: good})  # the value itself is fine
     if isinstance(good, tuple):
         value = (True,) + good[1:] if bad == "bool" else tuple(str(v) for v in good)
