@@ -11,6 +11,8 @@ Data flows one way: scores -> buckets -> depths.
 * Curriculum: at progress ``p`` bucket ``k`` has depth
   ``round(L - p*(L - depth_k))`` (round half up), so every token is at full
   depth at step 0 and at its target once warm-up ends.
+* Per-block fractions given by the user follow the same curriculum: block
+  ``b`` keeps ``1 - p*(1 - f_b)`` of the valid tokens at progress ``p``.
 * Hand-back (optional): over the last ``handback_steps`` of ``total_steps``
   the progress falls linearly back to 0, so training ends at full depth
   (DeepSpeed's random-LTD also ends dense).
@@ -42,6 +44,12 @@ def curriculum_depths(targets: Sequence[int], num_layers: int, progress: float) 
     """Depth of each bucket at warm-up progress ``progress`` in [0, 1]."""
     p = min(1.0, max(0.0, float(progress)))
     return [int(math.floor(num_layers - p * (num_layers - d) + 0.5)) for d in targets]
+
+
+def curriculum_fractions(fractions: Sequence[float], progress: float) -> list[float]:
+    """Per-block active fractions at curriculum ``progress``: 1 (dense) at 0, the given ``fractions`` at 1."""
+    p = min(1.0, max(0.0, float(progress)))
+    return [1.0 - p * (1.0 - float(f)) for f in fractions]
 
 
 def schedule_progress(step: float, warmup: float, total: float | None = None, handback: float = 0) -> float:
@@ -266,7 +274,7 @@ def assign_depths(
         depths: optional target depth fractions per bucket, hardest first.
         progress: curriculum progress in [0, 1].
     """
-    from .config import RoutingConfig  # every option check in one place (config imports this module)
+    from .config import RoutingConfig, as_number  # every option check in one place (config imports this module)
 
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
         raise TypeError(f"scores must be a floating-point tensor, got {type(scores).__name__}")
@@ -277,7 +285,7 @@ def assign_depths(
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
     depths = RoutingConfig(num_buckets=num_buckets, depths=depths).depths
-    if not isinstance(progress, (int, float)) or not 0.0 <= float(progress) <= 1.0:
+    if not 0.0 <= as_number(progress) <= 1.0:
         raise ValueError(f"progress must be a number in [0, 1], got {progress!r}")
     buckets = rank_buckets(scores, valid, num_buckets)
     return buckets_to_depths(buckets, curriculum_depths(target_depths(num_layers, num_buckets, depths), num_layers, progress))

@@ -53,11 +53,12 @@ class RoutingConfig:
     (K = 4: 100/75/50/25 % of the stack). 1 means every token at full depth (cggr's backward, no routing)."""
 
     warmup_steps: int = 1000
-    """Curriculum length in optimizer steps: depths fall linearly from full to the targets (0 = at once)."""
+    """Curriculum length in optimizer steps: depths fall linearly from full to the targets (0 = at once); with
+    ``block_fractions``, each block's fraction falls linearly from 1 to its given value."""
 
     leak_rate: float = 0.0
-    """λ in [0, 1]: inactive rows carry λ times their gradient instead of none. Any λ > 0 makes every row
-    dense again in the backward, so it costs the whole saving."""
+    """λ in [0, 1] (a number: a bool or a string is refused): inactive rows carry λ times their gradient
+    instead of none. Any λ > 0 makes every row dense again in the backward, so it costs the whole saving."""
 
     mode: Mode = "sparse"
     """``"sparse"``: exact token-sparse backward (inactive rows of every linear inside a block are constants);
@@ -69,10 +70,14 @@ class RoutingConfig:
     buckets likelier for harder tokens)."""
 
     depths: tuple[float, ...] | None = None
-    """Target depth fraction of each bucket, hardest first, strictly decreasing in (0, 1]; None = (K-k)/K."""
+    """Target depth fraction of each bucket, hardest first, strictly decreasing in (0, 1]; None = (K-k)/K.
+    Numbers only (a bool or a string is refused); refused together with ``block_fractions``, which replaces
+    the buckets."""
 
     scorer: Scorer = "entropy_confidence"
-    """Difficulty score of a token from its logits: entropy minus confidence, entropy, or margin (1 - max p)."""
+    """Difficulty score of a token from its logits: entropy minus confidence, entropy, or margin (1 - max p).
+    It ranks tokens under ``policy="difficulty"`` or ``"sampled"``; ``policy="random"`` draws tokens without
+    scores, so another scorer than the default is refused there (it would change nothing)."""
 
     ignore_index: int = -100
     """Label value of tokens without a target: such tokens get depth 0 and take no part in bucketing."""
@@ -93,7 +98,8 @@ class RoutingConfig:
     of the default process group are ranked together (three small all-reduces per forward)."""
 
     handback_steps: int = 0
-    """Over the last ``handback_steps`` of ``total_steps`` the depths return linearly to full (0 = never)."""
+    """Over the last ``handback_steps`` of ``total_steps`` the depths (or ``block_fractions``) return linearly
+    to full (0 = never)."""
 
     total_steps: int | None = None
     """Length of training in optimizer steps (needed by ``handback_steps``; the callbacks fill it in)."""
@@ -118,11 +124,17 @@ class RoutingConfig:
     the middle blocks share the rest of the work. None (the default) = 1 under per-block placement without
     ``block_fractions``, else 0 (``config.dense_ends`` holds the resolved value). At most ``(L - 1) // 2``
     are kept at each end of an ``L``-block stack, so at least one block stays routed (a 2-block stack routes
-    both of its blocks)."""
+    both of its blocks). The total never exceeds the nested routing's (the work budget of the buckets and
+    curriculum): where ``2 * dense_ends`` whole blocks of valid tokens would, fewer blocks at each end are
+    dense (none when not even one at each end fits), and every block shares the budget. Refused with
+    ``block_fractions`` (which gives every block's fraction: give the end blocks 1.0 there)."""
 
     block_fractions: tuple[float, ...] | None = None
-    """Per-block placement: the active fraction of each block, bottom first, one per block in [0, 1] (None =
-    from the buckets and curriculum)."""
+    """Per-block placement: the active fraction ``f_b`` of each block, bottom first, one per block in [0, 1]
+    (numbers; None = from the buckets and curriculum). They replace the buckets (``num_buckets`` other than
+    its default and ``depths`` are refused with them) but follow the curriculum: at progress ``p`` (warm-up,
+    hand-back, :meth:`cggr.Router.set_progress`) block ``b`` keeps ``1 - p * (1 - f_b)`` of the valid tokens,
+    so every block is dense at the start of warm-up (``warmup_steps=0``: the fractions at once)."""
 
     layers: Any = None
     """The block stack: an attribute path (``"model.layers"``), an ``nn.ModuleList`` or a list of blocks;
@@ -175,10 +187,7 @@ class RoutingConfig:
         if self.num_buckets > MAX_BUCKETS:
             raise ValueError(f"num_buckets must be an integer in [1, {MAX_BUCKETS}], got {self.num_buckets!r}")
         _check_int("warmup_steps", self.warmup_steps, 0)
-        try:
-            leak = float(self.leak_rate)
-        except (TypeError, ValueError):
-            leak = math.nan
+        leak = as_number(self.leak_rate)
         if not (0.0 <= leak <= 1.0):
             raise ValueError(f"leak_rate must be a number in [0, 1], got {self.leak_rate!r}")
         object.__setattr__(self, "leak_rate", leak)
@@ -206,10 +215,7 @@ class RoutingConfig:
         if self.dense_ends is not None:
             _check_int("dense_ends", self.dense_ends, 0)
         if self.block_fractions is not None:
-            try:
-                fr = tuple(float(f) for f in self.block_fractions)
-            except (TypeError, ValueError):
-                fr = (math.nan,)
+            fr = as_numbers(self.block_fractions)
             if not fr or not all(0.0 <= f <= 1.0 for f in fr):
                 raise ValueError(f"block_fractions must be a sequence of fractions in [0, 1], one per block (bottom "
                                  f"first), got {self.block_fractions!r}")
@@ -217,17 +223,17 @@ class RoutingConfig:
         _check_choice("estimator", self.estimator, ESTIMATORS)
         _check_choice("importance", self.importance, IMPORTANCES)
         _check_choice("sampler", self.sampler, SAMPLERS)
-        if isinstance(self.importance_mix, bool) or not isinstance(self.importance_mix, (int, float)) \
-                or not self.importance_mix >= 0:
+        mix = as_number(self.importance_mix)
+        if not mix >= 0:
             raise ValueError(f"importance_mix must be a number >= 0 (float('inf') for uniform), got "
                              f"{self.importance_mix!r}")
-        object.__setattr__(self, "importance_mix", float(self.importance_mix))
+        object.__setattr__(self, "importance_mix", mix)
         if self.variance_budget is not None:
-            if isinstance(self.variance_budget, bool) or not isinstance(self.variance_budget, (int, float)) \
-                    or not 0 < self.variance_budget < math.inf:
+            tau = as_number(self.variance_budget)
+            if not 0 < tau < math.inf:
                 raise ValueError(f"variance_budget must be None or a number > 0 (VCAS uses 0.025), got "
                                  f"{self.variance_budget!r}")
-            object.__setattr__(self, "variance_budget", float(self.variance_budget))
+            object.__setattr__(self, "variance_budget", tau)
         _check_int("variance_every", self.variance_every, 1)
         self._resolve_placement()
         sampling = self._sampling_options()
@@ -261,10 +267,43 @@ class RoutingConfig:
                    if isinstance(self.placement, _Auto) else "")
             raise ValueError("dense_ends and block_fractions choose per-block active fractions: they need "
                              f"placement='per_block'{why}")
+        self._refuse_ignored_options()
         if not isinstance(self.fused_loss, bool):
             raise ValueError(f"fused_loss must be True or False, got {self.fused_loss!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    def _refuse_ignored_options(self) -> None:
+        """Options that would change nothing next to the others given: refused, never silently ignored."""
+        if self.block_fractions is not None:
+            if not isinstance(self.dense_ends, _Auto) and self.dense_ends:
+                raise ValueError(f"dense_ends={self.dense_ends} and block_fractions cannot be combined: "
+                                 "block_fractions gives every block's fraction, the end blocks' too (give them 1.0 "
+                                 "there to keep them dense), so dense_ends would be ignored")
+            bucket_option = ("depths" if self.depths is not None
+                             else "num_buckets" if self.num_buckets != _DEFAULT_NUM_BUCKETS else None)
+            if bucket_option is not None:
+                raise ValueError(f"{bucket_option}={getattr(self, bucket_option)!r} and block_fractions cannot be "
+                                 "combined: block_fractions replaces the buckets' depths (each block keeps its "
+                                 f"fraction, after the curriculum), so {bucket_option} would be ignored")
+        if self.variance_budget is not None:
+            bucket_option = ("depths" if self.depths is not None
+                             else "num_buckets" if self.num_buckets != _DEFAULT_NUM_BUCKETS else None)
+            if bucket_option is not None:
+                raise ValueError(f"{bucket_option}={getattr(self, bucket_option)!r} and variance_budget cannot be "
+                                 "combined: the budget sets every routed block's fraction, so the buckets' depths "
+                                 "would be ignored")
+        elif self.variance_every != _DEFAULT_VARIANCE_EVERY:
+            raise ValueError(f"variance_every={self.variance_every} spaces the measurements of variance_budget, which "
+                             "is not set: give variance_budget too")
+        if self.importance == "uniform":
+            for name, default in (("sampler", _DEFAULT_SAMPLER), ("importance_mix", _DEFAULT_IMPORTANCE_MIX)):
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name}={getattr(self, name)!r} shapes the draws of importance='loss' or "
+                                     "'block'; with importance='uniform' it would be ignored")
+        if self.policy == "random" and self.scorer != _DEFAULT_SCORER:
+            raise ValueError(f"scorer={self.scorer!r} has no effect under policy='random' (tokens are drawn without "
+                             "scores); the scorer ranks tokens under policy='difficulty' or 'sampled'")
 
     def _resolve_placement(self) -> None:
         """``placement="auto"`` and ``dense_ends=None`` -> their values for this config. A resolved value is
@@ -325,6 +364,11 @@ class RoutingConfig:
 
 
 OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RoutingConfig))
+_DEFAULT_NUM_BUCKETS = RoutingConfig.num_buckets
+_DEFAULT_SCORER = RoutingConfig.scorer
+_DEFAULT_SAMPLER = RoutingConfig.sampler
+_DEFAULT_IMPORTANCE_MIX = RoutingConfig.importance_mix
+_DEFAULT_VARIANCE_EVERY = RoutingConfig.variance_every
 
 
 def resolve_config(config: RoutingConfig | None, overrides: dict[str, Any], owner: str = "cggr.attach"
@@ -368,6 +412,31 @@ class _AutoInt(_Auto, int):
     _plain_type = int
 
 
+def _is_bool(value) -> bool:
+    """A Python, NumPy or 0-d torch bool: never taken as the number 0 or 1."""
+    return isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
+
+
+def as_number(value) -> float:
+    """``value`` as a float; NaN (which every range check refuses) for what is no number: a bool, a string."""
+    if _is_bool(value) or isinstance(value, (str, bytes)):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def as_numbers(values) -> tuple[float, ...]:
+    """A sequence of numbers as floats; ``(nan,)`` for what is none (a string is no sequence of numbers)."""
+    if isinstance(values, (str, bytes)):
+        return (math.nan,)
+    try:
+        return tuple(as_number(v) for v in values)
+    except TypeError:
+        return (math.nan,)
+
+
 def _check_int(name: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -381,10 +450,7 @@ def _check_choice(name: str, value, allowed: tuple) -> None:
 def _check_depths(depths: Sequence[float], num_buckets: int) -> tuple[float, ...]:
     msg = ("depths must be a sequence of num_buckets={k} fractions, strictly decreasing, "
            "each in (0, 1] (hardest bucket first), got {d!r}")
-    try:
-        fr = tuple(float(f) for f in depths)
-    except (TypeError, ValueError):
-        raise ValueError(msg.format(k=num_buckets, d=depths)) from None
+    fr = as_numbers(depths)
     ok = (len(fr) == num_buckets and all(0.0 < f <= 1.0 for f in fr)
           and all(a > b for a, b in zip(fr, fr[1:])))
     if not ok:

@@ -84,8 +84,8 @@ def _validate(hidden, weight, labels, bias, ignore_index, reduction, shift_label
     if hidden.shape[-1] != D:
         raise ValueError(f"hidden's last dimension ({hidden.shape[-1]}) must equal weight.shape[1] ({D})")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight's dtype ({weight.dtype}) must equal hidden's ({hidden.dtype}); cast one, "
-                        "or run under torch.autocast")
+        raise TypeError(f"weight's dtype ({weight.dtype}) must equal hidden's ({hidden.dtype}); cast one, or run "
+                        f"under torch.autocast (which casts both to its dtype, as F.linear does)")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (V,):
             raise ValueError(f"bias must be None or a tensor of shape ({V},), got {_shape_of(bias)}")
@@ -119,6 +119,21 @@ def _validate(hidden, weight, labels, bias, ignore_index, reduction, shift_label
               else isinstance(num_items, (int, float)) and not isinstance(num_items, bool) and num_items > 0)
         if not ok:
             raise ValueError(f"num_items must be None, a positive number or a one-element tensor, got {num_items!r}")
+
+
+def _autocast(hidden, weight, bias):
+    """``(hidden, weight, bias)`` in the dtype ``F.linear`` would compute in: under ``torch.autocast`` for
+    hidden's device, its floating tensors other than fp64 cast to the autocast dtype (as autocast casts them);
+    else as they are. Non-tensors pass through for :func:`_validate` to refuse."""
+    if not isinstance(hidden, torch.Tensor) or not torch.is_autocast_enabled(hidden.device.type):
+        return hidden, weight, bias
+    dt = torch.get_autocast_dtype(hidden.device.type)
+
+    def cast(t):
+        eligible = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dt) if eligible else t
+
+    return cast(hidden), cast(weight), cast(bias)
 
 
 def _shift(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -177,7 +192,8 @@ def linear_cross_entropy_reference(
     backward multiplies 0 by NaN) and exact zeros there (the loss does not
     depend on the row).
     """
-    _validate(hidden, weight, labels, bias, ignore_index, reduction, shift_labels, None, num_items)
+    cast_h, cast_w, cast_b = _autocast(hidden, weight, bias)  # what F.linear below computes in
+    _validate(cast_h, cast_w, labels, cast_b, ignore_index, reduction, shift_labels, None, num_items)
     _check_label_range(labels, weight.shape[0], ignore_index)
     if shift_labels:
         labels = _shift(labels, ignore_index)
@@ -429,16 +445,12 @@ def linear_cross_entropy(
         token whose logits are not finite gets a zero gradient (``F.cross_entropy``
         gives NaN there). Not twice differentiable.
     """
+    hidden, weight, bias = _autocast(hidden, weight, bias)  # what F.linear would compute in
     _validate(hidden, weight, labels, bias, ignore_index, reduction, shift_labels, chunk_rows, num_items)
     V, D = weight.shape
     _check_label_range(labels, V, ignore_index)
     if shift_labels:
         labels = _shift(labels, ignore_index)
-    dev_type = hidden.device.type
-    if torch.is_autocast_enabled(dev_type):  # what F.linear would run in
-        dt = torch.get_autocast_dtype(dev_type)
-        hidden, weight = hidden.to(dt), weight.to(dt)
-        bias = None if bias is None else bias.to(dt)
     lead = labels.shape
     h2 = hidden.reshape(-1, D)
     y = labels.reshape(-1).long().contiguous()

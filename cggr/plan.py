@@ -16,8 +16,8 @@ import torch
 
 from . import sampling
 from ._host import HostCopy
-from .bucketing import (POLICY_FNS, buckets_to_depths, curriculum_depths, rank_buckets, rank_buckets_global,
-                        target_depths)
+from .bucketing import (POLICY_FNS, buckets_to_depths, curriculum_depths, curriculum_fractions, rank_buckets,
+                        rank_buckets_global, target_depths)
 from .config import RoutingConfig
 from .routing import BackwardDraws, Routing, VarianceProbe, block_counts, per_block_counts
 from .scoring import Scores, score_difficulty, scores_for
@@ -33,6 +33,9 @@ class Planner:
         self.config = config
         self.num_layers = num_layers
         self.targets = target_depths(num_layers, config.num_buckets, config.depths)
+        if config.block_fractions is not None and len(config.block_fractions) != num_layers:
+            raise ValueError(f"block_fractions has {len(config.block_fractions)} fractions for a stack of "
+                             f"{num_layers} blocks: give one per block, bottom first")
         self.sparse_blocks = list(sparse_blocks)
         self._constants: dict[tuple, torch.Tensor] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -135,19 +138,15 @@ class Planner:
         return fractions
 
     def block_fractions(self, progress: float) -> list[float] | None:
-        """Each block's kept fraction at curriculum ``progress`` when it is given (``block_fractions``) or measured
-        (``variance_budget``: every row until the first measurement), rising from the target to 1 as the
-        curriculum goes back; None when the fractions follow the buckets."""
-        c, L = self.config, self.num_layers
+        """Each block's kept fraction at curriculum ``progress`` (:func:`~cggr.bucketing.curriculum_fractions`:
+        every row at 0) when the fractions are given (``block_fractions``) or measured (``variance_budget``:
+        every row until the first measurement); None when they follow the buckets."""
+        c = self.config
         if c.variance_budget is not None:
-            target = self.budget_fractions or [1.0] * L
-        elif c.block_fractions is not None:
-            if len(c.block_fractions) != L:
-                raise ValueError(f"block_fractions has {len(c.block_fractions)} fractions for a stack of {L} blocks")
-            return list(c.block_fractions)
-        else:
-            return None
-        return [1.0 - progress * (1.0 - f) for f in target]
+            return curriculum_fractions(self.budget_fractions or [1.0] * self.num_layers, progress)
+        if c.block_fractions is not None:
+            return curriculum_fractions(c.block_fractions, progress)
+        return None
 
     def _place_per_block(self, routing: Routing, valid, nonfinite, n: int, progress: float, generator,
                          importance: torch.Tensor | None, draw_seed: int) -> list[int]:

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from .adapters import is_fused_experts, is_moe_router, is_routable_linear
+from .config import MODES, as_number
 
 
 def _freeze_rows(x: torch.Tensor, inactive: torch.Tensor, leak_rate: float) -> torch.Tensor:
@@ -75,6 +76,11 @@ def reference_routing(blocks: Sequence[nn.Module], depth: torch.Tensor | None = 
     """
     L = len(blocks)
     modes = [mode] * L if isinstance(mode, str) else list(mode)
+    if len(modes) != L or any(m not in MODES for m in modes):
+        raise ValueError(f"mode must be one of {MODES}, or a list of them with one per block ({L}), got {mode!r}")
+    if not 0.0 <= as_number(leak_rate) <= 1.0:
+        raise ValueError(f"leak_rate must be a number in [0, 1], got {leak_rate!r}")
+    leak_rate = float(leak_rate)
     if (depth is None) == (block_active is None):
         raise ValueError("reference_routing takes depth or block_active, exactly one of them")
     if block_active is not None:

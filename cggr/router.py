@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import weakref
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from . import install
 from ._host import HostCopy
 from .adapters import block_names, default_label_shift, find_layer_stack, model_type
 from .bucketing import schedule_progress
-from .config import RoutingConfig, resolve_config
+from .config import RoutingConfig, as_number, resolve_config
 from .plan import NonfiniteReport, Planner
 from .routing import Routing
 from .scoring import close_score_sink, loss_gradient_norm, open_score_sink
@@ -79,8 +80,9 @@ class Router(nn.Module):
 
     def __init__(self, model: nn.Module, config: RoutingConfig):
         super().__init__()
-        if getattr(model, "_cggr_router", None) is not None:
-            raise ValueError("cggr is already attached to this model; call .detach() on its router first")
+        if not isinstance(config, RoutingConfig):
+            raise TypeError(f"Router(model, config) takes a cggr.RoutingConfig, got {type(config).__name__}; "
+                            "cggr.attach(model, ...) builds the router from options by name")
         self.config = config
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         self._step = 0  # host mirror of step_count: reading the buffer would synchronise
@@ -89,6 +91,7 @@ class Router(nn.Module):
         self.register_load_state_dict_post_hook(Router._sync_step_mirror)
         object.__setattr__(self, "_model", model)  # not a submodule: its weights are not ours
         self.layer_path, blocks = find_layer_stack(model, config.layers)
+        _refuse_second_router(model, blocks)
         install.refuse_unroutable_stack(blocks)
         object.__setattr__(self, "_blocks", blocks)
         self.num_layers = len(blocks)
@@ -102,10 +105,11 @@ class Router(nn.Module):
         self._measured_step: int | None = None  # variance_budget: the optimizer step last measured
         self._probe = None  # ... and its measurement, until its backward has recorded every block
         self._install()
-        if config.num_buckets > self.num_layers and config.depths is None:
+        if config.num_buckets > self.num_layers and config.depths is None and config.block_fractions is None:
             self._warn_once("buckets", f"num_buckets={config.num_buckets} exceeds the {self.num_layers} blocks "
                                        f"of the stack: bucket depths collapse to {self.targets}")
         object.__setattr__(model, "_cggr_router", self)
+        _LIVE_ROUTERS.add(self)
         logger.info("cggr: attached\n%s", self.describe())
 
     # ------------------------------------------------------------------ public
@@ -131,9 +135,10 @@ class Router(nn.Module):
         ``progress`` in [0, 1] replaces the step-based schedule until ``set_progress(None)``.
         """
         if progress is not None:
-            p = float(progress)
+            p = as_number(progress)
             if not 0.0 <= p <= 1.0:
-                raise ValueError(f"progress must be None or a number in [0, 1], got {progress!r}")
+                raise ValueError(f"set_progress: progress must be None or a number in [0, 1] (None: the step-based "
+                                 f"schedule again), got {progress!r}")
             progress = p
         self._progress_override = progress
 
@@ -177,6 +182,7 @@ class Router(nn.Module):
         self._forward = None
         if getattr(self._model, "_cggr_router", None) is self:
             object.__delattr__(self._model, "_cggr_router")
+        _LIVE_ROUTERS.discard(self)
         return self._model
 
     def extra_repr(self) -> str:
@@ -355,6 +361,48 @@ class Router(nn.Module):
         state = super().__getstate__()
         return {**state, "_forward": None}
 
+    def __setstate__(self, state):
+        # A deep copy or an unpickled router routes its own copy of the model: attached like the original (its
+        # model may not hold it yet while the copy is being built; attach checks that, see _refuse_second_router).
+        super().__setstate__(state)
+        _LIVE_ROUTERS.add(self)
+
+
+# The attached routers (deep copies and unpickled ones included), so that attach can refuse a second router on
+# a module nested with an attached one's model. Weak: a router goes away with its model.
+_LIVE_ROUTERS: "weakref.WeakSet[Router]" = weakref.WeakSet()
+
+
+def _refuse_second_router(model: nn.Module, blocks: list[nn.Module]) -> None:
+    """One router per model: two on nested modules (``cggr.attach(m.model)`` and ``cggr.attach(m)``, either order)
+    or on modules sharing blocks would both route one backward, and the gradients would match neither routing."""
+    if getattr(model, "_cggr_router", None) is not None:
+        raise ValueError(f"cggr is already attached to this model ({type(model).__name__}); call .detach() on its "
+                         "router first (the Router that cggr.attach returned, also at model._cggr_router)")
+    inside = {id(m): name for name, m in model.named_modules()}
+    ours = {id(b) for b in blocks}
+    for other in list(_LIVE_ROUTERS):
+        owner = other._model
+        if getattr(owner, "_cggr_router", None) is not other:
+            continue  # detached
+        kind = type(owner).__name__
+        if id(owner) in inside:
+            where = f"its submodule {inside[id(owner)]!r} ({kind}) already carries a cggr router"
+            router = f"model.{inside[id(owner)]}._cggr_router"
+        elif any(m is model for m in owner.modules()):
+            path = next(name for name, m in owner.named_modules() if m is model)
+            where = f"it is the submodule {path!r} of the {kind} that already carries a cggr router"
+            router = f"that {kind}'s ._cggr_router"
+        elif ours & {id(b) for b in other._blocks}:
+            where = f"its blocks are the blocks {other.layer_path!r} of the {kind} that already carries a cggr router"
+            router = f"that {kind}'s ._cggr_router"
+        else:
+            continue
+        raise ValueError(f"cggr.attach: cannot attach to this {type(model).__name__}: {where}; two routers on one "
+                         "backward give gradients that match neither routing. Attach to one module only: call "
+                         f".detach() on the other router first (the Router that cggr.attach returned, also at "
+                         f"{router})")
+
 
 def _rank() -> int:
     dist = torch.distributed
@@ -389,13 +437,13 @@ def _refuse_wrappers(model: nn.Module) -> None:
                          f"(router = cggr.attach(model); model = {wrap}(model))")
 
 
-def attach(model: nn.Module, config: RoutingConfig | None = None, /, **overrides: Any) -> Router:
+def attach(model: nn.Module, config: RoutingConfig | None = None, **overrides: Any) -> Router:
     """Install cggr's gradient routing on ``model`` in place and return its :class:`Router`.
 
     Args:
         model: a module whose forward returns logits (a tensor, a tuple holding them, or ``.logits``); with
             ``policy="random"`` (the default) a forward that returns only a fused loss works too.
-        config: a :class:`cggr.RoutingConfig`; None = the defaults.
+        config: a :class:`cggr.RoutingConfig` (second argument or ``config=``); None = the defaults.
         **overrides: any field of :class:`cggr.RoutingConfig` by name (``num_buckets=4``, ``policy="random"``,
             ``layers="model.layers"``, ...), applied over ``config``. Each field's docstring says what it does.
     """

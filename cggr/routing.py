@@ -59,21 +59,21 @@ def per_block_counts(num_valid: int, num_layers: int, nested_counts: Sequence[in
                      fractions: Sequence[float] | None = None) -> list[int]:
     """Active rows of every block under per-block placement, bottom first.
 
-    ``fractions`` given: ``round(f_b * n)`` per block. Otherwise the same total work as the nested counts
-    (``sum(nested_counts)`` rows over the stack), with ``dense_ends`` blocks at each end of the stack at
-    every valid token and the rest spread evenly over the middle blocks (upper blocks first take the rest).
-    At most ``(L - 1) // 2`` blocks are dense at each end, so at least one block stays routed: a stack too
-    short for its dense ends (2 blocks with ``dense_ends=1``) routes every block instead of none.
+    ``fractions`` given: ``round(f_b * n)`` per block. Otherwise exactly the same total work as the nested
+    counts (``sum(nested_counts)`` rows over the stack), with ``e`` blocks at each end of the stack at every
+    valid token and the rest spread evenly over the middle blocks (upper blocks first take the rest).
+    ``e`` is ``dense_ends`` where it fits: at most ``(L - 1) // 2``, so at least one block stays routed (a
+    2-block stack routes both blocks), and at most what the total pays for, ``2 * e * n <= sum(nested_counts)``
+    (dense ends never spend more than the nested routing: with a small budget fewer end blocks are dense, or
+    none, and all blocks share it; a budget of exactly the dense ends leaves the middle blocks none).
     """
     n, L = num_valid, num_layers
     if fractions is not None:
         return [min(n, max(0, int(math.floor(f * n + 0.5)))) for f in fractions]
-    ends = max(0, min(dense_ends, (L - 1) // 2))
+    total = sum(nested_counts)
+    ends = max(0, min(dense_ends, (L - 1) // 2, total // (2 * n) if n else 0))
     middle = L - 2 * ends
-    if middle <= 0:  # no blocks
-        return [n] * L
-    remaining = max(0, sum(nested_counts) - 2 * ends * n)
-    base, extra = divmod(remaining, middle)
+    base, extra = divmod(total - 2 * ends * n, middle)
     mid = [min(n, base + (1 if j >= middle - extra else 0)) for j in range(middle)]
     return [n] * ends + mid + [n] * ends
 

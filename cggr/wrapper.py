@@ -27,7 +27,7 @@ class CGGRWrapper(nn.Module):
     save and restore it with the weights.
     """
 
-    def __init__(self, model: nn.Module, config: RoutingConfig | None = None, /, **overrides: Any):
+    def __init__(self, model: nn.Module, config: RoutingConfig | None = None, **overrides: Any):
         super().__init__()
         config = resolve_config(config, overrides, "CGGRWrapper")
         self.model = model

@@ -73,6 +73,17 @@ def test_curriculum():
     assert curriculum_depths(t, 12, 7.0) == t  # progress is clamped
 
 
+def test_curriculum_fractions():
+    """Per-block fractions follow the curriculum as depths do: dense at progress 0, the given ones at 1."""
+    from cggr.bucketing import curriculum_fractions
+
+    f = (1.0, 0.5, 0.25, 0.0)
+    assert curriculum_fractions(f, 0.0) == [1.0, 1.0, 1.0, 1.0]
+    assert curriculum_fractions(f, 1.0) == list(f)
+    assert curriculum_fractions(f, 0.5) == [1.0, 0.75, 0.625, 0.5]
+    assert curriculum_fractions(f, 3.0) == list(f) and curriculum_fractions(f, -1.0) == [1.0] * 4  # clamped
+
+
 def test_assign_depths_end_to_end():
     scores = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4])
     valid = torch.ones(8, dtype=torch.bool)
@@ -180,6 +191,9 @@ def test_block_counts_from_the_host_equal_the_device_counts(seed):
     (dict(num_buckets=0), ValueError, "num_buckets must be an integer"),
     (dict(depths=[0.5]), ValueError, "depths must be a sequence of num_buckets=4"),
     (dict(progress=1.5), ValueError, r"progress must be a number in \[0, 1\]"),
+    (dict(progress=True), ValueError, r"progress must be a number in \[0, 1\], got True"),
+    (dict(progress="0.5"), ValueError, r"progress must be a number in \[0, 1\]"),
+    (dict(depths=[True, 0.5, 0.25, 0.1]), ValueError, "depths must be a sequence"),
     (dict(valid="all"), ValueError, "valid must be a bool tensor"),
     (dict(valid=torch.ones(3, dtype=torch.bool)), ValueError, "valid must be a bool tensor shaped like scores"),
     (dict(scores=torch.ones(2, 5, dtype=torch.long)), TypeError, "scores must be a floating-point tensor"),

@@ -43,7 +43,7 @@ def test_bad_arguments(kwargs, match):
 
 
 def test_valid_arguments():
-    r = cggr.attach(TinyLM(), num_buckets=3, warmup_steps=0, leak_rate=1.0, mode="mask", policy="random",
+    r = cggr.attach(TinyLM(), num_buckets=3, warmup_steps=0, leak_rate=1.0, mode="mask", policy="sampled",
                     depths=(1.0, 0.5, 0.2), scorer="margin", buckets="global")
     assert r.targets == [4, 2, 1]
 
@@ -204,3 +204,103 @@ def test_placement_options_are_checked(kwargs, match):
         cggr.RoutingConfig(**kwargs)
     with pytest.raises(ValueError, match=match):
         cggr.attach(TinyLM(), **kwargs)
+
+
+# ---------------------------------------------------------------- numbers are numbers (issue 27)
+# Every numeric option, with a value of the right range: a bool or a string in its place is refused.
+NUMERIC = dict(num_buckets=2, warmup_steps=3, leak_rate=0.5, depths=(1.0, 0.5, 0.25, 0.125), ignore_index=1, seed=1,
+               label_shift=1, handback_steps=1, total_steps=3, dense_ends=1, block_fractions=(1.0, 0.5, 0.5, 1.0),
+               importance_mix=0.5, variance_budget=0.025, variance_every=10)
+# The options a numeric option needs beside it to mean something (else it is refused as ignored).
+CONTEXT = dict(handback_steps=dict(total_steps=5), importance_mix=dict(estimator="unbiased", importance="block"),
+               variance_budget=dict(estimator="unbiased"), variance_every=dict(estimator="unbiased", variance_budget=0.1))
+
+
+def test_every_numeric_option_is_in_the_bool_check():
+    """A new numeric option must join NUMERIC (and so the checks below)."""
+    fields = {f.name: f for f in dataclasses.fields(cggr.RoutingConfig)}
+    numeric = {name for name, f in fields.items() if any(t in str(f.type) for t in ("int", "float"))}
+    assert numeric == set(NUMERIC)
+
+
+@pytest.mark.parametrize("name", sorted(NUMERIC))
+@pytest.mark.parametrize("bad", ["bool", "str"])
+def test_numeric_options_refuse_bools_and_strings(name, bad):
+    good = NUMERIC[name]
+    others = CONTEXT.get(name, {})
+    cggr.RoutingConfig(**others, **{name: good})  # the value itself is fine
+    if isinstance(good, tuple):
+        value = (True,) + good[1:] if bad == "bool" else tuple(str(v) for v in good)
+    else:
+        value = True if bad == "bool" else str(good)
+    with pytest.raises(ValueError, match=name):
+        cggr.RoutingConfig(**others, **{name: value})
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(leak_rate=True), dict(leak_rate=False), dict(leak_rate="0.5"), dict(depths="1", num_buckets=1),
+    dict(block_fractions="1111"), dict(block_fractions=(1.0, False, 0.5, 1.0)), dict(depths=(1.0, 0.5, False, 0.1)),
+])
+def test_no_bool_or_string_is_taken_as_a_number(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=f"{name} must be"):
+        cggr.attach(TinyLM(), **kwargs)
+
+
+def test_numpy_and_tensor_numbers_are_numbers_but_their_bools_are_not():
+    np = pytest.importorskip("numpy")
+    assert cggr.RoutingConfig(leak_rate=np.float32(0.25)).leak_rate == 0.25
+    assert cggr.RoutingConfig(block_fractions=np.array([1.0, 0.5, 0.5, 1.0])).block_fractions == (1.0, 0.5, 0.5, 1.0)
+    assert cggr.RoutingConfig(leak_rate=torch.tensor(0.5)).leak_rate == 0.5
+    for bad in (np.True_, torch.tensor(True)):
+        with pytest.raises(ValueError, match="leak_rate must be a number"):
+            cggr.RoutingConfig(leak_rate=bad)
+    with pytest.raises(ValueError, match="block_fractions"):
+        cggr.RoutingConfig(block_fractions=np.array([True, False, True, True]))
+
+
+# ---------------------------------------------------------------- no option silently ignored (issue 27)
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dense_ends=1, block_fractions=(1.0, 0.5, 0.5, 1.0)),
+     r"dense_ends=1 and block_fractions cannot be combined.*give them 1.0"),
+    (dict(dense_ends=2, placement="per_block", block_fractions=(1.0, 0.5, 0.5, 1.0)),
+     "dense_ends=2 and block_fractions cannot be combined"),
+    (dict(num_buckets=2, block_fractions=(1.0, 0.5, 0.5, 1.0)), "num_buckets=2 and block_fractions cannot be combined"),
+    (dict(num_buckets=1, block_fractions=(1.0, 0.5, 0.5, 1.0)), "num_buckets=1 and block_fractions"),
+    (dict(depths=(1.0, 0.75, 0.5, 0.25), block_fractions=(1.0, 0.5, 0.5, 1.0)),
+     r"depths=\(1.0, 0.75, 0.5, 0.25\) and block_fractions cannot be combined"),
+    (dict(scorer="margin"), "scorer='margin' has no effect under policy='random'"),
+    (dict(scorer="entropy", policy="random", placement="nested"), "scorer='entropy' has no effect"),
+])
+def test_options_that_would_be_ignored_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cggr.RoutingConfig(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        cggr.attach(TinyLM(), **kwargs)
+
+
+def test_the_options_block_fractions_uses_are_accepted_with_it():
+    fractions = (1.0, 0.5, 0.5, 1.0)
+    c = cggr.RoutingConfig(block_fractions=fractions, dense_ends=0, warmup_steps=10, handback_steps=2, total_steps=20)
+    assert (c.placement, c.dense_ends, c.block_fractions) == ("per_block", 0, fractions)
+    # an automatic dense_ends resolves anew (to 0) when block_fractions comes later; a given one is refused
+    assert cggr.RoutingConfig().replace(block_fractions=fractions).dense_ends == 0
+    with pytest.raises(ValueError, match="dense_ends=1 and block_fractions"):
+        cggr.RoutingConfig(dense_ends=1).replace(block_fractions=fractions)
+    assert cggr.RoutingConfig(policy="difficulty", scorer="margin").scorer == "margin"
+    assert cggr.RoutingConfig(policy="sampled", scorer="entropy").scorer == "entropy"
+
+
+# ---------------------------------------------------------------- config= by keyword (issue 27)
+def test_config_by_keyword_as_the_docstrings_show():
+    config = cggr.RoutingConfig(num_buckets=2, warmup_steps=0)
+    assert cggr.attach(TinyLM(), config=config).config == config
+    assert cggr.attach(TinyLM(), config=config, seed=3).config == config.replace(seed=3)
+    assert cggr.CGGRWrapper(TinyLM(), config=config).router.config == config
+    assert cggr.attach(TinyLM(), config=None).config == cggr.RoutingConfig()
+    assert cggr.attach(model=TinyLM(), config=config).config == config
+    assert cggr.CGGRWrapper(model=TinyLM(), config=config).router.config == config
+    with pytest.raises(TypeError, match="config must be a cggr.RoutingConfig"):
+        cggr.attach(TinyLM(), config={"num_buckets": 2})
+    with pytest.raises(TypeError, match="multiple values for argument 'config'"):
+        cggr.attach(TinyLM(), config, config=config)

@@ -382,3 +382,15 @@ def test_callback_options_resolve_the_defaults_for_their_own_options():
     assert resolved(handback.resolve(10)) == ("skip", "per_block", 1) and handback.resolve(10).total_steps == 10
     seed = CGGRCallback(cggr.RoutingConfig(inactive="stop"), handback_steps=2).options.resolve(10)
     assert resolved(seed) == ("stop", "nested", 0)
+
+
+def test_callback_takes_config_by_keyword_and_refuses_a_non_bool_switch():
+    from cggr.integrations import CGGRCallback
+
+    config = cggr.RoutingConfig(num_buckets=2, warmup_steps=5)
+    assert CGGRCallback(config=config).options.resolve(None) == config
+    assert CGGRCallback(config=config, seed=4).options.resolve(None) == config.replace(seed=4)
+    assert CGGRCallback(config).options.resolve(None) == config
+    for bad in ("no", 0, None):
+        with pytest.raises(ValueError, match="CGGRCallback: log_metrics must be True or False"):
+            CGGRCallback(log_metrics=bad)

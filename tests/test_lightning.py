@@ -169,3 +169,17 @@ def test_lightning_callback_handback_takes_max_steps(tmp_path):
     _, _, callback, _, _ = _fit(tmp_path, max_steps=6, handback_steps=2, detach_on_teardown=False)
     assert callback.router.config.total_steps == 6 and callback.router.config.handback_steps == 2
     assert callback.router.bucket_depths() == [4, 4, 4, 4]  # handed back: full depth at the end
+
+
+def test_lightning_callback_takes_config_by_keyword_and_refuses_bad_switches():
+    import cggr
+    from cggr.integrations import CGGRLightningCallback
+
+    config = cggr.RoutingConfig(num_buckets=2, warmup_steps=5)
+    assert CGGRLightningCallback(config=config).options.resolve(None) == config
+    assert CGGRLightningCallback(config).options.resolve(None) == config
+    for name, bad in (("log_metrics", "no"), ("detach_on_teardown", 1)):
+        with pytest.raises(ValueError, match=f"CGGRLightningCallback: {name} must be True or False"):
+            CGGRLightningCallback(**{name: bad})
+    with pytest.raises(ValueError, match="model_attr must be None or a dotted attribute path"):
+        CGGRLightningCallback(model_attr=["model"])

@@ -442,6 +442,40 @@ def test_autocast_matches_reference(monkeypatch):
         _assert_close_scaled(a, r, torch.bfloat16, "autocast grad")
 
 
+@pytest.mark.parametrize("seed", [82, 83], ids=lambda s: f"seed={s}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS[:2])
+def test_autocast_takes_a_half_precision_hidden_and_an_fp32_head(backend, dtype, seed, monkeypatch):
+    """What the dtype error recommends works: a half-precision hidden state and the fp32 LM head (a model under
+    mixed precision) under torch.autocast, computed in the autocast dtype as F.linear would, equal the reference."""
+    _backend(monkeypatch, backend)
+    h, w, b, y = _inputs(seed, (3, 5), 16, 70, torch.float32)
+    h = h.detach().to(dtype).requires_grad_()
+    with torch.autocast(DEVICE, dtype=dtype):
+        got = linear_cross_entropy(h, w, y, b, chunk_rows=4)
+        ref = linear_cross_entropy_reference(h, w, y, b)
+    _assert_loss_scores(got, ref, (3, 5))
+    for name, a, r in zip(("hidden", "weight", "bias"), torch.autograd.grad(got.loss, (h, w, b)),
+                          torch.autograd.grad(ref.loss, (h, w, b))):
+        assert a.dtype == r.dtype == (dtype if name == "hidden" else torch.float32), name
+        _assert_close_scaled(a, r, dtype, f"autocast grad {name}")
+
+
+def test_dtype_mismatch_outside_autocast_names_the_fix_and_fp64_stays_fp64_under_it():
+    h, w, b, y = _inputs(84, (6,), 8, 20, torch.float32)
+    for fn in (linear_cross_entropy, linear_cross_entropy_reference):
+        with pytest.raises(TypeError, match=r"weight's dtype \(torch.float32\) must equal hidden's "
+                                            r"\(torch.bfloat16\); cast one, or run under torch.autocast"):
+            fn(h.to(torch.bfloat16), w, y, b)
+    # autocast leaves fp64 alone (F.linear computes in fp64 there): so does the fused loss
+    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, w, b))
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got = linear_cross_entropy(h64, w64, y, b64)
+        ref = linear_cross_entropy_reference(h64, w64, y, b64)
+    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.grad(got.loss, h64)[0].dtype == torch.float64
+
+
 # Systematic scale of the hidden-state gradient against the reference's (which divides in fp32 and rounds each
 # entry once): with 1/57 rounded to bf16 (fp16) before scaling, measured 8e-4 to 1.1e-3 (1.5e-4 to 1.9e-4) over
 # seeds 91-94; with the division folded into the forward, 0 (the same roundings as the reference).

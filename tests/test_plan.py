@@ -46,7 +46,7 @@ def test_per_block_placement_exact_sizes(seed, ends):
     n = int(valid.sum())
     counts = r.block_active.sum(1).tolist()
     assert counts[:ends] == [n] * ends and counts[6 - ends:] == [n] * ends
-    assert sum(counts) == max(sum(block_counts(n, 6, [6, 5, 3, 2])), 2 * ends * n) or min(counts) == n
+    assert sum(counts) == sum(block_counts(n, 6, [6, 5, 3, 2]))  # the nested routing's work, never more
     assert not r.block_active[:, ~valid.reshape(-1)].any()
     assert [r.active_count(i) for i in range(6)] == counts
     assert r.skip

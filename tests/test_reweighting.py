@@ -272,6 +272,12 @@ def test_bad_sampling_options_are_refused_naming_them(bad, match):
 
 
 def test_sampling_options_choose_per_block_placement():
-    c = cggr.RoutingConfig(estimator="unbiased", num_buckets=1, variance_budget=0.05)
+    c = cggr.RoutingConfig(estimator="unbiased", variance_budget=0.05)
     assert c.placement == "per_block" and c.dense_ends == 1
+    with pytest.raises(ValueError, match="num_buckets=1 and variance_budget cannot be combined"):
+        cggr.RoutingConfig(estimator="unbiased", num_buckets=1, variance_budget=0.05)
+    for ignored, match in ((dict(sampler="priority"), "would be ignored"), (dict(importance_mix=2.0), "ignored"),
+                           (dict(variance_every=7), "give variance_budget too")):
+        with pytest.raises(ValueError, match=match):
+            cggr.RoutingConfig(estimator="unbiased", **ignored)
     assert Routing(num_layers=2).reweighted is False

@@ -129,3 +129,10 @@ def test_training_loop_with_wrapper_updates_only_routed_rows():
             torch.testing.assert_close(g[n], gr[n], rtol=1e-4, atol=1e-6)
         opt.step(), ref_opt.step(), opt.zero_grad(), ref_opt.zero_grad()
         w.step()
+
+
+def test_config_by_keyword():
+    config = cggr.RoutingConfig(num_buckets=2, warmup_steps=0)
+    w = cggr.CGGRWrapper(TinyLM(), config=config, seed=2)
+    assert w.router.config == config.replace(seed=2)
+    assert cggr.CGGRWrapper(TinyLM(), config).router.config == config

@@ -22,6 +22,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def check_flags(owner: str, **flags: Any) -> None:
+    """A callback's own switches are True or False: a number or a string is refused, never taken by its truth."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{owner}: {name} must be True or False, got {value!r}")
+
+
 class CallbackOptions:
     """A callback's cggr options: a :class:`~cggr.RoutingConfig` and/or its fields by name, as :func:`cggr.attach`
     takes them. Checked when the callback is built (unknown names, bad values), resolved at train begin, when

@@ -47,7 +47,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..config import RoutingConfig
 from ..router import Router, attach
 from ..wrapper import CGGRWrapper
-from ._common import METRIC_PREFIX, CallbackOptions, unwrap_model
+from ._common import METRIC_PREFIX, CallbackOptions, check_flags, unwrap_model
 
 logger = logging.getLogger("cggr")
 
@@ -70,9 +70,10 @@ class CGGRCallback(TrainerCallback):
     attached after training; ``callback.router.detach()`` removes it.
     """
 
-    def __init__(self, config: RoutingConfig | None = None, /, *,
+    def __init__(self, config: RoutingConfig | None = None, *,
                  log_metrics: bool = True, **overrides: Any):
         self.options = CallbackOptions("CGGRCallback", config, overrides)
+        check_flags("CGGRCallback", log_metrics=log_metrics)
         self.log_metrics = log_metrics
         self.router: Router | None = None
 

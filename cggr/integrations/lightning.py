@@ -51,7 +51,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
 from ..config import RoutingConfig
 from ..router import Router, attach
 from ..wrapper import CGGRWrapper
-from ._common import METRIC_PREFIX, CallbackOptions, unwrap_model
+from ._common import METRIC_PREFIX, CallbackOptions, check_flags, unwrap_model
 
 logger = logging.getLogger("cggr")
 
@@ -77,10 +77,14 @@ class CGGRLightningCallback(Callback):
     The router is ``callback.router`` once ``fit`` has begun.
     """
 
-    def __init__(self, config: RoutingConfig | None = None, /, *,
+    def __init__(self, config: RoutingConfig | None = None, *,
                  model_attr: str | None = None, log_metrics: bool = True, detach_on_teardown: bool = True,
                  **overrides: Any):
         self.options = CallbackOptions("CGGRLightningCallback", config, overrides)
+        check_flags("CGGRLightningCallback", log_metrics=log_metrics, detach_on_teardown=detach_on_teardown)
+        if model_attr is not None and not isinstance(model_attr, str):
+            raise ValueError(f"CGGRLightningCallback: model_attr must be None or a dotted attribute path (a str), "
+                             f"got {model_attr!r}")
         self.model_attr = model_attr
         self.log_metrics = log_metrics
         self.detach_on_teardown = detach_on_teardown
