@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU run of the speed benchmark, one command (run from the repository root on the GPU machine,
-# with the wheels of .whl/ carried along: liger-kernel, see the README's Speed section):
+# with the wheels of .whl/ carried along: liger-kernel, see the Speed section of docs/results.md):
 #
 #   CGGR_GIT_REV=<rev> bash benchmarks/gpu_run.sh
 #
@@ -23,7 +23,7 @@
 # 6. with PACK=1, packs $OUT into $OUT/gpu-results.tgz (for runners that return few files).
 #
 # Results go to $OUT (default ./gpu-out). The run stops itself after $BUDGET_S seconds (default 480 s; the CUDA tests get at
-# most 120 s of it). Estimated from DESIGN.md §2's step times (350M ~150 ms, 1B ~250 ms), ~10 s to start each
+# most 120 s of it). Estimated from the step times in docs/results.md (350M ~150 ms, 1B ~250 ms), ~10 s to start each
 # arm's process, and 30-60 s of compilation in each compiled arm: the first tier takes about 250 s.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}

@@ -172,7 +172,7 @@ def main() -> None:
         sys.exit("benchmarks/kernels.py needs a CUDA GPU")
 
     meta = provenance()
-    gpu = meta["gpu"] = meta.pop("device")  # the key the README's table reads
+    gpu = meta["gpu"] = meta.pop("device")  # the key the results table reads
     jobs = [
         lambda: bench_scoring(16384, 32000, torch.bfloat16, not args.no_compile),
         lambda: bench_scoring(8192, 128256, torch.bfloat16, not args.no_compile),

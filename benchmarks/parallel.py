@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks import speed  # the models, their builder, the provenance record
-from benchmarks.report import parallel_table  # the README's table, from the same function
+from benchmarks.report import parallel_table  # the table of docs/results.md, from the same function
 from cggr_lab.provenance import routing_record
 
 MODELS = dict(speed.MODELS, tiny=(64, 4, 4, 128, 2, 32))  # tiny: the CPU test's model

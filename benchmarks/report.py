@@ -1,10 +1,20 @@
-"""Regenerate the README's result tables from the committed JSON files.
+"""Regenerate the generated sections of the documentation: result tables from the committed JSON files, the
+options table from ``RoutingConfig``.
 
-Each table sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``
-in README.md and is rebuilt from ``benchmarks/results/NAME-*.json``:
+A generated section sits between ``<!-- KIND:NAME -->`` and ``<!-- /KIND:NAME -->``, and :data:`TARGETS` says
+which sections each file holds:
 
-    python -m benchmarks.report          # rewrite README.md in place
-    python -m benchmarks.report --check  # exit 1 if README.md is stale
+* docs/results.md: every result table and summary (``results:NAME``, rebuilt from
+  ``benchmarks/results/NAME-*.json``; the quality ones from ``benchmarks/results/quality/``);
+* README.md: the short results summary (``results:speed-headline``, ``results:quality-headline``) and the
+  options table (``generated:options``: every field of ``RoutingConfig`` in cggr/config.py, with its default and
+  its docstring, :mod:`benchmarks.options_table`).
+
+Generated text writes its links relative to the repository root; each file gets them rebased to its folder.
+After committing results JSON, or after adding or changing an option of ``RoutingConfig``, run:
+
+    python -m benchmarks.report          # rewrite every generated section in place
+    python -m benchmarks.report --check  # exit 1 if any file is stale (tests/test_report.py runs it)
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ import json
 import os
 import re
 import sys
+
+from benchmarks.options_table import options_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -47,7 +59,7 @@ def _speed_model(r):
 
 
 def speed_table(records):
-    """The README's speed table: every arm against HF eager and against the fastest dense arm of its run.
+    """The speed table: every arm against HF eager and against the fastest dense arm of its run.
 
     Failed and skipped arms get a row that says so and a numbered note with the error or the reason.
     Records from runs before the compile and Liger arms have no best-dense figure: "—", and a note.
@@ -119,8 +131,8 @@ ROUTED_DEFAULT_ARMS = ("cggr", "liger+cggr", "compile+cggr")
 
 
 def speed_headline(records):
-    """The README headline's sentence: cggr's step (its defaults; on whichever base ran fastest: HF's model,
-    Liger's or torch.compile's) against the fastest dense arm of the same run."""
+    """The speed headline's sentence (README and docs/results.md): cggr's step (its defaults; on whichever base
+    ran fastest: HF's model, Liger's or torch.compile's) against the fastest dense arm of the same run."""
     # One run = one GPU and revision: ratios are quoted only against the dense arms of the same run.
     config = lambda r: (r.get("gpu"), r.get("git_rev"), r["model"], bool(r.get("checkpointing")),
                         r.get("precision", "bf16"))
@@ -336,36 +348,140 @@ def hf_trainer_table(records):
     return "\n\n".join(out)
 
 
+def _quality_runs(records):
+    """The equal wall-clock runs measured against the best dense arm (HF eager, ``torch.compile``, Liger-Kernel),
+    with their routed arms (cggr's policies; not dense, not the random-LTD peer) that did not fail."""
+    runs = []
+    for run in records:
+        s = run["summary"]
+        if not s.get("best_dense_arm") or not run["config"]["budget"].get("seconds"):
+            continue
+        routed = [a["arm"] for a in run["arms"] if "error" not in a and a.get("policy") in ROUTING_POLICIES]
+        runs.append((run, [(name, s["arms"][name]) for name in routed]))
+    return runs
+
+
+# The policies of cggr's router (an arm with one of them is a routed arm).
+ROUTING_POLICIES = ("random", "difficulty", "sampled")
+
+
+def quality_summary(records):
+    """One row per equal wall-clock run against the best dense arm: its routed arm closest to the best dense
+    arm's final loss, and whether any routed arm reached that loss within its budget."""
+    runs = _quality_runs(records)
+    if not runs:
+        return "_No committed quality run compares routed arms with the best dense arm at equal wall-clock yet._"
+    lines = ["| run | best dense arm | its seed spread | routed arms | reached its final loss | closest routed arm | "
+             "its final loss vs best dense | best dense's time to that loss |", "|---|---|---:|---:|---:|---|---:|---:|"]
+    for run, routed in runs:
+        cfg, s = run["config"], run["summary"]
+        base = s["arms"][s["best_dense_arm"]]["backend"]
+        spread = s["dense_seed_spread_by_base"].get(base)
+        seeds = len(s["dense_seeds_by_base"].get(base, ()))
+        spread = "—" if spread is None else f"{spread:.3f} ({seeds} seeds)"
+        label = (f"[{cfg['model']} {run['regime']}, {cfg['batch_size']}x{cfg['seq_len']} tokens/step, "
+                 f"{cfg['budget']['seconds']:g} s]({run['_file']})")
+        reached = sum(a["time_to_dense_final_vs_dense"] is not None for _, a in routed)
+        if routed:
+            name, a = min(routed, key=lambda na: na[1]["delta_vs_dense"])
+            t = a.get("dense_time_to_this_final_vs_dense")
+            closest = f"`{name}` | {a['delta_vs_dense']:+.3f} | {'—' if t is None else f'{t:.2f}x'}"
+        else:
+            closest = "— | — | —"
+        lines.append(f"| {label} | `{s['best_dense_arm']}` | {spread} | {len(routed)} | {reached} | {closest} |")
+    return "\n".join(lines)
+
+
+def quality_headline(records):
+    """The README's quality verdict in one sentence, counted from the same runs as :func:`quality_summary`."""
+    runs = _quality_runs(records)
+    if not runs:
+        return "_No committed quality run compares routed arms with the best dense arm at equal wall-clock yet._"
+    arms = [(run, name, a) for run, routed in runs for name, a in routed]
+    reached = sum(a["time_to_dense_final_vs_dense"] is not None for _, _, a in arms)
+    run, name, a = min(arms, key=lambda x: x[2]["delta_vs_dense"])
+    cfg = run["config"]
+    verdict = ("none of them reached" if reached == 0 else f"{reached} of them reached")
+    return (f"At equal wall-clock against the fastest dense arm of each run, in {len(runs)} committed runs with "
+            f"{len(arms)} routed arms, {verdict} the best dense arm's final validation loss within its budget; the "
+            f"closest ended {a['delta_vs_dense']:+.3f} above it ({cfg['model']} {run['regime']}, "
+            f"{cfg['batch_size']}x{cfg['seq_len']} tokens per step, `{name}`).")
+
+
 TABLES = {"speed": speed_table, "speed-headline": speed_headline, "speed-phases": speed_phases_table,
           "parallel": parallel_table, "kernels": kernels_table, "demo": demo_table, "quality": quality_table,
-          "hf-trainer": hf_trainer_table}
-LOADERS = {"quality": _load_quality, "speed-headline": lambda _name: _load("speed"),
-           "speed-phases": lambda _name: _load("speed")}
+          "quality-summary": quality_summary, "quality-headline": quality_headline, "hf-trainer": hf_trainer_table}
+LOADERS = {"quality": _load_quality, "quality-summary": _load_quality, "quality-headline": _load_quality,
+           "speed-headline": lambda _name: _load("speed"), "speed-phases": lambda _name: _load("speed")}
+
+# Every generated section: its marker -> a function building its text (links relative to the repository root).
+SECTIONS = {f"results:{name}": (lambda name=name, fn=fn: fn(LOADERS.get(name, _load)(name)))
+            for name, fn in TABLES.items()}
+SECTIONS["generated:options"] = options_table
+
+# Which file holds which generated sections. A listed marker missing from its file is an error: a table dropped
+# from the documentation by an edit must not go unnoticed.
+TARGETS = {
+    "docs/results.md": tuple(f"results:{name}" for name in TABLES),
+    "README.md": ("results:speed-headline", "results:quality-headline", "generated:options"),
+}
 
 
-def render(readme: str) -> str:
-    for name, fn in TABLES.items():
-        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
-        records = LOADERS.get(name, _load)(name)
-        readme = pattern.sub(lambda m: m.group(1) + fn(records) + m.group(2), readme)
-    return readme
+def _rebase_links(text: str, folder: str) -> str:
+    """Markdown links written relative to the repository root, made relative to ``folder`` (a path in it)."""
+    if not folder:
+        return text
+
+    def rebase(m):
+        target = m.group(2)
+        if re.match(r"[a-z]+:|/|#", target):
+            return m.group(0)
+        return m.group(1) + os.path.relpath(target, folder).replace(os.sep, "/") + m.group(3)
+
+    return re.sub(r"(\]\()([^)\s]+)(\))", rebase, text)
+
+
+def render(text: str, sections=None, folder: str = "", built: dict | None = None) -> str:
+    """``text`` with every section of ``sections`` (default: all of :data:`SECTIONS`) rebuilt; ``folder`` is the
+    file's folder in the repository (for links); ``built`` caches section texts between files."""
+    built = {} if built is None else built
+    for key in SECTIONS if sections is None else sections:
+        pattern = re.compile(rf"(<!-- {re.escape(key)} -->\n)(?:.*?\n)?(<!-- /{re.escape(key)} -->)", re.S)
+        if not pattern.search(text):
+            if sections is None:
+                continue
+            raise ValueError(f"no generated section {key!r} (<!-- {key} --> ... <!-- /{key} -->)")
+        if key not in built:
+            built[key] = SECTIONS[key]()
+        body = _rebase_links(built[key], folder)
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+    return text
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--check", action="store_true", help="fail if README.md differs from the regenerated one")
+    p.add_argument("--check", action="store_true",
+                   help=f"fail if a generated section of {' or '.join(TARGETS)} differs from the regenerated one")
     a = p.parse_args(argv)
-    path = os.path.join(ROOT, "README.md")
-    with open(path) as f:
-        old = f.read()
-    new = render(old)
-    if a.check:
-        if new != old:
-            print("README.md result tables are stale: run python -m benchmarks.report", file=sys.stderr)
+    built, stale = {}, []
+    for rel, sections in TARGETS.items():
+        path = os.path.join(ROOT, rel)
+        with open(path) as f:
+            old = f.read()
+        try:
+            new = render(old, sections, os.path.dirname(rel), built)
+        except ValueError as e:
+            print(f"{rel}: {e}", file=sys.stderr)
             return 1
-        return 0
-    with open(path, "w") as f:
-        f.write(new)
+        if new == old:
+            continue
+        stale.append(rel)
+        if not a.check:
+            with open(path, "w") as f:
+                f.write(new)
+    if a.check and stale:
+        print(f"stale generated sections in {', '.join(stale)}: run python -m benchmarks.report", file=sys.stderr)
+        return 1
     return 0
 
 

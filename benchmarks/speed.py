@@ -6,7 +6,7 @@ fused AdamW, HF's own loss (or Liger's fused one in the Liger arms). The dense
 baselines are the ones users run: HF eager, HF under ``torch.compile`` and HF
 with Liger-Kernel's patches; every arm is reported against HF eager
 (``speedup_vs_dense``) and against the fastest dense arm of the same run
-(``speedup_vs_best_dense``, DESIGN.md §3). For each arm: the median step time
+(``speedup_vs_best_dense``, docs/design.md §4). For each arm: the median step time
 (forward + backward + optimizer) over ``--steps`` steps after ``--warmup``
 untimed ones (torch.compile's and Triton's compilation happen there),
 tokens/s, peak memory, and the FLOP-ratio ceiling of its routing.
@@ -107,7 +107,7 @@ class Skipped(Exception):
 
 
 def planned_depth_fraction(options: dict | None, layers: int) -> float:
-    """Mean active fraction of the block stack per token (equal-size buckets, DESIGN.md §1's target depths)."""
+    """Mean active fraction of the block stack per token (equal-size buckets, docs/design.md §1.5's target depths)."""
     if options is None:
         return 1.0
     k = options.get("num_buckets", 4)
@@ -493,7 +493,7 @@ def main(argv=None):
         for name in models:
             for ck in ckpts:
                 run_group(a, env, name, ck, tier, groups.setdefault((name, ck), []), records, save)
-    table = speed_table(save())  # the README's table, from the same function
+    table = speed_table(save())  # the table of docs/results.md, from the same function
     with open(os.path.join(a.out, f"speed-{slug}.md"), "w") as f:
         f.write(table + "\n")
     print(table)

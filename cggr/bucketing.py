@@ -1,4 +1,4 @@
-"""Buckets, depths and the curriculum (DESIGN.md §1).
+"""Buckets, depths and the curriculum (docs/design.md §1.4, §1.5).
 
 Data flows one way: scores -> buckets -> depths.
 

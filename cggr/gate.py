@@ -3,7 +3,7 @@
 In block ``b`` (1 = bottom) of an ``L``-block stack a token of depth ``d`` is
 active when ``d > L - b``. Gating a gradient tensor whose rows are tokens
 keeps the active rows and multiplies the inactive rows by ``leak_rate``
-(0 by default: the rows belong to constants, DESIGN.md §1). The Triton kernel
+(0 by default: the rows belong to constants, docs/design.md §1.8). The Triton kernel
 reads one depth per row, so no mask the size of the hidden states exists.
 """
 

@@ -1,4 +1,4 @@
-"""Fused linear cross-entropy that also returns the difficulty scores (DESIGN.md §1).
+"""Fused linear cross-entropy that also returns the difficulty scores (docs/design.md §1.3).
 
 Fused linear-cross-entropy losses (Liger-Kernel's, Cut Cross-Entropy) never
 materialise the ``[tokens, vocab]`` logits, so there is nothing left for

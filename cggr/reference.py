@@ -1,4 +1,4 @@
-"""The reference routed backward of DESIGN.md §1, as forward hooks.
+"""The reference routed backward of docs/design.md §1.8, as forward hooks.
 
 Slow, obviously correct, and what every fast path is tested against. Given
 each token's depth *before* the forward, hooks replace the rows of tokens

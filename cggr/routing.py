@@ -5,7 +5,7 @@ routed op of that forward (so a backward always uses the routing of *its own*
 forward, never a later batch's), and filled in once the logits exist, before
 any backward can run.
 
-Where a token is active (DESIGN.md §1, "placement"):
+Where a token is active (docs/design.md §1.6, placement):
 
 * *nested* (the seed's): block ``i`` (0-based, bottom first) of an ``L``-block
   stack sees token ``t`` as active when ``depth[t] > L - 1 - i`` (active in

@@ -1,4 +1,4 @@
-"""Token difficulty from the model's own logits (DESIGN.md §1).
+"""Token difficulty from the model's own logits (docs/design.md §1.3).
 
 ``D_t = Entropy(P_t) - Confidence(P_t)`` with ``P_t = softmax(logits_t)``,
 entropy in nats and confidence ``max_v P_t(v)``; higher is harder. Always in
@@ -92,7 +92,7 @@ def score_difficulty(logits: torch.Tensor, scorer: str = "entropy_confidence") -
 
     Args:
         logits: ``[..., vocab]`` tensor of any float dtype.
-        scorer: ``"entropy_confidence"`` (the default of DESIGN.md §1),
+        scorer: ``"entropy_confidence"`` (the default, docs/design.md §1.3),
             ``"entropy"`` (entropy alone) or ``"margin"`` (``1 - confidence``).
     Returns:
         :class:`Scores` with fp32 tensors shaped ``logits.shape[:-1]``; NaN

@@ -14,8 +14,8 @@ its backward:
   a block's output in backward (sparse and mask mode both use it).
 
 This is the fallback every architecture gets; the norms, attention backward
-and residual adds still run over every row (DESIGN.md §2 measures what that
-costs).
+and residual adds still run over every row (docs/design.md §3.1 measures what
+that costs).
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class GateRows(torch.autograd.Function):
 
 
 class SkipRows(torch.autograd.Function):
-    """Skip semantics at a block's output (DESIGN.md §1): identity in forward; in backward the gradient rows of
+    """Skip semantics at a block's output (docs/design.md §1.7): identity in forward; in backward the gradient rows of
     tokens inactive in ``block_index`` go to the block's *input* (the residual stream) instead of into the
     block (by ``1 - leak_rate``; the block keeps ``leak_rate`` of them). Active rows are untouched.
 

@@ -1,7 +1,7 @@
 """Stage 1 of a step's routing: which tokens a forward has, which are valid, and where its logits are.
 
 A token is valid when its attention mask is 1 and its label is not the ignore
-index (DESIGN.md §1). Everything here reads the forward's arguments and output
+index (docs/design.md §1.2). Everything here reads the forward's arguments and output
 only; nothing here holds state.
 """
 

@@ -1,6 +1,6 @@
 """cggr's benchmark and research harness, beside the library (``cggr/`` holds the library only).
 
-* :mod:`cggr_lab.data` -- corpora, tokenizer and batches (DESIGN.md §4);
+* :mod:`cggr_lab.data` -- corpora, tokenizer and batches (docs/design.md §5);
 * :mod:`cggr_lab.corpus` -- the large corpus built offline from Debian packages, its pack and memmap batches;
 * :mod:`cggr_lab.training` -- the training loop of the demo and the quality benchmark;
 * :mod:`cggr_lab.demo` -- ``cggr demo``;

@@ -1,4 +1,4 @@
-"""A corpus big enough to decide routing-quality questions (DESIGN.md §4), built offline from Debian packages.
+"""A corpus big enough to decide routing-quality questions (docs/design.md §5), built offline from Debian packages.
 
 Stages (``python -m cggr_lab.corpus --help``):
 
@@ -611,7 +611,7 @@ def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
 # --------------------------------------------------------------------------- batches
 
 class DataRepetitionWarning(UserWarning):
-    """Training would see its data more often than allowed (DESIGN.md §4: at most twice)."""
+    """Training would see its data more often than allowed (docs/design.md §5: at most twice)."""
 
 
 def _stream(path: str | os.PathLike, dtype) -> np.memmap:

@@ -1,4 +1,4 @@
-"""Corpora, tokenizer and batches for the demo and the benchmarks (DESIGN.md §4).
+"""Corpora, tokenizer and batches for the demo and the benchmarks (docs/design.md §5).
 
 Everything here is local and deterministic: nothing is downloaded.
 

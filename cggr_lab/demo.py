@@ -1,4 +1,4 @@
-"""``cggr demo``: train one small Llama three ways and compare (DESIGN.md §3).
+"""``cggr demo``: train one small Llama three ways and compare (docs/design.md §4).
 
 Arms, trained one after another from IDENTICAL initial weights on the SAME
 batches in the same order:

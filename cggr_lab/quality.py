@@ -3,7 +3,7 @@
 Every arm of a regime starts from the SAME weights and sees the SAME batches in
 the same order (dense arms with another ``seed`` excepted: they measure the
 seed-to-seed spread), with the same optimizer and schedule; only the routing
-differs. Regimes (DESIGN.md §2 probes them):
+differs. Regimes (docs/design.md §4):
 
 * ``pretrain``  -- from random weights on corpus A (``--data``);
 * ``continued`` -- from a dense-pretrained checkpoint, more training on corpus A
@@ -56,7 +56,7 @@ Every arm first runs untimed forward and backward passes on its own model (no
 optimizer step): compilation, Liger's kernel builds and cggr's compiled pieces
 stay outside its budget. Validation runs the uncompiled module.
 
-The reference is the **best dense arm** (DESIGN.md §3): among the dense arms of
+The reference is the **best dense arm** (docs/design.md §4): among the dense arms of
 seed 0, one per base (HF eager, compile, liger), the lowest final validation
 loss at equal wall-clock, the fastest step at equal steps (where they differ by
 rounding only). Losses, time to its final loss and ``speedup_vs_best_dense`` are
@@ -78,7 +78,7 @@ versions, git revision; rewritten after every arm with ``"partial": true`` until
 the regime ends; an arm that fails is recorded with its error and the run goes
 on) and ``quality-<tag>.png`` (validation loss against
 steps and against training seconds); a table per regime is printed last.
-``benchmarks/report.py`` turns committed JSON into the README's tables.
+``benchmarks/report.py`` turns committed JSON into the tables of docs/results.md.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ BASES = {"dense": None, "difficulty": "difficulty", "random": "random", "sampled
 DEFAULT_ARMS = "dense,dense/seed=1,difficulty,random,sampled"
 
 # Model presets: Llama-style, bf16 weights on CUDA. "125M" is the speed benchmark's configuration
-# (d768, 12 layers, 12 heads, MLP 2048) with a 16384-token BPE vocabulary as in DESIGN.md §2's probes.
+# (d768, 12 layers, 12 heads, MLP 2048) with a 16384-token BPE vocabulary (docs/design.md §4).
 MODELS = {
     "tiny": dict(d_model=64, layers=4, heads=4, batch_size=4, seq_len=64, vocab_size=1024, lr=3e-3),
     "small": dict(d_model=512, layers=8, heads=8, batch_size=16, seq_len=512, vocab_size=16384, lr=1e-3),

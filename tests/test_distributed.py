@@ -246,7 +246,8 @@ WRONG = [c for c in CASES if "/wrong/" in c]
 
 @pytest.mark.parametrize("case", BUCKET_CASES)
 def test_global_buckets_equal_single_process_bucketing_of_all_ranks(results, case):
-    """Exact (DESIGN.md allows 1 % of n per boundary): ties in rank order, an empty or all-invalid rank too."""
+    """Exact (docs/design.md §1.4 allows 1 % of n per boundary): ties in rank order, an empty or all-invalid
+    rank too."""
     for rank, res in enumerate(_case(results, case)):
         for K in (1, 2, 4, 7):
             assert res[f"K{K}_mismatches"] == 0, f"rank {rank}, K={K}: {res[f'K{K}_mismatches']} tokens differ"

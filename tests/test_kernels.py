@@ -125,7 +125,7 @@ def test_scoring_shapes_and_strides():
 # --------------------------------------------------------------------------- bucketing
 
 def _check_buckets(scores, valid, K, exact=False, **kw):
-    """The contract of DESIGN.md §1: exact bucket sizes, <= 1% of n off per boundary."""
+    """The contract of docs/design.md §1.4: exact bucket sizes, <= 1% of n off per boundary."""
     got = (_rank_buckets(scores, valid, K, **kw) if kw else rank_buckets_triton(scores, valid, K)).cpu()
     ref = rank_buckets_reference(scores.cpu(), valid.cpu(), K)
     assert got.dtype == torch.long and got.shape == scores.shape

@@ -1,4 +1,5 @@
-"""HF mixture-of-experts blocks (Mixtral, Qwen2-MoE, OLMoE) in sparse mode against the reference of DESIGN.md §1.
+"""HF mixture-of-experts blocks (Mixtral, Qwen2-MoE, OLMoE) in sparse mode against the reference
+of docs/design.md §1.8.
 
 The loss is HF's: cross-entropy plus ``router_aux_loss_coef`` times the router's load-balancing loss, so
 the auxiliary loss's gradient into the routers is compared too.

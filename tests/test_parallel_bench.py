@@ -33,7 +33,7 @@ def test_parallel_benchmark_runs_and_routed_gradients_match_one_process(tmp_path
         assert r["best_dense_arm"] == best
         assert abs(r["speedup_vs_best_dense"] - same[best] / r["step_ms_median"]) < 1e-3
         assert abs(r["speedup_vs_dense"] - same["eager"] / r["step_ms_median"]) < 1e-3
-    # cggr_lab.provenance's record on every row, the device under the key the README's table reads.
+    # cggr_lab.provenance's record on every row, the device under the key the results table reads.
     from cggr_lab.provenance import provenance
 
     expected = set(provenance()) - {"device"} | {"gpu"}

@@ -1,4 +1,4 @@
-"""The routed backward against the reference of DESIGN.md §1 (forward hooks that detach inactive rows)."""
+"""The routed backward against the reference of docs/design.md §1.8 (forward hooks that detach inactive rows)."""
 
 import copy
 import logging
@@ -248,8 +248,8 @@ def test_nonfinite_logits_route_at_full_depth(caplog, depths):
 
 @pytest.mark.parametrize("kind", ["tiny", "llama", "llama-generic", "gpt2"])
 def test_no_count_is_read_back_from_the_device(kind, monkeypatch):
-    """Per-rank buckets: every block's count comes from the number of valid tokens (DESIGN: at most one host
-    synchronisation per step; this one waits only for the mask, read before the forward's work)."""
+    """Per-rank buckets: every block's count comes from the number of valid tokens (docs/design.md §3.3: nothing is
+    read back after the forward; the one read waits only for the mask, read before the forward's work)."""
     from cggr.routing import Routing
 
     def refuse(self):

@@ -1,6 +1,6 @@
 """The generic routed backward (:mod:`cggr.sparse`): ``RoutedLinear`` and ``GateRows`` against the reference.
 
-The reference is DESIGN.md §1's in its plainest form: the plain op, with the
+The reference is docs/design.md §1.8's in its plainest form: the plain op, with the
 output rows of tokens inactive in the block replaced by ``λ·y + (1-λ)·y.detach()``
 (``y.detach()`` when λ = 0); and, for whole stacks, ``cggr.reference_routing``'s
 hooks. Block ``i`` of ``L`` sees token ``t`` active when ``depth[t] > L - 1 - i``.

@@ -1,5 +1,5 @@
 """benchmarks/speed.py: the dense baselines beside the routed arms, best-dense speedups, failed and skipped
-arms recorded (not fatal), and the README table rendered from such records."""
+arms recorded (not fatal), and the results table rendered from such records."""
 
 import json
 import os

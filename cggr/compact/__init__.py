@@ -1,7 +1,7 @@
 """Compacted routed backwards, one per model family, and the table that picks them.
 
 A compacted backward replaces a whole block's backward by one that works on
-the block's active rows only (DESIGN.md §2: per-linear sparsity alone cannot
+the block's active rows only (docs/design.md §3.1: per-linear sparsity alone cannot
 approach the FLOP ratio). Blocks of families not in :data:`FAMILIES`, and
 calls the fast path cannot take (a KV cache, fp16 autocast, weights in another
 dtype than the hidden states without autocast, a non-zero leak), use the

@@ -13,7 +13,7 @@ backward, kept from the forward, runs with the output gradient of inactive
 queries zero. On CUDA the forward's stages around the attention and the
 backward's two row-wise stages run compiled (``pointwise.kernel``).
 
-The gradient is that of DESIGN.md §1's sparse mode; tests compare it with
+The gradient is that of sparse mode (docs/design.md §1.8); tests compare it with
 ``cggr.reference_routing``.
 """
 
