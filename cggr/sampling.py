@@ -1,5 +1,4 @@
-"""Fixed-size sampling of rows with known inclusion probabilities (DESIGN.md §1, "Reweighting",
-"Importance sampling", "Variance control").
+"""Fixed-size sampling of rows with known inclusion probabilities (docs/design.md §1.13).
 
 Each block ``b`` of a batch keeps exactly ``k_b`` of its valid rows (tokens), drawn on the device with no host
 synchronisation, and every kept row carries the weight that makes the weighted sum of the kept rows an
@@ -25,7 +24,7 @@ row and leaves ``Draw.rows[b]`` padded with rows that are not kept (their ``mask
 Conventions for the importance ``g`` (all schemes): rows with ``valid`` False are never kept and get
 ``pi = 0``; negative values count as 0; non-finite values (nan, +-inf) count as the largest finite importance
 of the block's valid rows (1 where no valid row has a positive finite one): an unknown importance is treated
-as the hardest, as non-finite logits are (DESIGN.md §1, "Difficulty"). A block whose valid importance is all
+as the hardest, as non-finite logits are (docs/design.md §1.3). A block whose valid importance is all
 zero is drawn uniformly.
 
 Every draw has a slow reference (``*_reference``: Python loops over rows, one block at a time) that the tests
@@ -141,7 +140,7 @@ def _check_alpha(alpha) -> None:
 
 
 def mixed_importance(importance: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``g + alpha * mean(g)`` over each block's ``n`` valid rows (DESIGN.md §1), so that no weight explodes:
+    """``g + alpha * mean(g)`` over each block's ``n`` valid rows (docs/design.md §1.13), so that no weight explodes:
     the mixed total is ``(1 + alpha) * n * mean(g)`` and capping only raises the uncapped rows' ``c``, so the
     pi-ps design of ``k`` rows gives every valid row ``pi >= min(1, alpha/(1 + alpha) * k/n)``: no weight
     ``1/pi`` exceeds ``max(1, (1 + 1/alpha) * n/k)`` (``alpha = 1``: twice the uniform weight).
@@ -350,7 +349,7 @@ def _priority_from_noise(importance, valid, counts, u) -> Draw:
 
 def draw(scheme: Scheme, importance: torch.Tensor | None, valid: torch.Tensor, k, *, alpha: float = 1.0,
          generator: torch.Generator | None = None) -> Draw:
-    """One call for a router: :func:`mixed_importance` (``alpha``; DESIGN.md's probes used 1, i.e.
+    """One call for a router: :func:`mixed_importance` (``alpha``; the team's sampling probes used 1, i.e.
     half-and-half) then the ``scheme``'s draw. ``importance`` is ignored (may be None) for ``"uniform"``."""
     if scheme not in SCHEMES:
         raise ValueError(f"cggr.sampling: scheme must be one of {SCHEMES}, got {scheme!r}")
