@@ -121,4 +121,14 @@ def package_version(dist: str) -> str | None:
 def routing_record(router) -> dict:
     """The routing a routed arm ran, cggr's automatic choices resolved (``placement="auto"``, ``dense_ends=None``):
     an arm's options name only what it sets, so its record says what they resolved to."""
-    return {k: getattr(router.config, k) for k in ("inactive", "placement", "dense_ends")}
+    import dataclasses
+
+    from cggr.config import RoutingConfig
+
+    c = router.config
+    out = {k: getattr(c, k) for k in ("inactive", "placement", "dense_ends")}
+    # The sampling options, where the arm set them (records of the default routing stay as they were).
+    defaults = {f.name: f.default for f in dataclasses.fields(RoutingConfig)}
+    out.update({k: getattr(c, k) for k in ("estimator", "importance", "sampler", "importance_mix", "variance_budget",
+                                           "variance_every") if getattr(c, k) != defaults[k]})
+    return out

@@ -37,6 +37,12 @@ Arms are named by a spec: a base (``dense``, ``difficulty``, ``random``,
   dense block at each end; ``difficulty``, ``sampled``: skip semantics, nested
   depths); ``random/inactive=stop`` is the seed's routing (stop semantics,
   nested depths);
+* ``estimator``, ``importance``, ``sampler``, ``importance_mix``, ``variance_budget``, ``variance_every`` --
+  the sampling options of per-block placement (:class:`cggr.RoutingConfig`), e.g.
+  ``random/estimator=unbiased/importance=block``;
+* ``tokens`` -- this arm's tokens per step as a fraction of the run's (fewer accumulated micro-batches;
+  its learning rate follows the same rule), e.g. ``dense/tokens=0.25``: the honest control for routing at
+  large batches is often a smaller batch;
 * ``compile=1`` -- ``torch.compile(model)`` (default mode), after cggr is attached; ``liger=1`` --
   Liger-Kernel's patches on the model instance (its fused linear cross-entropy included), before cggr is
   attached: a CUDA device and ``liger-kernel`` needed, and a routed arm must use policy ``random`` (the
@@ -69,6 +75,14 @@ cggr's pieces in their warm-up)::
     --arms dense,random,random/inactive=stop,ltd,dense/compile=1,
            dense/compile=1/seed=1,dense/compile=1/seed=2,random/compile=1,dense/liger=1,random/liger=1
 
+Tokens per step are an axis: ``--tokens-per-step 32K,128K,512K`` runs the regimes once per size, each
+optimizer step accumulating ``T / (batch_size * seq_len)`` micro-batches (every micro-batch draws its own
+routing), into a file per size. The learning rate follows one rule for every arm (``--lr-scaling``,
+default ``sqrt``): the preset's rate is the rate at one micro-batch, scaled by the square root of the
+micro-batches per step (square-root scaling for Adam), at most ``--lr-max-scale`` times it (default 4).
+A verdict wants runs of at least 300 optimizer steps: the summary lists the arms that ran fewer
+(``short_arms``) and the table says so.
+
 ``--devices cuda:0,cuda:1`` runs the arms on several GPUs at the same time (arms dealt round-robin, each in
 a process of its own, one after another on each GPU), and merges their files into one comparison (``--merge FILES`` merges files run apart). Step times of
 different GPUs are compared then: put the arms you compare on the same kind of GPU.
@@ -85,6 +99,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -114,7 +129,10 @@ MODELS = {
 REGIME_LR = {"pretrain": 1.0, "continued": 0.5, "finetune": 1 / 3}
 
 _ARM_OPTIONS = {"seed", "buckets", "depths", "warmup", "handback", "mode", "scorer", "inactive", "placement",
-                "dense_ends", "compile", "liger"}
+                "dense_ends", "compile", "liger", "tokens", "estimator", "importance", "sampler", "importance_mix",
+                "variance_budget", "variance_every"}
+# A verdict wants at least this many optimizer steps per arm; the summary names the arms that ran fewer.
+MIN_VERDICT_STEPS = 300
 _LTD_OPTIONS = {"seed": 0, "keep": 0.5, "ramp": 0.7}
 # How an arm's model runs, besides the routing: "eager" (plain HF), "compile" (torch.compile(model), after
 # cggr is attached) or "liger" (Liger-Kernel's patches on the instance, before cggr is attached).
@@ -168,7 +186,7 @@ def parse_arm(spec: str) -> dict:
     if base == "ltd":
         return _parse_ltd(spec, options)
     arm = {"name": spec.strip(), "policy": BASES[base], "seed": 0, "warmup": 0.2, "handback": 0.0, "attach": {},
-           "backend": "eager"}
+           "backend": "eager", "tokens": 1.0}
     for opt in options:
         key, sep, value = opt.partition("=")
         if not sep or key not in _ARM_OPTIONS:
@@ -188,14 +206,20 @@ def parse_arm(spec: str) -> dict:
                 arm["attach"]["num_buckets"] = int(value)
             elif key == "depths":
                 arm["attach"]["depths"] = tuple(float(v) for v in value.split(":"))
-            elif key == "dense_ends":
-                arm["attach"]["dense_ends"] = int(value)
+            elif key in ("dense_ends", "variance_every"):
+                arm["attach"][key] = int(value)
+            elif key in ("importance_mix", "variance_budget"):
+                arm["attach"][key] = float(value)
+            elif key == "tokens":
+                arm["tokens"] = float(value)
+                if not 0.0 < arm["tokens"] <= 1.0:
+                    raise ValueError
             else:
                 arm["attach"][key] = value
         except ValueError:
             raise ValueError(f"--arms: bad value in {opt!r} of {spec!r}") from None
     if arm["policy"] is None and (arm["attach"] or arm["handback"] or "warmup=" in spec):
-        raise ValueError(f"--arms: {spec!r}: a dense arm takes only seed=, compile= and liger=")
+        raise ValueError(f"--arms: {spec!r}: a dense arm takes only seed=, tokens=, compile= and liger=")
     if arm["backend"] == "liger" and arm["policy"] not in (None, "random"):
         raise ValueError(f"--arms: {spec!r}: liger=1 needs policy random (base random): Liger's fused linear "
                          f"cross-entropy returns no logits, and {base} ranks tokens by scores from them")
@@ -230,7 +254,16 @@ def add_quality_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="model preset (default: 125M on CUDA, tiny on CPU)")
     for name in ("d_model", "layers", "heads", "batch_size", "seq_len", "vocab_size"):
         m.add_argument("--" + name.replace("_", "-"), type=int, help="override the preset")
-    m.add_argument("--lr", type=float, help="peak AdamW learning rate of pretraining (override the preset)")
+    m.add_argument("--lr", type=float, help="peak AdamW learning rate of pretraining at one micro-batch per step "
+                                            "(override the preset)")
+    m.add_argument("--tokens-per-step", default=None,
+                   help="comma list of tokens per optimizer step (32K = 32768), each a multiple of batch_size x "
+                        "seq_len: gradient accumulation, one run per size (default: one micro-batch)")
+    m.add_argument("--lr-scaling", default="sqrt", choices=("sqrt", "none"),
+                   help="learning rate at T tokens per step: the preset's times sqrt(micro-batches per step) (sqrt, "
+                        "the default) or the preset's (none); the same rule for every arm")
+    m.add_argument("--lr-max-scale", type=float, default=4.0,
+                   help="sqrt scaling raises the learning rate at most this many times (default 4)")
     m.add_argument("--data", help="corpus A: text file, folder of text files or .xz (default: Python stdlib)")
     m.add_argument("--corpus", help="corpus A as a tokenized folder (train.bin, val.bin, tokenizer.json: "
                                     "python -m cggr_lab.corpus build/unpack), streamed from a memory map; "
@@ -294,10 +327,66 @@ def resolve_config(args: argparse.Namespace) -> dict:
     if args.evals < 1 or args.eval_batches < 1:
         raise ValueError("--evals and --eval-batches must be >= 1")
     pretrain_steps = args.pretrain_steps or (budget.steps or 300)
+    micro = cfg["batch_size"] * cfg["seq_len"]
+    sizes = [micro] if not getattr(args, "tokens_per_step", None) else _token_counts(args.tokens_per_step)
+    for size in sizes:
+        if size % micro:
+            raise ValueError(f"--tokens-per-step: {size} is not a multiple of batch_size x seq_len = {micro}")
+        for a in arms:
+            micro_batches = size // micro * a.get("tokens", 1.0)
+            if micro_batches < 1 or abs(micro_batches - round(micro_batches)) > 1e-9:
+                raise ValueError(f"--arms: {a['name']!r}: tokens={a['tokens']:g} of {size} tokens per step is "
+                                 f"{micro_batches:g} micro-batches of {micro} tokens: it must be a whole number >= 1")
+    scaling = getattr(args, "lr_scaling", "sqrt")
+    max_scale = getattr(args, "lr_max_scale", 4.0)
+    if not max_scale >= 1.0:
+        raise ValueError(f"--lr-max-scale must be >= 1, got {max_scale}")
     return dict(cfg, device=str(device), regimes=regimes, arms=arms, budget=budget, evals=args.evals,
+                tokens_per_step_axis=sizes, lr_scaling=scaling, lr_max_scale=max_scale,
                 eval_batches=args.eval_batches, data=args.data, finetune_data=args.finetune_data,
                 corpus=getattr(args, "corpus", None),
                 pretrain_steps=pretrain_steps, out=args.out, tag=args.tag, lr_warmup=0.05)
+
+
+def _token_counts(text: str) -> list[int]:
+    """``"32K,128K,1M"`` -> token counts (K = 1024, M = 1024**2: batches are powers of two)."""
+    out = []
+    for item in (t.strip() for t in str(text).split(",") if t.strip()):
+        scale = {"K": 1024, "M": 1024 ** 2}.get(item[-1].upper(), 1)
+        try:
+            value = int(item[:-1] if scale > 1 else item) * scale
+        except ValueError:
+            raise ValueError(f"--tokens-per-step: {item!r} is not a token count (e.g. 32768, 32K or 1M)") from None
+        if value < 1:
+            raise ValueError(f"--tokens-per-step: {item!r} must be positive")
+        out.append(value)
+    if not out or len(set(out)) != len(out):
+        raise ValueError(f"--tokens-per-step must list distinct token counts, got {text!r}")
+    return out
+
+
+def lr_at(cfg: dict, tokens_per_step: int) -> float:
+    """The rule every arm's learning rate follows: the preset's (at one micro-batch per step) times
+    sqrt(micro-batches per step) under ``lr_scaling="sqrt"``, at most ``lr_max_scale`` times it."""
+    micro_batches = tokens_per_step / (cfg["batch_size"] * cfg["seq_len"])
+    scale = math.sqrt(micro_batches) if cfg.get("lr_scaling", "sqrt") == "sqrt" else 1.0
+    return cfg["lr"] * min(scale, cfg.get("lr_max_scale", 4.0))
+
+
+def with_tokens_per_step(cfg: dict, tokens: int) -> dict:
+    """``cfg`` for one size of the tokens-per-step axis: its accumulation, and the size in the file names."""
+    micro = cfg["batch_size"] * cfg["seq_len"]
+    tag = cfg["tag"]
+    if len(cfg["tokens_per_step_axis"]) > 1 or tokens != micro:
+        tag = "-".join(x for x in (f"tps{_short_count(tokens)}", tag) if x)
+    return dict(cfg, tokens_per_step=tokens, accum=tokens // micro, tag=tag)
+
+
+def _short_count(n: int) -> str:
+    for unit, size in (("M", 1024 ** 2), ("K", 1024)):
+        if n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
 
 
 def _check_liger(device: torch.device, name: str) -> None:
@@ -521,10 +610,14 @@ def _run_arm(arm, regime, cfg, prep, start_state, checkpoint_info, train_stream,
             torch.cuda.reset_peak_memory_stats(device)
         stage[0] = "training"
         eval_at = [k / cfg["evals"] for k in range(1, cfg["evals"])]
-        r = train_arm(stepped, iter(batches), val, budget=cfg["budget"], lr=lr, lr_warmup=cfg["lr_warmup"],
+        # This arm's tokens per step (a fraction of the run's for tokens=F arms) and its learning rate by the rule.
+        accum = round(cfg.get("accum", 1) * arm.get("tokens", 1.0))
+        tokens = accum * cfg["batch_size"] * cfg["seq_len"]
+        arm_lr = lr_at(cfg, tokens) * lr / cfg["lr"]  # lr: the regime's rate at one micro-batch
+        r = train_arm(stepped, iter(batches), val, budget=cfg["budget"], lr=arm_lr, lr_warmup=cfg["lr_warmup"],
                       router=router, routing_warmup=arm["warmup"], routing_handback=arm["handback"],
                       token_drop=token_drop, eval_at=eval_at, device=device, desc=f"{regime}:{arm['name']}",
-                      eval_model=model)
+                      eval_model=model, accum=accum)
     finally:
         if router is not None:
             router.detach()
@@ -538,11 +631,11 @@ def _run_arm(arm, regime, cfg, prep, start_state, checkpoint_info, train_stream,
 
         r["routing"] = routing_record(router)
     r.update(arm=arm["name"], policy=arm["policy"], seed=arm["seed"], options=arm.get("ltd", arm["attach"]),
-             backend=backend, untimed_warmup_seconds=warm_seconds,
+             backend=backend, untimed_warmup_seconds=warm_seconds, tokens_per_step=tokens, lr=arm_lr,
              warmup=arm["warmup"], handback=arm["handback"], epochs_of_training_data=epochs,
              step_ms_median=median_step_ms(r["step_ms"]),
              peak_memory_gib=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None)
-    print(f"{regime:>9} {arm['name']:<28} steps {r['steps']:>5}  val {r['final_val_loss']:.4f}  "
+    print(f"{regime:>9} {arm['name']:<28} steps {r['steps']:>5} x {tokens:>7} tok  val {r['final_val_loss']:.4f}  "
           f"{r['step_ms_median']:.1f} ms/step  depth {r['mean_depth_fraction']:.3f}  "
           f"data epochs {epochs:.2f}", flush=True)
     if epochs > 2.0 + 1e-9:
@@ -597,7 +690,11 @@ def summarise(arms: list[dict], equal_steps: bool = False) -> dict:
     if not dense:
         return {"failed_arms": failed} if failed else {}
     base = lambda a: a.get("backend", "eager")  # noqa: E731 - files before the compile and liger arms: eager
-    candidates = [a for a in dense if a["seed"] == 0] or dense
+    # The best dense arm runs the run's tokens per step: a dense arm with fewer (tokens=F) is a control, shown
+    # beside it (does a smaller batch use the same compute better?), not the reference.
+    full = max(a.get("tokens_per_step") or 0 for a in dense)
+    dense_full = [a for a in dense if (a.get("tokens_per_step") or 0) == full]
+    candidates = [a for a in dense_full if a["seed"] == 0] or dense_full
     if equal_steps:
         ref = min(candidates, key=lambda a: a["step_ms_median"])
     else:
@@ -606,11 +703,12 @@ def summarise(arms: list[dict], equal_steps: bool = False) -> dict:
     target = ref["final_val_loss"]
     spreads, seeds = {}, {}
     for b in BACKENDS:
-        finals = [a["final_val_loss"] for a in dense if base(a) == b]
+        finals = [a["final_val_loss"] for a in dense_full if base(a) == b]
         if finals:
             spreads[b] = (max(finals) - min(finals)) if len(finals) > 1 else None
-            seeds[b] = sorted(a["seed"] for a in dense if base(a) == b)
+            seeds[b] = sorted(a["seed"] for a in dense_full if base(a) == b)
     out = {"best_dense_arm": ref["arm"], "best_dense_by": "step_ms_median" if equal_steps else "final_val_loss",
+           "short_arms": [a["arm"] for a in arms if a["steps"] < MIN_VERDICT_STEPS],
            "eager_dense_arm": None if eager is None else eager["arm"],
            "dense_final_val_loss": target, "dense_seed_spread": spreads[base(ref)],
            "dense_seed_spread_by_base": spreads, "dense_seeds_by_base": seeds,
@@ -624,6 +722,7 @@ def summarise(arms: list[dict], equal_steps: bool = False) -> dict:
             "final_val_loss": a["final_val_loss"],
             "delta_vs_dense": a["final_val_loss"] - target,
             "steps": a["steps"],
+            "tokens_per_step": a.get("tokens_per_step"),
             "step_ms_median": a["step_ms_median"],
             "speedup_vs_dense": None if eager is None else eager["step_ms_median"] / a["step_ms_median"],
             "speedup_vs_best_dense": ref["step_ms_median"] / a["step_ms_median"],
@@ -679,10 +778,13 @@ def format_table(result: dict) -> str:
                                    for i, (c, w) in enumerate(zip(cells, widths)))
     best = s.get("best_dense_arm", "dense")
     rule = "the fastest, equal steps" if s.get("best_dense_by") == "step_ms_median" else "lowest final loss"
+    short = s.get("short_arms") or []
+    note = ([f"short: {', '.join(short)} ran fewer than {MIN_VERDICT_STEPS} optimizer steps (a lead, not a verdict)"]
+            if short else [])
     return "\n".join([f"[{result['regime']}]", line(header), line(["-" * w for w in widths])]
                      + [line(r) for r in rows]
                      + [f"best dense arm: {best} ({rule}, final val loss {s['dense_final_val_loss']:.4f}); "
-                        f"{_spread_note(s)}; time is training seconds, best dense = 1.00x"] + failed)
+                        f"{_spread_note(s)}; time is training seconds, best dense = 1.00x"] + note + failed)
 
 
 def _plot(result: dict, cfg: dict, path: Path) -> None:
@@ -709,8 +811,10 @@ def _plot(result: dict, cfg: dict, path: Path) -> None:
         ax.set_ylabel("validation loss")
         ax.grid(alpha=0.3)
     a.legend(fontsize=7)
+    tokens = cfg.get("tokens_per_step") or cfg["batch_size"] * cfg["seq_len"]
     fig.suptitle(f"cggr quality, {result['regime']}: {cfg['model']} (d{cfg['d_model']} L{cfg['layers']}), "
-                 f"{cfg['batch_size']}x{cfg['seq_len']} tokens/step, {cfg['budget'].describe()} per arm, "
+                 f"{tokens} tokens/step ({cfg['batch_size']}x{cfg['seq_len']} micro-batches), "
+                 f"{cfg['budget'].describe()} per arm, "
                  f"{cfg['device']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -739,6 +843,16 @@ def run_quality(args: argparse.Namespace) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     records, tables = [], []
     prov = provenance(getattr(args, "command_line", None), device=device)
+    for tokens in cfg["tokens_per_step_axis"]:
+        records += _run_size(with_tokens_per_step(cfg, tokens), prep, info, prov, out, tables)
+    print()
+    print("\n\n".join(tables))
+    return records
+
+
+def _run_size(cfg: dict, prep: dict, info: dict, prov: dict, out: Path, tables: list) -> list[dict]:
+    """Every regime at one size of the tokens-per-step axis; their records (tables appended to ``tables``)."""
+    records = []
     config = {**{k: v for k, v in cfg.items() if k not in ("budget", "arms")},
               "budget": {"steps": cfg["budget"].steps, "seconds": cfg["budget"].seconds},
               "arms": [a["name"] for a in cfg["arms"]]}
@@ -758,8 +872,6 @@ def run_quality(args: argparse.Namespace) -> list[dict]:
         records.append(record)
         tables.append(format_table(result))
         print(f"wrote {out / tag}.json and .png", flush=True)
-    print()
-    print("\n\n".join(tables))
     return records
 
 
@@ -851,15 +963,21 @@ def run_on_devices(args: argparse.Namespace) -> list[dict]:
         t.join()
     done = [k for k in range(len(arms)) if k not in failed]
     records = []
-    for regime in cfg["regimes"]:
-        files = []
-        for k in done:
-            found = [f for f in sorted(parts[k].glob("quality-*.json")) if json.loads(f.read_text())["regime"] == regime]
-            if len(found) != 1:
-                raise RuntimeError(f"--devices: expected one {regime} result in {parts[k]}, found {len(found)}")
-            files += found
-        if files:
-            records.append(merge_results([str(f) for f in files], out, args.tag, command=line, arm_order=arms))
+    for tokens in cfg["tokens_per_step_axis"]:
+        size = with_tokens_per_step(cfg, tokens)
+        for regime in cfg["regimes"]:
+            files = []
+            for k in done:
+                found = [f for f in sorted(parts[k].glob("quality-*.json"))
+                         if (lambda r: r["regime"] == regime and r["config"].get("tokens_per_step", tokens) == tokens)(
+                             json.loads(f.read_text()))]
+                if len(found) != 1:
+                    raise RuntimeError(f"--devices: expected one {regime} result at {tokens} tokens per step in "
+                                       f"{parts[k]}, found {len(found)}")
+                files += found
+            if files:
+                records.append(merge_results([str(f) for f in files], out, size["tag"], command=line,
+                                             arm_order=arms))
     if failed:
         raise RuntimeError(f"--devices: {len(failed)} arm(s) failed: {'; '.join(failed[k] for k in sorted(failed))}; "
                            f"the other arms are merged in {out}")
@@ -869,7 +987,8 @@ def run_on_devices(args: argparse.Namespace) -> list[dict]:
 # What must agree between the files of one merged comparison: everything that changes what an arm learns
 # or how its time is counted (the device may differ: one GPU per process, recorded per arm).
 _MERGE_KEYS = ("model", "d_model", "layers", "heads", "batch_size", "seq_len", "vocab_size", "lr", "budget",
-               "evals", "eval_batches", "data", "corpus", "finetune_data", "pretrain_steps", "lr_warmup")
+               "evals", "eval_batches", "data", "corpus", "finetune_data", "pretrain_steps", "lr_warmup",
+               "tokens_per_step", "lr_scaling", "lr_max_scale")
 
 
 def merge_results(paths: list[str], out: Path, tag: str = "", command: str | None = None,

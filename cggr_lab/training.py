@@ -15,6 +15,10 @@ seconds spent / seconds), so the same schedule fits both kinds of budget:
   the middle layers, set with ``RandomLTD.set_fraction(f)`` before every step;
 * validation: at ``f = 0`` and each time ``f`` crosses one of ``eval_at``.
 
+An optimizer step may accumulate the gradients of ``accum`` micro-batches
+(each one its own forward, with its own routing, and backward of its loss
+divided by ``accum``): the tokens per step are ``accum`` micro-batches' worth.
+
 Step time covers the forward, backward, optimizer step and scheduler, with a
 device synchronisation on both sides; evaluation is not timed, so "seconds"
 means training seconds.
@@ -111,37 +115,45 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(model: torch.nn.Module, ids: torch.Tensor, opt: torch.optim.Optimizer, router=None,
-               autocast=None, mark=None) -> torch.Tensor:
-    """One language-model training step on ``ids`` (labels = inputs, HF's loss): forward (under
-    ``autocast()`` when given), backward, optimizer step, curriculum step. Returns the loss.
+def train_step(model: torch.nn.Module, ids: torch.Tensor | Sequence[torch.Tensor], opt: torch.optim.Optimizer,
+               router=None, autocast=None, mark=None) -> torch.Tensor:
+    """One language-model training step on ``ids`` (labels = inputs, HF's loss), or on a sequence of
+    micro-batches whose gradients accumulate: per micro-batch a forward (under ``autocast()`` when given) and
+    the backward of its loss divided by their number; then the optimizer step and the curriculum step.
+    Returns the (mean) loss, a device scalar.
 
     The step every cggr loop and benchmark times (the timing, and any synchronisation, stay the caller's).
-    ``mark(phase)``, when given, is called as each phase has been issued ("forward", "backward", "optimizer"):
-    the speed benchmark's per-phase timing (:func:`benchmarks.speed.phase_times`) records its events there.
+    ``mark(phase)``, when given, is called as each phase has been issued ("forward", "backward", "optimizer";
+    forward and backward once per micro-batch): the speed benchmark's per-phase timing
+    (:func:`benchmarks.speed.phase_times`) records its events there.
     """
     mark = mark or (lambda phase: None)
-    if autocast is None:
-        loss = model(input_ids=ids, labels=ids).loss
-    else:
-        with autocast():
-            loss = model(input_ids=ids, labels=ids).loss
-    mark("forward")
-    loss.backward()
-    mark("backward")
+    micro = [ids] if isinstance(ids, torch.Tensor) else list(ids)
+    total = None
+    for x in micro:
+        if autocast is None:
+            loss = model(input_ids=x, labels=x).loss
+        else:
+            with autocast():
+                loss = model(input_ids=x, labels=x).loss
+        mark("forward")
+        (loss / len(micro) if len(micro) > 1 else loss).backward()
+        mark("backward")
+        total = loss.detach() if total is None else total + loss.detach()
     opt.step()
     opt.zero_grad(set_to_none=True)
     if router is not None:
         router.step()
     mark("optimizer")
-    return loss
+    return total / len(micro)
 
 
 def train_arm(model: torch.nn.Module, batches: Iterator[torch.Tensor], val_batches: Sequence[torch.Tensor], *,
               budget: Budget, lr: float, lr_warmup: float = 0.1, router=None, routing_warmup: float = 0.2,
               routing_handback: float = 0.0, token_drop=None, eval_at: Sequence[float] = (), device: torch.device,
-              desc: str = "train", eval_model: torch.nn.Module | None = None) -> dict:
-    """Train ``model`` in place for ``budget``; returns its curves and per-step records.
+              desc: str = "train", eval_model: torch.nn.Module | None = None, accum: int = 1) -> dict:
+    """Train ``model`` in place for ``budget``; returns its curves and per-step records. Each optimizer step
+    accumulates ``accum`` micro-batches of ``batches``.
 
     ``router`` (from ``cggr.attach``, or None for dense) gets its curriculum
     progress from the budget fraction: full depth at the start, target depths
@@ -174,7 +186,7 @@ def train_arm(model: torch.nn.Module, batches: Iterator[torch.Tensor], val_batch
             depth_progress.append(p)
         if token_drop is not None:
             token_drop.set_fraction(fraction)
-        x = next(batches).to(device, non_blocking=True)
+        x = [next(batches).to(device, non_blocking=True) for _ in range(accum)]
         sync(device)
         t0 = time.perf_counter()
         loss = train_step(model, x, opt, router)
@@ -203,6 +215,7 @@ def train_arm(model: torch.nn.Module, batches: Iterator[torch.Tensor], val_batch
     return {
         **curve,
         "steps": step,
+        "accum": accum,
         "step_ms": step_ms,
         "train_loss": train_loss,
         "router_metrics": metrics,

@@ -176,7 +176,7 @@ def test_parse_arm_backends():
     ("ltd/compile=1", r"'ltd/compile=1': compile is not offered for ltd arms"),
     ("difficulty/liger=1", r"'difficulty/liger=1': liger=1 needs policy random"),
     ("sampled/liger=1", r"'sampled/liger=1': liger=1 needs policy random"),
-    ("dense/compile=1/buckets=2", r"a dense arm takes only seed=, compile= and liger="),
+    ("dense/compile=1/buckets=2", r"a dense arm takes only seed=, tokens=, compile= and liger="),
 ])
 def test_parse_arm_backend_errors(spec, match):
     with pytest.raises(ValueError, match=match):
@@ -508,3 +508,43 @@ def test_arms_run_on_several_devices_at_once_and_merge(tmp_path, monkeypatch, ca
         assert main(base + ["--out", str(tmp_path / "x"), "--devices", devices]) == 1
         assert said in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_tokens_per_step_axis_learning_rate_rule_and_smaller_batch_control(tmp_path, capsys):
+    """--tokens-per-step: one file per size, each step accumulating its micro-batches; every arm's learning rate by
+    the one rule (sqrt of the micro-batches, capped); a dense/tokens=F arm runs fewer tokens per step and is a
+    control beside the best dense arm, not the reference; arms under 300 steps are named short."""
+    from cggr.cli import main
+    from cggr_lab import quality as q
+
+    assert q._token_counts("512, 1K,2M") == [512, 1024, 2 * 1024 ** 2]
+    for bad in ("0", "12X", "1K,1024"):
+        with pytest.raises(ValueError, match="--tokens-per-step"):
+            q._token_counts(bad)
+    cfg = dict(batch_size=2, seq_len=32, lr=1e-3, lr_scaling="sqrt", lr_max_scale=4.0)
+    assert q.lr_at(cfg, 64) == pytest.approx(1e-3) and q.lr_at(cfg, 256) == pytest.approx(2e-3)
+    assert q.lr_at(cfg, 64 * 100) == pytest.approx(4e-3)  # capped
+    assert q.lr_at(dict(cfg, lr_scaling="none"), 256) == pytest.approx(1e-3)
+    out = tmp_path / "out"
+    argv = ["bench", "quality", "--model", "tiny", "--d-model", "32", "--layers", "3", "--heads", "2",
+            "--seq-len", "32", "--batch-size", "2", "--vocab-size", "300", "--steps", "2", "--evals", "1",
+            "--eval-batches", "1", "--tokens-per-step", "128,256", "--arms",
+            "dense,dense/tokens=0.5,random/estimator=unbiased", "--out", str(out)]
+    assert main(argv) == 0
+    assert "ran fewer than 300 optimizer steps" in capsys.readouterr().out
+    for size, accum in ((128, 2), (256, 4)):
+        (path,) = out.glob(f"quality-pretrain-tiny-*-tps{size}.json")
+        rec = json.loads(path.read_text())
+        assert rec["config"]["tokens_per_step"] == size and rec["config"]["accum"] == accum
+        arms = {a["arm"]: a for a in rec["arms"]}
+        assert arms["dense"]["tokens_per_step"] == size and arms["dense"]["accum"] == accum
+        assert arms["dense/tokens=0.5"]["tokens_per_step"] == size // 2
+        assert arms["dense"]["lr"] == pytest.approx(3e-3 * (accum ** 0.5))  # the tiny preset's 3e-3
+        assert arms["dense/tokens=0.5"]["lr"] == pytest.approx(3e-3 * ((accum // 2) ** 0.5))
+        s = rec["summary"]
+        assert s["best_dense_arm"] == "dense" and set(s["short_arms"]) == set(arms)
+        # Two micro-batches per step, each its own routing: the router counted both forwards.
+        assert arms["random/estimator=unbiased"]["routing"]["estimator"] == "unbiased"
+    with pytest.raises(ValueError, match="whole number"):
+        q.resolve_config(q.add_quality_arguments(__import__("argparse").ArgumentParser()).parse_args(
+            ["--device", "cpu", "--model", "tiny", "--tokens-per-step", "256", "--arms", "dense/tokens=0.3"]))
