@@ -117,9 +117,9 @@ def test_compile_graph_breaks():
 # --------------------------------------------------------------------------- (b) bf16 autocast on the CPU
 def test_fp16_autocast_fallback_is_announced_once(caplog, monkeypatch):
     """fp16 autocast misses the (bf16) fast path: the user is told once, with the fix; the generic path runs."""
-    import cggr.compact as compact
+    import cggr.compact.forward as compacted_forward
 
-    monkeypatch.setattr(compact, "_warned_dtype", False)
+    monkeypatch.setattr(compacted_forward, "_warned_dtype", False)
     model = hf_model("llama", seed=4)
     router = cggr.attach(model, num_buckets=4, warmup_steps=0)
     batch = _hf_batch(seed=2)
