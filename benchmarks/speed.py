@@ -1,6 +1,7 @@
 """Step-time benchmark: dense training against cggr, side by side on one GPU, one process per arm.
 
-Builds Llama-style models from configs (random weights, random tokens), bf16
+Builds models of the family registry (cggr.families; Llama's unless the name says another family) from configs
+(random weights, random tokens), bf16
 weights (or, with ``--precision autocast``, fp32 weights under bf16 autocast),
 fused AdamW, HF's own loss (or Liger's fused one in the Liger arms). The dense
 baselines are the ones users run: HF eager, HF under ``torch.compile`` and HF
@@ -49,14 +50,26 @@ from cggr_lab.provenance import provenance, routing_record
 from cggr_lab.training import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: the arms' processes run there
-MODELS = {  # name: (hidden, layers, heads, mlp, batch, seq); Llama-style unless the name says gpt2
+MODELS = {  # name: (hidden, layers, heads, mlp, batch, seq); the family: MODEL_TYPES
     "125M": (768, 12, 12, 2048, 16, 1024),
     "350M": (1024, 24, 16, 2816, 16, 1024),
     "1B": (2048, 16, 16, 5632, 8, 2048),
     "gpt2-124M": (768, 12, 12, 3072, 16, 1024),
+    "qwen3-350M": (1024, 24, 16, 2816, 16, 1024),
+    "gemma3-350M": (1024, 24, 16, 2816, 16, 1024),
+    "olmo2-350M": (1024, 24, 16, 2816, 16, 1024),
+    "phi3-350M": (1024, 24, 16, 2816, 16, 1024),
     "tiny": (64, 4, 4, 176, 2, 64),  # the CPU smoke test's
 }
+# The registry's model_type of each model not Llama's.
+MODEL_TYPES = {"gpt2-124M": "gpt2", "qwen3-350M": "qwen3", "gemma3-350M": "gemma3_text", "olmo2-350M": "olmo2",
+               "phi3-350M": "phi3"}
 VOCAB = 32000
+
+
+def model_type(name: str) -> str:
+    """The family (a key of ``cggr.families.FAMILIES``) of the model ``name`` of :data:`MODELS`."""
+    return MODEL_TYPES.get(name, "llama")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,25 +144,37 @@ def flop_ratio_ceiling(hidden, layers, mlp, seq, vocab, mean_depth_fraction=0.62
 
 def build(name, seed=0, dtype=torch.bfloat16, device="cuda", shape=None):
     """The model ``name`` of :data:`MODELS` (or of ``shape``, a tuple like theirs) with random weights."""
+    hidden, layers, heads, mlp, _, _ = shape or MODELS[name]
+    return build_family(model_type(name), hidden, layers, heads, mlp, seed=seed, dtype=dtype, device=device)
+
+
+def _family_settings(kind: str, head_dim: int) -> dict:
+    """The family's own settings at full size, where the registry's tiny config has the tests' ones."""
+    if kind == "gemma3_text":  # Gemma 3's: q scaled by the head dim, a 512-token window on 5 layers of every 6
+        return dict(query_pre_attn_scalar=head_dim, sliding_window=512, sliding_window_pattern=6)
+    return {}
+
+
+def build_family(kind, hidden, layers, heads, mlp, seed=0, dtype=torch.bfloat16, device="cuda"):
+    """An HF causal LM of the registry's family ``kind`` (``cggr.families.FAMILIES``) of this shape, random weights:
+    its tiny config with these sizes (as many key/value heads as heads), SDPA attention, no KV cache."""
     import transformers as tf
 
-    hidden, layers, heads, mlp, _, _ = shape or MODELS[name]
-    if name.startswith("gpt2"):
-        cfg = tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=mlp, vocab_size=VOCAB,
-                            n_positions=4096, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
-        cfg._attn_implementation = "sdpa"
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = tf.GPT2LMHeadModel(cfg)
-        return model.to(dtype).train()
-    cfg = tf.LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=VOCAB,
-                         max_position_embeddings=4096, tie_word_embeddings=False)
+    from cggr.families import FAMILIES
+
+    family = FAMILIES[kind]
+    config = dict(family.tiny, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  vocab_size=VOCAB, use_cache=False)
+    if kind == "gpt2":
+        config.update(n_inner=mlp, n_positions=4096)
+    else:
+        config.update(intermediate_size=mlp, num_key_value_heads=heads, head_dim=hidden // heads,
+                      max_position_embeddings=4096, tie_word_embeddings=False, **_family_settings(kind, hidden // heads))
+    cfg = getattr(tf, family.config)(**config)
     cfg._attn_implementation = "sdpa"
-    cfg.use_cache = False
     torch.manual_seed(seed)
     with torch.device(device):
-        model = tf.LlamaForCausalLM(cfg)
+        model = getattr(tf, family.causal_lm)(cfg)
     return model.to(dtype).train()
 
 
@@ -189,7 +214,7 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision
     record["flop_ratio_ceiling"] = None  # dense arms: no routing, no ceiling
     if spec.cggr is not None and fraction is not None:
         record["flop_ratio_ceiling"] = round(flop_ratio_ceiling(hidden, layers, mlp, seq, VOCAB, fraction,
-                                                                2 if name.startswith("gpt2") else 3), 3)
+                                                                2 if model_type(name) == "gpt2" else 3), 3)
     stage = "build"
     try:
         model = build(name, dtype=torch.float32 if autocast else torch.bfloat16, device=device)

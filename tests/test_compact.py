@@ -381,6 +381,43 @@ def test_compacted_block_equals_hf_layer_under_reference(seed, kind, index, dtyp
             assert all(a <= BF16_EACH * h + 1e-3 for a, h in zip(ours, theirs)), (inactive, ours, theirs)
 
 
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_compiled_stages_take_the_named_weights_and_equal_the_reference(backward, monkeypatch):
+    """On CUDA the forward's two stages and the backward's two run under torch.compile (``pointwise.kernel``),
+    their weights a named tuple. Here dynamo traces them on the CPU (``aot_eager``), saving and checkpointed, for
+    three row counts: the gradients are the reference's, and each stage compiles once for every row count (the
+    first backward stage once for saved rows and once for recomputed ones)."""
+    import torch._dynamo.testing
+
+    from cggr.compact import pointwise
+
+    counters = {}
+
+    def compiled(fn, dynamic):
+        if fn not in counters:
+            counters[fn] = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        return torch.compile(fn, backend=counters[fn], dynamic=dynamic)
+
+    monkeypatch.setattr(pointwise, "_compiled", compiled)
+    module = gpt2 if backward == "gpt2" else decoder
+    monkeypatch.setattr(module, "kernel", lambda eager, on_cuda, rows=None: pointwise.kernel(eager, True, rows))
+    torch._dynamo.reset()
+    layer, ref, x, kwargs, _ = _layer_and_kwargs(compacted_kind(backward), 0, torch.float32, 3, 7)
+    forward = _compacted(layer)
+    for checkpointed in (False, True):
+        for seed in range(3):
+            depth = torch.randint(0, 2, (3, 7), generator=torch.Generator().manual_seed(seed))
+            gy = torch.randn(3, 7, x.shape[-1], generator=torch.Generator().manual_seed(seed))
+            routing = Routing.from_depth(depth, 1)
+            got = _grads(lambda xx: forward.run(routing, xx, (), kwargs, checkpointed, 0), x,
+                         list(layer.parameters()), gy)
+            with cggr.reference_routing([ref], depth):
+                want = _grads(lambda xx: ref(xx, **kwargs), x, list(ref.parameters()), gy)
+            assert max(rel_err(a, b) for a, b in zip(got, want)) < 1e-5, (checkpointed, seed)
+    frames = {fn.__name__: c.frame_count for fn, c in counters.items()}
+    assert frames == {"_qkv": 1, "_post_attention": 1, "mlp_backward_rows": 2, "qkv_backward_rows": 1}, frames
+
+
 # ------------------------------------------------------------------------------------------ double backward
 @pytest.mark.parametrize("checkpointed", [False, True], ids=["saving", "checkpointed"])
 @pytest.mark.parametrize("backward", BACKWARDS)

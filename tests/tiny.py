@@ -63,14 +63,21 @@ def hf_model(kind: str, layers: int = 4, vocab: int = 97, seed: int = 0, **confi
     return model.float().train()
 
 
-FAMILY_KINDS = list(FAMILIES)  # every family of the registry: a family added is a family tested
-COMPACTED_KINDS = [k for k, f in FAMILIES.items() if f.backward is not None]
+# The registry's families as tests parametrize over them: a family added is a family tested.
+FAMILY_KINDS = list(FAMILIES)
+DENSE_KINDS = [k for k, f in FAMILIES.items() if not f.moe]  # MoE families: tests/test_moe.py
 MOE_KINDS = [k for k, f in FAMILIES.items() if f.moe]
+COMPACTED_KINDS = [k for k, f in FAMILIES.items() if f.backward is not None]
 
 
 def compacted_kind(backward_name: str) -> str:
     """The first model_type of the registry whose blocks take the compacted backward ``backward_name``."""
     return next(k for k, f in FAMILIES.items() if f.backward is not None and f.backward.name == backward_name)
+
+
+# One family per compacted backward (Llama, Qwen 3, Gemma 3, OLMo 2, Phi-3, GPT-2): for tests of what the router
+# does around a block's backward rather than of the backward itself.
+BACKWARD_KINDS = list(dict.fromkeys(compacted_kind(f.backward.name) for f in FAMILIES.values() if f.backward))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -524,8 +524,8 @@ class DecoderBlockRoutedCheckpointed(torch.autograd.Function):
 def _norm_kind(norm, kind: RMSNormKind) -> tuple[RMSNormKind, float] | None:
     """``(kind, eps)`` of ``norm`` if it is an RMSNorm with a weight of the layout's ``kind`` (HF's class, or
     Liger-Kernel's, whose casting mode says where it rounds), else None."""
-    name = type(norm).__name__
-    if not name.endswith("RMSNorm") or getattr(norm, "weight", None) is None:
+    name = type(norm).__name__  # HF's <Family>RMSNorm; Liger-Kernel's LigerRMSNorm, LigerRMSNormForGemma3, ...
+    if "RMSNorm" not in name or getattr(norm, "weight", None) is None:
         return None
     eps = vars(norm).get("variance_epsilon", getattr(norm, "eps", None))
     if not isinstance(eps, (int, float)):
