@@ -1,7 +1,9 @@
-"""Regenerate the README's result tables from the committed JSON files.
+"""Regenerate the README's result tables from the committed JSON files, and its tables of what cggr supports.
 
-Each table sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``
-in README.md and is rebuilt from ``benchmarks/results/NAME-*.json``:
+Each result table sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``
+in README.md and is rebuilt from ``benchmarks/results/NAME-*.json``; each table between
+``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->`` from the library (the supported models: the family
+registry, ``cggr.families``):
 
     python -m benchmarks.report          # rewrite README.md in place
     python -m benchmarks.report --check  # exit 1 if README.md is stale
@@ -18,6 +20,8 @@ import json
 import os
 import re
 import sys
+
+from cggr.families import supported_models_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -343,11 +347,19 @@ LOADERS = {"quality": _load_quality, "speed-headline": lambda _name: _load("spee
            "speed-phases": lambda _name: _load("speed")}
 
 
+GENERATED = {"supported-models": supported_models_table}
+
+
+def _section(kind: str, name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- {kind}:{name} -->\n).*?(\n<!-- /{kind}:{name} -->)", re.S)
+
+
 def render(readme: str) -> str:
     for name, fn in TABLES.items():
-        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
         records = LOADERS.get(name, _load)(name)
-        readme = pattern.sub(lambda m: m.group(1) + fn(records) + m.group(2), readme)
+        readme = _section("results", name).sub(lambda m: m.group(1) + fn(records) + m.group(2), readme)
+    for name, fn in GENERATED.items():
+        readme = _section("generated", name).sub(lambda m: m.group(1) + fn() + m.group(2), readme)
     return readme
 
 
@@ -361,7 +373,7 @@ def main(argv=None):
     new = render(old)
     if a.check:
         if new != old:
-            print("README.md result tables are stale: run python -m benchmarks.report", file=sys.stderr)
+            print("README.md's generated tables are stale: run python -m benchmarks.report", file=sys.stderr)
             return 1
         return 0
     with open(path, "w") as f:

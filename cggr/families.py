@@ -53,6 +53,7 @@ _LLAMA_SIZES = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
 _MOE_SIZES = dict(_LLAMA_SIZES, intermediate_size=48, num_experts_per_tok=2, output_router_logits=True,
                   router_aux_loss_coef=0.1)
 _NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+_MOE = "mixture of experts: routers gated, the experts' backward run for the active tokens (cggr/moe.py)"
 
 _RECORDS = [
     Family("llama", "LlamaForCausalLM", "LlamaConfig", _LLAMA_SIZES, backward=llama.BACKWARD,
@@ -77,18 +78,18 @@ _RECORDS = [
            dict(hidden_size=32, num_attention_heads=4, n_positions=128, **_NO_DROPOUT), stack="transformer.h",
            backward=gpt2.BACKWARD, notes="HF Conv1D layers; compacted when dropout is off (or in eval mode)"),
     Family("mixtral", "MixtralForCausalLM", "MixtralConfig", dict(_MOE_SIZES, num_local_experts=4, sliding_window=None),
-           moe=True, notes="mixture of experts"),
+           moe=True, notes=_MOE),
     Family("qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2MoeConfig",
            dict(_MOE_SIZES, num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=40,
                 decoder_sparse_step=1, mlp_only_layers=[]),
-           moe=True, notes="mixture of experts with a shared expert"),
+           moe=True, notes=f"{_MOE}; a shared expert"),
     Family("qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3MoeConfig",
            dict(_MOE_SIZES, head_dim=8, num_experts=4, moe_intermediate_size=24, decoder_sparse_step=1,
                 mlp_only_layers=[]),
-           moe=True, notes="mixture of experts; q/k norms"),
+           moe=True, notes=_MOE),
     Family("olmoe", "OlmoeForCausalLM", "OlmoeConfig",
            dict(_MOE_SIZES, num_experts=4, pad_token_id=0, eos_token_id=1, bos_token_id=None),
-           moe=True, notes="mixture of experts"),
+           moe=True, notes=_MOE),
     Family("gemma", "GemmaForCausalLM", "GemmaConfig", dict(_LLAMA_SIZES, head_dim=8, pad_token_id=0),
            notes="(1 + w) norms, GeGLU"),
     Family("gemma2", "Gemma2ForCausalLM", "Gemma2Config",
