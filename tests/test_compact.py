@@ -241,6 +241,66 @@ def test_calls_the_function_cannot_compute_take_the_plain_forward():
                                                                   attention_mask=mask))
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind,config", [("gemma3_text", {}),
+                                         ("qwen3", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1))],
+                         ids=["gemma3_text", "qwen3-sliding"])
+def test_sliding_window_layers_train_exactly_with_the_masks_hf_builds(kind, config, attention):
+    """Sliding-window layers (a window of 4 in sequences of 11) beside global ones: HF passes each layer the mask
+    of its type (eager: a float mask always; SDPA: a boolean one where the window or the padding cuts, none
+    where it can use its causal kernel). Every block takes the compacted backward, and the gradients are the
+    reference's."""
+    model = _model(kind, **config)
+    model.config._attn_implementation = attention
+    assert {"sliding_attention", "full_attention"} <= set(model.config.layer_types)
+    ref = copy.deepcopy(model)
+    router = cggr.attach(model, warmup_steps=0)
+    ids = torch.randint(1, 61, (3, 11), generator=torch.Generator().manual_seed(5))
+    padding = torch.ones_like(ids)
+    padding[0, 9:] = 0
+    labels = ids.masked_fill(padding == 0, -100)
+    model(input_ids=ids, labels=labels, attention_mask=padding).loss.backward()
+    assert router.routing.compact_blocks == set(range(4)) and router.routing.depth.min() < 4
+    with cggr.reference_routing(_blocks(ref), **routed_as(router)):
+        ref(input_ids=ids, labels=labels, attention_mask=padding).loss.backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert rel_err(p.grad, q.grad) < 1e-5 if q.grad.norm() > 0 else p.grad.norm() == 0, n
+
+
+def test_a_sliding_window_without_a_mask_takes_the_layers_own_forward():
+    """No mask (flash attention applies the window itself): a sliding-window layer's call on a sequence longer
+    than its window takes the plain forward; a global layer's, or a sequence within the window, the compacted
+    path."""
+    model = _model("gemma3_text")
+    sliding, full = _blocks(model)[:2]
+    assert sliding.self_attn.sliding_window == 4 and full.self_attn.sliding_window is None
+    cos, sin = torch.ones(2, 6, 8), torch.zeros(2, 6, 8)
+    for block, window_cuts in ((sliding, True), (full, False)):
+        found, reason = compact_decision(block)
+        forward = CompactedForward(_Source(), block, 0, found.backward, found.spec, block.forward)
+        forward.source.routing = Routing.from_depth(torch.ones(2, 6, dtype=torch.long), num_layers=4)
+        x = torch.randn(2, 6, 32)
+        assert forward.takes_call(x, (), dict(position_embeddings=(cos, sin))) is not window_cuts
+        assert forward.takes_call(x[:, :4], (), dict(position_embeddings=(cos[:, :4], sin[:, :4])))
+
+
+def test_partial_rotary_calls_take_the_generic_backward():
+    """Phi-3 with ``partial_rotary_factor`` < 1 (Phi-4-mini's) rotates part of each head: its blocks pass the
+    check (whose cos/sin span the head), but the model's cos/sin are narrower than a head, so every training call
+    takes the layer's own forward and the generic backward; the gradients are the reference's."""
+    model = _model("phi3", partial_rotary_factor=0.5)
+    ref = copy.deepcopy(model)
+    router = cggr.attach(model, warmup_steps=0)
+    assert router.compact_blocks == ["phi3"] * 4
+    ids = torch.randint(1, 61, (3, 9), generator=torch.Generator().manual_seed(4))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert router.routing.compact_blocks == set() and router.routing.depth.min() < 4
+    with cggr.reference_routing(_blocks(ref), **routed_as(router)):
+        ref(input_ids=ids, labels=ids).loss.backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert rel_err(p.grad, q.grad) < 1e-5 if q.grad.norm() > 0 else p.grad.norm() == 0, n
+
+
 def test_decision_reasons():
     assert compact_decision(torch.nn.Linear(4, 4)) == (
         None, f"Linear matches no compacted backward ({', '.join(BACKWARDS)})")
@@ -573,6 +633,21 @@ def test_the_check_covers_skip_semantics(monkeypatch, backward):
     monkeypatch.setattr(gpt2 if backward == "gpt2" else decoder, "scatter_rows", stop_only)
     found, reason = compact_decision(_blocks(_model(compacted_kind(backward)))[0])
     assert found is None and "some rows inactive (skip)" in reason, reason
+
+
+@pytest.mark.parametrize("backward", [b for b in BACKWARDS if b != "gpt2"])
+def test_the_check_covers_a_key_norms_weight_gradient_from_inactive_keys(monkeypatch, backward):
+    """Inactive keys are constants before a key norm, not after it: the norm's weight gets gradient from every key
+    an active query attends to. A backward that summed it over the active rows only (here) is refused at attach
+    in the families with a key norm; the others have nothing to get wrong."""
+    real = decoder._qk_norm_backward
+    monkeypatch.setattr(decoder, "_qk_norm_backward", lambda *args, d_every=None: real(*args))
+    block = _blocks(_model(compacted_kind(backward)))[0]
+    found, reason = compact_decision(block)
+    if _structural_family(block)[1].qk_norm is None:
+        assert found is not None, reason
+    else:
+        assert found is None and "gradient of self_attn.k_norm.weight (some rows inactive" in reason, reason
 
 
 def test_a_rope_no_variant_reads_is_refused(monkeypatch):

@@ -389,7 +389,9 @@ def _compare(block, backward: CompactedBackward, spec, seed, full) -> tuple[floa
     subs = {"block." + n: t for n, t in subs.items()}
     x = torch.randn(BATCH, SEQ, spec.hidden_size, generator=g, device=device)
     routed_depth = (torch.rand(BATCH, SEQ, generator=g, device=device) < 0.5).long()
-    routed_depth[0, 0], routed_depth[1, -1] = 0, 1  # some rows inactive, some active
+    # Some rows inactive, some active; in sequence 0 an active query after an inactive key (whose gradient a key
+    # norm's weight reads).
+    routed_depth[0, 0], routed_depth[0, -1], routed_depth[1, -1] = 0, 1, 1
     # (depth, inactive semantics): every row active; some rows inactive, under stop and under skip (the default:
     # inactive rows pass their output gradient to the input). The per-layer re-check runs the forward only.
     depths = ([(torch.ones_like(routed_depth), "stop"), (routed_depth, "stop"), (routed_depth, "skip")] if full
