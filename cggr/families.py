@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from .compact import gemma3, gpt2, llama, olmo2, phi3, qwen3
+from .compact import gemma, gemma3, gpt2, llama, olmo2, phi3, qwen3
 from .compact.backward import CompactedBackward
 
 
@@ -69,6 +69,8 @@ _RECORDS = [
                 pad_token_id=0),
            backward=gemma3.BACKWARD,
            notes="(1 + w) norms, sandwich norms, q/k norms, GeGLU; sliding-window layers alternate with global ones"),
+    Family("gemma", "GemmaForCausalLM", "GemmaConfig", dict(_LLAMA_SIZES, head_dim=8, pad_token_id=0),
+           backward=gemma.BACKWARD, notes="(1 + w) norms, GeGLU"),
     Family("olmo2", "Olmo2ForCausalLM", "Olmo2Config", dict(_LLAMA_SIZES, pad_token_id=0), backward=olmo2.BACKWARD,
            notes="post-norms (no input norm); q/k norms over the projection's width"),
     Family("phi3", "Phi3ForCausalLM", "Phi3Config", dict(_LLAMA_SIZES, pad_token_id=0, bos_token_id=1, eos_token_id=2),
@@ -90,8 +92,6 @@ _RECORDS = [
     Family("olmoe", "OlmoeForCausalLM", "OlmoeConfig",
            dict(_MOE_SIZES, num_experts=4, pad_token_id=0, eos_token_id=1, bos_token_id=None),
            moe=True, notes=_MOE),
-    Family("gemma", "GemmaForCausalLM", "GemmaConfig", dict(_LLAMA_SIZES, head_dim=8, pad_token_id=0),
-           notes="(1 + w) norms, GeGLU"),
     Family("gemma2", "Gemma2ForCausalLM", "Gemma2Config",
            dict(_LLAMA_SIZES, head_dim=8, query_pre_attn_scalar=8, sliding_window=4, pad_token_id=0),
            notes="attention logit softcapping"),
