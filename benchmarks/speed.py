@@ -168,8 +168,9 @@ def build_family(kind, hidden, layers, heads, mlp, seed=0, dtype=torch.bfloat16,
     if kind == "gpt2":
         config.update(n_inner=mlp, n_positions=4096)
     else:
-        config.update(intermediate_size=mlp, num_key_value_heads=heads, head_dim=hidden // heads,
-                      max_position_embeddings=4096, tie_word_embeddings=False, **_family_settings(kind, hidden // heads))
+        head_dim = hidden // heads
+        config.update(intermediate_size=mlp, num_key_value_heads=heads, head_dim=head_dim, max_position_embeddings=4096,
+                      tie_word_embeddings=False, **_family_settings(kind, head_dim))
     cfg = getattr(tf, family.config)(**config)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)

@@ -241,9 +241,11 @@ def test_calls_the_function_cannot_compute_take_the_plain_forward():
                                                                   attention_mask=mask))
 
 
+QWEN3_SLIDING = dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)
+
+
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
-@pytest.mark.parametrize("kind,config", [("gemma3_text", {}),
-                                         ("qwen3", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1))],
+@pytest.mark.parametrize("kind,config", [("gemma3_text", {}), ("qwen3", QWEN3_SLIDING)],
                          ids=["gemma3_text", "qwen3-sliding"])
 def test_sliding_window_layers_train_exactly_with_the_masks_hf_builds(kind, config, attention):
     """Sliding-window layers (a window of 4 in sequences of 11) beside global ones: HF passes each layer the mask

@@ -33,7 +33,7 @@ def _assert_close(got, want, tol=1e-5):
         assert rel_err(got[name], w) < tol if w.norm() > 0 else got[name].norm() < 1e-6, name
 
 
-@pytest.mark.parametrize("kind", ["tiny", *BACKWARD_KINDS])  # the handwritten model, a family of each compacted backward
+@pytest.mark.parametrize("kind", ["tiny", *BACKWARD_KINDS])  # the handwritten model, one family per compacted backward
 @pytest.mark.parametrize("seed", [0, 1], ids=lambda s: f"seed={s}")
 def test_deepcopy_of_an_attached_model_routes_the_copy(kind, seed):
     torch.manual_seed(seed)

@@ -574,9 +574,10 @@ def _modules(layout: DecoderLayout, block):
     gate_up = ((_linear(getattr(mlp, "gate_up_proj", None), bias=False),) if layout.fused_gate_up
                else tuple(_linear(getattr(mlp, n, None)) for n in ("gate_proj", "up_proj")))
     o, down = _linear(getattr(attn, "o_proj", None)), _linear(getattr(mlp, "down_proj", None))
+    qk = layout.qk_norm is not None
     names = {"input_norm": (block, layout.input_norm), "mlp_norm": (block, layout.mlp_norm),
              "attention_out_norm": (block, layout.attention_out_norm), "mlp_out_norm": (block, layout.mlp_out_norm),
-             "q_norm": (attn, "q_norm" if layout.qk_norm else None), "k_norm": (attn, "k_norm" if layout.qk_norm else None)}
+             "q_norm": (attn, "q_norm" if qk else None), "k_norm": (attn, "k_norm" if qk else None)}
     norms = {k: (None if name is None else getattr(owner, name, None)) for k, (owner, name) in names.items()}
     if any(m is None for m in (*qkv, *gate_up, o, down)):
         return None
