@@ -1,10 +1,11 @@
 """Fused row-wise pieces of the compacted backward.
 
 Each function reads the active rows of full saved tensors through an index
-(the gather is fused into its consumer) and does one row-wise job: the
-SwiGLU backward, an RMSNorm recompute or backward with its residual, the
-rotary backward. Written in plain PyTorch: that is the reference, and what
-runs on CPU. On CUDA :func:`kernel` compiles them by ``torch.compile`` with
+(the gather is fused into its consumer) and does one row-wise job: the gated
+MLP's backward (SwiGLU, GeGLU), an RMSNorm recompute or backward with its
+residual (Llama's, OLMo 2's or Gemma's kind of norm), the rotary backward, and
+GPT-2's GELU and LayerNorm. Written in plain PyTorch: that is the reference,
+and what runs on CPU. On CUDA :func:`kernel` compiles them by ``torch.compile`` with
 the row count dynamic (the number of active rows changes every block and
 step) and every other size static, mostly inside the two stage functions of
 each compacted backward, which fuses the gather and the arithmetic into few
