@@ -6,9 +6,10 @@ which sections each file holds:
 
 * docs/results.md: every result table and summary (``results:NAME``, rebuilt from
   ``benchmarks/results/NAME-*.json``; the quality ones from ``benchmarks/results/quality/``);
-* README.md: the short results summary (``results:speed-headline``, ``results:quality-headline``) and the
+* README.md: the short results summary (``results:speed-headline``, ``results:quality-headline``), the
   options table (``generated:options``: every field of ``RoutingConfig`` in cggr/config.py, with its default and
-  its docstring, :mod:`benchmarks.options_table`).
+  its docstring, :mod:`benchmarks.options_table`) and the supported models (``generated:supported-models``,
+  from the family registry, :func:`cggr.families.supported_models_table`).
 
 Generated text writes its links relative to the repository root; each file gets them rebased to its folder.
 After committing results JSON, or after adding or changing an option of ``RoutingConfig``, run:
@@ -30,6 +31,7 @@ import re
 import sys
 
 from benchmarks.options_table import options_table
+from cggr.families import supported_models_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -418,12 +420,14 @@ LOADERS = {"quality": _load_quality, "quality-summary": _load_quality, "quality-
 SECTIONS = {f"results:{name}": (lambda name=name, fn=fn: fn(LOADERS.get(name, _load)(name)))
             for name, fn in TABLES.items()}
 SECTIONS["generated:options"] = options_table
+SECTIONS["generated:supported-models"] = supported_models_table
 
 # Which file holds which generated sections. A listed marker missing from its file is an error: a table dropped
 # from the documentation by an edit must not go unnoticed.
 TARGETS = {
     "docs/results.md": tuple(f"results:{name}" for name in TABLES),
-    "README.md": ("results:speed-headline", "results:quality-headline", "generated:options"),
+    "README.md": ("results:speed-headline", "results:quality-headline", "generated:options",
+                  "generated:supported-models"),
 }
 
 

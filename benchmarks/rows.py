@@ -7,7 +7,7 @@ The two row-gather pieces that ``CGGR_ROW_KERNELS`` switches (:mod:`cggr.kernels
 default 0.59 and 1.0):
 
 * ``rope_backward``: the rotary backward of ``dq`` on the active rows. ``dq`` comes from a real
-  ``F.scaled_dot_product_attention`` backward on q/k/v laid out as ``cggr.compact.llama._qkv`` lays them out
+  ``F.scaled_dot_product_attention`` backward on q/k/v laid out as ``cggr.compact.decoder._qkv`` lays them out
   (token-major storage, transposed to heads-first), taken as token rows (``token_rows``: a view), with cos/sin
   ``[1, S, hd]`` expanded over the batch, as the stage gets them;
 * ``swiglu_backward``: the SwiGLU backward of the active rows of the saved ``g``, ``u`` ``[N, F]``.
@@ -16,7 +16,7 @@ The active rows are those a routing hands a block: the tokens sorted by a random
 first ``fraction * N`` of them (every row in order at 1.0). For each: (a) ``inductor``: the plain PyTorch piece
 (``cggr.compact.pointwise``) under ``torch.compile``, called first with two other row counts, with the row count
 dynamic and every other size static, as the stages are compiled in training (the rotary one flattens the
-expanded cos/sin inside, as ``qkv_rows`` does); (b) ``triton``: the op the stages call, compiled the same way
+expanded cos/sin inside, as ``rope_rows`` does); (b) ``triton``: the op the stages call, compiled the same way
 (Inductor launches the kernel; the op, eager and compiled, is checked to give the kernel's result); (c)
 ``bound``: the bytes the piece must move (active rows read and written once; the index),
 at the copy bandwidth measured here (``torch.empty_like(x).copy_(x)`` of a 1 GiB tensor). Times are medians of
@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.speed import MODELS  # name: hidden, layers, heads, mlp, batch, seq
+from benchmarks.speed import MODELS, model_type  # name: hidden, layers, heads, mlp, batch, seq
 
 from cggr.compact import pointwise
 from cggr.compact.attention import attention_with_grad
@@ -130,7 +130,7 @@ def _max_abs_diff(got, ref) -> float:
 
 
 def _rope_flat(dt, cos, sin, idx):
-    """The Inductor arm of the rotary backward: the piece with the flattening ``qkv_rows`` does."""
+    """The Inductor arm of the rotary backward: the piece with the flattening ``rope_rows`` does."""
     return pointwise.rope_backward(dt, cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1]), idx)
 
 
@@ -219,8 +219,9 @@ def _with_rows(stage, args, idx, gen):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for rows-<gpu>.json")
+    llama = [m for m in MODELS if model_type(m) == "llama"]  # the row kernels' shapes: Llama's SwiGLU and rotary
     ap.add_argument("--models", default="350M,1B", help="comma-separated Llama models of benchmarks/speed.py: "
-                    + ", ".join(m for m in MODELS if not m.startswith("gpt2")))
+                    + ", ".join(llama))
     ap.add_argument("--fractions", default="0.59,1.0", help="active fractions of the rows")
     ap.add_argument("--reps", type=int, default=50, help="timed calls per measurement (the median is reported)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -231,10 +232,9 @@ def main(argv=None) -> None:
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         ap.error("--device cpu runs the Triton kernels under Triton's interpreter: set TRITON_INTERPRET=1")
     models = ["tiny"] if args.smoke else args.models.split(",")
-    unknown = [m for m in models if m not in MODELS or m.startswith("gpt2")]
+    unknown = [m for m in models if m not in llama]
     if unknown:
-        ap.error(f"--models: unknown {', '.join(unknown)}; allowed: "
-                 + ", ".join(m for m in MODELS if not m.startswith("gpt2")))
+        ap.error(f"--models: unknown {', '.join(unknown)}; allowed: " + ", ".join(llama))
     fractions = [float(f) for f in args.fractions.split(",")]
     reps = 3 if args.smoke else args.reps
     backend = "aot_eager" if args.device == "cpu" else "inductor"

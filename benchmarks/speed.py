@@ -1,6 +1,7 @@
 """Step-time benchmark: dense training against cggr, side by side on one GPU, one process per arm.
 
-Builds Llama-style models from configs (random weights, random tokens), bf16
+Builds models of the family registry (cggr.families; Llama's unless the name says another family) from configs
+(random weights, random tokens), bf16
 weights (or, with ``--precision autocast``, fp32 weights under bf16 autocast),
 fused AdamW, HF's own loss (or Liger's fused one in the Liger arms). The dense
 baselines are the ones users run: HF eager, HF under ``torch.compile`` and HF
@@ -49,14 +50,26 @@ from cggr_lab.provenance import provenance, routing_record
 from cggr_lab.training import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: the arms' processes run there
-MODELS = {  # name: (hidden, layers, heads, mlp, batch, seq); Llama-style unless the name says gpt2
+MODELS = {  # name: (hidden, layers, heads, mlp, batch, seq); the family: MODEL_TYPES
     "125M": (768, 12, 12, 2048, 16, 1024),
     "350M": (1024, 24, 16, 2816, 16, 1024),
     "1B": (2048, 16, 16, 5632, 8, 2048),
     "gpt2-124M": (768, 12, 12, 3072, 16, 1024),
+    "qwen3-350M": (1024, 24, 16, 2816, 16, 1024),
+    "gemma3-350M": (1024, 24, 16, 2816, 16, 1024),
+    "olmo2-350M": (1024, 24, 16, 2816, 16, 1024),
+    "phi3-350M": (1024, 24, 16, 2816, 16, 1024),
     "tiny": (64, 4, 4, 176, 2, 64),  # the CPU smoke test's
 }
+# The registry's model_type of each model not Llama's.
+MODEL_TYPES = {"gpt2-124M": "gpt2", "qwen3-350M": "qwen3", "gemma3-350M": "gemma3_text", "olmo2-350M": "olmo2",
+               "phi3-350M": "phi3"}
 VOCAB = 32000
+
+
+def model_type(name: str) -> str:
+    """The family (a key of ``cggr.families.FAMILIES``) of the model ``name`` of :data:`MODELS`."""
+    return MODEL_TYPES.get(name, "llama")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +101,12 @@ ARMS = {
                 "cggr, the seed's routing: stop semantics, 4 random buckets at nested depths (same work as cggr)"),
     "compile+cggr": Arm("compile", dict(policy="random"), "cggr attached, then torch.compile(model)"),
     "liger+cggr": Arm("liger", dict(policy="random"), "Liger's patches, then cggr attached"),
+    "cggr+unbiased": Arm("eager", dict(policy="random", estimator="unbiased"),
+                         "cggr's defaults with the kept rows reweighted by 1/pi (estimator='unbiased')"),
+    "cggr+block": Arm("eager", dict(policy="random", estimator="unbiased", importance="block"),
+                      "cggr, each routed block's rows drawn in its backward by its output-gradient norms, reweighted"),
+    "liger+unbiased": Arm("liger", dict(policy="random", estimator="unbiased"),
+                          "Liger's patches, then cggr with the kept rows reweighted by 1/pi"),
     "liger+full": Arm("liger", dict(num_buckets=1), "Liger's patches, then cggr with every token at full depth"),
     "liger+light": Arm("liger", dict(num_buckets=2, depths=(1.0, 0.75)), "Liger's patches, then cggr's 2 buckets"),
     "liger+skip": Arm("liger", dict(policy="random", inactive="skip", placement="per_block", dense_ends=1),
@@ -131,25 +150,38 @@ def flop_ratio_ceiling(hidden, layers, mlp, seq, vocab, mean_depth_fraction=0.62
 
 def build(name, seed=0, dtype=torch.bfloat16, device="cuda", shape=None):
     """The model ``name`` of :data:`MODELS` (or of ``shape``, a tuple like theirs) with random weights."""
+    hidden, layers, heads, mlp, _, _ = shape or MODELS[name]
+    return build_family(model_type(name), hidden, layers, heads, mlp, seed=seed, dtype=dtype, device=device)
+
+
+def _family_settings(kind: str, head_dim: int) -> dict:
+    """The family's own settings at full size, where the registry's tiny config has the tests' ones."""
+    if kind == "gemma3_text":  # Gemma 3's: q scaled by the head dim, a 512-token window on 5 layers of every 6
+        return dict(query_pre_attn_scalar=head_dim, sliding_window=512, sliding_window_pattern=6)
+    return {}
+
+
+def build_family(kind, hidden, layers, heads, mlp, seed=0, dtype=torch.bfloat16, device="cuda"):
+    """An HF causal LM of the registry's family ``kind`` (``cggr.families.FAMILIES``) of this shape, random weights:
+    its tiny config with these sizes (as many key/value heads as heads), SDPA attention, no KV cache."""
     import transformers as tf
 
-    hidden, layers, heads, mlp, _, _ = shape or MODELS[name]
-    if name.startswith("gpt2"):
-        cfg = tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=mlp, vocab_size=VOCAB,
-                            n_positions=4096, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
-        cfg._attn_implementation = "sdpa"
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = tf.GPT2LMHeadModel(cfg)
-        return model.to(dtype).train()
-    cfg = tf.LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=VOCAB,
-                         max_position_embeddings=4096, tie_word_embeddings=False)
+    from cggr.families import FAMILIES
+
+    family = FAMILIES[kind]
+    config = dict(family.tiny, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  vocab_size=VOCAB, use_cache=False)
+    if kind == "gpt2":
+        config.update(n_inner=mlp, n_positions=4096)
+    else:
+        head_dim = hidden // heads
+        config.update(intermediate_size=mlp, num_key_value_heads=heads, head_dim=head_dim, max_position_embeddings=4096,
+                      tie_word_embeddings=False, **_family_settings(kind, head_dim))
+    cfg = getattr(tf, family.config)(**config)
     cfg._attn_implementation = "sdpa"
-    cfg.use_cache = False
     torch.manual_seed(seed)
     with torch.device(device):
-        model = tf.LlamaForCausalLM(cfg)
+        model = getattr(tf, family.causal_lm)(cfg)
     return model.to(dtype).train()
 
 
@@ -173,15 +205,20 @@ def arm_options(arm: str) -> dict | None:
     return None if spec is None else dict(dict(num_buckets=4, warmup_steps=0), **spec)
 
 
-def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision="bf16", device="cuda"):
-    """Measure one arm in this process; returns its record (no speedups: those need the whole group)."""
+def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision="bf16", device="cuda",
+            shape=None, accum=1, loop=False):
+    """Measure one arm in this process; returns its record (no speedups: those need the whole group).
+
+    ``shape`` ``(batch, seq)``: the micro-batch (default the model's); ``accum``: micro-batches per optimizer step;
+    ``loop``: also time the training loop as a user runs it (:func:`loop_step_ms`)."""
     import cggr
 
     hidden, layers, heads, mlp, batch, seq = MODELS[name]
+    batch, seq = shape or (batch, seq)
     spec = ARMS[arm]
     # "bf16": bf16 weights; "autocast": fp32 weights under bf16 autocast (the HF Trainer's bf16=True)
     autocast = precision == "autocast"
-    record = dict(model=name, batch=batch, seq=seq, arm=arm, arm_doc=spec.doc, checkpointing=checkpointing,
+    record = dict(model=name, batch=batch, seq=seq, accum=accum, arm=arm, arm_doc=spec.doc, checkpointing=checkpointing,
                   precision=precision, steps=steps, warmup=warmup,
                   cggr_options=arm_options(arm),
                   planned_depth_fraction=planned_depth_fraction(spec.cggr, layers))
@@ -189,7 +226,7 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision
     record["flop_ratio_ceiling"] = None  # dense arms: no routing, no ceiling
     if spec.cggr is not None and fraction is not None:
         record["flop_ratio_ceiling"] = round(flop_ratio_ceiling(hidden, layers, mlp, seq, VOCAB, fraction,
-                                                                2 if name.startswith("gpt2") else 3), 3)
+                                                                2 if model_type(name) == "gpt2" else 3), 3)
     stage = "build"
     try:
         model = build(name, dtype=torch.float32 if autocast else torch.bfloat16, device=device)
@@ -222,7 +259,7 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision
         times, warm_s = [], []
         for i in range(warmup + steps):
             stage = "warm-up step" if i < warmup else "timed step"
-            ids = batches[i % len(batches)]
+            ids = [batches[(i * accum + j) % len(batches)] for j in range(accum)]
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -236,7 +273,10 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision
             else:
                 times.append(start.elapsed_time(end) if cuda else 1e3 * (time.perf_counter() - t0))
         stage = "phase timing"
-        phases = phase_times(stepped, batches, opt, router, amp, cuda)
+        phases = phase_times(stepped, batches, opt, router, amp, cuda) if accum == 1 else {}
+        if loop:
+            stage = "training loop"
+            record["loop_step_ms"] = loop_step_ms(stepped, model, opt, router, amp, batch, seq, accum, steps, device)
         if profile_dir:
             stage = "profile"
             record["profile"] = _profile(stepped, batches, opt, router, amp, profile_dir,
@@ -253,13 +293,41 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision
     med = statistics.median(times)
     return dict(record, step_ms_median=round(med, 3), step_ms_min=round(min(times), 3),
                 step_ms=[round(t, 3) for t in times], warmup_s=[round(t, 3) for t in warm_s],
-                tokens_per_s=round(batch * seq / (med / 1e3)), peak_mem_gib=None if peak is None else round(peak, 3),
+                tokens_per_s=round(accum * batch * seq / (med / 1e3)),
+                peak_mem_gib=None if peak is None else round(peak, 3),
                 **phases,
                 mean_depth_fraction=metrics.get("mean_depth_fraction"),
                 backward_flops_skipped=metrics.get("backward_flops_skipped"))
 
 
 PHASES = ("forward", "backward", "optimizer")
+
+
+def loop_step_ms(stepped, model, opt, router, amp, batch, seq, accum, steps, device, log_every=10) -> float:
+    """The training loop as a user runs it, timed over ``steps`` optimizer steps after 3 untimed ones: batches
+    from host memory (pinned, copied without blocking), ``accum`` micro-batches per step, a cosine learning-rate
+    scheduler, the loss read on the host every ``log_every`` steps, no other synchronisation (the isolated step
+    of :func:`run_arm` synchronises around every step instead). Returns the mean milliseconds per step."""
+    g = torch.Generator().manual_seed(2)
+    host = [torch.randint(0, VOCAB, (batch, seq), generator=g) for _ in range(8)]
+    if device == "cuda":
+        host = [x.pin_memory() for x in host]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / 1e4))))
+    cuda = device == "cuda"
+    t0 = None
+    for step in range(3 + steps):
+        if step == 3:
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        micro = [host[(step * accum + j) % len(host)].to(device, non_blocking=True) for j in range(accum)]
+        loss = train_step(stepped, micro, opt, router, amp)
+        sched.step()
+        if step % log_every == 0:
+            loss.item()  # what a logging loop does: one read-back every few steps
+    if cuda:
+        torch.cuda.synchronize()
+    return round(1e3 * (time.perf_counter() - t0) / steps, 3)
 
 
 def phase_times(model, batches, opt, router, amp, cuda, steps=5):
@@ -347,7 +415,16 @@ def _profile(model, batches, opt, router, amp, profile_dir, title, steps=2):
 
 def add_speedups(group):
     """Set ``speedup_vs_dense`` (vs HF eager) and ``speedup_vs_best_dense`` (vs the fastest dense arm that ran)
-    on every measured record of one configuration (model, checkpointing, precision)."""
+    on every measured record of one configuration (model, checkpointing, precision, micro-batch, accumulation);
+    where the training loop was timed too, ``loop_speedup_vs_best_dense`` against the dense arm fastest there."""
+    loops = {r["arm"]: r["loop_step_ms"] for r in group if r.get("loop_step_ms")}
+    dense_loops = {a: ms for a, ms in loops.items() if a in DENSE_ARMS}
+    if dense_loops:
+        best_loop = min(dense_loops, key=dense_loops.get)
+        for r in group:
+            if r.get("loop_step_ms"):
+                r["loop_best_dense_arm"] = best_loop
+                r["loop_speedup_vs_best_dense"] = round(dense_loops[best_loop] / r["loop_step_ms"], 4)
     measured = {r["arm"]: r["step_ms_median"] for r in group if r.get("step_ms_median")}
     eager = measured.get("eager")
     dense = {a: ms for a, ms in measured.items() if a in DENSE_ARMS}
@@ -388,11 +465,24 @@ def _order(r):
             bool(r.get("checkpointing")), arms.index(r["arm"]) if r["arm"] in arms else 99)
 
 
+def _shape(text: str | None) -> tuple[int, int] | None:
+    """``"32x2048"`` -> ``(32, 2048)``; None -> None."""
+    if not text:
+        return None
+    try:
+        batch, seq = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--shape must be BxS (e.g. 16x1024), got {text!r}") from None
+    if batch < 1 or seq < 1:
+        raise ValueError(f"--shape must be BxS with positive sizes, got {text!r}")
+    return batch, seq
+
+
 def _child(a, path):
     """Run one arm (``--models`` and ``--arms`` name exactly one each) and write its record to ``path``."""
     ck = {"off": False, "on": True}[a.checkpointing]
     rec = run_arm(a.models, a.arms, a.steps, a.warmup, ck, a.profile_dir if a.models in a.profile.split(",") else None,
-                  a.precision, a.device)
+                  a.precision, a.device, _shape(a.shape), a.accum, a.loop)
     with open(path, "w") as f:
         json.dump(rec, f)
 
@@ -404,7 +494,8 @@ def measure(a, name, arm, ck):
         cmd = [sys.executable, "-m", "benchmarks.speed", "--child", path, "--models", name, "--arms", arm,
                "--checkpointing", "on" if ck else "off", "--steps", str(a.steps), "--warmup", str(a.warmup),
                "--precision", a.precision, "--device", a.device, "--profile", a.profile,
-               "--profile-dir", a.profile_dir or a.out]
+               "--profile-dir", a.profile_dir or a.out, "--accum", str(a.accum)]
+        cmd += (["--shape", a.shape] if a.shape else []) + (["--loop"] if a.loop else [])
         try:
             proc = subprocess.run(cmd, timeout=a.arm_timeout, cwd=ROOT)
             error = f"the arm's process exited with code {proc.returncode} without a result (see its log)"
@@ -414,7 +505,8 @@ def measure(a, name, arm, ck):
             with open(path) as f:
                 return json.load(f)
     hidden, layers, heads, mlp, batch, seq = MODELS[name]
-    return dict(model=name, batch=batch, seq=seq, arm=arm, arm_doc=ARMS[arm].doc, checkpointing=ck,
+    batch, seq = _shape(a.shape) or (batch, seq)
+    return dict(model=name, batch=batch, seq=seq, accum=a.accum, arm=arm, arm_doc=ARMS[arm].doc, checkpointing=ck,
                 precision=a.precision, steps=a.steps, warmup=a.warmup, error=error, failed_at="process")
 
 
@@ -453,6 +545,12 @@ def main(argv=None):
     p.add_argument("--profile", default="", help="comma-separated models whose arms are also profiled (a kernel "
                    "table per arm into --profile-dir, device time by kind of kernel into the record)")
     p.add_argument("--profile-dir", default=None, help="where profile tables go (default --out)")
+    p.add_argument("--shape", default=None, help="micro-batch BxS (e.g. 32x2048) for every model (default: each "
+                                                 "model's own)")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
+    p.add_argument("--loop", action="store_true",
+                   help="also time the training loop as a user runs it (host batches, scheduler, a loss read every "
+                        "10 steps, no per-step synchronisation): loop_step_ms and loop_speedup_vs_best_dense")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one arm, write its record here
     a = p.parse_args(argv)
     models = a.models.split(",")
@@ -464,6 +562,12 @@ def main(argv=None):
             p.error(f"{kind}: unknown {', '.join(map(repr, unknown))}; allowed: {', '.join(known)}")
     if a.steps < 1 or a.warmup < 0:
         p.error(f"--steps must be >= 1 and --warmup >= 0, got {a.steps} and {a.warmup}")
+    if a.accum < 1:
+        p.error(f"--accum must be >= 1, got {a.accum}")
+    try:
+        _shape(a.shape)
+    except ValueError as e:
+        p.error(str(e))
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here (use --device cpu for the smoke test)")
     if a.child:
@@ -477,7 +581,8 @@ def main(argv=None):
         with open(path) as f:
             earlier = json.load(f)
     # A new record replaces an earlier one of the same configuration in the same file.
-    key = lambda r: (r["model"], r["arm"], bool(r.get("checkpointing")), r.get("precision", "bf16"))
+    key = lambda r: (r["model"], r["arm"], bool(r.get("checkpointing")), r.get("precision", "bf16"), r.get("batch"),
+                     r.get("seq"), r.get("accum", 1))
     ckpts = {"off": [False], "on": [True], "both": [False, True]}[a.checkpointing]
     records = []
 

@@ -1,65 +1,27 @@
-"""Model-family adapters: where a model keeps its block stack, how its labels align.
+"""Model adapters: where a model keeps its block stack, how its labels align, which modules route.
 
-Supporting a family is one row of :data:`FAMILY_TABLE`, keyed by HF
-``config.model_type``: where its block stack is, how its labels align, and
-which compacted backward its blocks take (if any). Models outside the table get the generic search: the
-longest outermost ``nn.ModuleList`` of blocks, or a ``ValueError`` listing
-the candidates when that is ambiguous or there is none.
+What cggr knows of each HF model family is one record of :data:`cggr.families.FAMILIES`, keyed by
+``config.model_type``. Models outside the table get the generic search: the longest outermost
+``nn.ModuleList`` of blocks, or a ``ValueError`` listing the candidates when that is ambiguous or there is none.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch.nn as nn
 
-@dataclass(frozen=True)
-class FamilyInfo:
-    """What cggr knows of one HF model family (``config.model_type``)."""
+from .families import FAMILIES, Family
 
-    stack: str
-    """Attribute path of the block stack, relative to the ``*ForCausalLM`` model (the bare base model's path
-    is the same without its first part)."""
-    label_shift: int = 1
-    """1: the LM-head model's logits at t predict ``labels[t+1]`` (HF causal LMs shift labels inside)."""
-    compact: str | None = None
-    """The compacted backward that matches this family's blocks (a key of ``cggr.compact.FAMILIES``), or None.
-    Even when named here, each block type is verified against the model's own layer at attach."""
-
-
-# One row per supported family. Families without a compacted backward take the generic routed backward.
-FAMILY_TABLE: dict[str, FamilyInfo] = {
-    "llama": FamilyInfo("model.layers", compact="llama"),
-    "mistral": FamilyInfo("model.layers", compact="llama"),
-    "qwen2": FamilyInfo("model.layers", compact="llama"),
-    "mixtral": FamilyInfo("model.layers"),  # MoE: generic backward, experts replayed on active rows
-    "qwen2_moe": FamilyInfo("model.layers"),
-    "qwen3": FamilyInfo("model.layers"),  # q/k norms
-    "qwen3_moe": FamilyInfo("model.layers"),
-    "gemma": FamilyInfo("model.layers"),  # (1 + w) RMSNorm, GELU
-    "gemma2": FamilyInfo("model.layers"),
-    "gemma3_text": FamilyInfo("model.layers"),
-    "phi": FamilyInfo("model.layers"),
-    "phi3": FamilyInfo("model.layers"),  # fused qkv_proj
-    "olmo": FamilyInfo("model.layers"),
-    "olmo2": FamilyInfo("model.layers"),
-    "olmoe": FamilyInfo("model.layers"),
-    "granite": FamilyInfo("model.layers"),  # residual / attention multipliers
-    "gpt2": FamilyInfo("transformer.h", compact="gpt2"),
-    "gptj": FamilyInfo("transformer.h"),
-    "gpt_neox": FamilyInfo("gpt_neox.layers"),
-    "opt": FamilyInfo("model.decoder.layers"),
-}
 
 def model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
-def family_of(model: nn.Module) -> FamilyInfo | None:
-    """The table's row for ``model``, or None for a model outside the table (structural detection then)."""
-    return FAMILY_TABLE.get(model_type(model))
+def family_of(model: nn.Module) -> Family | None:
+    """The registry's record for ``model``, or None for a model outside it (structural detection then)."""
+    return FAMILIES.get(model_type(model))
 
 
 # Modules with their own parameters that the sparse routed backward handles.
@@ -172,7 +134,7 @@ def find_layer_stack(model: nn.Module, layers=None) -> tuple[str, list[nn.Module
     family = family_of(model)
     if family is not None:
         path = family.stack
-        # The table's path is relative to the *ForCausalLM model; also accept the bare base model.
+        # The registry's path is relative to the *ForCausalLM model; also accept the bare base model.
         for p in (path, path.split(".", 1)[1] if "." in path else path):
             stack = _get_path(model, p)
             if isinstance(stack, nn.ModuleList):

@@ -26,8 +26,10 @@ import torch.nn as nn
 
 from .adapters import (family_of, is_fused_experts, is_moe_router, is_routable_linear, model_type,
                        unsupported_parametrised_modules, weight_in_out)
-from .compact import compact_decision, make_compact_forward
+from .compact.forward import CompactedForward
+from .compact.verify import compact_decision
 from .config import RoutingConfig
+from .families import compacted_backwards
 from .hf_loss import FusedLossForward, fused_loss_target
 from .moe import RoutedExperts
 from .sparse import BranchWeights, GateRows, RoutedLinear, SkipRows
@@ -195,18 +197,17 @@ def refuse_unroutable_stack(blocks: list[nn.Module]) -> None:
 
 
 def choose_backward(model: nn.Module, block: nn.Module, config: RoutingConfig):
-    """``((family, spec), why)`` when the block takes a compacted backward, else ``(None, why not)``."""
+    """``(Compacted, why)`` when the block takes a compacted backward, else ``(None, why not)``: its
+    family's (:mod:`cggr.families`), or for a model of no known family any whose structure the block has; in
+    either case only once the attach-time check proves it equal to the block."""
     if config.backward == "generic":
         return None, "generic backward (backward='generic')"
-    row = family_of(model)
-    if row is not None and row.compact is None:
+    family = family_of(model)
+    if family is not None and family.backward is None:
         return None, f"generic backward (model_type {model_type(model)!r} has no compacted backward)"
-    found, why = compact_decision(block)
+    found, why = compact_decision(block, [family.backward] if family is not None else compacted_backwards())
     if found is None:
         return None, f"generic backward ({why})"
-    if row is not None and found[0] != row.compact:
-        return None, (f"generic backward (the block looks like {found[0]!r}, but model_type {model_type(model)!r} "
-                      f"maps to {row.compact!r})")
     return found, why
 
 
@@ -247,9 +248,9 @@ class Installation:
                         self.patch_forward(sub, ExpertsForward(router, sub, i))
                 found, reason = choose_backward(model, block, config)
                 if found is not None:
-                    family, spec = found
-                    self.patch_forward(block, make_compact_forward(router, block, i, family, spec,
-                                                                   block.forward))
+                    family = found.backward.name
+                    self.patch_forward(block, CompactedForward(router, block, i, found.backward, found.spec,
+                                                               block.forward, found.returns_tuple))
             self.sparse_blocks.append(sparse)
             self.compact_blocks.append(family)
             self.reasons.append(reason)

@@ -3,6 +3,7 @@ and data-parallel benchmarks share this, so their liger arms are the same baseli
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Callable
 
@@ -11,6 +12,17 @@ import torch
 # Liger-Kernel's arguments, the same for every family it patches (its apply_liger_kernel_to_<family>): RoPE,
 # RMSNorm, SwiGLU and the fused linear cross-entropy.
 LIGER_OPTIONS = dict(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True, cross_entropy=False)
+
+
+def _options_of(fn: Callable) -> dict:
+    """:data:`LIGER_OPTIONS` as ``fn`` names them: Liger's Gemma patches call their gated MLP ``geglu``."""
+    names = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in names.values()):
+        return dict(LIGER_OPTIONS)
+    options = {k: v for k, v in LIGER_OPTIONS.items() if k in names}
+    if "geglu" in names:
+        options["geglu"] = LIGER_OPTIONS["swiglu"]
+    return options
 
 
 def apply_liger(model: torch.nn.Module) -> Callable[[], None]:
@@ -28,7 +40,7 @@ def apply_liger(model: torch.nn.Module) -> Callable[[], None]:
         raise LookupError(f"Liger-Kernel has no patch for model_type {family!r}")
     module = sys.modules[type(model).__module__]
     saved = dict(vars(module))
-    fn(model=model, **LIGER_OPTIONS)
+    fn(model=model, **_options_of(fn))
 
     def restore() -> None:
         for key in set(vars(module)) - set(saved):

@@ -3,21 +3,24 @@
 import pytest
 import torch.nn as nn
 
-from cggr.adapters import (FAMILY_TABLE, default_label_shift, find_layer_stack, is_fused_experts, is_moe_router,
+from cggr.adapters import (default_label_shift, family_of, find_layer_stack, is_fused_experts, is_moe_router,
                            unsupported_parametrised_modules)
-from tests.tiny import TinyLM, hf_model
+from cggr.families import FAMILIES
+from tests.tiny import FAMILY_KINDS, MOE_KINDS, TinyLM, hf_model
 
 
-@pytest.mark.parametrize("kind,path", [("llama", "model.layers"), ("mistral", "model.layers"),
-                                       ("gpt2", "transformer.h"), ("gpt_neox", "gpt_neox.layers"),
-                                       ("mixtral", "model.layers"), ("qwen2_moe", "model.layers"),
-                                       ("olmoe", "model.layers")])
-def test_hf_families(kind, path):
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_every_registry_family_is_found_as_its_record_says(kind):
+    """The record's model_type, class and stack path are the real model's; the stack is found there, in the
+    causal LM and in its bare base model."""
     m = hf_model(kind, layers=3)
+    record = FAMILIES[kind]
+    assert m.config.model_type == kind and type(m).__name__ == record.causal_lm and family_of(m) is record
     found, blocks = find_layer_stack(m)
-    assert found == path and len(blocks) == 3
-    assert default_label_shift(m) == 1
-    assert found == FAMILY_TABLE[m.config.model_type].stack
+    assert found == record.stack and len(blocks) == 3
+    assert default_label_shift(m) == record.label_shift == 1
+    base = m.get_submodule(record.stack.split(".", 1)[0])
+    assert find_layer_stack(base)[1] == blocks
 
 
 def test_bare_base_model_and_generic_search():
@@ -62,7 +65,7 @@ def test_nested_lists_are_not_stacks():
     assert find_layer_stack(MoE())[0] == "layers"
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("kind", MOE_KINDS)
 def test_moe_modules_are_recognised(kind):
     block = hf_model(kind, layers=1).model.layers[0]
     assert is_moe_router(block.mlp.gate) and is_fused_experts(block.mlp.experts)

@@ -2,6 +2,7 @@
 HF layers under the reference routing, double backward refused, and the compacted forward copied and pickled."""
 
 import copy
+import inspect
 import logging
 import os
 import pickle
@@ -11,13 +12,15 @@ import torch
 import transformers as tf
 
 import cggr
-from cggr.compact import CompactedForward, _structural_family, compact_decision, compact_family
+from cggr.adapters import find_layer_stack
+from cggr.compact import decoder, gpt2
 from cggr.compact import verify as V
+from cggr.compact.forward import CompactedForward
+from cggr.families import FAMILIES, compacted_backwards
 from cggr.routing import Routing
-from tests.tiny import hf_model, rel_err, routed_as
+from tests.tiny import COMPACTED_KINDS, compacted_kind, hf_model, rel_err, routed_as
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=61, max_position_embeddings=64, pad_token_id=0)
+BACKWARDS = [b.name for b in compacted_backwards()]  # one test per compacted backward: a family of each
 
 
 @pytest.fixture(autouse=True)
@@ -31,36 +34,55 @@ def _fresh_verdicts():
 
 
 def _model(kind: str, seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    if kind == "gpt2":
-        return hf_model("gpt2", seed=seed)
-    config_cls, model_cls = {
-        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
-        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "granite": (tf.GraniteConfig, tf.GraniteForCausalLM),
-        "smollm3": (tf.SmolLM3Config, tf.SmolLM3ForCausalLM), "ernie4_5": (tf.Ernie4_5Config, tf.Ernie4_5ForCausalLM),
-    }[kind]
-    model = model_cls(config_cls(**{**TINY, **overrides}))
-    model.config._attn_implementation = "eager"
-    return model.float().train()
+    """The registry's tiny model of ``kind`` (vocabulary 61), with config ``overrides``."""
+    return hf_model(kind, vocab=61, seed=seed, **overrides)
 
 
 def _blocks(model):
-    return list(model.transformer.h) if hasattr(model, "transformer") else list(model.model.layers)
+    return find_layer_stack(model)[1]
+
+
+def compact_decision(block):
+    """The decision for a block of a model of no known family: every compacted backward is a candidate."""
+    return V.compact_decision(block, compacted_backwards())
+
+
+def _structural_family(block):
+    return V.structural_match(block, compacted_backwards())
+
+
+def _name(found):
+    return None if found is None else found.backward.name
 
 
 # ---------------------------------------------------------------------------------------- the attach-time check
-@pytest.mark.parametrize("kind,family", [("llama", "llama"), ("mistral", "llama"), ("qwen2", "llama"),
-                                         ("gpt2", "gpt2")])
-def test_check_passes_for_the_families_it_was_written_for(kind, family, caplog):
+@pytest.mark.parametrize("kind", COMPACTED_KINDS)
+def test_check_passes_for_the_families_it_was_written_for(kind, caplog):
     model = _model(kind)
+    family = FAMILIES[kind].backward.name
     with caplog.at_level(logging.WARNING, logger="cggr"):
         decisions = [compact_decision(b) for b in _blocks(model)]
-    assert [d[0][0] if d[0] else None for d in decisions] == [family] * len(decisions)
+    assert [_name(found) for found, _ in decisions] == [family] * len(decisions)
     for block in _blocks(model):
         verdict = V.verify(block, *_structural_family(block))
-        assert verdict.ok and verdict.max_diff < 1e-5, verdict.reason  # fp32 rounding, ~1e-6 measured
+        # fp32 rounding: ~1e-6 measured, up to 1.5e-5 for a q/k norm's weight gradient (a sum of cancelling terms)
+        assert verdict.ok and verdict.max_diff < 3e-5, verdict.reason
     assert "checked against" in decisions[0][1]
     assert not [r for r in caplog.records if "generic routed backward" in r.getMessage()]
+
+
+def test_each_compacted_backward_recognises_its_own_families_only():
+    """Structure picks one backward per layer: each family's blocks match the backward its record names first
+    (the others' structural tests refuse them), and blocks of families without one match none of the new ones."""
+    for kind, family in FAMILIES.items():
+        if family.moe:
+            continue
+        block = _blocks(_model(kind, layers=1))[0]
+        found = [b.name for b in compacted_backwards() if b.spec(block) is not None]
+        if family.backward is not None:
+            assert found == [family.backward.name], kind
+        else:  # Llama's modules with other maths (Granite, SmolLM3, Ernie): for the attach-time check to refuse
+            assert found in ([], ["llama"]), (kind, found)
 
 
 class ScaledMlpLlamaLayer(tf.models.llama.modeling_llama.LlamaDecoderLayer):
@@ -116,7 +138,7 @@ def test_check_rejects_lookalike_blocks_with_one_warning(kind, caplog):
     name = type(blocks[wrong[0]]).__name__
     assert name in warnings[0] and "llama" in warnings[0] and "differs from it by" in warnings[0]
     assert decisions[wrong[0]][1] in warnings[0]
-    assert V.verify(blocks[wrong[0]], "llama", _structural_family(blocks[wrong[0]])[1]).max_diff > 10 * V.TOLERANCE
+    assert V.verify(blocks[wrong[0]], *_structural_family(blocks[wrong[0]])).max_diff > 10 * V.TOLERANCE
 
 
 def test_layers_that_differ_in_attributes_are_checked_each():
@@ -152,7 +174,7 @@ def test_gpt2_with_dropout_is_checked_in_eval_mode():
     torch.manual_seed(0)
     model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=61)).train()
     found, reason = compact_decision(model.transformer.h[0])
-    assert found is not None and found[0] == "gpt2", reason
+    assert _name(found) == "gpt2", reason
 
 
 def test_check_leaves_the_users_state_alone():
@@ -196,7 +218,7 @@ def test_check_leaves_the_blocks_own_hooks_out():
 def test_check_needs_no_weights():
     """Random weights stand in for the block's: a model built on the meta device is checked too."""
     with torch.device("meta"):
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(**TINY))
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**FAMILIES["llama"].tiny, num_hidden_layers=2))
     found, reason = compact_decision(model.model.layers[0])
     assert found is not None, reason
 
@@ -208,7 +230,7 @@ def test_calls_the_function_cannot_compute_take_the_plain_forward():
     block = model.model.layers[0]
     found, reason = compact_decision(block)
     assert found is not None, reason
-    forward = CompactedForward(_Source(), block, 0, *found, block.forward)
+    forward = CompactedForward(_Source(), block, 0, found.backward, found.spec, block.forward)
     forward.source.routing = Routing.from_depth(torch.ones(2, 6, dtype=torch.long), num_layers=4)
     cos, sin = torch.ones(2, 6, 8), torch.zeros(2, 6, 8)
     assert not forward.takes_call(torch.randn(2, 6, 32), (), dict(position_embeddings=(cos, sin)))
@@ -219,41 +241,153 @@ def test_calls_the_function_cannot_compute_take_the_plain_forward():
                                                                   attention_mask=mask))
 
 
+QWEN3_SLIDING = dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind,config", [("gemma3_text", {}), ("qwen3", QWEN3_SLIDING)],
+                         ids=["gemma3_text", "qwen3-sliding"])
+def test_sliding_window_layers_train_exactly_with_the_masks_hf_builds(kind, config, attention):
+    """Sliding-window layers (a window of 4 in sequences of 11) beside global ones: HF passes each layer the mask
+    of its type (eager: a float mask always; SDPA: a boolean one where the window or the padding cuts, none
+    where it can use its causal kernel). Every block takes the compacted backward, and the gradients are the
+    reference's."""
+    model = _model(kind, **config)
+    model.config._attn_implementation = attention
+    assert {"sliding_attention", "full_attention"} <= set(model.config.layer_types)
+    ref = copy.deepcopy(model)
+    router = cggr.attach(model, warmup_steps=0)
+    ids = torch.randint(1, 61, (3, 11), generator=torch.Generator().manual_seed(5))
+    padding = torch.ones_like(ids)
+    padding[0, 9:] = 0
+    labels = ids.masked_fill(padding == 0, -100)
+    model(input_ids=ids, labels=labels, attention_mask=padding).loss.backward()
+    assert router.routing.compact_blocks == set(range(4)) and router.routing.depth.min() < 4
+    with cggr.reference_routing(_blocks(ref), **routed_as(router)):
+        ref(input_ids=ids, labels=labels, attention_mask=padding).loss.backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert rel_err(p.grad, q.grad) < 1e-5 if q.grad.norm() > 0 else p.grad.norm() == 0, n
+
+
+def test_a_sliding_window_without_a_mask_takes_the_layers_own_forward():
+    """No mask (flash attention applies the window itself): a sliding-window layer's call on a sequence longer
+    than its window takes the plain forward; a global layer's, or a sequence within the window, the compacted
+    path."""
+    model = _model("gemma3_text")
+    sliding, full = _blocks(model)[:2]
+    assert sliding.self_attn.sliding_window == 4 and full.self_attn.sliding_window is None
+    cos, sin = torch.ones(2, 6, 8), torch.zeros(2, 6, 8)
+    for block, window_cuts in ((sliding, True), (full, False)):
+        found, reason = compact_decision(block)
+        forward = CompactedForward(_Source(), block, 0, found.backward, found.spec, block.forward)
+        forward.source.routing = Routing.from_depth(torch.ones(2, 6, dtype=torch.long), num_layers=4)
+        x = torch.randn(2, 6, 32)
+        assert forward.takes_call(x, (), dict(position_embeddings=(cos, sin))) is not window_cuts
+        assert forward.takes_call(x[:, :4], (), dict(position_embeddings=(cos[:, :4], sin[:, :4])))
+
+
+def test_partial_rotary_calls_take_the_generic_backward():
+    """Phi-3 with ``partial_rotary_factor`` < 1 (Phi-4-mini's) rotates part of each head: its blocks pass the
+    check (whose cos/sin span the head), but the model's cos/sin are narrower than a head, so every training call
+    takes the layer's own forward and the generic backward; the gradients are the reference's."""
+    model = _model("phi3", partial_rotary_factor=0.5)
+    ref = copy.deepcopy(model)
+    router = cggr.attach(model, warmup_steps=0)
+    assert router.compact_blocks == ["phi3"] * 4
+    ids = torch.randint(1, 61, (3, 9), generator=torch.Generator().manual_seed(4))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert router.routing.compact_blocks == set() and router.routing.depth.min() < 4
+    with cggr.reference_routing(_blocks(ref), **routed_as(router)):
+        ref(input_ids=ids, labels=ids).loss.backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert rel_err(p.grad, q.grad) < 1e-5 if q.grad.norm() > 0 else p.grad.norm() == 0, n
+
+
 def test_decision_reasons():
-    assert compact_decision(torch.nn.Linear(4, 4)) == (None, "Linear matches no compacted family (llama, gpt2)")
+    assert compact_decision(torch.nn.Linear(4, 4)) == (
+        None, f"Linear matches no compacted backward ({', '.join(BACKWARDS)})")
     moe = hf_model("mixtral", layers=1)
-    assert "mixture-of-experts" in compact_decision(moe.model.layers[0])[1]
-    assert compact_family(moe.model.layers[0]) is None
+    found, reason = compact_decision(moe.model.layers[0])
+    assert found is None and "mixture-of-experts" in reason
 
 
 # ---------------------------------------------------------- one compacted block against the HF layer, reference
-def _layer_and_kwargs(family, seed, dtype, batch, seq):
-    torch.manual_seed(seed)
-    if family == "llama":  # odd sizes: hidden 40, 5 heads of 8, one key/value head, MLP 72
-        config = tf.LlamaConfig(hidden_size=40, intermediate_size=72, num_hidden_layers=1, num_attention_heads=5,
-                                num_key_value_heads=1, head_dim=8, vocab_size=61, attention_bias=True)
-        config._attn_implementation = "eager"
-        layer = tf.models.llama.modeling_llama.LlamaDecoderLayer(config, 0)
-        rotary = tf.models.llama.modeling_llama.LlamaRotaryEmbedding(config)
-        x = torch.randn(batch, seq, 40)
-        cos, sin = rotary(x, torch.arange(seq).expand(batch, seq))
-        mask = torch.zeros(batch, 1, seq, seq).masked_fill(
-            ~torch.ones(seq, seq, dtype=torch.bool).tril(), torch.finfo(torch.float32).min)
-        kwargs = dict(attention_mask=mask, position_embeddings=(cos, sin))
-    else:  # hidden 36, 3 heads of 12
-        config = tf.GPT2Config(n_embd=36, n_layer=1, n_head=3, vocab_size=61, resid_pdrop=0.0, attn_pdrop=0.0)
-        config._attn_implementation = "sdpa"
-        layer = tf.models.gpt2.modeling_gpt2.GPT2Block(config, 0)
-        x = torch.randn(batch, seq, 36)
-        kwargs = dict(attention_mask=None)
+def _layer_types(kind):
+    """The layer types of the registry's tiny config (sliding-window and global layers), one per layer."""
+    family = FAMILIES[kind]
+    config = getattr(tf, family.config)(**{**family.tiny, "num_hidden_layers": 2})
+    return list(getattr(config, "layer_types", None) or ["full_attention"] * 2)
+
+
+# (kind, layer index): a layer of each type of each compacted family (Gemma 3: a sliding-window one, a global one)
+LAYERS = [(kind, i) for kind in COMPACTED_KINDS for i, t in enumerate(_layer_types(kind)) if t not in
+          _layer_types(kind)[:i]]
+
+
+def _odd_sizes(kind):
+    """Odd sizes: hidden 40, 5 heads of 8, one key/value head, MLP 72, with biases where the family has them
+    (GPT-2: hidden 36, 3 heads of 12)."""
+    if FAMILIES[kind].backward.name == "gpt2":
+        return dict(hidden_size=36, num_attention_heads=3)
+    sizes = dict(hidden_size=40, intermediate_size=72, num_attention_heads=5, num_key_value_heads=1, head_dim=8)
+    if "attention_bias" in vars(getattr(tf, FAMILIES[kind].config)()):
+        sizes["attention_bias"] = True
+    return sizes
+
+
+class _Captured(Exception):
+    pass
+
+
+def _call_of(model, index, ids, attention_mask) -> dict:
+    """The arguments (by name) the HF model passes its block ``index``: the mask of the layer's type, with the
+    padding and, for a sliding-window layer, the window in it; the rotary tables of the layer's type."""
+    block = _blocks(model)[index]
+    seen = {}
+
+    def hook(module, args, kwargs):
+        names = list(inspect.signature(type(module).forward).parameters)[1:]
+        seen.update(dict(zip(names, args)), **kwargs)
+        raise _Captured
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(input_ids=ids, attention_mask=attention_mask, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    seen.pop("hidden_states")
+    return seen
+
+
+def _layer_and_kwargs(kind, seed, dtype, batch, seq, index=0, attention="eager"):
+    """Layer ``index`` of a tiny ``kind`` model (odd sizes, weights away from HF's init), an fp32 copy, an input,
+    and the call HF makes (``attention``'s masks: eager's 4-D float mask always; SDPA's None where it can use its
+    causal kernel) with the last sequence right-padded; the call's float tensors also in ``dtype``."""
+    model = _model(kind, seed=seed, layers=index + 1, **_odd_sizes(kind))
+    model.config._attn_implementation = attention
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 61, (batch, seq), generator=g)
+    padding = torch.ones_like(ids)
+    padding[-1, seq - 2:] = 0
+    kwargs = _call_of(model, index, ids, padding)
+    layer = _blocks(model)[index]
     for name, p in layer.named_parameters():  # away from HF's tiny init, so that every part shows
-        p.data.normal_(1.0 if p.dim() == 1 and "bias" not in name else 0.0, 0.2)
+        p.data.normal_(1.0 if p.dim() == 1 and "bias" not in name else 0.0, 0.2, generator=g)
     layer.train()
     ref = copy.deepcopy(layer)
     layer.to(dtype)
+    x = torch.randn(batch, seq, FAMILIES[kind].backward.spec(layer).hidden_size, generator=g)
     kwargs_dt = {k: tuple(t.to(dtype) for t in v) if isinstance(v, tuple) else
-                 (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+                 (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                 for k, v in kwargs.items()}
     return layer, ref, x, kwargs, kwargs_dt
+
+
+def _compacted(layer, block_index=0, source=None):
+    found = _structural_family(layer)
+    return CompactedForward(source, layer, block_index, found[0], found[1], layer.forward)
 
 
 def _grads(fn, x, params, gy):
@@ -264,19 +398,25 @@ def _grads(fn, x, params, gy):
 
 
 # bf16: the compacted block rounds where the HF layer rounds, but not identically (fused pieces, another
-# order of sums), so its error against an fp32 reference is compared with the HF bf16 layer's own error.
-BF16_FACTOR = 2.0
+# order of sums; SDPA where HF's eager attention runs its own matmuls and softmax), so its error against an fp32
+# reference is compared with the HF bf16 layer's own error: summed over the block's tensors within BF16_MEAN of it
+# (ratios 0.6 to 1.34 measured over 13 seeds per family, Gemma 3's widest), each tensor within BF16_EACH of it (a
+# small tensor, a bias or a q/k norm's weight of 8 entries, is at the mercy of a few roundings: up to 2.4 x).
+BF16_MEAN, BF16_EACH = 1.5, 3.0
 
 
 @pytest.mark.parametrize("checkpointed", [False, True], ids=["saving", "checkpointed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind,index", LAYERS, ids=[f"{k}-layer{i}" for k, i in LAYERS])
 @pytest.mark.parametrize("seed", [11, 4242, 90210], ids=lambda s: f"seed{s}")
 @pytest.mark.parametrize("active", ["some", "every"])
-def test_compacted_block_equals_hf_layer_under_reference(seed, family, dtype, checkpointed, active):
-    """``active="every"``: the block reads whole tensors (its indices are None: no gather, no scatter)."""
-    batch, seq = 3, 7
-    layer, ref, x, kwargs, kwargs_dt = _layer_and_kwargs(family, seed, dtype, batch, seq)
+def test_compacted_block_equals_hf_layer_under_reference(seed, kind, index, dtype, checkpointed, active):
+    """The layer's own call (HF's mask and rotary for its type, a padded sequence), stop and skip semantics.
+    ``active="every"``: the block reads whole tensors (its indices are None: no gather, no scatter), with
+    SDPA's masks (None where HF lets SDPA apply causality itself)."""
+    batch, seq = 3, 7  # longer than Gemma 3's tiny sliding window (4)
+    attention = "sdpa" if active == "every" else "eager"
+    layer, ref, x, kwargs, kwargs_dt = _layer_and_kwargs(kind, seed, dtype, batch, seq, index, attention)
     g = torch.Generator().manual_seed(seed)
     depth = torch.randint(0, 2, (batch, seq), generator=g)
     depth[0, 0], depth[-1, -1], depth[1] = 0, 1, 0  # a whole sequence inactive too
@@ -284,28 +424,68 @@ def test_compacted_block_equals_hf_layer_under_reference(seed, family, dtype, ch
         depth.fill_(1)
         assert Routing.from_depth(depth, 1).compact_indices(0) is None
     gy = torch.randn(batch, seq, x.shape[-1], generator=g)
-    spec = _structural_family(layer)[1]
-    forward = CompactedForward(None, layer, 0, family, spec, layer.forward)
-    got = _grads(lambda xx: forward.run(Routing.from_depth(depth, 1), xx.to(dtype), (), kwargs_dt, checkpointed, 0),
-                 x, list(layer.parameters()), gy)
-    with cggr.reference_routing([ref], depth):
-        want = _grads(lambda xx: ref(xx, **kwargs), x, list(ref.parameters()), gy)
-    if dtype == torch.float32:
-        errs = [rel_err(a, b) for a, b in zip(got, want)]
-        assert max(errs) < 2e-5, errs
-    else:
-        with cggr.reference_routing([layer], depth):
-            hf = _grads(lambda xx: layer(xx.to(dtype), **kwargs_dt), x, list(layer.parameters()), gy)
-        for a, h, b in zip(got, hf, want):
-            assert rel_err(a.float(), b) <= BF16_FACTOR * rel_err(h.float(), b) + 1e-3
+    forward = _compacted(layer)
+    for inactive in ("stop", "skip"):
+        routing = Routing.from_depth(depth, 1, inactive=inactive)
+        got = _grads(lambda xx: forward.run(routing, xx.to(dtype), (), kwargs_dt, checkpointed, 0), x,
+                     list(layer.parameters()), gy)
+        with cggr.reference_routing([ref], depth, inactive=inactive):
+            want = _grads(lambda xx: ref(xx, **kwargs), x, list(ref.parameters()), gy)
+        if dtype == torch.float32:
+            errs = [rel_err(a, b) for a, b in zip(got, want)]
+            assert max(errs) < 1e-5, (inactive, errs)
+        else:
+            with cggr.reference_routing([layer], depth, inactive=inactive):
+                hf = _grads(lambda xx: layer(xx.to(dtype), **kwargs_dt), x, list(layer.parameters()), gy)
+            ours = [rel_err(a.float(), b) for a, b in zip(got, want)]
+            theirs = [rel_err(h.float(), b) for h, b in zip(hf, want)]
+            assert sum(ours) <= BF16_MEAN * sum(theirs), (inactive, ours, theirs)
+            assert all(a <= BF16_EACH * h + 1e-3 for a, h in zip(ours, theirs)), (inactive, ours, theirs)
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_compiled_stages_take_the_named_weights_and_equal_the_reference(backward, monkeypatch):
+    """On CUDA the forward's two stages and the backward's two run under torch.compile (``pointwise.kernel``),
+    their weights a named tuple. Here dynamo traces them on the CPU (``aot_eager``), saving and checkpointed, for
+    three row counts: the gradients are the reference's, and each stage compiles once for every row count (the
+    first backward stage once for saved rows and once for recomputed ones)."""
+    import torch._dynamo.testing
+
+    from cggr.compact import pointwise
+
+    counters = {}
+
+    def compiled(fn, dynamic):
+        if fn not in counters:
+            counters[fn] = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        return torch.compile(fn, backend=counters[fn], dynamic=dynamic)
+
+    monkeypatch.setattr(pointwise, "_compiled", compiled)
+    module = gpt2 if backward == "gpt2" else decoder
+    monkeypatch.setattr(module, "kernel", lambda eager, on_cuda, rows=None: pointwise.kernel(eager, True, rows))
+    torch._dynamo.reset()
+    layer, ref, x, kwargs, _ = _layer_and_kwargs(compacted_kind(backward), 0, torch.float32, 3, 7)
+    forward = _compacted(layer)
+    for checkpointed in (False, True):
+        for seed in range(3):
+            depth = torch.randint(0, 2, (3, 7), generator=torch.Generator().manual_seed(seed))
+            gy = torch.randn(3, 7, x.shape[-1], generator=torch.Generator().manual_seed(seed))
+            routing = Routing.from_depth(depth, 1)
+            got = _grads(lambda xx: forward.run(routing, xx, (), kwargs, checkpointed, 0), x,
+                         list(layer.parameters()), gy)
+            with cggr.reference_routing([ref], depth):
+                want = _grads(lambda xx: ref(xx, **kwargs), x, list(ref.parameters()), gy)
+            assert max(rel_err(a, b) for a, b in zip(got, want)) < 1e-5, (checkpointed, seed)
+    frames = {fn.__name__: c.frame_count for fn, c in counters.items()}
+    assert frames == {"_qkv": 1, "_post_attention": 1, "mlp_backward_rows": 2, "qkv_backward_rows": 1}, frames
 
 
 # ------------------------------------------------------------------------------------------ double backward
 @pytest.mark.parametrize("checkpointed", [False, True], ids=["saving", "checkpointed"])
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_double_backward_is_refused(family, checkpointed):
-    layer, _, x, _, kwargs = _layer_and_kwargs(family, 0, torch.float32, 2, 5)
-    forward = CompactedForward(None, layer, 0, family, _structural_family(layer)[1], layer.forward)
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_double_backward_is_refused(backward, checkpointed):
+    layer, _, x, _, kwargs = _layer_and_kwargs(compacted_kind(backward), 0, torch.float32, 2, 5)
+    forward = _compacted(layer)
     for depth in (torch.ones(2, 5, dtype=torch.long), torch.tensor([[0, 1, 1, 0, 1], [1, 1, 0, 0, 1]])):
         xx = x.clone().requires_grad_()
         y = _first(forward.run(Routing.from_depth(depth, 1), xx, (), kwargs, checkpointed, 0))
@@ -323,13 +503,13 @@ def _first(y):
 
 
 # ------------------------------------------------------------- the attention's backward kept from the forward
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("seed", [7, 31337], ids=lambda s: f"seed{s}")
-def test_saving_block_keeps_its_attention_backward_once_and_recomputes_after(seed, family):
+def test_saving_block_keeps_its_attention_backward_once_and_recomputes_after(seed, backward):
     """The saving Function keeps the attention's own backward from its forward (no recompute); the first backward
     takes it and frees it; a second backward through a retained graph recomputes and gets the same gradients."""
-    layer, ref, x, kwargs, _ = _layer_and_kwargs(family, seed, torch.float32, 2, 6)
-    forward = CompactedForward(None, layer, 0, family, _structural_family(layer)[1], layer.forward)
+    layer, ref, x, kwargs, _ = _layer_and_kwargs(compacted_kind(backward), seed, torch.float32, 2, 6)
+    forward = _compacted(layer)
     depth = torch.tensor([[1, 0, 1, 1, 0, 1], [0, 0, 1, 0, 1, 1]])
     gy = torch.randn(2, 6, x.shape[-1], generator=torch.Generator().manual_seed(seed))
     params = list(layer.parameters())
@@ -344,7 +524,7 @@ def test_saving_block_keeps_its_attention_backward_once_and_recomputes_after(see
     for a, b, w in zip(first, second, want):
         assert (a is None) == (b is None) == (w is None)
         if a is not None:
-            assert rel_err(a, w) < 2e-5 and rel_err(b, w) < 2e-5
+            assert rel_err(a, w) < 1e-5 and rel_err(b, w) < 1e-5
     # Nothing kept when no backward can follow.
     with torch.no_grad():
         y = _first(forward.run(Routing.from_depth(depth, 1), x, (), kwargs, False, 0))
@@ -386,7 +566,7 @@ def test_liger_patched_llama_blocks_take_the_compacted_path_when_the_check_passe
     """Liger's RMSNorm (offset 0, "llama" casting) and SwiGLU MLP have no SiLU module to recognise: the structure
     admits them, and the attach-time check decides by what they compute."""
     decisions = [compact_decision(b) for b in _blocks(_liger_like(_model("llama")))]
-    assert [d[0][0] if d[0] else None for d in decisions] == ["llama"] * len(decisions), decisions
+    assert [_name(found) for found, _ in decisions] == ["llama"] * len(decisions), decisions
     V.clear_cache()
     wrong = [compact_decision(b)[0] for b in _blocks(_liger_like(_model("llama"), scale=1.01))]
     assert wrong == [None] * len(wrong)  # same structure, other maths: refused by the check
@@ -411,13 +591,13 @@ def test_a_rope_reading_the_first_half_of_cos_sin_takes_the_compacted_path_that_
     tables but not on the check's unstructured ones. The check then tries the variant that reads them so, and the
     router trains exactly (the reference runs the same patched model)."""
     plain = [compact_decision(b)[0] for b in _blocks(_model("llama"))]
-    assert all(found[1].rotary_first_half is False for found in plain)
+    assert all(found.spec.rotary_first_half is False for found in plain)
     V.clear_cache()
     monkeypatch.setattr(tf.models.llama.modeling_llama, "apply_rotary_pos_emb", _rope_reading("first"))
     model = _liger_like(_model("llama"))
     with caplog.at_level(logging.WARNING, logger="cggr"):
         decisions = [compact_decision(b) for b in _blocks(model)]
-    assert [found[1].rotary_first_half for found, _ in decisions] == [True] * 4, decisions
+    assert [found.spec.rotary_first_half for found, _ in decisions] == [True] * 4, decisions
     assert "Liger-Kernel's RoPE" in decisions[0][1] and not caplog.records  # no warning: the variant passed
 
     ref = copy.deepcopy(model)
@@ -442,19 +622,34 @@ def test_a_cached_verdict_does_not_keep_the_next_model_off_its_variant(monkeypat
     for rope in order:
         monkeypatch.setattr(llama, "apply_rotary_pos_emb", rope)
         found = [compact_decision(b)[0] for b in _blocks(_model("llama"))]
-        assert [f[1].rotary_first_half if f else None for f in found] == [rope is not plain_rope] * 4
+        assert [f.spec.rotary_first_half if f else None for f in found] == [rope is not plain_rope] * 4
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_the_check_covers_skip_semantics(monkeypatch, kind):
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_the_check_covers_skip_semantics(monkeypatch, backward):
     """A compacted backward whose skip path were wrong (here: inactive rows' input gradient left zero, as under
     stop) is refused at attach, the reason naming the skip case."""
-    from cggr.compact import gpt2, llama, pointwise
+    from cggr.compact import pointwise
 
     stop_only = lambda rows, idx, num_rows, base=None: pointwise.scatter_rows(rows, idx, num_rows)  # noqa: E731
-    monkeypatch.setattr(llama if kind == "llama" else gpt2, "scatter_rows", stop_only)
-    found, reason = compact_decision(_blocks(_model(kind))[0])
+    monkeypatch.setattr(gpt2 if backward == "gpt2" else decoder, "scatter_rows", stop_only)
+    found, reason = compact_decision(_blocks(_model(compacted_kind(backward)))[0])
     assert found is None and "some rows inactive (skip)" in reason, reason
+
+
+@pytest.mark.parametrize("backward", [b for b in BACKWARDS if b != "gpt2"])
+def test_the_check_covers_a_key_norms_weight_gradient_from_inactive_keys(monkeypatch, backward):
+    """Inactive keys are constants before a key norm, not after it: the norm's weight gets gradient from every key
+    an active query attends to. A backward that summed it over the active rows only (here) is refused at attach
+    in the families with a key norm; the others have nothing to get wrong."""
+    real = decoder._qk_norm_backward
+    monkeypatch.setattr(decoder, "_qk_norm_backward", lambda *args, d_every=None: real(*args))
+    block = _blocks(_model(compacted_kind(backward)))[0]
+    found, reason = compact_decision(block)
+    if _structural_family(block)[1].qk_norm is None:
+        assert found is not None, reason
+    else:
+        assert found is None and "gradient of self_attn.k_norm.weight (some rows inactive" in reason, reason
 
 
 def test_a_rope_no_variant_reads_is_refused(monkeypatch):
@@ -472,7 +667,7 @@ def test_liger_rope_under_the_interpreter_takes_the_first_half_variant(monkeypat
     rope = pytest.importorskip("liger_kernel.transformers.rope")
     monkeypatch.setattr(tf.models.llama.modeling_llama, "apply_rotary_pos_emb", rope.liger_rotary_pos_emb)
     found, reason = compact_decision(_blocks(_model("llama"))[0])
-    assert found is not None and found[1].rotary_first_half, reason
+    assert found is not None and found.spec.rotary_first_half, reason
 
 
 # ---------------------------------------------------------------------------- copying the compacted forward
@@ -486,11 +681,11 @@ class _Source:
         return self.routing
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_compacted_forward_follows_deepcopy_and_pickle(family):
-    layer, _, x, _, kwargs = _layer_and_kwargs(family, 1, torch.float32, 2, 5)
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_compacted_forward_follows_deepcopy_and_pickle(backward):
+    layer, _, x, _, kwargs = _layer_and_kwargs(compacted_kind(backward), 1, torch.float32, 2, 5)
     source = _Source()
-    layer.forward = CompactedForward(source, layer, 3, family, _structural_family(layer)[1], layer.forward)
+    layer.forward = _compacted(layer, 3, source)
     plain = _first(layer(x, **kwargs))
     for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         f = copied.__dict__["forward"]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import cggr
 from cggr.adapters import find_layer_stack
-from tests.tiny import TinyLM, flat_grads, hf_model, rel_err, routed_as
+from tests.tiny import BACKWARD_KINDS, TinyLM, flat_grads, hf_model, rel_err, routed_as
 
 VOCAB = 97
 _HAS_BACKWARD_OPTION = "backward" in cggr.config.OPTION_NAMES
@@ -117,9 +117,9 @@ def test_compile_graph_breaks():
 # --------------------------------------------------------------------------- (b) bf16 autocast on the CPU
 def test_fp16_autocast_fallback_is_announced_once(caplog, monkeypatch):
     """fp16 autocast misses the (bf16) fast path: the user is told once, with the fix; the generic path runs."""
-    import cggr.compact as compact
+    import cggr.compact.forward as compacted_forward
 
-    monkeypatch.setattr(compact, "_warned_dtype", False)
+    monkeypatch.setattr(compacted_forward, "_warned_dtype", False)
     model = hf_model("llama", seed=4)
     router = cggr.attach(model, num_buckets=4, warmup_steps=0)
     batch = _hf_batch(seed=2)
@@ -133,15 +133,17 @@ def test_fp16_autocast_fallback_is_announced_once(caplog, monkeypatch):
 
 
 @pytest.mark.parametrize("kind,backward,checkpointing", [
-    ("llama", "generic", False), ("llama", "auto", False), ("gpt2", "auto", False), ("llama", "auto", True),
-    ("gpt2", "auto", True)])
+    ("llama", "generic", False), *[(kind, "auto", ckpt) for ckpt in (False, True) for kind in BACKWARD_KINDS]])
 def test_bf16_autocast_hf_close_to_fp32_reference(kind, backward, checkpointing):
     """bf16 autocast over fp32 weights: the compacted backward (in bf16, on casts of the weights; routed
-    checkpointing too) and the generic one stay within bf16 tolerance of the fp32 reference."""
+    checkpointing too) and the generic one stay within bf16 tolerance of the fp32 reference: 3e-2, or for a family
+    that bf16 conditions worse (q/k norms: Gemma 3, OLMo 2) twice what HF's own autocast gives under the
+    reference routing (the compacted block runs its residual stream in bf16 where HF's autocast keeps it fp32)."""
     model = hf_model(kind, seed=4)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref = copy.deepcopy(model)
+    hf_bf16 = copy.deepcopy(model)
     router = cggr.attach(model, num_buckets=4, warmup_steps=0, backward=backward)
     batch = _hf_batch(seed=2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -152,12 +154,14 @@ def test_bf16_autocast_hf_close_to_fp32_reference(kind, backward, checkpointing)
     assert router.routing.compact_blocks == (set(range(router.num_layers)) if backward == "auto" else set())
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
     g_ref = _reference_grads(ref, routed_as(router), lambda m: m(**batch).loss)  # fp32, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        g_hf = _reference_grads(hf_bf16, routed_as(router), lambda m: m(**batch).loss)
     g = flat_grads(model)
     scale = max(v.norm().item() for v in g_ref.values())
-    for name, r in g_ref.items():
-        if r.norm().item() < 1e-3 * scale:
-            continue  # (near-)zero reference gradients: relative error is noise
-        assert rel_err(g[name], r) < 3e-2, f"{name}: relative error {rel_err(g[name], r):.2e}"
+    near = [name for name, r in g_ref.items() if r.norm().item() >= 1e-3 * scale]  # else relative error is noise
+    tol = max(3e-2, 2 * max(rel_err(g_hf[name], g_ref[name]) for name in near))
+    for name in near:
+        assert rel_err(g[name], g_ref[name]) < tol, f"{name}: relative error {rel_err(g[name], g_ref[name]):.2e}"
 
 
 def test_bf16_autocast_tiny_lm_close_to_fp32_reference():

@@ -1,7 +1,7 @@
 """CUDA checks at realistic sizes (skipped without a GPU; run on the H100 with TRITON_INTERPRET=0).
 
 Kernels against their references on the device, and the routed backward in
-bf16 against an fp32 reference on a ~100M-parameter Llama.
+bf16 against an fp32 reference on ~100M-parameter models of each compacted backward's family.
 """
 
 import copy
@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from tests.tiny import routed_as
+from tests.tiny import BACKWARD_KINDS, routed_as
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="needs CUDA with compiled Triton (TRITON_INTERPRET=0)")
@@ -47,18 +47,11 @@ def test_bucketing_kernel_realistic():
 
 
 def _llama(dtype, family="llama"):
-    import transformers as tf
+    """~110M parameters of the registry's family ``family`` (12 layers of 768, 12 heads; benchmarks/speed.py's
+    builder: random weights, SDPA, no KV cache)."""
+    from benchmarks.speed import build_family
 
-    torch.manual_seed(0)
-    if family == "gpt2":
-        cfg = tf.GPT2Config(n_embd=768, n_layer=12, n_head=12, vocab_size=32000, n_positions=1024,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-        cfg._attn_implementation = "sdpa"
-        return tf.GPT2LMHeadModel(cfg).to("cuda", dtype).train()
-    cfg = tf.LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                         num_key_value_heads=12, vocab_size=32000, max_position_embeddings=1024)
-    cfg._attn_implementation = "sdpa"
-    return tf.LlamaForCausalLM(cfg).to("cuda", dtype).train()
+    return build_family(family, 768, 12, 12, 3072 if family == "gpt2" else 2048, dtype=dtype, device="cuda")
 
 
 def _grads(model):
@@ -73,9 +66,9 @@ def _assert_grads_within(model, ref, tolerance):
             assert ((g[name] - r).norm() / r.norm()).item() < tolerance, name
 
 
-@pytest.mark.parametrize("mode,family,checkpointing", [("sparse", "llama", False), ("mask", "llama", False),
-                                                       ("sparse", "gpt2", False), ("sparse", "llama", True),
-                                                       ("sparse", "gpt2", True)])
+@pytest.mark.parametrize("mode,family,checkpointing", [
+    *[("sparse", kind, False) for kind in BACKWARD_KINDS], ("mask", "llama", False),
+    *[("sparse", kind, True) for kind in BACKWARD_KINDS]])
 def test_bf16_routed_gradients_match_fp32_reference(mode, family, checkpointing):
     import cggr
     from cggr.adapters import find_layer_stack
@@ -153,7 +146,7 @@ def test_row_kernels_triton_routed_gradients_match_fp32_reference(monkeypatch):
         torch.testing.assert_close(a, r, rtol=2 * 2**-8, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", BACKWARD_KINDS)
 def test_bf16_autocast_compacted_gradients_match_fp32_reference(family):
     """fp32 master weights under bf16 autocast (the HF Trainer's bf16=True) take the compacted backward."""
     import cggr
@@ -222,7 +215,7 @@ def _compacted_forwards(model):
     return [b.forward for b in model.model.layers if isinstance(b.forward, CompactedForward)]
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", BACKWARD_KINDS)
 def test_routed_step_never_waits_for_the_forward(family):
     """cggr adds no synchronising call to a training step (forward, routing, backward), with masked labels.
 
@@ -260,3 +253,60 @@ def test_routed_step_never_waits_for_the_forward(family):
     print(f"{family}: synchronising calls per step: dense {dense}, routed {routed}")
     assert routed <= dense  # H100, transformers 5.17: llama 2 dense, 1 routed (cggr's blocks skip one of HF's)
     assert router.routing.counts_known and len(router.routing.compact_blocks) == 12
+
+
+SAMPLINGS = {"unbiased": dict(estimator="unbiased"), "block": dict(estimator="unbiased", importance="block"),
+             "loss": dict(estimator="unbiased", importance="loss")}
+
+
+@pytest.mark.parametrize("sampling", list(SAMPLINGS))
+@pytest.mark.parametrize("family", BACKWARD_KINDS[:2])
+def test_sampling_options_bf16_match_fp32_reference(family, sampling):
+    """Reweighted routing (every compacted block, its BranchWeights at the output, the block importance drawn
+    in the backward on the device) in bf16, against the fp32 reference with the rows and weights it drew."""
+    import cggr
+    from cggr.adapters import find_layer_stack
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    base = _llama(torch.float32, family)
+    ref = copy.deepcopy(base)
+    fast = copy.deepcopy(base).to(torch.bfloat16)
+    ids = torch.randint(0, 32000, (4, 512), device="cuda")
+    router = cggr.attach(fast, warmup_steps=0, **SAMPLINGS[sampling])
+    fast(input_ids=ids, labels=ids).loss.backward()
+    r = router.routing
+    assert len(r.compact_blocks) == 12 and r.reweighted
+    L = router.num_layers
+    with cggr.reference_routing(find_layer_stack(ref)[1], inactive="skip",
+                                block_active=r.block_active.view(L, *ids.shape),
+                                branch_weight=r.branch_weight.view(L, *ids.shape)):
+        ref(input_ids=ids, labels=ids).loss.backward()
+    g, gr = _grads(fast), _grads(ref)
+    worst = max(((g[n] - v).norm() / v.norm()).item() for n, v in gr.items() if v.norm() > 0)
+    print(f"{family} {sampling}: worst per-tensor relative error bf16 vs fp32 reference = {worst:.3e}")
+    assert worst < 5e-2
+
+
+@pytest.mark.parametrize("sampling", ["unbiased", "block"])
+def test_sampling_options_never_wait(sampling):
+    """The reweighted routing and the backward-time draws add no synchronising call to a step."""
+    import warnings
+
+    import cggr
+
+    model = _llama(torch.bfloat16)
+    ids = torch.randint(0, 32000, (4, 512), device="cuda")
+    cggr.attach(model, warmup_steps=0, **SAMPLINGS[sampling])
+    model(input_ids=ids, labels=ids).loss.backward()  # warm-up (and compilation)
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            model(input_ids=ids, labels=ids).loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    calls = [str(w.message) for w in caught if "synchronizing" in str(w.message)]
+    print(f"{sampling}: synchronising calls per step: {len(calls)}")
+    assert len(calls) <= 2, calls  # HF's own dense step makes up to 2 (test_routed_step_never_waits_for_the_forward)

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from cggr.compact.pointwise import (
-    gelu_tanh_rows, kernel, layer_norm_backward_add, layer_norm_rows, mlp_rows, qkv_rows, rms_backward_add,
-    rms_rows, rope_backward, swiglu_backward, token_rows)
+    RMSNormKind, gelu_tanh_rows, glu_backward, glu_rows, kernel, layer_norm_backward_add, layer_norm_rows,
+    rms_backward_add, rms_norm, rms_rows, rope_backward, rope_rows, swiglu_backward, token_rows)
 
 SEEDS = [0, 1, 2]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -86,9 +86,15 @@ def _grads(out, inputs, grad_out):
     return [torch.zeros_like(i) if g is None else g for g, i in zip(gs, inputs)]
 
 
-def _rms_norm(x, w):
-    """The RMSNorm of HF's LlamaRMSNorm (what the Llama compacted block's norms stand for), in x's precision."""
-    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS))
+# The RMSNorms the compacted blocks stand for: HF's LlamaRMSNorm (w * x_hat.to(dtype)), Olmo2RMSNorm
+# ((w * x_hat).to(dtype)) and Gemma3RMSNorm (((1 + w) * x_hat).to(dtype)); they differ in where bf16 rounds.
+NORMS = {"llama": RMSNormKind(), "olmo2": RMSNormKind(weight_in_fp32=True),
+         "gemma": RMSNormKind(offset=1.0, weight_in_fp32=True)}
+
+
+def _rms_norm(x, w, kind=NORMS["llama"]):
+    """The RMSNorm of ``kind`` in x's precision (fp64 here: where it rounds does not matter)."""
+    return (kind.offset + w) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS))
 
 
 def _rstd(x):
@@ -105,15 +111,18 @@ def _ln_stats(x):
 
 # --------------------------------------------------------------------------- references (fp64 autograd)
 
-def _ref_swiglu(dm, g, u, idx):
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh")}
+
+
+def _ref_swiglu(dm, g, u, idx, activation="silu"):
     g, u = _exact(g, u)
-    m = F.silu(g) * u
+    m = ACTIVATIONS[activation](g) * u
     dg, du = _grads(m[idx], (g, u), dm)
     return m[idx].detach(), dg[idx], du[idx]
 
 
-def _ref_rms_rows(x, w, idx):
-    return _rms_norm(*_exact(x, w))[idx].detach()
+def _ref_rms_rows(x, w, idx, kind=NORMS["llama"]):
+    return _rms_norm(*_exact(x, w), kind)[idx].detach()
 
 
 def _ref_rope(dt_heads, cos, sin, bi, si):
@@ -146,22 +155,32 @@ def test_swiglu_backward(seed, dtype):
                     _close(a, b, dtype, f"{what} rows={n} H={H} {name}")
 
 
+@pytest.mark.parametrize("norm", list(NORMS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("seed", SEEDS, ids=_seed_id)
-def test_rms_rows(seed, dtype):
+def test_rms_norm_and_rows(seed, dtype, norm):
+    """The forward (output and the saved statistic) and its recompute on rows from the statistic."""
+    kind = NORMS[norm]
     for n in ROWS:
         for H in HIDDEN:
             gen = _gen(seed, "rms_rows", n, H)
             x, w = _randn(gen, n, H, dtype=dtype, scale=2.0), _randn(gen, H, dtype=dtype)
+            out, rstd = rms_norm(x, w, EPS, kind)
+            assert out.dtype == dtype and rstd.dtype == torch.float32
+            # HF's RMSNorms normalise in fp32 whatever the input's dtype (fp64 too), and so does rms_norm.
+            _close(out, _ref_rms_rows(x, w, torch.arange(n), kind), torch.float32 if dtype == torch.float64 else dtype,
+                   f"forward rows={n} H={H}")
             for name, idx in _subsets(n, gen).items():
-                got = rms_rows(x, _rstd(x), w, idx)
+                got = rms_rows(x, _rstd(x), w, idx, kind)
                 assert got.dtype == dtype
-                _close(got, _ref_rms_rows(x, w, idx), dtype, f"rows={n} H={H} {name}")
+                _close(got, _ref_rms_rows(x, w, idx, kind), dtype, f"rows={n} H={H} {name}")
 
 
+@pytest.mark.parametrize("norm", list(NORMS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("seed", SEEDS, ids=_seed_id)
-def test_rms_backward_add(seed, dtype):
+def test_rms_backward_add(seed, dtype, norm):
+    kind = NORMS[norm]
     for n in ROWS:
         for H in HIDDEN:
             gen = _gen(seed, "rms_backward", n, H)
@@ -169,34 +188,41 @@ def test_rms_backward_add(seed, dtype):
             for name, idx in _subsets(n, gen).items():
                 dout = _randn(gen, idx.numel(), H, dtype=dtype)
                 residual = _randn(gen, idx.numel(), H, dtype=dtype)
-                dx_a, dw = rms_backward_add(dout, residual, x, _rstd(x), w, idx)
+                dx_a, dw = rms_backward_add(dout, residual, x, _rstd(x), w, idx, kind)
                 xe, we = _exact(x, w)
-                ref_dx, ref_dw = _grads(_rms_norm(xe, we)[idx], (xe, we), dout)
+                ref_dx, ref_dw = _grads(_rms_norm(xe, we, kind)[idx], (xe, we), dout)
                 assert dx_a.dtype == dtype and dw.dtype == torch.promote_types(dtype, torch.float32)
                 rstd = torch.rsqrt(xe.detach().pow(2).mean(-1, keepdim=True) + EPS)[idx]
                 # dx = rstd (dxhat - xhat mean(dxhat xhat)) cancels: its error scales with the row's rstd |dout w|.
                 _close(dx_a, residual.double() + ref_dx[idx], dtype, f"dx rows={n} H={H} {name}",
-                       scale=rstd * (dout.double() * w.double()).abs().amax(-1, keepdim=True))
+                       scale=rstd * (dout.double() * (kind.offset + w.double())).abs().amax(-1, keepdim=True))
                 # dw sums over the rows: its error scales with the terms' magnitudes |dout * x_hat|.
                 xhat = xe.detach()[idx] * rstd
                 _close(dw, ref_dw, dtype, f"dw rows={n} H={H} {name}", scale=(dout.double() * xhat).abs().sum(0))
 
 
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("seed", SEEDS, ids=_seed_id)
-def test_mlp_rows(seed, dtype):
-    """SwiGLU backward and the recomputed post-attention norm in one call, as the MLP stage reads them."""
+def test_glu_backward(seed, dtype, activation):
+    """The gated MLP's backward, SwiGLU and GeGLU (tanh-GELU gate), as the stage calls it (``glu_rows``: off
+    CUDA the plain piece)."""
     for n in ROWS:
-        H, D = 11, 7
-        gen = _gen(seed, "mlp_rows", n)
-        g, u = _randn(gen, n, H, dtype=dtype, scale=3.0), _randn(gen, n, H, dtype=dtype)
-        h, w = _randn(gen, n, D, dtype=dtype), _randn(gen, D, dtype=dtype)
-        for name, idx in _subsets(n, gen).items():
-            dm = _randn(gen, idx.numel(), H, dtype=dtype)
-            m_a, dg, du, r2 = mlp_rows(dm, g, u, h, _rstd(h), w, idx)
-            for what, a, b in zip(("m", "dg", "du"), (m_a, dg, du), _ref_swiglu(dm, g, u, idx)):
-                _close(a, b, dtype, f"{what} rows={n} {name}")
-            _close(r2, _ref_rms_rows(h, w, idx), dtype, f"r2 rows={n} {name}")
+        for H in HIDDEN:
+            gen = _gen(seed, "glu", activation, n, H)
+            g, u = _randn(gen, n, H, dtype=dtype, scale=3.0), _randn(gen, n, H, dtype=dtype)
+            for name, idx in _subsets(n, gen).items():
+                dm = _randn(gen, idx.numel(), H, dtype=dtype)
+                got = glu_backward(dm, g, u, idx, activation)
+                for a, b in zip(glu_rows(dm, g, u, idx, activation), got):
+                    assert torch.equal(a, b)
+                # tanh-GELU cancels for negative g (as in test_gelu_tanh_rows): its errors scale with |g| + 1 times
+                # the factors each result has (m = act u, dg = dm u act', du = dm act).
+                ga, ua, dma = g[idx].double().abs() + 1, u[idx].double().abs(), dm.double().abs()
+                scales = {"m": ga * ua, "dg": ga * dma * ua, "du": ga * dma} if activation == "gelu_tanh" else {}
+                for what, a, b in zip(("m", "dg", "du"), got, _ref_swiglu(dm, g, u, idx, activation)):
+                    assert a.dtype == dtype
+                    _close(a, b, dtype, f"{what} rows={n} H={H} {name}", scale=scales.get(what))
 
 
 # --------------------------------------------------------------------------- rotary and head rows
@@ -246,22 +272,21 @@ def test_token_rows(seed, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("seed", SEEDS, ids=_seed_id)
-def test_qkv_rows(seed, dtype):
-    """Rotary backward of q and k (grouped-query: fewer k/v heads), v's rows and the recomputed input norm."""
+def test_rope_rows(seed, dtype):
+    """The rotary backward as the stage calls it (``rope_rows``): cos/sin ``[B, S, hd]`` expanded over the batch,
+    as the stage passes them, or ``[N, hd]``; grouped-query (fewer k heads) alike."""
     for B, S in [(1, 1), (2, 7), (3, 5)]:
-        heads, kv, hd, D = 3, 1, 6, 9
-        gen = _gen(seed, "qkv_rows", B, S)
+        heads, kv, hd = 3, 1, 6
+        gen = _gen(seed, "rope_rows", B, S)
         dq, cos, sin = _rope_inputs(gen, B, S, heads, hd, dtype)
-        dk, dv = _randn(gen, B, kv, S, hd, dtype=dtype), _randn(gen, B, kv, S, hd, dtype=dtype)
-        x, w = _randn(gen, B * S, D, dtype=dtype), _randn(gen, D, dtype=dtype)
+        dk = _randn(gen, B, kv, S, hd, dtype=dtype)
         for name, idx in _subsets(B * S, gen).items():
             bi, si = idx // S, idx % S
-            dq_a, dk_a, dv_a, r1 = qkv_rows(token_rows(dq), token_rows(dk), token_rows(dv), cos.reshape(B * S, hd),
-                                            sin.reshape(B * S, hd), x, _rstd(x), w, idx)
-            _close(dq_a, _ref_rope(dq, cos, sin, bi, si), dtype, f"dq B={B} S={S} {name}")
-            _close(dk_a, _ref_rope(dk, cos, sin, bi, si), dtype, f"dk B={B} S={S} {name}")
-            assert torch.equal(dv_a, _ref_head_rows(dv, idx)), f"dv B={B} S={S} {name}"
-            _close(r1, _ref_rms_rows(x, w, idx), dtype, f"r1 B={B} S={S} {name}")
+            for cs in ((cos, sin), (cos.reshape(B * S, hd), sin.reshape(B * S, hd))):
+                _close(rope_rows(token_rows(dq), *cs, idx), _ref_rope(dq, cos, sin, bi, si), dtype,
+                       f"dq B={B} S={S} {name}")
+                _close(rope_rows(token_rows(dk), *cs, idx), _ref_rope(dk, cos, sin, bi, si), dtype,
+                       f"dk B={B} S={S} {name}")
 
 
 # --------------------------------------------------------------------------- GELU and LayerNorm (GPT-2)

@@ -60,6 +60,19 @@ def test_links_in_generated_text_are_rebased_to_their_file():
     assert _rebase_links(text, "") == text
 
 
+def test_readme_supported_models_table_is_the_family_registrys():
+    """The README's supported-models table is rendered from the registry (``python -m benchmarks.report``
+    rewrites it): a family added to cggr.families is a row there."""
+    from cggr.families import FAMILIES, supported_models_table
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    start, end = "<!-- generated:supported-models -->\n", "\n<!-- /generated:supported-models -->"
+    assert readme.count(start) == 1 and readme.count(end) == 1
+    table = readme.split(start)[1].split(end)[0]
+    assert table == supported_models_table()
+    assert all(f"| `{kind}` |" in table for kind in FAMILIES)
+
+
 def test_ci_runs_the_readme_test_command():
     readme = open(os.path.join(ROOT, "README.md")).read().splitlines()
     i = readme.index("<!-- test-command -->")

@@ -10,10 +10,14 @@ import torch.nn.functional as F
 
 import cggr
 from cggr.adapters import find_layer_stack
-from tests.tiny import TinyLM, flat_grads, hf_model, rel_err, routed_as
+from cggr.families import FAMILIES
+from tests.tiny import (BACKWARD_KINDS, COMPACTED_KINDS, DENSE_KINDS, MOE_KINDS, TinyLM, flat_grads, hf_model,
+                        rel_err, routed_as)
 
 TOL = 1e-5
-MODELS = ["tiny", "llama", "llama-generic", "mistral", "gpt2", "gpt2-generic", "gpt_neox"]  # llama, mistral, gpt2: compacted
+# Every dense family of the registry (MoE ones: tests/test_moe.py), the handwritten model, and Llama's and GPT-2's
+# blocks through the generic backward (backward="generic").
+MODELS = ["tiny", *DENSE_KINDS, "llama-generic", "gpt2-generic"]
 CASES = [  # mode, leak_rate, curriculum progress
     ("sparse", 0.0, 1.0), ("sparse", 0.0, 0.5), ("sparse", 0.0, 0.0), ("sparse", 0.25, 1.0),
     ("mask", 0.0, 1.0), ("mask", 0.0, 0.4), ("mask", 0.3, 1.0),
@@ -23,6 +27,12 @@ CASES = [  # mode, leak_rate, curriculum progress
 def _build(kind, seed):
     torch.manual_seed(seed)
     return TinyLM() if kind == "tiny" else hf_model(kind.replace("-generic", ""), seed=seed)
+
+
+def _compacted(kind) -> bool:
+    """Whether ``kind``'s blocks take a compacted backward (its family's, and not forced generic)."""
+    family = FAMILIES.get(kind)
+    return family is not None and family.backward is not None
 
 
 def _loss(kind, model, ids, labels=None, attention_mask=None):
@@ -75,13 +85,13 @@ def test_gradients_equal_reference(kind, mode, leak, progress, routing):
     router, g_fast, g_ref, depth = _routed_and_reference(kind, mode, leak, progress, seed, **ROUTINGS[routing])
     assert router.config.placement == ("per_block" if routing == "default" else "nested")
     _assert_equal_grads(g_fast, g_ref)
-    compact = kind in ("llama", "mistral", "gpt2") and mode == "sparse" and leak == 0
+    compact = _compacted(kind) and mode == "sparse" and leak == 0
     assert router.routing.compact_blocks == (set(range(router.num_layers)) if compact else set())
     if progress == 1.0:
         assert depth.min() < router.num_layers  # routing really happened
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama-generic", "gpt2"])
+@pytest.mark.parametrize("kind", [*COMPACTED_KINDS, "llama-generic"])
 def test_padding_and_prompt_masks_give_depth_zero(kind):
     router, g_fast, g_ref, depth = _routed_and_reference(kind, "sparse", 0.0, 1.0, seed=3, padded=True)
     _assert_equal_grads(g_fast, g_ref)
@@ -246,7 +256,7 @@ def test_nonfinite_logits_route_at_full_depth(caplog, depths):
     _assert_equal_grads(flat_grads(model), flat_grads(ref))
 
 
-@pytest.mark.parametrize("kind", ["tiny", "llama", "llama-generic", "gpt2"])
+@pytest.mark.parametrize("kind", ["tiny", *BACKWARD_KINDS, "llama-generic"])
 def test_no_count_is_read_back_from_the_device(kind, monkeypatch):
     """Per-rank buckets: every block's count comes from the number of valid tokens (docs/design.md §3.3: nothing is
     read back after the forward; the one read waits only for the mask, read before the forward's work)."""
@@ -451,7 +461,7 @@ def test_sampled_policy_routes_like_reference():
     assert max(rel_err(got[n], want[n]) for n in want) < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", BACKWARD_KINDS)
 def test_one_bucket_is_dense_training(kind):
     """num_buckets=1 (the README's no-routing fast path): with a label on every token, the gradients of
     plain dense training, through cggr's compacted backward."""
@@ -500,15 +510,16 @@ def test_routing_is_cleared_when_the_forward_raises():
     assert router.current_routing() is None
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", BACKWARD_KINDS)
 def test_peft_after_attach_reinstalls_the_routing_and_stays_exact(kind, caplog):
     """get_peft_model after attach adds modules cggr never patched: the routing is installed anew on them, and
     the LoRA gradients equal the reference's."""
     peft = pytest.importorskip("peft")
-    targets = ["q_proj", "v_proj"] if kind == "llama" else ["c_attn"]
-    lora = dict(r=4, target_modules=targets, init_lora_weights=False)
     torch.manual_seed(0)
     base = hf_model(kind)
+    names = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
+    targets = [t for t in ("q_proj", "v_proj", "qkv_proj", "c_attn") if t in names]  # the family's attention inputs
+    lora = dict(r=4, target_modules=targets, init_lora_weights=False)
     plain_base = copy.deepcopy(base)
     router = cggr.attach(base, warmup_steps=0)
     torch.manual_seed(1)
@@ -615,7 +626,7 @@ SKIP_CASES = [  # placement, dense_ends, leak_rate
 ]
 
 
-@pytest.mark.parametrize("kind", ["tiny", "llama", "llama-generic", "gpt2", "gpt2-generic", "gpt_neox"])
+@pytest.mark.parametrize("kind", MODELS)
 @pytest.mark.parametrize("placement,dense_ends,leak", SKIP_CASES)
 @pytest.mark.parametrize("seed", [0, 1], ids=lambda s: f"seed={s}")
 def test_skip_semantics_gradients_equal_reference(kind, placement, dense_ends, leak, seed):
@@ -722,11 +733,12 @@ def test_fused_loss_scores_route_by_difficulty_without_logits():
     assert router.metrics()["mean_entropy"] == pytest.approx(twin_router.metrics()["mean_entropy"], rel=1e-5)
 
 
-@pytest.mark.parametrize("kind,checkpointing", [("llama", "reentrant"), ("llama", "nonreentrant"), ("gpt2", "nonreentrant"),
-                                                ("gpt_neox", "nonreentrant"), ("llama-generic", "reentrant"),
-                                                ("mixtral", None), ("olmoe", None)])
+@pytest.mark.parametrize("kind,checkpointing", [
+    *[(kind, "nonreentrant") for kind in COMPACTED_KINDS], ("llama", "reentrant"), ("gpt_neox", "nonreentrant"),
+    ("llama-generic", "reentrant"), *[(kind, None) for kind in MOE_KINDS]])
 def test_skip_semantics_with_checkpointing_and_moe_equal_reference(kind, checkpointing):
-    """Skip semantics through routed activation checkpointing (compacted and HF's own) and MoE blocks."""
+    """Skip semantics through routed activation checkpointing (every compacted family's checkpointed Function,
+    and HF's own) and MoE blocks."""
     import warnings
 
     model = _build(kind, 3)
@@ -741,12 +753,13 @@ def test_skip_semantics_with_checkpointing_and_moe_equal_reference(kind, checkpo
                          backward=backward)
     model(input_ids=ids, labels=ids).loss.backward()
     r = router.routing
+    assert bool(r.compact_blocks) == _compacted(kind)  # the compacted families' blocks checkpointed themselves
     with cggr.reference_routing(find_layer_stack(ref)[1], inactive="skip", block_active=r.block_active.view(-1, 2, 9)):
         ref(input_ids=ids, labels=ids).loss.backward()
     _assert_equal_grads(flat_grads(model), flat_grads(ref))
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "tiny"])
+@pytest.mark.parametrize("kind", ["tiny", *COMPACTED_KINDS])
 def test_the_defaults_equal_the_reference(kind):
     """``cggr.attach(model)`` and nothing else (skip semantics, per-block random subsets, one dense block at each
     end, the curriculum part-way) against the reference given the same per-block active sets."""

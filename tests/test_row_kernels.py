@@ -385,62 +385,61 @@ def test_bad_switch_value_names_the_variable_and_the_allowed_values(monkeypatch)
     with pytest.raises(ValueError, match=message):
         env.row_kernels()
     dq, cos, sin, dm, gate, up, idx = _op_inputs(0, 1, 4, 1, 2, 3, 2)
-    with pytest.raises(ValueError, match=message):  # on the CPU too, where the switch changes nothing
-        pointwise.mlp_rows(dm, gate, up, gate, torch.ones(4, 1), torch.ones(3), idx)
+    for activation in ("silu", "gelu_tanh"):  # on the CPU too, where the switch changes nothing
+        with pytest.raises(ValueError, match=message):
+            pointwise.glu_rows(dm, gate, up, idx, activation)
+    with pytest.raises(ValueError, match=message):
+        pointwise.rope_rows(dq, cos, sin, idx)
     # On CUDA the compiled stages read it while they compile; kernel() reads it first, where the error is plain.
     with pytest.raises(ValueError, match=message):
-        pointwise.kernel(pointwise.mlp_rows, on_cuda=True)
+        pointwise.kernel(pointwise.glu_rows, on_cuda=True)
     monkeypatch.setenv("CGGR_COMPILE", "0")  # nothing compiled, nothing read
-    assert pointwise.kernel(pointwise.mlp_rows, on_cuda=True) is pointwise.mlp_rows
+    assert pointwise.kernel(pointwise.glu_rows, on_cuda=True) is pointwise.glu_rows
 
 
 def _rows_inputs(seed):
-    B, S, heads, hd, F, D, n = 2, 5, 3, 4, 7, 6, 6
+    B, S, heads, hd, F, n = 2, 5, 3, 4, 7, 6
     dq, cos, sin, dm, gate, up, idx = _op_inputs(seed, B, S, heads, hd, F, n)
-    g = _gen(seed, "rows")
-    dk, dv = (token_rows(torch.randn(B, S, 1, hd, generator=g).transpose(1, 2)) for _ in range(2))
-    x, rstd, w = torch.randn(B * S, D, generator=g), torch.rand(B * S, 1, generator=g) + 0.5, torch.randn(D)
-    qkv = (dq, dk, dv, cos, sin, x, rstd, w, idx)
-    mlp = (dm, gate, up, x, rstd, w, idx)
-    return qkv, mlp
+    dk = token_rows(torch.randn(B, S, 1, hd, generator=_gen(seed, "rows")).transpose(1, 2))
+    return (dq, dk, cos, sin, idx), (dm, gate, up, idx)
 
 
 @pytest.mark.parametrize("setting", ["inductor", "triton"])
 def test_stage_pieces_off_cuda_are_the_plain_ones(monkeypatch, setting):
-    """Off CUDA the switch changes nothing: ``qkv_rows`` (cos/sin ``[B, S, hd]`` as the stage passes them, or
-    ``[N, hd]``) and ``mlp_rows`` give the plain pieces' results and call no custom op."""
+    """Off CUDA the switch changes nothing: ``rope_rows`` (cos/sin ``[B, S, hd]`` as the stage passes them, or
+    ``[N, hd]``) and ``glu_rows`` (SwiGLU and GeGLU) give the plain pieces' results and call no custom op."""
     monkeypatch.setenv("CGGR_ROW_KERNELS", setting)
     for name in ("rope_rows_backward", "swiglu_rows_backward"):
         monkeypatch.setattr(pointwise, name, lambda *a, _name=name: pytest.fail(f"{_name} called off CUDA"))
-    qkv, mlp = _rows_inputs(0)
-    dq, dk, dv, cos, sin, x, rstd, w, idx = qkv
+    (dq, dk, cos, sin, idx), (dm, gate, up, idx2) = _rows_inputs(0)
     flat = cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])
-    want = (rope_backward(dq, *flat, idx), rope_backward(dk, *flat, idx), dv[idx],
-            pointwise.rms_rows(x, rstd, w, idx))
     for cs in ((cos, sin), flat):
-        for a, b in zip(pointwise.qkv_rows(dq, dk, dv, *cs, x, rstd, w, idx), want):
+        for t in (dq, dk):
+            assert torch.equal(pointwise.rope_rows(t, *cs, idx), rope_backward(t, *flat, idx))
+    for activation in ("silu", "gelu_tanh"):
+        want = pointwise.glu_backward(dm, gate, up, idx2, activation)
+        for a, b in zip(pointwise.glu_rows(dm, gate, up, idx2, activation), want):
             assert torch.equal(a, b)
-    dm, gate, up, h, rstd2, w2, idx2 = mlp
-    want = (*swiglu_backward(dm, gate, up, idx2), pointwise.rms_rows(h, rstd2, w2, idx2))
-    for a, b in zip(pointwise.mlp_rows(*mlp), want):
-        assert torch.equal(a, b)
 
 
 def test_stage_pieces_call_the_ops_when_the_switch_picks_them(monkeypatch):
-    """Where ``triton_rows`` says so (CGGR_ROW_KERNELS=triton on CUDA; forced here), ``qkv_rows`` hands the ops
-    cos/sin as the stage got them (no flattening copy) and ``mlp_rows`` calls the SwiGLU op; same results."""
-    qkv, mlp = _rows_inputs(1)
-    plain_qkv, plain_mlp = pointwise.qkv_rows(*qkv), pointwise.mlp_rows(*mlp)
+    """Where ``triton_rows`` says so (CGGR_ROW_KERNELS=triton on CUDA; forced here), ``rope_rows`` hands the op
+    cos/sin as the stage got them (no flattening copy) and ``glu_rows`` calls the SwiGLU op (GeGLU, which has no
+    kernel, the plain piece); same results."""
+    (dq, dk, cos, sin, idx), (dm, gate, up, idx2) = _rows_inputs(1)
+    plain_rope = [pointwise.rope_rows(t, cos, sin, idx) for t in (dq, dk)]
+    plain_glu = {a: pointwise.glu_rows(dm, gate, up, idx2, a) for a in ("silu", "gelu_tanh")}
     calls = []
     for name in ("rope_rows_backward", "swiglu_rows_backward"):
         real = getattr(pointwise, name)
         monkeypatch.setattr(pointwise, name,
                             lambda *a, _real=real, _name=name: calls.append((_name, a[1].dim())) or _real(*a))
     monkeypatch.setattr(pointwise, "triton_rows", lambda t: True)
-    for a, b in zip(pointwise.qkv_rows(*qkv), plain_qkv):
-        assert torch.equal(a, b)
-    for a, b in zip(pointwise.mlp_rows(*mlp), plain_mlp):
-        assert torch.equal(a, b)
+    for t, want in zip((dq, dk), plain_rope):
+        assert torch.equal(pointwise.rope_rows(t, cos, sin, idx), want)
+    for activation, want in plain_glu.items():
+        for a, b in zip(pointwise.glu_rows(dm, gate, up, idx2, activation), want):
+            assert torch.equal(a, b)
     assert calls == [("rope_rows_backward", 3), ("rope_rows_backward", 3), ("swiglu_rows_backward", 2)]
 
 

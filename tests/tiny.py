@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from cggr.families import FAMILIES
 
 
 class TinyBlock(nn.Module):
@@ -49,52 +50,34 @@ class TinyLM(nn.Module):
         return self.head(self.norm(x))
 
 
-def hf_model(kind: str, layers: int = 4, vocab: int = 97, seed: int = 0):
-    """A tiny random-init HF causal LM in fp32 (eager attention, no dropout)."""
+def hf_model(kind: str, layers: int = 4, vocab: int = 97, seed: int = 0, **config):
+    """The tiny random-init HF causal LM of the family registry's record ``kind`` (a ``model_type``), in fp32,
+    eager attention, train mode; ``config``: arguments that override the record's tiny config."""
     import transformers as tf
 
+    family = FAMILIES[kind]
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab)
-    if kind == "llama":
-        cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=128, **common)
-        model = tf.LlamaForCausalLM(cfg)
-    elif kind == "mistral":
-        cfg = tf.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                               num_key_value_heads=2, max_position_embeddings=128, sliding_window=None, **common)
-        model = tf.MistralForCausalLM(cfg)
-    elif kind == "gpt2":
-        cfg = tf.GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0,
-                            attn_pdrop=0.0, **common)
-        model = tf.GPT2LMHeadModel(cfg)
-    elif kind == "gpt_neox":
-        cfg = tf.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                               max_position_embeddings=128, hidden_dropout=0.0, attention_dropout=0.0, **common)
-        model = tf.GPTNeoXForCausalLM(cfg)
-    elif kind in MOE_KINDS:
-        model = _hf_moe(tf, kind, layers, common)
-    else:
-        raise ValueError(kind)
+    cfg = getattr(tf, family.config)(**{**family.tiny, "num_hidden_layers": layers, "vocab_size": vocab, **config})
+    model = getattr(tf, family.causal_lm)(cfg)
     model.config._attn_implementation = "eager"
     return model.float().train()
 
 
-MOE_KINDS = ("mixtral", "qwen2_moe", "olmoe")
+# The registry's families as tests parametrize over them: a family added is a family tested.
+FAMILY_KINDS = list(FAMILIES)
+DENSE_KINDS = [k for k, f in FAMILIES.items() if not f.moe]  # MoE families: tests/test_moe.py
+MOE_KINDS = [k for k, f in FAMILIES.items() if f.moe]
+COMPACTED_KINDS = [k for k, f in FAMILIES.items() if f.backward is not None]
 
 
-def _hf_moe(tf, kind, layers, common):
-    """4 experts, top-2, with the router's auxiliary loss in ``out.loss`` (and ``out.aux_loss``)."""
-    moe = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=128, num_experts_per_tok=2,
-               output_router_logits=True, router_aux_loss_coef=0.1, **common)
-    if kind == "mixtral":
-        return tf.MixtralForCausalLM(tf.MixtralConfig(num_local_experts=4, sliding_window=None, **moe))
-    if kind == "qwen2_moe":  # every layer sparse, with the shared expert and its gate
-        return tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(num_experts=4, moe_intermediate_size=24,
-                                                        shared_expert_intermediate_size=40, decoder_sparse_step=1,
-                                                        mlp_only_layers=[], **moe))
-    return tf.OlmoeForCausalLM(tf.OlmoeConfig(num_experts=4, pad_token_id=0, eos_token_id=1, bos_token_id=None,
-                                              **moe))
+def compacted_kind(backward_name: str) -> str:
+    """The first model_type of the registry whose blocks take the compacted backward ``backward_name``."""
+    return next(k for k, f in FAMILIES.items() if f.backward is not None and f.backward.name == backward_name)
+
+
+# One family per compacted backward (Llama, Qwen 3, Gemma 3, OLMo 2, Phi-3, GPT-2): for tests of what the router
+# does around a block's backward rather than of the backward itself.
+BACKWARD_KINDS = list(dict.fromkeys(compacted_kind(f.backward.name) for f in FAMILIES.values() if f.backward))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

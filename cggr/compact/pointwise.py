@@ -1,10 +1,11 @@
 """Fused row-wise pieces of the compacted backward.
 
 Each function reads the active rows of full saved tensors through an index
-(the gather is fused into its consumer) and does one row-wise job: the
-SwiGLU backward, an RMSNorm recompute or backward with its residual, the
-rotary backward. Written in plain PyTorch: that is the reference, and what
-runs on CPU. On CUDA :func:`kernel` compiles them by ``torch.compile`` with
+(the gather is fused into its consumer) and does one row-wise job: the gated
+MLP's backward (SwiGLU, GeGLU), an RMSNorm recompute or backward with its
+residual (Llama's, OLMo 2's or Gemma's kind of norm), the rotary backward, and
+GPT-2's GELU and LayerNorm. Written in plain PyTorch: that is the reference,
+and what runs on CPU. On CUDA :func:`kernel` compiles them by ``torch.compile`` with
 the row count dynamic (the number of active rows changes every block and
 step) and every other size static, mostly inside the two stage functions of
 each compacted backward, which fuses the gather and the arithmetic into few
@@ -22,6 +23,7 @@ import functools
 import inspect
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -43,42 +45,120 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def swiglu_backward(dm: torch.Tensor, g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor | None):
-    """Rows ``idx`` of ``m = silu(g) * u``, and its input gradients given ``dm`` (active rows; ``idx`` None: all
-    rows, as everywhere in this module).
+@dataclass(frozen=True)
+class RMSNormKind:
+    """How an RMSNorm applies its weight ``w`` to the normalised rows ``x_hat = x * rstd`` (fp32).
+
+    Llama's (``LlamaRMSNorm``; Qwen 3's, Phi-3's): ``w * x_hat.to(dtype)``, the product in the input dtype.
+    OLMo 2's: ``(w * x_hat).to(dtype)``, the product in fp32. Gemma's: ``((1 + w) * x_hat).to(dtype)``. In fp32
+    they differ only by the offset; in bf16 by where the result rounds, which the compacted blocks reproduce.
+    """
+
+    offset: float = 0.0
+    """Added to the weight: 1.0 for Gemma's norms (their weights start at zero)."""
+    weight_in_fp32: bool = False
+    """The weight multiplies the fp32 rows and the product rounds to the input dtype (Gemma, OLMo 2); else the
+    rows round first and the product is in the input dtype (Llama)."""
+
+
+LLAMA_NORM = RMSNormKind()
+
+
+def _norm_weight(w: torch.Tensor, kind: RMSNormKind) -> torch.Tensor:
+    """The factor the normalised rows are multiplied by: ``w``, or ``offset + w``."""
+    return w if not kind.offset else kind.offset + w
+
+
+def _apply_norm_weight(xhat: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, kind: RMSNormKind) -> torch.Tensor:
+    if kind.weight_in_fp32:
+        return (xhat * _norm_weight(_acc(w), kind)).to(dtype)
+    return _norm_weight(w, kind) * xhat.to(dtype)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, kind: RMSNormKind = LLAMA_NORM):
+    """HF's RMSNorm of the last dim, and its saved statistic: ``(out, rstd)``, ``rstd`` fp32 ``[..., 1]``."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return _apply_norm_weight(xf * rstd, w, x.dtype, kind), rstd
+
+
+def _silu_and_grad(g: torch.Tensor):
+    """``silu(g)`` and its derivative, from one sigmoid."""
+    sig = torch.sigmoid(g)
+    return g * sig, sig * (1.0 + g * (1.0 - sig))
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_tanh_and_grad(f: torch.Tensor):
+    """``gelu(f, approximate="tanh")`` and its derivative."""
+    t = torch.tanh(_GELU_C * (f + 0.044715 * f * f * f))
+    act = 0.5 * f * (1.0 + t)
+    return act, 0.5 * (1.0 + t) + 0.5 * f * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * 0.044715 * f * f)
+
+
+ACTIVATIONS = {"silu": _silu_and_grad, "gelu_tanh": _gelu_tanh_and_grad}
+"""The gate activations of the gated MLPs (SwiGLU, GeGLU), by name: value and derivative in one pass."""
+
+
+def glu_backward(dm: torch.Tensor, g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor | None,
+                 activation: str = "silu"):
+    """Rows ``idx`` of ``m = act(g) * u``, and its input gradients given ``dm`` (active rows; ``idx`` None: all
+    rows, as everywhere in this module). ``activation``: a key of :data:`ACTIVATIONS`.
 
     Returns ``(m_a, dg_a, du_a)`` in ``dm``'s dtype.
     """
     dt = dm.dtype
     ga = _acc(rows_of(g, idx))
     ua = _acc(rows_of(u, idx))
-    sig = torch.sigmoid(ga)
-    act = _acc((ga * sig).to(dt))  # the layer's forward rounds silu(g) to the activation dtype
+    act, grad = ACTIVATIONS[activation](ga)
+    act = _acc(act.to(dt))  # the layer's forward rounds act(g) to the activation dtype
     dmf = _acc(dm)
     m_a = act * ua
     du = dmf * act
-    dg = dmf * ua * (sig * (1.0 + ga * (1.0 - sig)))
+    dg = dmf * ua * grad
     return m_a.to(dt), dg.to(dt), du.to(dt)
 
 
-def rms_rows(x: torch.Tensor, rstd: torch.Tensor, w: torch.Tensor, idx: torch.Tensor | None):
-    """Rows ``idx`` of ``w * (x * rstd).to(x.dtype)`` (an RMSNorm output, recomputed)."""
-    return w * (_acc(rows_of(x, idx)) * rows_of(rstd, idx)).to(x.dtype)
+def swiglu_backward(dm: torch.Tensor, g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor | None):
+    """:func:`glu_backward` of SwiGLU, ``m = silu(g) * u``: the reference of the Triton kernel."""
+    return glu_backward(dm, g, u, idx, "silu")
 
 
-def rms_backward_add(dout: torch.Tensor, residual: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor,
-                     w: torch.Tensor, idx: torch.Tensor | None):
-    """``residual + d(RMSNorm)/dx · dout`` on rows ``idx``, and the norm weight's gradient (fp32; fp64 for fp64).
+def rms_rows(x: torch.Tensor, rstd: torch.Tensor, w: torch.Tensor, idx: torch.Tensor | None,
+             kind: RMSNormKind = LLAMA_NORM):
+    """Rows ``idx`` of the RMSNorm output (recomputed from the saved ``rstd``)."""
+    return _apply_norm_weight(_acc(rows_of(x, idx)) * rows_of(rstd, idx), w, x.dtype, kind)
 
-    Backward of ``w * (x * rstd).to(dtype)`` with ``rstd = rsqrt(mean(x^2) + eps)``.
-    """
+
+def rms_weight_grad(dout: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, idx: torch.Tensor | None,
+                    kind: RMSNormKind = LLAMA_NORM) -> torch.Tensor:
+    """The norm weight's gradient from rows ``idx`` (fp32; fp64 for fp64): ``sum(dout * x_hat)``, ``x_hat``
+    rounded to the input dtype where the layer rounds it before the weight."""
+    xhat = _acc(rows_of(x, idx)) * rows_of(rstd, idx)
+    return (_acc(dout) * (xhat if kind.weight_in_fp32 else _acc(xhat.to(x.dtype)))).sum(0)
+
+
+def rms_input_grad(dout: torch.Tensor, residual: torch.Tensor | None, x: torch.Tensor, rstd: torch.Tensor,
+                   w: torch.Tensor, idx: torch.Tensor | None, kind: RMSNormKind = LLAMA_NORM) -> torch.Tensor:
+    """``residual + d(RMSNorm)/dx · dout`` on rows ``idx`` (``residual`` None: the norm's input gradient alone),
+    in ``dout``'s dtype."""
     rstd_a = rows_of(rstd, idx)
     xhat = _acc(rows_of(x, idx)) * rstd_a
-    dof = _acc(dout)
-    dw = (dof * _acc(xhat.to(x.dtype))).sum(0)
-    dxhat = dof * _acc(w)
+    dxhat = _acc(dout) * _norm_weight(_acc(w), kind)
     dx = rstd_a * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
-    return (_acc(residual) + dx).to(dout.dtype), dw
+    return (dx if residual is None else _acc(residual) + dx).to(dout.dtype)
+
+
+def rms_backward_add(dout: torch.Tensor, residual: torch.Tensor | None, x: torch.Tensor, rstd: torch.Tensor,
+                     w: torch.Tensor, idx: torch.Tensor | None, kind: RMSNormKind = LLAMA_NORM):
+    """``residual + d(RMSNorm)/dx · dout`` on rows ``idx``, and the norm weight's gradient (fp32; fp64 for fp64).
+
+    Backward of ``w * (x * rstd).to(dtype)`` (or of the ``kind``'s other form) with
+    ``rstd = rsqrt(mean(x^2) + eps)``.
+    """
+    return rms_input_grad(dout, residual, x, rstd, w, idx, kind), rms_weight_grad(dout, x, rstd, idx, kind)
 
 
 def token_rows(t_heads: torch.Tensor) -> torch.Tensor:
@@ -172,34 +252,27 @@ def triton_rows(t: torch.Tensor) -> bool:
     return _row_kernels_triton() and t.is_cuda
 
 
-def mlp_rows(dm: torch.Tensor, g: torch.Tensor, u: torch.Tensor, h: torch.Tensor, rstd: torch.Tensor,
-             w_norm: torch.Tensor, idx: torch.Tensor | None):
-    """Everything row-wise the MLP backward needs: ``swiglu_backward`` and the recomputed norm output."""
-    swiglu = swiglu_rows_backward if triton_rows(dm) else swiglu_backward
-    return (*swiglu(dm, g, u, idx), rms_rows(h, rstd, w_norm, idx))
+def glu_rows(dm: torch.Tensor, g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor | None,
+             activation: str = "silu"):
+    """:func:`glu_backward` as a compacted backward's stage runs it: SwiGLU through the Triton op where
+    :func:`triton_rows` says so, else (GeGLU, the CPU) the plain piece."""
+    if triton_rows(dm) and activation == "silu":
+        return swiglu_rows_backward(dm, g, u, idx)
+    return glu_backward(dm, g, u, idx, activation)
 
 
-def qkv_rows(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             x: torch.Tensor, rstd: torch.Tensor, w_norm: torch.Tensor, idx: torch.Tensor | None):
-    """Active rows of the q/k/v gradients before rotary (``dq, dk, dv``: token rows ``[N, heads * hd]``;
-    ``cos``/``sin``: ``[N, hd]``, or ``[B, S, hd]`` with ``B * S = N``), and the recomputed input norm output."""
-    if triton_rows(dq):
-        dq_a, dk_a = rope_rows_backward(dq, cos, sin, idx), rope_rows_backward(dk, cos, sin, idx)
-    else:
-        cos, sin = _flat(cos), _flat(sin)
-        dq_a, dk_a = rope_backward(dq, cos, sin, idx), rope_backward(dk, cos, sin, idx)
-    return dq_a, dk_a, rows_of(dv, idx), rms_rows(x, rstd, w_norm, idx)
-
-
-_GELU_C = math.sqrt(2.0 / math.pi)
+def rope_rows(dt: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """Rows ``idx`` of the gradient before the rotary embedding (``dt``: token rows ``[N, heads * hd]``;
+    ``cos``/``sin``: ``[N, hd]``, or ``[B, S, hd]`` with ``B * S = N``): the Triton op where :func:`triton_rows`
+    says so (it reads cos/sin as they are, no flattening copy), else :func:`rope_backward`."""
+    if triton_rows(dt):
+        return rope_rows_backward(dt, cos, sin, idx)
+    return rope_backward(dt, _flat(cos), _flat(sin), idx)
 
 
 def gelu_tanh_rows(dact: torch.Tensor, f: torch.Tensor, idx: torch.Tensor | None):
     """Rows ``idx`` of ``gelu_tanh(f)`` and ``d/df`` given ``dact``: ``(act_a, df_a)`` in ``dact``'s dtype."""
-    fa = _acc(rows_of(f, idx))
-    t = torch.tanh(_GELU_C * (fa + 0.044715 * fa * fa * fa))
-    act = 0.5 * fa * (1.0 + t)
-    grad = 0.5 * (1.0 + t) + 0.5 * fa * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * 0.044715 * fa * fa)
+    act, grad = _gelu_tanh_and_grad(_acc(rows_of(f, idx)))
     return act.to(dact.dtype), (_acc(dact) * grad).to(dact.dtype)
 
 
@@ -250,21 +323,25 @@ def row_count_dynamic(args: tuple, rows_at: int | None) -> tuple:
     """``args`` for a compiled stage, detached (a requires_grad flag that differs between calls would make dynamo
     recompile), with the row count of a backward stage marked dynamic: dim 0 of ``args[rows_at]`` (the stage's
     active rows, ``idx``) and of every other tensor of that many rows that is not a weight (weights require
-    grad). Every other dim stays static: the hidden sizes are the model's, and Inductor builds its best kernels
+    grad). Tensors inside named tuples (a block's weights, its saved activations) are treated alike. Every other
+    dim stays static: the hidden sizes are the model's, and Inductor builds its best kernels
     for static ones (single-pass reductions over a known row length; the row kernels' strides known multiples of
     16, so their loads are vectorised). ``rows_at`` None (a forward stage) or ``idx`` None (every row): nothing
     is marked."""
     idx = None if rows_at is None else args[rows_at]
     n = None if idx is None else idx.shape[0]
-    out = []
-    for a in args:
+
+    def prepared(a):
         if isinstance(a, torch.Tensor):
             d = a.detach()
             if n is not None and d.dim() and d.shape[0] == n and not a.requires_grad:
                 torch._dynamo.maybe_mark_dynamic(d, 0)
-            a = d
-        out.append(a)
-    return tuple(out)
+            return d
+        if isinstance(a, tuple) and hasattr(a, "_fields"):
+            return type(a)(*map(prepared, a))
+        return a
+
+    return tuple(map(prepared, args))
 
 
 @functools.lru_cache(maxsize=None)
@@ -309,6 +386,12 @@ def scatter_rows(rows: torch.Tensor, idx: torch.Tensor | None, num_rows: int, ba
         return rows
     out = rows.new_zeros(num_rows, rows.shape[1]) if base is None else base.to(rows.dtype)
     return out.index_copy(0, idx, rows)
+
+
+def stage_grads(first: tuple, second: tuple, weights: tuple) -> list:
+    """Each weight's gradient from the backward stage that computed it (``first`` and ``second``: named tuples of
+    the weights' fields, None where that stage did not compute one), in the weight's dtype (None for no weight)."""
+    return [None if t is None else (a if a is not None else b).to(t.dtype) for a, b, t in zip(first, second, weights)]
 
 
 def with_skip(grads: tuple, dy: torch.Tensor, routing, block_index: int) -> tuple:

@@ -1,6 +1,6 @@
 """Attach-time proof that a compacted backward computes what the block itself computes.
 
-A family is picked by structure (module names and classes, :func:`~cggr.compact.llama.llama_block_spec`),
+A compacted backward is picked by structure (module names and classes, its ``spec``; :func:`compact_decision`),
 and structure is not behaviour: Granite's layers have a Llama layer's modules but scale the residual
 branches, Ernie 4.5 rotates interleaved pairs, SmolLM3 leaves rotary out of some layers. Each of those would
 silently change the forward output and the gradients. So before a block takes the compacted path,
@@ -35,12 +35,15 @@ import math
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
+from ..adapters import is_moe_module
 from ..reference import reference_routing
 from ..routing import Routing
+from .backward import CompactedBackward
+from .forward import CompactedForward
 from .pointwise import eager_kernels
 
 logger = logging.getLogger("cggr")
@@ -64,6 +67,7 @@ class Verdict:
     reason: str
     seconds: float
     spec: Any = None  # the spec checked: the Functions run with it (a variant of the structural one, maybe)
+    returns_tuple: bool = False  # the block's forward returns (y,), not y: its compacted forward answers alike
 
 
 _verdicts: dict[Any, Verdict] = {}  # by the key of :func:`_key`: the full check
@@ -78,27 +82,72 @@ def clear_cache() -> None:
     _warned.clear()
 
 
-def verify(block: torch.nn.Module, family: str, spec: Any) -> Verdict:
-    """The cached verdict for ``block`` taking ``family``'s compacted backward with ``spec`` or, where the block
-    fails with it, with the first of the family's variants of it that passes (``verdict.spec`` says which).
+def structural_match(block: torch.nn.Module, backwards: Sequence[CompactedBackward]
+                     ) -> tuple[CompactedBackward, Any] | None:
+    """``(backward, spec)`` of the first of ``backwards`` whose structure (modules, class names) ``block`` has,
+    else None.
 
-    A failed verdict logs one warning per kind of block (class, family, and the measured difference with
+    Structure is not behaviour: a layer can have a Llama layer's modules and compute something else (Granite's
+    multipliers, another rotary, layers without rotary). :func:`compact_decision` checks the behaviour.
+    """
+    for backward in backwards:
+        spec = backward.spec(block)
+        if spec is not None:
+            return backward, spec
+    return None
+
+
+class Compacted(NamedTuple):
+    """The compacted backward a block takes, as the check proved it."""
+
+    backward: CompactedBackward
+    spec: Any
+    returns_tuple: bool  # the block's forward returns (y,) rather than y: its compacted forward answers alike
+
+
+def compact_decision(block: torch.nn.Module, backwards: Sequence[CompactedBackward]
+                     ) -> tuple[Compacted | None, str]:
+    """Whether ``block`` takes one of ``backwards``: ``(Compacted or None, reason)``.
+
+    A block takes one when its structure matches it (:func:`structural_match`) and :func:`verify` finds its
+    Functions equal to the block's own forward and backward (under the reference routing) on random inputs and
+    weights. The reason says why, for the router's report; a failed check also logs one warning per kind of
+    block. ``backwards``: the model family's (:mod:`cggr.families`), or every one for a model of no known family.
+    """
+    if any(is_moe_module(m) for m in block.modules()):
+        return None, "mixture-of-experts block: the compacted backwards know dense MLPs only"
+    found = structural_match(block, backwards)
+    if found is None:
+        return None, (f"{type(block).__name__} matches no compacted backward "
+                      f"({', '.join(b.name for b in backwards) or 'none given'})")
+    backward, spec = found
+    verdict = verify(block, backward, spec)
+    if not verdict.ok:
+        return None, verdict.reason
+    return Compacted(backward, verdict.spec, verdict.returns_tuple), verdict.reason
+
+
+def verify(block: torch.nn.Module, backward: CompactedBackward, spec: Any) -> Verdict:
+    """The cached verdict for ``block`` taking ``backward`` with ``spec`` or, where the block fails with it, with
+    the first of its variants of it that passes (``verdict.spec`` says which).
+
+    A failed verdict logs one warning per kind of block (class, backward, and the measured difference with
     ``spec``).
     """
     known = _by_block.get(block)
     if known is not None:
         return known
-    key = _key(block, family, spec)
+    key = _key(block, backward, spec)
     verdict = _verdicts.get(key)
     if verdict is None:
-        verdict = _verdicts[key] = _first_passing(block, family, spec)
+        verdict = _verdicts[key] = _first_passing(block, backward, spec)
     elif verdict.ok:
         # Same kind of block, already proven: its forward once more, in case it reads its layer index. Where it
         # differs, the full check decides, variants included: the block may compute what another variant reads
         # (a function patched into the model's module since, as Liger-Kernel patches HF's rotary).
-        verdict = check(block, family, verdict.spec, full=False)
+        verdict = check(block, backward, verdict.spec, full=False)
         if not verdict.ok:
-            verdict = _first_passing(block, family, spec)
+            verdict = _first_passing(block, backward, spec)
     if not verdict.ok and key not in _warned:
         _warned.add(key)
         logger.warning("cggr: %s; it takes the generic routed backward", verdict.reason)
@@ -106,23 +155,21 @@ def verify(block: torch.nn.Module, family: str, spec: Any) -> Verdict:
     return verdict
 
 
-def _first_passing(block: torch.nn.Module, family: str, spec: Any) -> Verdict:
-    """The full check with ``spec``, then with each of the family's variants of it until one passes; the first
+def _first_passing(block: torch.nn.Module, backward: CompactedBackward, spec: Any) -> Verdict:
+    """The full check with ``spec``, then with each of the backward's variants of it until one passes; the first
     verdict when none does (its difference is the one to report)."""
-    from . import FAMILIES
-
-    first = check(block, family, spec)
+    first = check(block, backward, spec)
     if first.ok:
         return first
-    variants = FAMILIES[family].variants(spec)
+    variants = backward.variants(spec)
     for variant in variants:
-        verdict = check(block, family, variant)
+        verdict = check(block, backward, variant)
         if verdict.ok:
             return verdict
     if not variants:
         return first
-    return dataclasses.replace(first, reason=f"{first.reason}; no variant of the {family} spec matches it either "
-                                             f"({len(variants)} tried)")
+    return dataclasses.replace(first, reason=f"{first.reason}; no variant of the {backward.name} spec matches it "
+                                             f"either ({len(variants)} tried)")
 
 
 # ------------------------------------------------------------------ the cache key
@@ -134,9 +181,9 @@ def _frozen(v):
     return tuple(v) if isinstance(v, list) else v
 
 
-def _key(block: torch.nn.Module, family: str, spec: Any):
+def _key(block: torch.nn.Module, backward: CompactedBackward, spec: Any):
     """Everything the block's behaviour can depend on, short of its weights' values and its layer index."""
-    parts = [type(block), family, spec]
+    parts = [type(block), backward.name, spec]
     configs, index = {}, None
     for name, m in block.named_modules():
         attrs = []
@@ -207,17 +254,6 @@ def _causal_mask(device) -> torch.Tensor:
     allowed = torch.ones(SEQ, SEQ, dtype=torch.bool, device=device).tril().expand(BATCH, 1, SEQ, SEQ).clone()
     allowed[1, :, 1:, 0] = False
     return torch.zeros(BATCH, 1, SEQ, SEQ, device=device).masked_fill(~allowed, lowest)
-
-
-def _call_kwargs(family: str, spec: Any, g: torch.Generator, masked: bool) -> dict:
-    device = g.device
-    mask = _causal_mask(device) if masked else None
-    if family == "llama":
-        angle = (torch.rand(BATCH, SEQ, spec.head_dim, generator=g, device=device) * 2 - 1) * math.pi
-        # Unstructured cos/sin (not HF's duplicated halves): any other use of them than Llama's shows.
-        return dict(attention_mask=mask, position_ids=torch.arange(SEQ, device=device).expand(BATCH, SEQ),
-                    position_embeddings=(angle.cos(), angle.sin()))
-    return dict(attention_mask=mask)
 
 
 # The block's own hooks: they run around the compacted forward as around the plain one, so the check leaves
@@ -304,9 +340,9 @@ def _worst(got, want, names, case) -> tuple[float, str]:
     return worst, where
 
 
-def check(block: torch.nn.Module, family: str, spec: Any, *, seed: int = 0, full: bool = True,
+def check(block: torch.nn.Module, backward: CompactedBackward, spec: Any, *, seed: int = 0, full: bool = True,
           tolerance: float = TOLERANCE) -> Verdict:
-    """Run ``block`` and ``family``'s compacted Functions side by side (uncached; :func:`verify` caches).
+    """Run ``block`` and ``backward``'s Functions side by side (uncached; :func:`verify` caches).
 
     ``full``: every case (every row active and some inactive under stop and skip semantics, with and without a
     4-D mask, saving and checkpointed); else the forward output of one (some rows inactive, no mask, saving).
@@ -316,35 +352,34 @@ def check(block: torch.nn.Module, family: str, spec: Any, *, seed: int = 0, full
     try:
         if _device(block).type == "cpu" and sum(p.numel() for p in block.parameters()) < _ONE_THREAD_BELOW:
             torch.set_num_threads(1)  # tensors this small: threads cost more than they save (10x on a busy host)
-        worst, where = _compare(block, family, spec, seed, full)
+        worst, where, returns_tuple = _compare(block, backward, spec, seed, full)
     except Exception as e:  # noqa: BLE001 -- any failure to run the check is a failed check
+        family = backward.name
         return Verdict(False, math.nan, f"the check of the compacted {family} backward against "
                        f"{type(block).__name__} could not run ({type(e).__name__}: {e})",
                        time.perf_counter() - start, spec)
     finally:
         torch.set_num_threads(threads)
     seconds = time.perf_counter() - start
+    family = backward.name
     if worst <= tolerance:
         return Verdict(True, worst, f"compacted {family} backward, checked against {type(block).__name__} "
-                       f"(largest relative difference {worst:.1e}){_reading(family, spec)}", seconds, spec)
+                       f"(largest relative difference {worst:.1e}){_reading(backward, spec)}", seconds, spec,
+                       returns_tuple)
     return Verdict(False, worst, f"{type(block).__name__} has the modules of a {family} block but computes "
                    f"something else: the compacted {family} backward differs from it by {worst:.2g} of the "
                    f"largest entry in {where} (tolerance {tolerance:g})", seconds, spec)
 
 
-def _reading(family: str, spec: Any) -> str:
-    """What a passing spec reads differently from the family's plain one, for the router's report
-    (:attr:`Family.describe`)."""
-    from . import FAMILIES
-
-    note = FAMILIES[family].describe(spec)
+def _reading(backward: CompactedBackward, spec: Any) -> str:
+    """What a passing spec reads differently from the plain one, for the router's report
+    (:attr:`CompactedBackward.describe`)."""
+    note = backward.describe(spec)
     return f", {note}" if note else ""
 
 
-def _compare(block, family, spec, seed, full) -> tuple[float, str]:
-    from . import FAMILIES, CompactedForward
-
-    fam = FAMILIES[family]
+def _compare(block, backward: CompactedBackward, spec, seed, full) -> tuple[float, str, bool]:
+    """``(worst difference, where, whether the block returns a tuple)`` over the check's cases."""
     device = _device(block)
     g = torch.Generator(device).manual_seed(seed)
     subs = _random_weights(block, g, device)
@@ -352,16 +387,18 @@ def _compare(block, family, spec, seed, full) -> tuple[float, str]:
     leaves = [t for t in subs.values() if t.requires_grad]
     holder = _Holder(block)
     subs = {"block." + n: t for n, t in subs.items()}
-    # Both families' first weight is the input norm's, one entry per hidden feature.
-    x = torch.randn(BATCH, SEQ, fam.params(block)[0].shape[0], generator=g, device=device)
+    x = torch.randn(BATCH, SEQ, spec.hidden_size, generator=g, device=device)
     routed_depth = (torch.rand(BATCH, SEQ, generator=g, device=device) < 0.5).long()
-    routed_depth[0, 0], routed_depth[1, -1] = 0, 1  # some rows inactive, some active
+    # Some rows inactive, some active; in sequence 0 an active query after an inactive key (whose gradient a key
+    # norm's weight reads).
+    routed_depth[0, 0], routed_depth[0, -1], routed_depth[1, -1] = 0, 1, 1
     # (depth, inactive semantics): every row active; some rows inactive, under stop and under skip (the default:
     # inactive rows pass their output gradient to the input). The per-layer re-check runs the forward only.
     depths = ([(torch.ones_like(routed_depth), "stop"), (routed_depth, "stop"), (routed_depth, "skip")] if full
               else [(routed_depth, "stop")])
-    functions = [False] + ([True] if full and fam.checkpointed is not None else [])
-    compacted = CompactedForward(None, block, 0, family, spec, block.forward)
+    functions = [False] + ([True] if full and backward.checkpointed is not None else [])
+    compacted = CompactedForward(None, block, 0, backward, spec, block.forward)
+    returns_tuple = []  # what the block's own forward returns: the compacted forward answers in kind
 
     def grads(fn):
         """Output and gradients of ``fn(x)`` (run with the substituted weights) for a fixed output gradient."""
@@ -370,6 +407,7 @@ def _compare(block, family, spec, seed, full) -> tuple[float, str]:
             y = fn(xx)
             if y is None:
                 return None
+            returns_tuple.append(isinstance(y, (tuple, list)))
             y = _first(y)
             if not full:  # the per-layer re-check: the forward shows a layer computing something else
                 return [y.detach()]
@@ -379,25 +417,32 @@ def _compare(block, family, spec, seed, full) -> tuple[float, str]:
         return torch.func.functional_call(holder, subs, (run,))
 
     def compare(training: bool) -> tuple[float, str] | None:
-        """The worst difference over the cases in this mode, or None where the compacted path refuses it."""
-        worst, where = 0.0, ""
-        for masked in ([False, True] if full else [False]):
+        """The worst difference over the cases in this mode that the compacted path takes (calls it refuses, it
+        never runs: a sliding window shorter than the sequence without a mask), or None where it takes none.
+        The per-layer re-check runs one case: without a mask, or with one where the path needs it."""
+        worst, where, ran = 0.0, "", False
+        for masked in (False, True):
+            if ran and not full:
+                break
             with _check_state(block, training, sdpa=not masked, device=device):
-                kwargs = _call_kwargs(family, spec, g, masked)
+                kwargs = backward.check_inputs(spec, g, BATCH, SEQ, _causal_mask(device) if masked else None)
                 for depth, inactive in depths:
                     case = (f"{'every row active' if bool(depth.all()) else f'some rows inactive ({inactive})'}, "
                             f"{'4-D mask' if masked else 'no mask'}, {'train' if training else 'eval'} mode")
+                    routing = Routing.from_depth(depth, num_layers=1, inactive=inactive)
+                    got = [grads(lambda xx: compacted.run(routing, xx, (), kwargs, checkpointed, 0))
+                           for checkpointed in functions]
+                    if got[0] is None:
+                        break  # the path refuses this call: so it does at run time
+                    ran = True
+                    returns_tuple.clear()
                     with reference_routing([block], depth, inactive=inactive):
                         want = grads(lambda xx: block(xx, **kwargs))
-                    for checkpointed in functions:
-                        routing = Routing.from_depth(depth, num_layers=1, inactive=inactive)
-                        got = grads(lambda xx: compacted.run(routing, xx, (), kwargs, checkpointed, 0))
-                        if got is None:
-                            return None
-                        d, w = _worst(got, want, names, f"{case}, {'checkpointed' if checkpointed else 'saving'}")
+                    for checkpointed, values in zip(functions, got):
+                        d, w = _worst(values, want, names, f"{case}, {'checkpointed' if checkpointed else 'saving'}")
                         if not d <= worst:
                             worst, where = d, w
-        return worst, where
+        return (worst, where) if ran else None
 
     # Train mode: the mode the compacted path runs in. A family that refuses this block in training (GPT-2
     # with dropout on) is checked in eval mode, the only mode it then takes the compacted path in.
@@ -405,5 +450,5 @@ def _compare(block, family, spec, seed, full) -> tuple[float, str]:
     if found is None:
         found = compare(False)
     if found is None:
-        raise RuntimeError(f"the compacted {family} path refuses the check's call in train and eval mode")
-    return found
+        raise RuntimeError(f"the compacted {backward.name} path refuses the check's call in train and eval mode")
+    return (*found, returns_tuple[0])
