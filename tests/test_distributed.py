@@ -46,8 +46,10 @@ CASES = [f"{d}/{b}/{o}/{data}/local"
          for o, data in (("right", "uneven"), ("right", "allinvalid"), ("wrong", "uneven"))]
 CASES += [f"{d}/auto/right/{data}/global" for d in ("ddp", "fsdp2") for data in ("uneven", "allinvalid")]
 BUCKET_CASES = [f"buckets/{data}" for data in ("random", "ties", "allinvalid", "empty")]
-# Skip semantics with per-block placement, each rank drawing its own subsets (compacted and generic backward).
-SKIP_CASES = [f"{d}/{b}/right/uneven/skip" for d in ("ddp", "fsdp2") for b in ("auto", "generic")]
+# Skip semantics with per-block placement, each rank drawing its own subsets (compacted and generic backward);
+# with the kept rows reweighted (estimator="unbiased"), and drawn in each block's backward (importance="block").
+PER_BLOCK = {"skip": {}, "unbiased": dict(estimator="unbiased"), "block": dict(estimator="unbiased", importance="block")}
+SKIP_CASES = [f"{d}/{b}/right/uneven/{how}" for d in ("ddp", "fsdp2") for b in ("auto", "generic") for how in PER_BLOCK]
 
 
 def _batch(rank: int, data: str):
@@ -114,8 +116,8 @@ def _run_case(rank: int, world: int, kind: str, backward: str, order: str, data:
         return m
 
     options = dict(warmup_steps=0, num_buckets=2, backward=backward, buckets=buckets, policy="difficulty")
-    if buckets == "skip":
-        options.update(buckets="local", policy="random", inactive="skip", placement="per_block")
+    if buckets in PER_BLOCK:
+        options.update(buckets="local", policy="random", inactive="skip", placement="per_block", **PER_BLOCK[buckets])
     if order == "right":
         router = cggr.attach(model, **options)
         wrapped = wrap(model)
@@ -153,10 +155,11 @@ def _run_case(rank: int, world: int, kind: str, backward: str, order: str, data:
 
     everyone = [None] * world
     per_block = r.block_active.view(-1, *depth.shape) if r.block_active is not None else None
+    weights = r.branch_weight.view(-1, *depth.shape) if r.branch_weight is not None else None
     dist.all_gather_object(everyone, (ids, labels, depth, cggr.score_difficulty(out.logits.detach()).difficulty, valid,
-                                      per_block))
+                                      per_block, weights))
     # The depths the buckets of all ranks' tokens ranked together (global) or each rank's own (local) give.
-    if buckets == "skip":
+    if buckets in PER_BLOCK:
         expected = depth  # per-block subsets: checked below by the reference gradients of every rank's own sets
     elif buckets == "global":
         keys, oks = (torch.cat([e[i].reshape(-1) for e in everyone]) for i in (3, 4))
@@ -165,9 +168,9 @@ def _run_case(rank: int, world: int, kind: str, backward: str, order: str, data:
     else:
         expected = buckets_to_depths(rank_buckets_reference(everyone[rank][3], valid, 2), router.bucket_depths())
     _, ref_blocks = find_layer_stack(ref)
-    for ids_r, labels_r, depth_r, _, _, per_block_r in everyone:
+    for ids_r, labels_r, depth_r, _, _, per_block_r, weights_r in everyone:
         how = (dict(depth=depth_r, inactive=router.config.inactive) if per_block_r is None else
-               dict(inactive="skip", block_active=per_block_r))
+               dict(inactive="skip", block_active=per_block_r, branch_weight=weights_r))
         with cggr.reference_routing(ref_blocks, **how):
             _loss(ref(input_ids=ids_r, labels=labels_r).logits, labels_r).backward()
     ref_grads = {n: p.grad / world for n, p in ref.named_parameters()}
@@ -275,7 +278,8 @@ def test_data_parallel_gradients_equal_reference(results, case):
 
 @pytest.mark.parametrize("case", SKIP_CASES)
 def test_data_parallel_skip_semantics_gradients_equal_reference(results, case):
-    """Skip semantics, per-block subsets drawn on each rank: averaged grads == the reference of each rank's sets."""
+    """Skip semantics, per-block subsets drawn on each rank (their rows reweighted by 1/pi, or drawn in each
+    block's backward): averaged grads == the reference of each rank's sets and weights."""
     for rank, res in enumerate(_case(results, case)):
         assert res["max_err"] < TOL, f"rank {rank}: {res['worst']} relative error {res['max_err']:.2e}"
         assert res["finite"] and res["invalid_depth_zero"]  # a valid token may be active in no block here
