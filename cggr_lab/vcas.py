@@ -359,6 +359,9 @@ class VCAS:
         def vcas_forward(x):
             if not torch.is_grad_enabled():
                 return F.linear(x, linear.weight, linear.bias)
+            if torch.is_autocast_enabled(x.device.type):
+                raise RuntimeError("VCAS's sampled linears do not run under autocast (their backward would mix "
+                                   "dtypes); train in the weights' dtype, as the harness does (bf16 on CUDA)")
             return _SampledLinear.apply(x, linear.weight, linear.bias, self, index)
 
         return vcas_forward
@@ -380,8 +383,11 @@ class VCAS:
             if k >= B:
                 self._kept = None
             else:
-                pi, keep = poisson_pips(_sequence_norms(grad), k, self._generator)
-                keep &= pi > 0  # a sequence already dropped above (norm 0) stays dropped: nothing to compute
+                norms = _sequence_norms(grad)
+                pi, keep = poisson_pips(norms, k, self._generator)
+                # A sequence already dropped above (norm 0; drawn only where fewer than k have a gradient) stays
+                # dropped: its gradient is 0 either way, and the linears below need not compute it.
+                keep &= norms > 0
                 self._kept = keep.nonzero().squeeze(1)  # synchronises: the gathered shapes need the count
                 scale = torch.where(keep, 1.0 / pi, 0.0).to(torch.float32)
                 grad = (grad * scale.view(B, *([1] * (grad.dim() - 1)))).to(grad.dtype)
