@@ -130,11 +130,17 @@ def default_every(steps: int | None) -> int:
     return max(1, steps // 50) if steps is not None else EVERY
 
 
+def _pips(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``pi = min(1, c * scores)`` with ``sum pi = k`` over the ``[N]`` rows, float64
+    (:func:`cggr.sampling.inclusion_probabilities`; every row valid)."""
+    return inclusion_probabilities(scores, torch.ones_like(scores, dtype=torch.bool), k)
+
+
 def poisson_pips(scores: torch.Tensor, k: int, generator: torch.Generator | None = None):
-    """Poisson pi-ps sampling (their ``soft_topk``): ``pi = min(1, c * scores)`` with ``sum pi = k`` (float64,
-    :func:`cggr.sampling.inclusion_probabilities`), then each row kept independently with probability ``pi``.
-    Returns ``(pi, keep)``, both ``[N]``; the number kept is random with mean ``k``."""
-    pi = inclusion_probabilities(scores, torch.ones_like(scores, dtype=torch.bool), k)
+    """Poisson pi-ps sampling (their ``soft_topk``): the pi-ps probabilities of ``k`` rows (:func:`_pips`), then
+    each row kept independently with probability ``pi``. Returns ``(pi, keep)``, both ``[N]``; the number
+    kept is random with mean ``k``."""
+    pi = _pips(scores, k)
     u = torch.rand(pi.shape, generator=generator, device=pi.device, dtype=pi.dtype)
     return pi, u < pi
 
@@ -172,9 +178,8 @@ def weight_gradient_variance(grad_rows: torch.Tensor, input_rows: torch.Tensor, 
     if k >= K or k == 0:
         return torch.zeros((), dtype=torch.float64, device=grad_rows.device)
     scores = _row_norms(grad_rows) * _row_norms(input_rows)
-    pi = inclusion_probabilities(scores, torch.ones_like(scores, dtype=torch.bool), k)
     # variance_ratio's numerator is sum (1/pi - 1) s^2: scale its ratio back by sum s^2.
-    return variance_ratio(scores, pi) * scores.double().square().sum()
+    return variance_ratio(scores, _pips(scores, k)) * scores.double().square().sum()
 
 
 def _row_norms(rows: torch.Tensor) -> torch.Tensor:
@@ -420,8 +425,9 @@ class VCAS:
         return grad_x, grad_w
 
     def _weight_gradient(self, index: int, g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """``dW`` of linear ``index`` from its kept rows: sampled at ``nu`` in training, exact in the probe."""
         k = int(g2.shape[0] * self.weight_ratios[index])
-        if self._mode != _TRAIN:  # the probe's backwards: exact, and the variance sampling would add
+        if self._mode != _TRAIN:  # the probe's sampled backwards also add up what sampling at nu would add
             if self._mode == _SAMPLED and self._probe_weight_var is not None:
                 self._probe_weight_var[index] += weight_gradient_variance(g2, x2, k)
             return g2.t() @ x2

@@ -352,14 +352,13 @@ def test_parse_vcas_arm():
 
 def test_quality_bench_vcas_arm(tmp_path, monkeypatch, capsys):
     from cggr.cli import main
+    from tests.test_lab_quality import _corpus
 
     monkeypatch.setenv("CGGR_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "a.txt").write_text("\n".join(f"==> doc{i} <==\n" + " ".join(["alpha", "beta", "gamma", "the"][
-        (i * j) % 4] for j in range(300)) for i in range(8)))
+    data = _corpus(tmp_path / "a.txt", ["alpha", "beta", "gamma", "the"], n_docs=8)
     argv = ["bench", "quality", "--model", "tiny", "--d-model", "32", "--layers", "2", "--heads", "2",
             "--seq-len", "32", "--batch-size", "4", "--vocab-size", "300", "--steps", "3", "--evals", "2",
-            "--eval-batches", "1", "--data", str(tmp_path / "a.txt"), "--arms", "dense,vcas",
-            "--out", str(tmp_path / "out")]
+            "--eval-batches", "1", "--data", data, "--arms", "dense,vcas", "--out", str(tmp_path / "out")]
     assert main(argv) == 0
     assert "vcas" in capsys.readouterr().out
     rec = json.loads((tmp_path / "out" / "quality-pretrain-tiny-a-3steps.json").read_text())
