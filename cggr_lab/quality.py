@@ -58,6 +58,18 @@ would break and recompile the graph); e.g. ``ltd/keep=0.5/ramp=0.8/seed=1``. Its
 "mean depth" is the fraction of (token, layer) pairs computed, forward and
 backward.
 
+The base ``vcas`` is the other peer: VCAS's variance-controlled unbiased
+backward sampling (:mod:`cggr_lab.vcas`; no cggr routing): whole sequences
+dropped from the backward at layer outputs, token rows from the linears' weight
+gradients, both reweighted, their ratios adapted every ``every`` steps by a
+variance probe on extra batches of the training stream, inside the timed step.
+Its options: ``tau`` -- acceptable sampling variance over SGD variance (default
+0.025, both samplers), ``every`` -- steps between probes (default
+``max(1, steps // 50)`` for ``--steps``, 100 for ``--seconds``), ``seed``; e.g.
+``vcas/tau=0.05/every=20``. Its "mean depth" is the fraction of (sequence,
+layer) pairs whose backward ran; its record holds ``vcas`` (the mean activation
+and weight-gradient kept fractions, the probes' history and batches).
+
 Every arm first runs untimed forward and backward passes on its own model (no
 optimizer step): compilation, Liger's kernel builds and cggr's compiled pieces
 stay outside its budget. Validation runs the uncompiled module.
@@ -112,7 +124,9 @@ from .liger import apply_liger
 
 REGIMES = ("pretrain", "continued", "finetune")
 LTD_POLICY = "random-ltd"  # the ``policy`` recorded for ltd arms (they attach no cggr router)
-BASES = {"dense": None, "difficulty": "difficulty", "random": "random", "sampled": "sampled", "ltd": LTD_POLICY}
+VCAS_POLICY = "vcas"  # the ``policy`` recorded for vcas arms (no cggr router either)
+BASES = {"dense": None, "difficulty": "difficulty", "random": "random", "sampled": "sampled", "ltd": LTD_POLICY,
+         "vcas": VCAS_POLICY}
 DEFAULT_ARMS = "dense,dense/seed=1,difficulty,random,sampled"
 
 # Model presets: Llama-style, bf16 weights on CUDA. "125M" is the speed benchmark's configuration
@@ -134,6 +148,7 @@ _ARM_OPTIONS = {"seed", "buckets", "depths", "warmup", "handback", "mode", "scor
 # A verdict wants at least this many optimizer steps per arm; the summary names the arms that ran fewer.
 MIN_VERDICT_STEPS = 300
 _LTD_OPTIONS = {"seed": 0, "keep": 0.5, "ramp": 0.7}
+_VCAS_OPTIONS = ("every", "seed", "tau")
 # How an arm's model runs, besides the routing: "eager" (plain HF), "compile" (torch.compile(model), after
 # cggr is attached) or "liger" (Liger-Kernel's patches on the instance, before cggr is attached).
 BACKENDS = ("eager", "compile", "liger")
@@ -178,6 +193,39 @@ def _parse_ltd(spec: str, options: list[str]) -> dict:
     return arm
 
 
+def _parse_vcas(spec: str, options: list[str]) -> dict:
+    """A ``vcas`` arm: ``tau`` (> 0), ``every`` (>= 1; None until :func:`resolve_config` knows the budget), ``seed``."""
+    arm = {"name": spec.strip(), "policy": VCAS_POLICY, "seed": 0, "warmup": 0.0, "handback": 0.0, "attach": {},
+           "backend": "eager", "vcas": {"tau": 0.025, "every": None}}
+    for opt in options:
+        key, sep, value = opt.partition("=")
+        if sep and key in ("compile", "liger"):
+            raise ValueError(f"--arms: {spec!r}: {key} is not offered for vcas arms (VCAS replaces the decoder "
+                             f"linears' backward and draws in it; its arm runs eager)")
+        if not sep or key not in _VCAS_OPTIONS:
+            raise ValueError(f"--arms: option {opt!r} of {spec!r} must be key=value with key in "
+                             f"{list(_VCAS_OPTIONS)} (a vcas arm)")
+        try:
+            x = float(value) if key == "tau" else int(value)
+        except ValueError:
+            raise ValueError(f"--arms: bad value in {opt!r} of {spec!r}: {'a number' if key == 'tau' else 'an int'}"
+                             ) from None
+        if key == "seed":
+            arm["seed"] = x
+        elif key == "tau" and not 0.0 < x < float("inf"):
+            raise ValueError(f"--arms: {opt!r} of {spec!r}: tau must be a number > 0")
+        elif key == "every" and x < 1:
+            raise ValueError(f"--arms: {opt!r} of {spec!r}: every must be an int >= 1 (steps between probes)")
+        else:
+            arm["vcas"][key] = x
+    return arm
+
+
+def _arm_options(arm: dict) -> dict:
+    """The options an arm's record shows: random-LTD's or VCAS's, else cggr's attach arguments."""
+    return arm.get("ltd", arm.get("vcas", arm["attach"]))
+
+
 def parse_arm(spec: str) -> dict:
     """An arm spec (see the module docstring) -> its settings; ``ValueError`` naming what is wrong."""
     base, *options = spec.strip().split("/")
@@ -185,6 +233,8 @@ def parse_arm(spec: str) -> dict:
         raise ValueError(f"--arms: {spec!r} must start with one of {list(BASES)}")
     if base == "ltd":
         return _parse_ltd(spec, options)
+    if base == "vcas":
+        return _parse_vcas(spec, options)
     arm = {"name": spec.strip(), "policy": BASES[base], "seed": 0, "warmup": 0.2, "handback": 0.0, "attach": {},
            "backend": "eager", "tokens": 1.0}
     for opt in options:
@@ -245,7 +295,8 @@ def add_quality_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
                         f"buckets, depths=1:0.75, warmup, handback as budget fractions, mode, scorer, inactive, "
                         f"placement, dense_ends, compile=1 or liger=1 for the strong dense baselines), e.g. "
                         f"random/handback=0.3, dense/compile=1; ltd takes keep, ramp, seed, liger, e.g. "
-                        f"ltd/keep=0.5/ramp=0.7 (default {DEFAULT_ARMS})")
+                        f"ltd/keep=0.5/ramp=0.7; vcas takes tau, every, seed, e.g. vcas/tau=0.025 "
+                        f"(default {DEFAULT_ARMS})")
     b = g.add_mutually_exclusive_group()
     b.add_argument("--steps", type=int, help="equal-step budget: optimizer steps per arm (default 300)")
     b.add_argument("--seconds", type=float, help="equal wall-clock budget: training seconds per arm")
@@ -341,6 +392,11 @@ def resolve_config(args: argparse.Namespace) -> dict:
     max_scale = getattr(args, "lr_max_scale", 4.0)
     if not max_scale >= 1.0:
         raise ValueError(f"--lr-max-scale must be >= 1, got {max_scale}")
+    for arm in arms:  # a vcas arm's probe interval defaults from the budget (cggr_lab.vcas.default_every)
+        if "vcas" in arm and arm["vcas"]["every"] is None:
+            from .vcas import default_every
+
+            arm["vcas"]["every"] = default_every(budget.steps)
     return dict(cfg, device=str(device), regimes=regimes, arms=arms, budget=budget, evals=args.evals,
                 tokens_per_step_axis=sizes, lr_scaling=scaling, lr_max_scale=max_scale,
                 eval_batches=args.eval_batches, data=args.data, finetune_data=args.finetune_data,
@@ -558,7 +614,7 @@ def run_regime(regime: str, cfg: dict, prep: dict, on_arm=None) -> dict:
             print(f"{regime:>9} {arm['name']:<28} FAILED at {stage[0]}: {message.splitlines()[0]}", file=sys.stderr,
                   flush=True)
             r = {"arm": arm["name"], "policy": arm["policy"], "seed": arm["seed"],
-                 "options": arm.get("ltd", arm["attach"]), "backend": arm.get("backend", "eager"),
+                 "options": _arm_options(arm), "backend": arm.get("backend", "eager"),
                  "error": message, "failed_at": stage[0]}
         results.append(r)
         free_memory(device)
@@ -590,6 +646,12 @@ def _run_arm(arm, regime, cfg, prep, start_state, checkpoint_info, train_stream,
 
             stage[0] = "random-LTD"
             token_drop = RandomLTD(model, seed=arm["seed"], **arm["ltd"])
+        elif "vcas" in arm:
+            from .vcas import VCAS
+
+            stage[0] = "vcas"
+            o = arm["vcas"]
+            token_drop = VCAS(model, tau_act=o["tau"], tau_weight=o["tau"], every=o["every"], seed=arm["seed"])
         elif arm["policy"] is not None:
             import cggr
 
@@ -630,7 +692,9 @@ def _run_arm(arm, regime, cfg, prep, start_state, checkpoint_info, train_stream,
         from .provenance import routing_record
 
         r["routing"] = routing_record(router)
-    r.update(arm=arm["name"], policy=arm["policy"], seed=arm["seed"], options=arm.get("ltd", arm["attach"]),
+    if "vcas" in arm:  # how much backward work it skipped, and how its ratios moved
+        r["vcas"] = _vcas_record(token_drop, r["router_metrics"])
+    r.update(arm=arm["name"], policy=arm["policy"], seed=arm["seed"], options=_arm_options(arm),
              backend=backend, untimed_warmup_seconds=warm_seconds, tokens_per_step=tokens, lr=arm_lr,
              warmup=arm["warmup"], handback=arm["handback"], epochs_of_training_data=epochs,
              step_ms_median=median_step_ms(r["step_ms"]),
@@ -642,6 +706,20 @@ def _run_arm(arm, regime, cfg, prep, start_state, checkpoint_info, train_stream,
         print(f"warning: {regime}/{arm['name']} repeated its training data {epochs:.2f} times (> 2)",
               file=sys.stderr)
     return r
+
+
+def _vcas_record(vcas, step_metrics: list[dict]) -> dict:
+    """A vcas arm's record: the mean over its training steps of the kept fractions (sequences per layer whose
+    backward ran; rows of the kept sequences that entered the linears' weight gradients) and its final state
+    and probe history (:meth:`cggr_lab.vcas.VCAS.summary`)."""
+    import statistics
+
+    def mean(key):
+        values = [m[key] for m in step_metrics if key in m]
+        return statistics.fmean(values) if values else None
+
+    return {"mean_act_fraction": mean("act_fraction"), "mean_weight_fraction": mean("weight_fraction"),
+            **vcas.summary()}
 
 
 def _warm_up_arm(model, x: torch.Tensor, device: torch.device, router=None, token_drop=None) -> float:

@@ -189,6 +189,9 @@ def train_arm(model: torch.nn.Module, batches: Iterator[torch.Tensor], val_batch
         x = [next(batches).to(device, non_blocking=True) for _ in range(accum)]
         sync(device)
         t0 = time.perf_counter()
+        if token_drop is not None and hasattr(token_drop, "before_step"):
+            # An arm's own work before the step, timed: VCAS's variance probe (cggr_lab.vcas) draws its batches here.
+            token_drop.before_step(batches)
         loss = train_step(model, x, opt, router)
         sync(device)
         dt = time.perf_counter() - t0
