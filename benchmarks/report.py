@@ -260,6 +260,13 @@ def _compile_seconds(arm):
     return sum(t - med for t in ms[:5] if t > 20 * med) / 1e3
 
 
+def _tokens_per_step(cfg: dict) -> str:
+    """A run's tokens per optimizer step: ``BxS`` for one micro-batch, ``T (BxS x A)`` with accumulation."""
+    micro = f"{cfg['batch_size']}x{cfg['seq_len']}"
+    accum = cfg.get("accum", 1)
+    return micro if accum == 1 else f"{cfg['tokens_per_step']} ({micro} x {accum})"
+
+
 def quality_table(records):
     if not records:
         return "_No quality results committed yet._"
@@ -272,8 +279,8 @@ def quality_table(records):
         plot = run["_file"].replace(".json", ".png")
         # Files since the compile and liger dense arms name the best dense arm, the reference of the comparison.
         best = s.get("best_dense_arm")
-        lines = [f"**{run['regime']}** — {cfg['model']} (d{cfg['d_model']} L{cfg['layers']}), {cfg['batch_size']}x"
-                 f"{cfg['seq_len']} tokens/step, {budget} per arm, trained on {corpus}; {run['device']}, rev "
+        lines = [f"**{run['regime']}** — {cfg['model']} (d{cfg['d_model']} L{cfg['layers']}), {_tokens_per_step(cfg)}"
+                 f" tokens/step, {budget} per arm, trained on {corpus}; {run['device']}, rev "
                  f"{(run.get('git_rev') or '?')[:7]}" + _merged_note(run) + f" ([plot]({plot}))", ""]
         if best is None:
             lines += ["| arm | steps | ms/step | speed vs dense | mean depth | final val loss | vs dense | "
@@ -381,7 +388,7 @@ def quality_summary(records):
         spread = s["dense_seed_spread_by_base"].get(base)
         seeds = len(s["dense_seeds_by_base"].get(base, ()))
         spread = "—" if spread is None else f"{spread:.3f} ({seeds} seeds)"
-        label = (f"[{cfg['model']} {run['regime']}, {cfg['batch_size']}x{cfg['seq_len']} tokens/step, "
+        label = (f"[{cfg['model']} {run['regime']}, {_tokens_per_step(cfg)} tokens/step, "
                  f"{cfg['budget']['seconds']:g} s]({run['_file']})")
         reached = sum(a["time_to_dense_final_vs_dense"] is not None for _, a in routed)
         if routed:
@@ -407,7 +414,7 @@ def quality_headline(records):
     return (f"At equal wall-clock against the fastest dense arm of each run, in {len(runs)} committed runs with "
             f"{len(arms)} routed arms, {verdict} the best dense arm's final validation loss within its budget; the "
             f"closest ended {a['delta_vs_dense']:+.3f} above it ({cfg['model']} {run['regime']}, "
-            f"{cfg['batch_size']}x{cfg['seq_len']} tokens per step, `{name}`).")
+            f"{_tokens_per_step(cfg)} tokens per step, `{name}`).")
 
 
 TABLES = {"speed": speed_table, "speed-headline": speed_headline, "speed-phases": speed_phases_table,
