@@ -212,7 +212,7 @@ def linear_cross_entropy_reference(
                                     reduction="sum")
         (dz,) = torch.autograd.grad(per_token, z)
         norms = torch.linalg.vector_norm(dz, dim=-1)
-        scores = scores._replace(grad_norm=torch.where(labels != ignore_index, norms, float("nan")))
+        scores = scores.with_grad_norm(torch.where(labels != ignore_index, norms, float("nan")))
     return LossWithScores(loss, scores)
 
 
@@ -464,6 +464,8 @@ def linear_cross_entropy(
                                                  _use_triton(h2), needs, num_items, grad_norm)
     if reduction == "none":
         loss = loss.reshape(lead)
-    scores = Scores(*(t.reshape(lead) for t in per_token))
+    scores = Scores(*(t.reshape(lead) for t in per_token[:3]))
+    if grad_norm:
+        scores = scores.with_grad_norm(per_token[3].reshape(lead))
     offer_scores(scores)  # inside a routed forward, its router routes by these (no logits needed)
     return LossWithScores(loss, scores)

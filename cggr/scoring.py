@@ -28,14 +28,28 @@ SCORERS = ("entropy_confidence", "entropy", "margin")
 
 
 class Scores(NamedTuple):
-    """Per-token scores, fp32, shaped like ``logits.shape[:-1]``. ``grad_norm``: the size of each token's loss
-    gradient at its logits, ``||softmax(z) - onehot(y)||`` (:func:`loss_gradient_norm`), where the labels were
-    known (a fused loss), else None."""
+    """Per-token scores, fp32, shaped like ``logits.shape[:-1]``: a triple (``d, ent, conf = scores``)."""
 
     difficulty: torch.Tensor
     entropy: torch.Tensor
     confidence: torch.Tensor
-    grad_norm: torch.Tensor | None = None
+    # Not a field, so that the triple unpacks as it always did: each token's loss-gradient norm
+    # ``||softmax(z) - onehot(y)||`` (:func:`loss_gradient_norm`) where the labels were known and it was asked for
+    # (a fused loss with ``grad_norm=True``; :meth:`with_grad_norm`), else None.
+    grad_norm = None
+
+    def with_grad_norm(self, grad_norm: torch.Tensor | None) -> "Scores":
+        """These scores carrying ``grad_norm`` (None: the scores alone)."""
+        if grad_norm is None:
+            return Scores(*self)
+        out = _ScoresWithGradNorm(*self)
+        out.grad_norm = grad_norm
+        return out
+
+
+class _ScoresWithGradNorm(Scores):
+    """:class:`Scores` with ``grad_norm`` set (a tuple subclass with an instance dict; made by
+    :meth:`Scores.with_grad_norm`)."""
 
 
 def _check_logits(logits: torch.Tensor) -> None:
@@ -113,9 +127,9 @@ def score_difficulty(logits: torch.Tensor, scorer: str = "entropy_confidence") -
 def scores_for(scores: Scores, scorer: str) -> Scores:
     """``scores`` (entropy-minus-confidence difficulty) with the difficulty of ``scorer``."""
     if scorer == "entropy":
-        return scores._replace(difficulty=scores.entropy)
+        return Scores(scores.entropy, scores.entropy, scores.confidence).with_grad_norm(scores.grad_norm)
     if scorer == "margin":
-        return scores._replace(difficulty=1.0 - scores.confidence)
+        return Scores(1.0 - scores.confidence, scores.entropy, scores.confidence).with_grad_norm(scores.grad_norm)
     return scores
 
 

@@ -75,3 +75,26 @@ def test_bad_arguments():
         score_difficulty(torch.ones(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="vocabulary"):
         score_difficulty(torch.randn(2, 0))
+
+
+def test_scores_unpack_as_a_triple_and_carry_the_loss_gradient_norm_beside():
+    """``d, ent, conf = scores`` keeps working; a fused loss's loss-gradient norms ride along (``grad_norm``),
+    through the other scorers too, and are None where nobody asked for them."""
+    import pickle
+
+    from cggr.scoring import Scores, scores_for
+
+    logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(5151))
+    plain = score_difficulty(logits)
+    d, ent, conf = plain
+    assert plain.grad_norm is None and len(plain) == 3
+    g = torch.rand(3, 5)
+    carried = plain.with_grad_norm(g)
+    assert isinstance(carried, Scores) and len(carried) == 3 and torch.equal(carried.grad_norm, g)
+    assert all(torch.equal(a, b) for a, b in zip(carried, plain))
+    for scorer in ("entropy", "margin", "entropy_confidence"):
+        assert torch.equal(scores_for(carried, scorer).grad_norm, g)
+        assert scores_for(plain, scorer).grad_norm is None
+    assert carried.with_grad_norm(None).grad_norm is None
+    again = pickle.loads(pickle.dumps(carried))
+    assert torch.equal(again.grad_norm, g) and all(torch.equal(a, b) for a, b in zip(again, plain))
