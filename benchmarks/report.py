@@ -148,9 +148,12 @@ def speed_headline(records):
     for r in fastest.values():
         best = measured[config(r) + (r["best_dense_arm"],)]
         arm = "" if r["arm"] == "cggr" else f"{r['arm']}, "
+        # Where the training loop was timed too (speed.py --loop), its ratio against the dense arm fastest there.
+        loop = (f"; in the training loop {r['loop_speedup_vs_best_dense']:.2f}x against {r['loop_best_dense_arm']}"
+                if r.get("loop_speedup_vs_best_dense") else "")
         runs.setdefault((r.get("gpu"), (r.get("git_rev") or "?")[:7]), []).append(
             f"{r['speedup_vs_best_dense']:.2f}x ({_speed_model(r)}{', act. ckpt' if r.get('checkpointing') else ''}: "
-            f"{arm}{r['step_ms_median']:.1f} ms against {best['arm']}'s {best['step_ms_median']:.1f} ms)")
+            f"{arm}{r['step_ms_median']:.1f} ms against {best['arm']}'s {best['step_ms_median']:.1f} ms{loop})")
     if not runs:
         return ("_No committed speed run has the `torch.compile` and Liger-Kernel dense arms yet: the speedups above "
                 "are against HF eager only._")

@@ -95,6 +95,18 @@ def test_speed_headline_quotes_the_fastest_of_the_routed_default_arms():
     assert "1.22x (1B: liger+cggr, 145.7 ms against liger's 177.7 ms)" in text and "150.0" not in text
 
 
+def test_training_loop_speedups_against_the_dense_arm_fastest_in_the_loop():
+    """--loop records: each arm's loop ratio is against the dense arm fastest *in the loop* (which may not be the
+    fastest isolated step), and the headline quotes it beside the isolated step's."""
+    group = speed.add_speedups([_rec("compile", 101.2, loop_step_ms=100.4), _rec("liger", 95.5, loop_step_ms=105.0),
+                                _rec("cggr", 93.7, loop_step_ms=94.8)])
+    by = {r["arm"]: r for r in group}
+    assert by["cggr"]["best_dense_arm"] == "liger" and by["cggr"]["loop_best_dense_arm"] == "compile"
+    assert by["cggr"]["loop_speedup_vs_best_dense"] == pytest.approx(100.4 / 94.8, abs=1e-4)
+    text = report.speed_headline(group)
+    assert "1.02x (350M: 93.7 ms against liger's 95.5 ms; in the training loop 1.06x against compile)" in text
+
+
 def test_speed_phases_table_shows_phases_host_issue_and_kernel_kinds():
     prof = dict(kernel_ms=140.0, kernel_ms_by_kind={"matmul": 92.0, "attention": 19.3,
                                                    "row-wise (Triton, Liger, Inductor)": 14.2, "optimizer": 10.2,
