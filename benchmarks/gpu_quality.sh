@@ -12,10 +12,8 @@ set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 BUDGET_S=${BUDGET_S:-540}
 mkdir -p "$OUT/quality"
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+# shellcheck source=benchmarks/gpu_wheels.sh
+source "$(dirname "$0")/gpu_wheels.sh"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 if [ ! -f /tmp/corpus/meta.json ]; then
   python3 -m cggr_lab.corpus unpack .carry/corpus.tar /tmp/corpus > "$OUT/quality/unpack.log" 2>&1 || {
@@ -36,5 +34,5 @@ tar czf "$OUT/quality.tgz" -C "$OUT" quality
 for log in "$OUT"/quality/run*.log; do
   echo "== $log"
   awk '/^\[(pretrain|continued|finetune)\]/{p=1} p' "$log" | head -n 40
-  grep -E "FAILED|Error" "$log" | head -n 5
+  grep -E "FAILED|Error" "$log" | head -n 5 || true  # none found is the good case
 done

@@ -30,12 +30,8 @@ OUT=${OUT:-$PWD/gpu-out}
 BUDGET_S=${BUDGET_S:-480}
 mkdir -p "$OUT"
 
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-else
-  echo "no .whl/*.whl here: the liger arms will fail with 'liger-kernel is not installed'" >&2
-fi
+# shellcheck source=benchmarks/gpu_wheels.sh
+source "$(dirname "$0")/gpu_wheels.sh"
 python3 - <<'PY'
 import importlib.metadata as m, torch
 print("torch", torch.__version__, "| cuda", torch.version.cuda, "|", torch.cuda.get_device_name())

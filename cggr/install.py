@@ -32,7 +32,7 @@ from .config import RoutingConfig
 from .families import compacted_backwards
 from .hf_loss import FusedLossForward, fused_loss_target
 from .moe import RoutedExperts
-from .sparse import BranchWeights, GateRows, RoutedLinear, SkipRows
+from .sparse import GateRows, RoutedLinear, SkipRows
 
 logger = logging.getLogger("cggr")
 
@@ -134,7 +134,7 @@ class BlockGate:
             if not r.reweighted:
                 return out
             h = _first_tensor(out)  # ... and its kept rows' weights are applied at its output
-            return _replace_first(out, BranchWeights.apply(h, _block_input(args, kwargs), r, self.block_index))
+            return _replace_first(out, SkipRows.apply(h, _block_input(args, kwargs), r, self.block_index, True))
         h = _first_tensor(out)
         if h is None:
             raise TypeError(f"cggr: {self.name} returned {type(out).__name__}; a routed block must return a tensor "

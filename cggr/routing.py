@@ -201,13 +201,15 @@ class Routing:
             self._rows_by_block[block_index] = d.rows[0]
             self.depth = self.depth + d.mask[0].view(self.depth.shape)
 
-    def into_branch(self, grad: torch.Tensor, block_index: int) -> torch.Tensor:
-        """The gradient rows that enter block ``block_index``'s branch from its output gradient ``grad``: the
-        active rows (times their weight when reweighted), the inactive ones zero (or scaled by the leak)."""
+    def into_branch(self, grad: torch.Tensor, block_index: int, inactive_enter: bool = False) -> torch.Tensor:
+        """The gradient rows that enter block ``block_index`` from its output gradient ``grad``: the active rows
+        (times their weight when reweighted), the inactive ones zero (or scaled by the leak), or, with
+        ``inactive_enter``, unchanged (for a block whose own backward passes them to its input)."""
         if self.branch_weight is None:
-            return self.gate(grad, block_index)
+            return grad if inactive_enter else self.gate(grad, block_index)
         w = self.branch_weight[block_index].view(*grad.shape[:-1], 1)
-        return (grad * w).to(grad.dtype)  # the product in fp32: a weight rounded to bf16 would be off by 0.4 %
+        weighted = grad * w  # the product in fp32: a weight rounded to bf16 would be off by 0.4 %
+        return (torch.where(w > 0, weighted, grad) if inactive_enter else weighted).to(grad.dtype)
 
     def block_input_grad(self, dx: torch.Tensor, dy: torch.Tensor, block_index: int) -> torch.Tensor:
         """The gradient of a block's input under the inactive semantics, from ``dx`` (the block's own backward,

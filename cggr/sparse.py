@@ -143,14 +143,20 @@ class GateRows(torch.autograd.Function):
 class SkipRows(torch.autograd.Function):
     """Skip semantics at a block's output (docs/design.md §1.7): identity in forward; in backward the gradient rows of
     tokens inactive in ``block_index`` go to the block's *input* (the residual stream) instead of into the
-    block (by ``1 - leak_rate``; the block keeps ``leak_rate`` of them). Active rows are untouched.
+    block (by ``1 - leak_rate``; the block keeps ``leak_rate`` of them). Active rows enter the block, times their
+    weight ``w`` when the routing reweights (``1/pi``, :attr:`Routing.branch_weight`), the rest ``(1 - w)`` going
+    straight to the input: the input gets ``g + J^T (w g)``, the residual unweighted, the branch reweighted
+    (docs/design.md §1.13). Also the point where the block's rows are drawn from its output gradient
+    (importance="block"), before the block's own backward reads them.
 
-    ``y``: the block output; ``x``: the block input, of the same shape.
+    ``y``: the block output; ``x``: the block input, of the same shape. ``own_skip``: the block's own backward
+    applies skip semantics already (a compacted block, reweighted): inactive rows then enter it unchanged and
+    only the active rows' weights are applied here.
     """
 
     @staticmethod
-    def forward(ctx, y, x, routing: Routing, block_index: int):
-        ctx.routing, ctx.block_index, ctx.x_dtype = routing, block_index, x.dtype
+    def forward(ctx, y, x, routing: Routing, block_index: int, own_skip: bool = False):
+        ctx.routing, ctx.block_index, ctx.x_dtype, ctx.own_skip = routing, block_index, x.dtype, own_skip
         return y.clone()
 
     @staticmethod
@@ -158,32 +164,8 @@ class SkipRows(torch.autograd.Function):
         r: Routing = ctx.routing
         _check_rows(g, r, ctx.block_index)
         r.prepare_backward(ctx.block_index, g)
-        into_block = r.into_branch(g, ctx.block_index)
-        return into_block, (g - into_block).to(ctx.x_dtype), None, None
-
-
-class BranchWeights(torch.autograd.Function):
-    """Reweighting at the output of a block whose own backward applies skip semantics (a compacted block):
-    identity in forward; in backward each row kept in ``block_index`` enters the block with its weight ``w``
-    (``1/pi``, :attr:`Routing.branch_weight`) and the rest, ``(1 - w)`` of it, goes straight to the block's input,
-    so the input gets ``g + J^T (w g)``: the residual unweighted, the branch reweighted (docs/design.md). Rows not
-    kept enter the block unchanged (its skip semantics pass them to the input). Also the point where the block's
-    rows are drawn from its output gradient (importance="block"), before the block's backward reads them.
-    """
-
-    @staticmethod
-    def forward(ctx, y, x, routing: Routing, block_index: int):
-        ctx.routing, ctx.block_index, ctx.x_dtype = routing, block_index, x.dtype
-        return y.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        r: Routing = ctx.routing
-        _check_rows(g, r, ctx.block_index)
-        r.prepare_backward(ctx.block_index, g)
-        w = r.branch_weight[ctx.block_index].view(*g.shape[:-1], 1)
-        into_block = torch.where(w > 0, g * w, g).to(g.dtype)
-        return into_block, (g - into_block).to(ctx.x_dtype), None, None
+        into_block = r.into_branch(g, ctx.block_index, inactive_enter=ctx.own_skip)
+        return into_block, (g - into_block).to(ctx.x_dtype), None, None, None
 
 
 def _check_rows(g: torch.Tensor, r: Routing, block_index: int) -> None:

@@ -229,8 +229,6 @@ def test_routed_step_never_waits_for_the_forward(family):
     synchronise; cggr must add nothing). The one wait cggr keeps is on an event recorded before the forward's
     work (the number of valid tokens), which this mode does not count: the host keeps its lead over the GPU.
     """
-    import warnings
-
     import cggr
 
     model = _llama(torch.bfloat16, family)
@@ -240,18 +238,8 @@ def test_routed_step_never_waits_for_the_forward(family):
     labels[1, :100] = -100
 
     def synchronising_calls():
-        model(input_ids=ids, labels=labels, use_cache=False).loss.backward()  # warm-up (and compilation)
-        model.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                model(input_ids=ids, labels=labels, use_cache=False).loss.backward()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        model.zero_grad(set_to_none=True)
-        return sum("synchronizing" in str(w.message) for w in caught)
+        return len(_synchronising_calls(lambda: model(input_ids=ids, labels=labels, use_cache=False).loss.backward(),
+                                        model))
 
     dense = synchronising_calls()
     router = cggr.attach(model, warmup_steps=0)
@@ -268,7 +256,7 @@ SAMPLINGS = {"unbiased": dict(estimator="unbiased"), "block": dict(estimator="un
 @pytest.mark.parametrize("sampling", list(SAMPLINGS))
 @pytest.mark.parametrize("family", BACKWARD_KINDS[:2])
 def test_sampling_options_bf16_match_fp32_reference(family, sampling):
-    """Reweighted routing (every compacted block, its BranchWeights at the output, the block importance drawn
+    """Reweighted routing (every compacted block, its weights applied at its output by SkipRows, the block importance drawn
     in the backward on the device) in bf16, against the fp32 reference with the rows and weights it drew."""
     import cggr
     from cggr.adapters import find_layer_stack
@@ -301,23 +289,30 @@ def test_sampling_options_bf16_match_fp32_reference(family, sampling):
 @pytest.mark.parametrize("sampling", ["unbiased", "block"])
 def test_sampling_options_never_wait(sampling):
     """The reweighted routing and the backward-time draws add no synchronising call to a step."""
-    import warnings
-
     import cggr
 
     model = _llama(torch.bfloat16)
     ids = torch.randint(0, 32000, (4, 512), device="cuda")
     cggr.attach(model, warmup_steps=0, **SAMPLINGS[sampling])
-    model(input_ids=ids, labels=ids).loss.backward()  # warm-up (and compilation)
+    calls = _synchronising_calls(lambda: model(input_ids=ids, labels=ids).loss.backward(), model)
+    print(f"{sampling}: synchronising calls per step: {len(calls)}")
+    assert len(calls) <= 2, calls  # HF's own dense step makes up to 2 (test_routed_step_never_waits_for_the_forward)
+
+
+def _synchronising_calls(step, model) -> list[str]:
+    """The synchronising calls ``step()`` makes (``set_sync_debug_mode("warn")``), after one untimed warm-up call
+    (compilation); ``model``'s gradients are cleared after each."""
+    import warnings
+
+    step()
     model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            model(input_ids=ids, labels=ids).loss.backward()
+            step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    calls = [str(w.message) for w in caught if "synchronizing" in str(w.message)]
-    print(f"{sampling}: synchronising calls per step: {len(calls)}")
-    assert len(calls) <= 2, calls  # HF's own dense step makes up to 2 (test_routed_step_never_waits_for_the_forward)
+    model.zero_grad(set_to_none=True)
+    return [str(w.message) for w in caught if "synchronizing" in str(w.message)]

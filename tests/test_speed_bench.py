@@ -233,6 +233,28 @@ def test_gpu_run_script_names_existing_arms_and_parses():
     assert "CGGR_ROW_KERNELS=inductor" in text
 
 
+def test_gpu_quality_script_parses_and_runs_its_commands(tmp_path):
+    """benchmarks/gpu_quality.sh (one GPU call of cggr bench quality): bash parses it and the wheel setup it
+    sources; with a stand-in python3 on the PATH it runs each quoted command line in turn against the unpacked
+    corpus, into its own folder, and packs one archive."""
+    for script in ("gpu_quality.sh", "gpu_wheels.sh"):
+        assert subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", script)]).returncode == 0
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text("#!/bin/sh\necho \"python3 $*\" >> \"$CALLS\"\n")
+    (fake / "python3").chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", OUT=str(tmp_path / "out"), CALLS=str(tmp_path / "calls"))
+    done = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_quality.sh"), "--arms dense --steps 2",
+                           "--arms random"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    runs = [c for c in calls if "cggr bench quality" in c]
+    assert runs == [f"python3 -m cggr bench quality --corpus /tmp/corpus --out {tmp_path}/out/quality/run1 --arms dense "
+                    "--steps 2", f"python3 -m cggr bench quality --corpus /tmp/corpus --out {tmp_path}/out/quality/run2 "
+                    "--arms random"]
+    assert (tmp_path / "out" / "quality.tgz").exists()
+
+
 def test_cggr_arm_runs_the_defaults_and_stop_arm_the_seeds_routing():
     import cggr
 
