@@ -1,6 +1,7 @@
 """The distribution: ``cggr`` (the library) and ``cggr_lab`` (the harness) ship together; the library never
-imports the harness except lazily in its command; the extras hold what the harness and benchmarks import; no
-module of the checkout can shadow an installed package."""
+imports the harness except lazily in its command; the extras hold what the harness and benchmarks import; each
+declared lower bound is a version CI runs the suite with (.ci/lowest.txt); no module of the checkout can shadow an
+installed package."""
 
 import ast
 import importlib.metadata
@@ -11,6 +12,9 @@ import sys
 
 import pytest
 import setuptools
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 import cggr_lab
 
@@ -18,13 +22,37 @@ tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYPROJECT = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))
+LOWEST = os.path.join(ROOT, ".ci", "lowest.txt")
 
 
 def _names(requirements):
     """Distribution names of requirement strings (``name>=1`` -> ``name``)."""
-    import re
+    return [canonicalize_name(Requirement(r).name) for r in requirements]
 
-    return [re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requirements]
+
+def _declared() -> dict[str, list[Requirement]]:
+    """The requirements pyproject.toml declares: ``dependencies`` and each extra by its name."""
+    project = PYPROJECT["project"]
+    groups = {"dependencies": project["dependencies"], **project["optional-dependencies"]}
+    return {group: [Requirement(r) for r in reqs] for group, reqs in groups.items()}
+
+
+def _lowest_pins() -> dict[str, Version]:
+    """.ci/lowest.txt: each distribution it pins (``name==version``, one a line, ``#`` comments) and its version."""
+    pins = {}
+    for no, line in enumerate(open(LOWEST), 1):
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and name.strip() and version.strip(), f".ci/lowest.txt:{no}: not name==version: {line!r}"
+            pins[canonicalize_name(name.strip())] = Version(version.strip())
+    return pins
+
+
+def _lower_bound(req: Requirement) -> Version:
+    bounds = [Version(s.version) for s in req.specifier if s.operator == ">="]
+    assert len(bounds) == 1, f"{req}: declares no single lower bound (>=)"
+    return bounds[0]
 
 
 def test_both_packages_are_found():
@@ -40,6 +68,36 @@ def test_extras():
     assert sorted(extras[cggr_lab.EXTRA]) == sorted(cggr_lab.REQUIREMENTS)
     assert set(extras["demo"]) < set(extras["bench"]) and "liger-kernel" in extras["bench"]
     assert set(extras["demo"]) <= set(extras["test"]) and "liger-kernel" not in extras["test"]
+
+
+def test_every_requirement_declares_one_lower_bound():
+    for reqs in _declared().values():
+        for req in reqs:
+            _lower_bound(req)
+
+
+def test_the_lowest_pins_are_the_declared_lower_bounds():
+    """Each requirement, in ``dependencies`` and in every extra, on a package .ci/lowest.txt pins has that pin
+    as its lower bound and admits it (any upper bound above it): the extras agree with each other and with the
+    versions CI's lowest run installs."""
+    pins = _lowest_pins()
+    for group, reqs in _declared().items():
+        for req in reqs:
+            name = canonicalize_name(req.name)
+            if name in pins:
+                assert _lower_bound(req) == pins[name], f"[{group}] {req}: .ci/lowest.txt pins {name}=={pins[name]}"
+                assert req.specifier.contains(pins[name], prereleases=True), f"[{group}] {req}: pinned {pins[name]}"
+
+
+def test_the_lowest_run_pins_every_package_the_test_command_installs():
+    """CI's second run is the README's command (torch and ``.[test]``) under .ci/lowest.txt: each package it
+    installs by name is pinned there, so every such lower bound is a version the suite ran with. Torch is the
+    exception: the command pins its CPU build (2.13), and its lower bound is the GPU machine's torch (2.11), where
+    the GPU checks run. A package of another extra only (bench's liger-kernel) is not installed by the suite."""
+    pins, declared = _lowest_pins(), _declared()
+    installed = {canonicalize_name(r.name) for r in declared["dependencies"] + declared["test"]}
+    assert "torch" in installed and "torch" not in pins
+    assert installed - {"torch"} <= set(pins), f"not pinned by .ci/lowest.txt: {installed - {'torch'} - set(pins)}"
 
 
 def test_the_library_never_imports_the_harness():
