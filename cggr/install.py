@@ -258,7 +258,7 @@ class Installation:
         self.names = names
         if self.fused_loss_model is not None:
             self.patch_forward(self.fused_loss_model,
-                               FusedLossForward(self.fused_loss_model, grad_norm=config.importance == "loss"))
+                               FusedLossForward(self.fused_loss_model, router, grad_norm=config.importance == "loss"))
         # Every container inside the blocks and the children it held at install. Checked at each training
         # forward (a few dictionary look-ups per module): no global module-registration hook, which would
         # make dynamo guard on a counter that HF bumps in every forward (``self.layers[:n]`` builds a list).

@@ -33,8 +33,9 @@ from .bucketing import schedule_progress
 from .config import RoutingConfig, as_number, resolve_config
 from .plan import NonfiniteReport, Planner
 from .routing import Routing
-from .scoring import close_score_sink, loss_gradient_norm, open_score_sink
-from .tokens import find_logits, input_device, input_tokens_shape, label_targets, no_logits_error, valid_tokens
+from .scoring import Scores, loss_gradient_norm
+from .tokens import (find_logits, find_scores, input_device, input_tokens_shape, label_targets, no_logits_error,
+                     valid_tokens)
 
 logger = logging.getLogger("cggr")
 
@@ -51,10 +52,7 @@ class _Forward:
         self.valid: torch.Tensor | None = None
         self.num_valid: HostCopy | None = None
         self.block_rows: set[int] = set()
-        self.scores = None  # per-token scores a fused loss offered during the forward (cggr.loss)
-
-    def take_scores(self, scores) -> None:
-        self.scores = scores
+        self.scores: Scores | None = None  # per-token scores the loss cggr installed handed over (take_scores)
 
     def check_rows(self, name: str, h: torch.Tensor) -> None:
         """A block output must keep one row per token, in the input's token order (else routing is wrong)."""
@@ -226,6 +224,14 @@ class Router(nn.Module):
         finally:
             self._forward = previous
 
+    def take_scores(self, scores: Scores) -> None:
+        """Per-token scores of the running training forward, from the loss cggr installed in it
+        (``fused_loss=True``: :class:`cggr.hf_loss.FusedLossForward`); the forward's end routes by them instead
+        of by logits. Outside a routed training forward there is nothing to route and they are dropped. (A
+        model's own forward that computes :func:`cggr.loss.linear_cross_entropy` returns its scores instead.)"""
+        if self._forward is not None:
+            self._forward.scores = scores
+
     def check_block_rows(self, name: str, h: torch.Tensor) -> None:
         """A routed block's output must keep one row per token, in the input's token order."""
         if self._forward is not None:
@@ -266,7 +272,6 @@ class Router(nn.Module):
             else:
                 kwargs["use_cache"] = False  # a KV cache is useless in a training forward and blocks the fast path
         self._forward = f
-        open_score_sink(f.take_scores)
         return args, kwargs
 
     @torch._dynamo.disable  # the decision point runs eagerly under torch.compile: a clean graph break
@@ -275,7 +280,7 @@ class Router(nn.Module):
         if f is None:
             return None
         logits = find_logits(output, f.tokens_shape)
-        scores = f.scores
+        scores = f.scores if f.scores is not None else find_scores(output)  # a fused loss's, in or from the forward
         if logits is None and scores is None and (self._planner.needs_scores or f.tokens_shape is None):
             raise no_logits_error(output, f.tokens_shape, self.config.policy)
         shape = f.tokens_shape if f.tokens_shape is not None else (
@@ -311,8 +316,6 @@ class Router(nn.Module):
     @torch._dynamo.disable  # the decision point runs eagerly under torch.compile: a clean graph break
     def _end_forward(self, module, args, output):
         """Always runs, even when the forward raised: the routing is live only inside its own forward."""
-        if self._forward is not None:
-            close_score_sink(self._forward.take_scores)
         self._forward = None
 
     def _measure_now(self) -> bool:
@@ -442,7 +445,8 @@ def attach(model: nn.Module, config: RoutingConfig | None = None, **overrides: A
 
     Args:
         model: a module whose forward returns logits (a tensor, a tuple holding them, or ``.logits``); with
-            ``policy="random"`` (the default) a forward that returns only a fused loss works too.
+            ``policy="random"`` (the default) a forward that returns only a fused loss works too, and under every
+            policy one that returns :func:`cggr.loss.linear_cross_entropy`'s loss with its scores.
         config: a :class:`cggr.RoutingConfig` (second argument or ``config=``); None = the defaults.
         **overrides: any field of :class:`cggr.RoutingConfig` by name (``num_buckets=4``, ``policy="random"``,
             ``layers="model.layers"``, ...), applied over ``config``. Each field's docstring says what it does.
