@@ -130,7 +130,7 @@ class BlockGate:
         r = self.router.current_routing()
         if r is None:
             return out
-        if self.block_index in r.compact_blocks:  # a compacted backward gates its own rows ...
+        if r.took_compacted(self.block_index):  # a compacted backward gates its own rows ...
             if not r.reweighted:
                 return out
             h = _first_tensor(out)  # ... and its kept rows' weights are applied at its output
