@@ -144,7 +144,9 @@ class FusedLossForward:
 
     def __init__(self, model: nn.Module, router, grad_norm: bool = False):
         self.model = model
-        self.router = router  # takes the loss's scores for the running forward (``router.take_scores``)
+        # The router that installed this forward (:class:`cggr.install.InstalledRouter`): it takes the loss's
+        # per-token scores for the running forward (``take_scores``, the one method called here).
+        self.router = router
         self.shift_labels = default_label_shift(model) == 1
         self.grad_norm = grad_norm  # also score each token's loss-gradient norm (importance="loss" routing)
         # An instance-level forward installed before (accelerate's mixed-precision wrapper, say), called inside

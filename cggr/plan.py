@@ -63,8 +63,9 @@ class Planner:
                     importance: torch.Tensor | None = None, measure: bool = False
                     ) -> tuple[Routing, torch.Tensor]:
         """Decide the routing of one forward into ``routing`` (the object its routed ops captured when they ran;
-        undecided until now), through its one write of the decision (:meth:`Routing.decide`); returns it and ``[tokens with non-finite logits, those of them below full depth]``
-        as a device tensor (for a warning read later, without a synchronisation).
+        undecided until now), through its one write of the decision (:meth:`Routing.decide`); returns it and
+        ``[tokens with non-finite logits, those of them below full depth]`` as a device tensor (for a warning read
+        later, without a synchronisation).
 
         Args:
             valid: bool mask of the valid tokens (the token grid's shape).

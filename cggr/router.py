@@ -152,9 +152,10 @@ class Router(nn.Module):
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer):
         """Advance the curriculum after every ``optimizer.step()``; returns a removable handle."""
-        return optimizer.register_step_post_hook(self._after_optimizer_step)
+        return optimizer.register_step_post_hook(self.after_optimizer_step)
 
-    def _after_optimizer_step(self, *_):
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        """The optimizer's step post-hook that :meth:`attach_optimizer` registers: :meth:`step`."""
         self.step()
 
     def metrics(self) -> dict[str, float]:
@@ -237,9 +238,13 @@ class Router(nn.Module):
         if self._forward is not None:
             self._forward.check_rows(name, h)
 
-    # ---------------------------------------------------------------- forward
+    # ------------------------------------- the model's hooks (cggr.install.InstalledRouter)
     @torch._dynamo.disable  # the decision point runs eagerly under torch.compile: a clean graph break
-    def _pre_forward(self, module, args, kwargs):
+    def start_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The model's forward pre-hook (docs/design.md §2.2): in a training forward, the token grid, its valid
+        tokens (their number on its way to the host) and the forward's new :class:`Routing`, current until
+        :meth:`close_forward`; returns the call's ``(args, kwargs)`` (``cggr_valid_mask`` taken out, ``use_cache``
+        off where cggr may). Outside training it only ends what an earlier forward left."""
         self._nonfinite.report()
         if self._probe is not None and self._probe.complete():  # the measured backward has run
             self._planner.measure_budget(self._probe)
@@ -275,7 +280,10 @@ class Router(nn.Module):
         return args, kwargs
 
     @torch._dynamo.disable  # the decision point runs eagerly under torch.compile: a clean graph break
-    def _post_forward(self, module, args, kwargs, output):
+    def plan_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """The model's forward hook (docs/design.md §2.3): the planner decides the running forward's routing from
+        its output (logits, or a fused loss's scores) before any backward can run; returns None (the output is
+        the model's)."""
         f = self._forward
         if f is None:
             return None
@@ -314,8 +322,9 @@ class Router(nn.Module):
         return None
 
     @torch._dynamo.disable  # the decision point runs eagerly under torch.compile: a clean graph break
-    def _end_forward(self, module, args, output):
-        """Always runs, even when the forward raised: the routing is live only inside its own forward."""
+    def close_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """The model's forward hook that always runs, even when the forward raised: the routing is live only
+        inside its own forward (its backward keeps the object its ops captured)."""
         self._forward = None
 
     def _measure_now(self) -> bool:
