@@ -1,5 +1,6 @@
-"""The library's imports go one way: no module of ``cggr/`` imports, even inside a function, a module that imports
-it back (directly or through others), and every module imports on its own in a fresh interpreter."""
+"""The library's layering (docs/design.md §2): its imports go one way (no module of ``cggr/`` imports, even inside a
+function, a module that imports it back, directly or through others; every module imports on its own in a fresh
+interpreter), and no module keeps mutable state that carries data from one stage to another at run time."""
 
 from __future__ import annotations
 
@@ -114,3 +115,56 @@ def test_every_module_imports_on_its_own():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "", done.stdout
+
+
+# Module-level names a module of cggr/ changes after import, and why each may: caches, warn-once flags and the
+# attach-time check's switch, none of which carries data from one stage of a step to another. Anything new here is
+# a channel around the stages (the fused loss's scores once went to the router through such a list): pass the
+# object instead (docs/design.md §2).
+ALLOWED_MODULE_STATE = {
+    "cggr.compact.verify": {"_verdicts", "_by_block", "_warned"},  # verdicts of the attach-time check; warn once
+    "cggr.compact.pointwise": {"_eager_only"},  # while that check runs, nothing is compiled for its shapes
+    "cggr.compact.forward": {"_warned_dtype"},  # warn once per process
+    "cggr.router": {"_LIVE_ROUTERS"},  # attach refuses a second router on a nested module (weak references)
+    "cggr.integrations": {"globals()"},  # a lazily imported callback, kept once looked up
+}
+
+_MUTATORS = {"append", "add", "update", "clear", "pop", "popitem", "remove", "discard", "setdefault", "extend",
+             "insert"}
+
+
+def mutated_module_state(path: str) -> set[str]:
+    """Module-level names of the file that its code changes after import: rebound through ``global``, mutated by a
+    container method (``.append``, ``.add``, ``[k] = v``, ...) or ``globals()[k] = v``."""
+    tree = ast.parse(open(path).read(), path)
+    top = {t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+           for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Global):
+            found |= set(node.names)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _MUTATORS
+              and isinstance(node.func.value, ast.Name) and node.func.value.id in top):
+            found.add(node.func.value.id)
+        elif isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete)):
+            targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+            for t in targets:
+                if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name) and t.value.id in top:
+                    found.add(t.value.id)
+                if (isinstance(t, ast.Subscript) and isinstance(t.value, ast.Call)
+                        and getattr(t.value.func, "id", None) == "globals"):
+                    found.add("globals()")
+    return found
+
+
+def test_no_module_keeps_state_between_stages():
+    found = {name: state for name, path in _modules(ROOT, "cggr").items() if (state := mutated_module_state(path))}
+    assert found == ALLOWED_MODULE_STATE
+
+
+def test_the_module_state_check_sees_each_kind_of_change(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("import functools\n_sinks = []\n_seen = set()\n_flag = False\n_table = {}\nTABLE = {1: 2}\n"
+                      "def f(x):\n    global _flag\n    _flag = True\n    _sinks.append(x)\n    _seen.add(x)\n"
+                      "    _table[x] = 1\n    globals()['y'] = x\n    return TABLE[x]\n")
+    assert mutated_module_state(str(source)) == {"_sinks", "_seen", "_flag", "_table", "globals()"}
