@@ -10,7 +10,9 @@ A routed training forward goes one way through small stages, each in its own mod
    forward.
 
 The router itself only holds the lifecycle: install, the hand-off of the running forward's routing (live
-from the forward's start to its end, never after), the curriculum step and its state, metrics, detach.
+from the forward's start to its end, never after), the curriculum step and its state, metrics, detach. What
+the installed pieces call on it, its hooks on the model included, is :class:`cggr.install.InstalledRouter`:
+public methods only.
 Routing happens only when the model is in training mode with gradients enabled; otherwise every patched
 forward and hook passes through untouched.
 """

@@ -380,10 +380,14 @@ class Routing:
 
     def active_count(self, block_index: int) -> int:
         if self._active_counts is None:
-            # Not given with the decision: read back from the device, a host synchronisation (tests and
-            # verification only; the planner gives the counts, reading them back itself for global buckets).
-            self._active_counts = self.active_counts_tensor().tolist()
+            self._plan()
         return self._active_counts[block_index]
+
+    def _plan(self) -> None:
+        """Counts not given with the decision: read back from the device, a host synchronisation (tests and
+        verification only; the planner gives the counts, reading them back itself for global buckets).
+        ``benchmarks/host_probe.py`` times this method by its name."""
+        self._active_counts = self.active_counts_tensor().tolist()
 
     def active_rows(self, block_index: int) -> torch.Tensor:
         """Indices (into the flattened tokens) of the rows active in ``block_index`` (nested: deepest first)."""
