@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 import torch
 
-POLICIES = ("difficulty", "random", "sampled")
+from .config import POLICIES, RoutingConfig, as_number
 
 
 def target_depths(num_layers: int, num_buckets: int, depths: Sequence[float] | None = None) -> list[int]:
@@ -274,8 +274,6 @@ def assign_depths(
         depths: optional target depth fractions per bucket, hardest first.
         progress: curriculum progress in [0, 1].
     """
-    from .config import RoutingConfig, as_number  # every option check in one place (config imports this module)
-
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
         raise TypeError(f"scores must be a floating-point tensor, got {type(scores).__name__}")
     if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or valid.shape != scores.shape:
@@ -310,3 +308,4 @@ def _sampled_policy(scores, valid, num_buckets, generator, rank=rank_buckets):
 # where ``rank(keys, valid, K)`` buckets by rank: rank_buckets, or rank_buckets_global across ranks.
 POLICY_FNS: dict[str, BucketPolicy] = {"difficulty": _difficulty_policy, "random": _random_policy,
                                        "sampled": _sampled_policy}
+assert set(POLICY_FNS) == set(POLICIES)

@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence, get_args
 
-from .bucketing import POLICIES
 from .scoring import SCORERS
 
 Mode = Literal["sparse", "mask"]
@@ -30,6 +29,7 @@ Importance = Literal["uniform", "loss", "block"]
 Sampler = Literal["systematic", "priority"]
 
 MODES = get_args(Mode)
+POLICIES = ("difficulty", "random", "sampled")  # the bucketing of each: cggr.bucketing.POLICY_FNS
 BACKWARDS = get_args(Backward)
 BUCKETS = get_args(Buckets)
 INACTIVE = get_args(Inactive)

@@ -11,12 +11,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _check_rows(grad: torch.Tensor, rows: int) -> None:
-    """``grad`` must split into ``rows`` rows of equal length (and be empty when there is no row)."""
-    fits = grad.numel() % rows == 0 if rows else grad.numel() == 0
-    if not fits:
-        raise ValueError(f"grad of shape {tuple(grad.shape)} does not split into {rows} rows (one per depth)")
+from .kernels import check_rows, triton_available
 
 
 def gate_rows_reference(grad: torch.Tensor, depth: torch.Tensor, threshold: int, leak_rate: float) -> torch.Tensor:
@@ -27,7 +22,7 @@ def gate_rows_reference(grad: torch.Tensor, depth: torch.Tensor, threshold: int,
     tensor of ``grad``'s shape and dtype.
     """
     rows = depth.numel()
-    _check_rows(grad, rows)
+    check_rows(grad, rows)
     g = grad.reshape(rows, grad.numel() // rows if rows else 0)
     keep = (depth.reshape(rows, 1) > threshold)
     scale = torch.where(keep, torch.ones((), dtype=g.dtype, device=g.device),
@@ -42,10 +37,8 @@ def gate_rows(grad: torch.Tensor, depth: torch.Tensor, threshold: int, leak_rate
     incoming gradient requires grad), the reference runs, so that a double backward stays exact.
     """
     if grad.is_cuda and not (grad.requires_grad and torch.is_grad_enabled()):
-        from .kernels import triton_available
-
         if triton_available():
-            from .kernels.gate import gate_rows_triton
+            from .kernels.gate import gate_rows_triton  # imports Triton: only when it runs
 
             return gate_rows_triton(grad, depth, threshold, leak_rate)
     return gate_rows_reference(grad, depth, threshold, leak_rate)

@@ -13,8 +13,9 @@ training forward with labels it
    HF's ``num_items_in_batch``; plus an MoE model's auxiliary loss exactly as HF adds it;
 3. returns the model's own output type with ``loss`` set and ``logits=None``.
 
-The loss hands every token's scores to the routed forward it runs in (:func:`cggr.scoring.offer_scores`), so
-every policy routes as it would by the logits. Anything else (eval, ``no_grad``, no labels, ``logits_to_keep``)
+The loss's per-token scores go to the router that installed this forward (:meth:`cggr.router.Router.take_scores`,
+the one method of the router it calls), which routes the running forward by them: every policy routes as it
+would by the logits. Anything else (eval, ``no_grad``, no labels, ``logits_to_keep``)
 calls the original forward unchanged.
 
 Running the model's own forward keeps its argument handling (each family's names, caches, attention masks,
@@ -141,8 +142,11 @@ class FusedLossForward:
     signature is the model's own (the HF Trainer reads it to choose dataset columns and loss kwargs).
     """
 
-    def __init__(self, model: nn.Module, grad_norm: bool = False):
+    def __init__(self, model: nn.Module, router, grad_norm: bool = False):
         self.model = model
+        # The router that installed this forward (:class:`cggr.install.InstalledRouter`): it takes the loss's
+        # per-token scores for the running forward (``take_scores``, the one method called here).
+        self.router = router
         self.shift_labels = default_label_shift(model) == 1
         self.grad_norm = grad_norm  # also score each token's loss-gradient norm (importance="loss" routing)
         # An instance-level forward installed before (accelerate's mixed-precision wrapper, say), called inside
@@ -212,10 +216,11 @@ class FusedLossForward:
         target, shift = (given_shifted, False) if given_shifted is not None else (labels, self.shift_labels)
         num_items = kwargs.get("num_items_in_batch")
         with torch.autocast(hidden.device.type, dtype=amp_dtype, enabled=amp):  # as lm_head ran
-            loss = linear_cross_entropy(hidden, weight, target.to(hidden.device), bias,
-                                        ignore_index=kwargs.get("ignore_index", -100),
-                                        reduction="mean" if num_items is None else "sum", shift_labels=shift,
-                                        num_items=num_items, grad_norm=self.grad_norm).loss
+            loss, scores = linear_cross_entropy(hidden, weight, target.to(hidden.device), bias,
+                                                ignore_index=kwargs.get("ignore_index", -100),
+                                                reduction="mean" if num_items is None else "sum", shift_labels=shift,
+                                                num_items=num_items, grad_norm=self.grad_norm)
+        self.router.take_scores(scores)
         aux = getattr(out, "aux_loss", None)
         if aux is not None:  # MoE: HF adds router_aux_loss_coef * aux_loss to the loss when labels are given
             coef = getattr(m, "router_aux_loss_coef", None)

@@ -6,7 +6,12 @@ holding the router, the module and the block index, never a closure: so that
 modules, and ``pickle`` / ``torch.save(model)`` work. Each reads the routing of
 the running forward through ``router.current_routing()``, which is None
 outside a routed training forward: then it does exactly what the module did.
+What they call on the router is :class:`InstalledRouter`, its public methods
+and nothing else.
 
+* the model itself: three hooks, the router's
+  :meth:`~InstalledRouter.start_forward`, :meth:`~InstalledRouter.plan_forward`
+  and :meth:`~InstalledRouter.close_forward`;
 * every linear of a sparse block: :class:`~cggr.sparse.RoutedLinear`;
 * HF MoE routers and fused experts: gated outputs / :class:`~cggr.moe.RoutedExperts`;
 * every block: a gate of its output rows (:class:`BlockGate`), unless the
@@ -17,9 +22,8 @@ outside a routed training forward: then it does exactly what the module did.
 
 from __future__ import annotations
 
-from typing import Any
-
 import logging
+from typing import Any, ContextManager, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -32,9 +36,47 @@ from .config import RoutingConfig
 from .families import compacted_backwards
 from .hf_loss import FusedLossForward, fused_loss_target
 from .moe import RoutedExperts
+from .routing import Routing
+from .scoring import Scores
 from .sparse import GateRows, RoutedLinear, SkipRows
 
 logger = logging.getLogger("cggr")
+
+
+@runtime_checkable
+class InstalledRouter(Protocol):
+    """The router as everything :class:`Installation` installs sees it: these public methods, nothing else
+    (:class:`cggr.router.Router` implements them; docs/design.md §2 walks through the stages).
+
+    The model's hooks, in the order a forward runs them:
+
+    * ``start_forward(model, args, kwargs)``, its forward pre-hook (with kwargs): the token grid, its valid
+      tokens and the forward's new :class:`~cggr.routing.Routing`; returns the call's ``(args, kwargs)``;
+    * ``plan_forward(model, args, kwargs, output)``, its forward hook (with kwargs): the routing decided from the
+      output (logits, or a fused loss's scores);
+    * ``close_forward(model, args, output)``, its forward hook that runs even when the forward raised: the
+      routing stops being the current one.
+
+    The patched forwards and block hooks, while the forward runs: ``current_routing()`` (None outside a routed
+    training forward), ``routing_of(routing)`` (a checkpointed block's replay runs with the routing of its
+    first run), ``check_block_rows(name, h)`` (a block output keeps one row per token) and
+    ``take_scores(scores)`` (the fused loss's per-token scores, :class:`~cggr.hf_loss.FusedLossForward`).
+    """
+
+    def start_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]: ...
+
+    def plan_forward(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None: ...
+
+    def close_forward(self, model: nn.Module, args: tuple, output: Any) -> None: ...
+
+    def current_routing(self) -> Routing | None: ...
+
+    def routing_of(self, routing: Routing | None) -> ContextManager[None]: ...
+
+    def check_block_rows(self, name: str, h: torch.Tensor) -> None: ...
+
+    def take_scores(self, scores: Scores) -> None: ...
+
 
 class _PatchedForward:
     """Base of the patched forwards: calls the module's own forward when no routing runs."""
@@ -130,7 +172,7 @@ class BlockGate:
         r = self.router.current_routing()
         if r is None:
             return out
-        if self.block_index in r.compact_blocks:  # a compacted backward gates its own rows ...
+        if r.took_compacted(self.block_index):  # a compacted backward gates its own rows ...
             if not r.reweighted:
                 return out
             h = _first_tensor(out)  # ... and its kept rows' weights are applied at its output
@@ -218,16 +260,17 @@ class Installation:
     (``compact_blocks``) and says why (``reasons``).
     """
 
-    def __init__(self, router, model: nn.Module, blocks: list[nn.Module], names: list[str], config: RoutingConfig):
+    def __init__(self, router: InstalledRouter, model: nn.Module, blocks: list[nn.Module], names: list[str],
+                 config: RoutingConfig):
         self.router, self.blocks = router, blocks
         # Refused before anything is installed: a refusal leaves the model as it was.
         self.fused_loss_model = fused_loss_target(model) if config.fused_loss else None
         self.handles: list = []
         self.patched: list[tuple[nn.Module, Any]] = []  # (module, its instance-level forward before, or None)
         self.checkpoints: list[tuple[nn.Module, Any]] = []  # (block, its own checkpoint function)
-        self.handles.append(model.register_forward_pre_hook(router._pre_forward, with_kwargs=True))
-        self.handles.append(model.register_forward_hook(router._post_forward, with_kwargs=True))
-        self.handles.append(model.register_forward_hook(router._end_forward, always_call=True))
+        self.handles.append(model.register_forward_pre_hook(router.start_forward, with_kwargs=True))
+        self.handles.append(model.register_forward_hook(router.plan_forward, with_kwargs=True))
+        self.handles.append(model.register_forward_hook(router.close_forward, always_call=True))
         self.sparse_blocks: list[bool] = []
         self.compact_blocks: list[str | None] = []
         self.reasons: list[str] = []
@@ -258,7 +301,7 @@ class Installation:
         self.names = names
         if self.fused_loss_model is not None:
             self.patch_forward(self.fused_loss_model,
-                               FusedLossForward(self.fused_loss_model, grad_norm=config.importance == "loss"))
+                               FusedLossForward(self.fused_loss_model, router, grad_norm=config.importance == "loss"))
         # Every container inside the blocks and the children it held at install. Checked at each training
         # forward (a few dictionary look-ups per module): no global module-registration hook, which would
         # make dynamo guard on a counter that HF bumps in every forward (``self.layers[:n]`` builds a list).

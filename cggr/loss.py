@@ -7,6 +7,15 @@ computes the loss of ``hidden @ weight.T (+ bias)`` chunk by chunk of rows and,
 from the same read of each chunk's logits, every token's
 ``Scores(difficulty, entropy, confidence)``.
 
+Routing by those scores: the loss is a plain function and hands nothing to
+anyone. A routed model's forward that computes it returns its scores with the
+loss (``return linear_cross_entropy(...)``, a :class:`LossWithScores`, or any
+output with ``.scores`` / ``["scores"]`` beside the loss), and the router reads
+them from the forward's output where it would read the logits
+(:func:`cggr.tokens.find_scores`). With ``fused_loss=True`` the forward cggr
+installs in an HF causal LM hands them to its router itself
+(:class:`cggr.hf_loss.FusedLossForward`).
+
 How (per chunk of ``chunk_rows`` rows):
 
 1. ``logits_c = h_c @ W^T (+ b)`` in the input dtype (the only logits that exist);
@@ -40,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .scoring import Scores, entropy_confidence_reference, loss_gradient_norm, offer_scores
+from .scoring import Scores, entropy_confidence_reference, loss_gradient_norm
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -437,7 +446,9 @@ def linear_cross_entropy(
             labels): the importance of ``importance="loss"`` routing, at one more read of each chunk's logits.
 
     Returns:
-        :class:`LossWithScores` ``(loss, scores)``; see there. The loss is fp32.
+        :class:`LossWithScores` ``(loss, scores)``; see there. The loss is fp32. Inside a routed model's
+        forward, return it (or its ``scores`` beside the loss) from the forward: the router then routes by
+        these scores as it would by the logits (the module docstring says how).
 
     Notes:
         Labels outside ``[0, V)`` other than ``ignore_index`` raise on the CPU
@@ -467,5 +478,4 @@ def linear_cross_entropy(
     scores = Scores(*(t.reshape(lead) for t in per_token[:3]))
     if grad_norm:
         scores = scores.with_grad_norm(per_token[3].reshape(lead))
-    offer_scores(scores)  # inside a routed forward, its router routes by these (no logits needed)
     return LossWithScores(loss, scores)

@@ -19,7 +19,8 @@ from ._host import HostCopy
 from .bucketing import (POLICY_FNS, buckets_to_depths, curriculum_depths, curriculum_fractions, rank_buckets,
                         rank_buckets_global, target_depths)
 from .config import RoutingConfig
-from .routing import BackwardDraws, Routing, VarianceProbe, block_counts, per_block_counts
+from .routing import (BackwardDraws, Routing, VarianceProbe, block_counts, nested_active_counts, nested_rows,
+                      per_block_counts)
 from .scoring import Scores, score_difficulty, scores_for
 
 # Policies that need per-token scores (hence logits); "random" needs only the valid tokens.
@@ -62,8 +63,9 @@ class Planner:
                     importance: torch.Tensor | None = None, measure: bool = False
                     ) -> tuple[Routing, torch.Tensor]:
         """Decide the routing of one forward into ``routing`` (the object its routed ops captured when they ran;
-        it holds nothing yet); returns it and ``[tokens with non-finite logits, those of them below full depth]``
-        as a device tensor (for a warning read later, without a synchronisation).
+        undecided until now), through its one write of the decision (:meth:`Routing.decide`); returns it and
+        ``[tokens with non-finite logits, those of them below full depth]`` as a device tensor (for a warning read
+        later, without a synchronisation).
 
         Args:
             valid: bool mask of the valid tokens (the token grid's shape).
@@ -90,13 +92,16 @@ class Planner:
         generator = self._generator(valid.device, draw_seed)
         if c.placement == "per_block":
             n = num_valid if num_valid is not None else int(valid.sum())
-            counts = self._place_per_block(routing, valid, nonfinite, n, progress, generator, importance, draw_seed)
-            if measure:
-                routing.probe = VarianceProbe(torch.zeros((L, valid.numel()), dtype=torch.float32, device=valid.device),
-                                              valid.reshape(-1), None if importance is None else importance.reshape(-1))
-            routing.metrics = self._metrics(routing, None, valid, finite, scores, counts)
-            return routing, torch.stack([routing.metrics["nonfinite_tokens"],
-                                         (nonfinite & (routing.depth < L)).sum()])
+            counts, block_active, rows, weight, draws = self._place_per_block(valid, nonfinite, n, progress,
+                                                                              generator, importance, draw_seed)
+            depth = block_active.long().sum(0).view(valid.shape)
+            probe = None if not measure else VarianceProbe(
+                torch.zeros((L, valid.numel()), dtype=torch.float32, device=valid.device), valid.reshape(-1),
+                None if importance is None else importance.reshape(-1))
+            metrics = self._metrics(depth, self._constant(tuple(counts), valid.device), None, valid, finite, scores)
+            routing.decide(depth, block_active=block_active, block_rows=rows, counts=counts, branch_weight=weight,
+                           backward_draws=draws, probe=probe, metrics=metrics)
+            return routing, torch.stack([metrics["nonfinite_tokens"], (nonfinite & (depth < L)).sum()])
         if scores is None:  # random policy without logits: only the valid tokens matter
             buckets = POLICY_FNS["random"](None, valid, c.num_buckets, generator, rank)
         else:
@@ -104,18 +109,18 @@ class Planner:
         bucket_depths = self.bucket_depths(progress)
         depth = buckets_to_depths(buckets, self._constant((0, *bucket_depths), valid.device))
         depth = torch.where(nonfinite, torch.full_like(depth, L), depth)  # no distribution: full depth
-        routing.depth = depth
-        if self.needs_counts:
-            if not global_buckets:
-                # Bucket sizes follow from the number of valid tokens: every block's count without a read-back.
-                n = num_valid if num_valid is not None else int(valid.sum())
-                counts = block_counts(n, L, bucket_depths)
-                routing.set_counts(counts, self._constant(tuple(counts), valid.device))
-            else:
-                routing.plan()  # global buckets: the step's one read-back, here rather than mid-backward
-        routing.metrics = self._metrics(routing, buckets, valid, finite, scores)
-        nonfinite_summary = torch.stack([routing.metrics["nonfinite_tokens"], (nonfinite & (routing.depth < L)).sum()])
-        return routing, nonfinite_summary
+        counts = order = None
+        if self.needs_counts and not global_buckets:
+            # Bucket sizes follow from the number of valid tokens: every block's count without a read-back.
+            n = num_valid if num_valid is not None else int(valid.sum())
+            counts = block_counts(n, L, bucket_depths)
+            depth, order = nested_rows(depth, self._constant(tuple(counts), valid.device), L)
+        active = nested_active_counts(depth, L)
+        if self.needs_counts and global_buckets:
+            counts = active.tolist()  # global buckets: the step's one read-back, here rather than mid-backward
+        metrics = self._metrics(depth, active, buckets, valid, finite, scores)
+        routing.decide(depth, counts=counts, order=order, metrics=metrics)
+        return routing, torch.stack([metrics["nonfinite_tokens"], (nonfinite & (depth < L)).sum()])
 
     def measure_budget(self, probe: VarianceProbe) -> list[float]:
         """``variance_budget``: each routed block's kept fraction from a measured forward's output-gradient norms,
@@ -148,13 +153,14 @@ class Planner:
             return curriculum_fractions(c.block_fractions, progress)
         return None
 
-    def _place_per_block(self, routing: Routing, valid, nonfinite, n: int, progress: float, generator,
-                         importance: torch.Tensor | None, draw_seed: int) -> list[int]:
-        """Each block's own subset of exactly ``counts[i]`` valid tokens; returns the counts.
+    def _place_per_block(self, valid, nonfinite, n: int, progress: float, generator,
+                         importance: torch.Tensor | None, draw_seed: int):
+        """Each block's own subset of exactly ``counts[i]`` valid tokens: ``(counts, block_active [L, tokens],
+        each block's rows, the rows' weights or None, the backward draws or None)``, for :meth:`Routing.decide`.
 
         Uniform draws put tokens with non-finite logits first (they have no distribution: full depth); the
         importance draws (:mod:`cggr.sampling`) treat a non-finite importance as the largest. With
-        ``estimator="unbiased"`` every kept row gets its weight ``1/pi`` (``routing.branch_weight``); with
+        ``estimator="unbiased"`` every kept row gets its weight ``1/pi`` (the routing's ``branch_weight``); with
         ``importance="block"`` the routed blocks' rows are drawn later, in each block's backward.
         """
         c, L = self.config, self.num_layers
@@ -178,6 +184,7 @@ class Planner:
             weight = None if c.estimator == "plain" else torch.where(
                 block_active, self._constant(tuple(n / max(k, 1) for k in counts), valid.device, torch.float32)[:, None],
                 0.0)
+        draws = None
         if c.importance == "block":
             # Blocks that keep every valid row need no draw; the others draw in their backward.
             pending = {i for i, k in enumerate(counts) if k < n}
@@ -185,22 +192,16 @@ class Planner:
             block_active = block_active & ~routed[:, None]
             weight = torch.where(block_active, 1.0, 0.0)
             rows = [r if i not in pending else r[:0] for i, r in enumerate(rows)]
-            routing.backward_draws = BackwardDraws(counts=list(counts), pending=pending, valid=flat_valid,
-                                                   sampler=c.sampler, alpha=c.importance_mix, generator=generator,
-                                                   seed=draw_seed)
-        routing.block_active = block_active
-        routing.branch_weight = weight
-        routing.depth = block_active.long().sum(0).view(valid.shape)
-        routing.set_block_rows(rows)
-        routing._active_counts = list(counts)  # drawn in the backward or not, each block keeps this many
-        return counts
+            draws = BackwardDraws(counts=list(counts), pending=pending, valid=flat_valid, sampler=c.sampler,
+                                  alpha=c.importance_mix, generator=generator, seed=draw_seed)
+        # Drawn in the backward or not, each block keeps counts[i] rows.
+        return counts, block_active, rows, weight, draws
 
-    def _metrics(self, r: Routing, buckets, valid, finite, scores: Scores | None,
-                 block_counts: list[int] | None = None) -> dict[str, torch.Tensor]:
-        """``block_counts``: each block's kept rows when the planner fixed them (per-block placement; some may be
-        drawn only in the backward), else they are read from the routing on the device."""
+    def _metrics(self, depth: torch.Tensor, active: torch.Tensor, buckets, valid, finite, scores: Scores | None
+                 ) -> dict[str, torch.Tensor]:
+        """The decision's metrics, from each token's ``depth`` and each block's ``active`` rows (a device tensor;
+        per-block placement: the rows each block keeps, some maybe drawn only in the backward)."""
         c, L = self.config, self.num_layers
-        depth = r.depth
         n_valid = valid.sum()
         denom = n_valid.clamp_min(1).float()
         out = {}
@@ -209,8 +210,6 @@ class Planner:
             counts.scatter_add_(0, (buckets + 1).reshape(-1), torch.ones_like(buckets).reshape(-1))
             out = {f"bucket_{k}_fraction": counts[k + 1].float() / denom for k in range(c.num_buckets)}
         out["valid_tokens"] = n_valid
-        active = (r.active_counts_tensor() if block_counts is None
-                  else self._constant(tuple(block_counts), depth.device))
         out["mean_depth_fraction"] = active.sum().float() / (denom * L)
         # Backward block work skipped: rows inactive in each sparse-routed block, over all rows of all blocks.
         n = depth.numel()

@@ -10,7 +10,9 @@ A routed training forward goes one way through small stages, each in its own mod
    forward.
 
 The router itself only holds the lifecycle: install, the hand-off of the running forward's routing (live
-from the forward's start to its end, never after), the curriculum step and its state, metrics, detach.
+from the forward's start to its end, never after), the curriculum step and its state, metrics, detach. What
+the installed pieces call on it, its hooks on the model included, is :class:`cggr.install.InstalledRouter`:
+public methods only.
 Routing happens only when the model is in training mode with gradients enabled; otherwise every patched
 forward and hook passes through untouched.
 """
@@ -33,8 +35,9 @@ from .bucketing import schedule_progress
 from .config import RoutingConfig, as_number, resolve_config
 from .plan import NonfiniteReport, Planner
 from .routing import Routing
-from .scoring import close_score_sink, loss_gradient_norm, open_score_sink
-from .tokens import find_logits, input_device, input_tokens_shape, label_targets, no_logits_error, valid_tokens
+from .scoring import Scores, loss_gradient_norm
+from .tokens import (find_logits, find_scores, input_device, input_tokens_shape, label_targets, no_logits_error,
+                     valid_tokens)
 
 logger = logging.getLogger("cggr")
 
@@ -51,10 +54,7 @@ class _Forward:
         self.valid: torch.Tensor | None = None
         self.num_valid: HostCopy | None = None
         self.block_rows: set[int] = set()
-        self.scores = None  # per-token scores a fused loss offered during the forward (cggr.loss)
-
-    def take_scores(self, scores) -> None:
-        self.scores = scores
+        self.scores: Scores | None = None  # per-token scores the loss cggr installed handed over (take_scores)
 
     def check_rows(self, name: str, h: torch.Tensor) -> None:
         """A block output must keep one row per token, in the input's token order (else routing is wrong)."""
@@ -154,9 +154,10 @@ class Router(nn.Module):
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer):
         """Advance the curriculum after every ``optimizer.step()``; returns a removable handle."""
-        return optimizer.register_step_post_hook(self._after_optimizer_step)
+        return optimizer.register_step_post_hook(self.after_optimizer_step)
 
-    def _after_optimizer_step(self, *_):
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        """The optimizer's step post-hook that :meth:`attach_optimizer` registers: :meth:`step`."""
         self.step()
 
     def metrics(self) -> dict[str, float]:
@@ -226,14 +227,26 @@ class Router(nn.Module):
         finally:
             self._forward = previous
 
+    def take_scores(self, scores: Scores) -> None:
+        """Per-token scores of the running training forward, from the loss cggr installed in it
+        (``fused_loss=True``: :class:`cggr.hf_loss.FusedLossForward`); the forward's end routes by them instead
+        of by logits. Outside a routed training forward there is nothing to route and they are dropped. (A
+        model's own forward that computes :func:`cggr.loss.linear_cross_entropy` returns its scores instead.)"""
+        if self._forward is not None:
+            self._forward.scores = scores
+
     def check_block_rows(self, name: str, h: torch.Tensor) -> None:
         """A routed block's output must keep one row per token, in the input's token order."""
         if self._forward is not None:
             self._forward.check_rows(name, h)
 
-    # ---------------------------------------------------------------- forward
+    # ------------------------------------- the model's hooks (cggr.install.InstalledRouter)
     @torch._dynamo.disable  # the decision point runs eagerly under torch.compile: a clean graph break
-    def _pre_forward(self, module, args, kwargs):
+    def start_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The model's forward pre-hook (docs/design.md §2.2): in a training forward, the token grid, its valid
+        tokens (their number on its way to the host) and the forward's new :class:`Routing`, current until
+        :meth:`close_forward`; returns the call's ``(args, kwargs)`` (``cggr_valid_mask`` taken out, ``use_cache``
+        off where cggr may). Outside training it only ends what an earlier forward left."""
         self._nonfinite.report()
         if self._probe is not None and self._probe.complete():  # the measured backward has run
             self._planner.measure_budget(self._probe)
@@ -266,16 +279,18 @@ class Router(nn.Module):
             else:
                 kwargs["use_cache"] = False  # a KV cache is useless in a training forward and blocks the fast path
         self._forward = f
-        open_score_sink(f.take_scores)
         return args, kwargs
 
     @torch._dynamo.disable  # the decision point runs eagerly under torch.compile: a clean graph break
-    def _post_forward(self, module, args, kwargs, output):
+    def plan_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """The model's forward hook (docs/design.md §2.3): the planner decides the running forward's routing from
+        its output (logits, or a fused loss's scores) before any backward can run; returns None (the output is
+        the model's)."""
         f = self._forward
         if f is None:
             return None
         logits = find_logits(output, f.tokens_shape)
-        scores = f.scores
+        scores = f.scores if f.scores is not None else find_scores(output)  # a fused loss's, in or from the forward
         if logits is None and scores is None and (self._planner.needs_scores or f.tokens_shape is None):
             raise no_logits_error(output, f.tokens_shape, self.config.policy)
         shape = f.tokens_shape if f.tokens_shape is not None else (
@@ -309,10 +324,9 @@ class Router(nn.Module):
         return None
 
     @torch._dynamo.disable  # the decision point runs eagerly under torch.compile: a clean graph break
-    def _end_forward(self, module, args, output):
-        """Always runs, even when the forward raised: the routing is live only inside its own forward."""
-        if self._forward is not None:
-            close_score_sink(self._forward.take_scores)
+    def close_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """The model's forward hook that always runs, even when the forward raised: the routing is live only
+        inside its own forward (its backward keeps the object its ops captured)."""
         self._forward = None
 
     def _measure_now(self) -> bool:
@@ -442,7 +456,8 @@ def attach(model: nn.Module, config: RoutingConfig | None = None, **overrides: A
 
     Args:
         model: a module whose forward returns logits (a tensor, a tuple holding them, or ``.logits``); with
-            ``policy="random"`` (the default) a forward that returns only a fused loss works too.
+            ``policy="random"`` (the default) a forward that returns only a fused loss works too, and under every
+            policy one that returns :func:`cggr.loss.linear_cross_entropy`'s loss with its scores.
         config: a :class:`cggr.RoutingConfig` (second argument or ``config=``); None = the defaults.
         **overrides: any field of :class:`cggr.RoutingConfig` by name (``num_buckets=4``, ``policy="random"``,
             ``layers="model.layers"``, ...), applied over ``config``. Each field's docstring says what it does.

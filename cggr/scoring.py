@@ -20,7 +20,7 @@ treats the token as hardest (full depth).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -161,23 +161,3 @@ def loss_gradient_norm(logits: torch.Tensor, targets: torch.Tensor, ignore_index
         out[start:start + chunk_rows] = torch.where(ok, g, float("nan"))
     return out.view(targets.shape)
 
-
-# Routed forwards in flight that take per-token scores from a fused loss (innermost last). A loss that never
-# materialises logits (:func:`cggr.loss.linear_cross_entropy`) offers its scores here; the router of the running
-# forward then routes by them instead of by logits. Nothing else reads or writes this list.
-_score_sinks: list[Callable[[Scores], None]] = []
-
-
-def offer_scores(scores: Scores) -> None:
-    """Hand per-token scores to the routed forward that is running, if any (else nothing happens)."""
-    if _score_sinks:
-        _score_sinks[-1](scores)
-
-
-def open_score_sink(sink: Callable[[Scores], None]) -> None:
-    _score_sinks.append(sink)
-
-
-def close_score_sink(sink: Callable[[Scores], None]) -> None:
-    if sink in _score_sinks:
-        _score_sinks.remove(sink)

@@ -1,4 +1,5 @@
-"""Stage 1 of a step's routing: which tokens a forward has, which are valid, and where its logits are.
+"""Stage 1 of a step's routing: which tokens a forward has, which are valid, and where its logits (or the
+scores of a fused loss) are.
 
 A token is valid when its attention mask is 1 and its label is not the ignore
 index (docs/design.md §1.2). Everything here reads the forward's arguments and output
@@ -10,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from .scoring import Scores
 
 
 def input_tokens_shape(args: tuple, kwargs: dict) -> torch.Size | None:
@@ -107,11 +110,32 @@ def find_logits(output: Any, tokens_shape: torch.Size | None) -> torch.Tensor | 
     return None
 
 
+def find_scores(output: Any) -> Scores | None:
+    """The per-token scores a fused loss computed in the forward and the forward returned, or None.
+
+    ``output`` a :class:`~cggr.scoring.Scores`, or with ``.scores`` / ``["scores"]`` holding one (the
+    ``LossWithScores`` of :func:`cggr.loss.linear_cross_entropy`, a dict or ModelOutput beside the loss), or a
+    tuple or list with such an item.
+    """
+
+    def scores_in(item: Any) -> Scores | None:
+        if isinstance(item, Scores):
+            return item
+        found = item.get("scores") if isinstance(item, dict) else getattr(item, "scores", None)
+        return found if isinstance(found, Scores) else None
+
+    found = scores_in(output)
+    if found is None and isinstance(output, (tuple, list)):
+        found = next((s for s in map(scores_in, output) if s is not None), None)
+    return found
+
+
 def no_logits_error(output: Any, tokens_shape: torch.Size | None, policy: str) -> TypeError:
     return TypeError(
         f"cggr: policy={policy!r} scores tokens from the model's logits, but the forward returned none: it must "
         "return a tensor, an object with .logits, or a tuple with a [..., vocab] tensor of one row per input token"
         + (f" (input tokens {tuple(tokens_shape)})" if tokens_shape is not None else "")
         + f"; got {type(output).__name__}. With a fused loss (Liger, Cut Cross-Entropy, TRL's fused LM head) use "
-        "policy='random', which needs no logits, or cggr's fused loss, which hands the scores over: "
-        "attach(model, fused_loss=True) on an HF causal LM, or cggr.loss.linear_cross_entropy in your forward")
+        "policy='random', which needs no logits, or cggr's fused loss, which computes the scores: "
+        "attach(model, fused_loss=True) on an HF causal LM, or cggr.loss.linear_cross_entropy in your forward, "
+        "which then returns its scores with the loss (return linear_cross_entropy(...), or .scores beside the loss)")

@@ -182,7 +182,7 @@ def test_block_counts_from_the_host_equal_the_device_counts(seed):
     bucket_depths = curriculum_depths(target_depths(L, K, depths), L, progress)
     valid = torch.rand(n_rows, generator=g) > float(torch.rand((), generator=g))
     for policy in (rank_buckets(torch.randn(n_rows, generator=g), valid, K), random_buckets(valid, K, g)):
-        r = Routing(num_layers=L, depth=buckets_to_depths(policy, bucket_depths))
+        r = Routing.from_depth(buckets_to_depths(policy, bucket_depths), num_layers=L)
         assert block_counts(int(valid.sum()), L, bucket_depths) == r.active_counts_tensor().tolist()
 
 

@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 
 import cggr
-import cggr.loss
 from cggr.adapters import find_layer_stack
 from cggr.hf_loss import fused_loss_target
 from cggr.scoring import score_difficulty
@@ -137,8 +136,8 @@ def test_routed_gradients_and_scores_equal_routing_by_logits(kind, policy, dtype
     compacted backward, a seed of its own)."""
     seed = 5 * BACKWARD_KINDS.index(kind)
     offered = []
-    real_offer = cggr.loss.offer_scores
-    monkeypatch.setattr(cggr.loss, "offer_scores", lambda s: (offered.append(s), real_offer(s)))
+    take_scores = cggr.Router.take_scores
+    monkeypatch.setattr(cggr.Router, "take_scores", lambda router, s: (offered.append(s), take_scores(router, s)))
     model = _model(kind, seed, dtype)
     twin = copy.deepcopy(model)
     options = dict(warmup_steps=0, policy=policy, seed=seed)

@@ -154,3 +154,93 @@ def test_named_tuple_block_output_is_routed():
     _tiny_loss(model, ids).backward()
     _assert_close(flat_grads(model), _reference_grads(model, model._cggr_router,
                                                      lambda m: _tiny_loss(m, ids)))
+
+
+# --------------------------------------------------------------------------- the router as the installation sees it
+
+
+class _GivenRouting:
+    """The smallest router an installation runs with: the InstalledRouter protocol and nothing else; it routes
+    every training forward by one routing given beforehand and records what the installed pieces call."""
+
+    def __init__(self, routing):
+        self.routing, self.running, self.calls = routing, None, []
+
+    def start_forward(self, model, args, kwargs):
+        self.calls.append("start_forward")
+        self.running = self.routing if model.training and torch.is_grad_enabled() else None
+        return args, kwargs
+
+    def plan_forward(self, model, args, kwargs, output):
+        self.calls.append("plan_forward")
+
+    def close_forward(self, model, args, output):
+        self.calls.append("close_forward")
+        self.running = None
+
+    def current_routing(self):
+        return self.running
+
+    def routing_of(self, routing):
+        raise AssertionError("no block here checkpoints")
+
+    def check_block_rows(self, name, h):
+        self.calls.append("check_block_rows")
+
+    def take_scores(self, scores):
+        raise AssertionError("no fused loss here")
+
+
+@pytest.mark.parametrize("kind", ["tiny", *BACKWARD_KINDS])
+def test_an_installation_needs_only_the_installed_router_protocol(kind):
+    """Everything attach installs (the model's hooks, routed linears, block gates, compacted forwards) calls the
+    router only through cggr.install.InstalledRouter: a plain object with those methods routes the model's
+    backward as the reference does with the same routing, and is done with the routing when the forward ends."""
+    from cggr.install import InstalledRouter, Installation
+    from cggr.routing import Routing
+
+    torch.manual_seed(4)
+    model = TinyLM() if kind == "tiny" else hf_model(kind, seed=4)
+    ref = copy.deepcopy(model)
+    blocks = find_layer_stack(model)[1]
+    ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(4))
+    block_active = torch.rand(len(blocks), 2, 7, generator=torch.Generator().manual_seed(5)) < 0.5
+    fake = _GivenRouting(Routing.from_block_active(block_active, inactive="skip"))
+    assert isinstance(fake, InstalledRouter)
+    config = cggr.RoutingConfig(inactive="skip", placement="per_block")
+    installation = Installation(fake, model, blocks, [f"block {i}" for i in range(len(blocks))], config)
+    # use_cache=False: the router's start_forward turns HF's KV cache off (a cache keeps blocks off the compacted path)
+    loss = (lambda m: _tiny_loss(m, ids)) if kind == "tiny" else (
+        lambda m: m(input_ids=ids, labels=ids, use_cache=False).loss)
+    loss(model).backward()
+    assert fake.calls[0] == "start_forward" and fake.calls[-2:] == ["plan_forward", "close_forward"]
+    assert fake.running is None
+    assert bool(fake.routing.compact_blocks) == any(installation.compact_blocks)  # the compacted ones said so
+    with cggr.reference_routing(find_layer_stack(ref)[1], inactive="skip", block_active=block_active):
+        loss(ref).backward()
+    _assert_close(flat_grads(model), flat_grads(ref))
+    installation.remove()
+    assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_the_hooks_are_the_routers_public_methods():
+    """The model's hooks are the router's start_forward / plan_forward / close_forward, the optimizer's its
+    after_optimizer_step: public methods of the protocol, no private method of another object."""
+    from cggr.install import InstalledRouter
+
+    model = TinyLM()
+    router = cggr.attach(model, warmup_steps=0)
+    assert isinstance(router, InstalledRouter)
+    hooks = [*model._forward_pre_hooks.values(), *model._forward_hooks.values()]
+    assert [h.__name__ for h in hooks] == ["start_forward", "plan_forward", "close_forward"]
+    assert all(h.__self__ is router for h in hooks)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = router.attach_optimizer(opt)
+    (hook,) = opt._optimizer_step_post_hooks.values()
+    assert hook.__name__ == "after_optimizer_step" and hook.__self__ is router
+    _tiny_loss(model, torch.randint(0, 61, (2, 5))).backward()
+    opt.step()
+    assert router.metrics()["step"] == 1.0
+    handle.remove()
+    router.detach()
+    assert not model._forward_pre_hooks and not model._forward_hooks

@@ -705,32 +705,65 @@ def test_skip_and_placement_options_are_checked(kwargs, match):
         model(torch.randint(0, 61, (2, 5)))
 
 
-def test_fused_loss_scores_route_by_difficulty_without_logits():
-    """A forward that returns only cggr's fused loss (no logits) is routed by the scores that loss computed,
-    exactly as the same model returning logits is routed by scores of its logits."""
-    from cggr.loss import linear_cross_entropy
+class _FusedLossLM(TinyLM):
+    """A model of one's own whose forward computes cggr's fused loss and returns it in the form ``returns`` names
+    (no logits), or its logits (``returns="logits"``)."""
 
-    class FusedLoss(TinyLM):
-        def forward(self, input_ids, labels=None, return_logits=False):
-            x = self.emb(input_ids)
-            for b in self.blocks:
-                x = b(x)
-            h = self.norm(x)
-            if return_logits:
-                return self.head(h)
-            return linear_cross_entropy(h, self.head.weight, labels).loss
+    def __init__(self, returns: str):
+        super().__init__()
+        self.returns = returns
 
+    def forward(self, input_ids, labels=None):
+        from cggr.loss import linear_cross_entropy
+
+        x = self.emb(input_ids)
+        for b in self.blocks:
+            x = b(x)
+        h = self.norm(x)
+        if self.returns == "logits":
+            return self.head(h)
+        out = linear_cross_entropy(h, self.head.weight, labels)
+        return {"loss with scores": out, "dict": {"loss": out.loss, "scores": out.scores},
+                "tuple": (out.loss, out.scores), "loss only": out.loss}[self.returns]
+
+
+def _loss_of(out) -> torch.Tensor:
+    return out["loss"] if isinstance(out, dict) else out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("returns", ["loss with scores", "dict", "tuple"])
+def test_fused_loss_scores_route_by_difficulty_without_logits(returns):
+    """A forward that returns cggr's fused loss with its scores (no logits) is routed by those scores, exactly as
+    the same model returning logits is routed by scores of its logits: the scores reach the router through the
+    forward's output, as logits do."""
     torch.manual_seed(0)
-    model = FusedLoss()
+    model = _FusedLossLM(returns)
     twin = copy.deepcopy(model)
+    twin.returns = "logits"
     ids = torch.randint(0, 61, (3, 10))
     router = cggr.attach(model, warmup_steps=0, policy="difficulty")
-    model(ids, labels=ids).backward()
+    _loss_of(model(ids, labels=ids)).backward()
     twin_router = cggr.attach(twin, warmup_steps=0, policy="difficulty")
-    F.cross_entropy(twin(ids, return_logits=True).flatten(0, 1), ids.flatten()).backward()
+    F.cross_entropy(twin(ids).flatten(0, 1), ids.flatten()).backward()
     assert torch.equal(router.routing.depth, twin_router.routing.depth)
+    assert router.metrics()["mean_depth_fraction"] < 1
     _assert_equal_grads(flat_grads(model), flat_grads(twin))
     assert router.metrics()["mean_entropy"] == pytest.approx(twin_router.metrics()["mean_entropy"], rel=1e-5)
+
+
+def test_fused_loss_scores_not_returned_are_not_seen():
+    """The fused loss hands its scores to nobody: a forward that returns only the loss is routed by its valid
+    tokens under the random policy, and a scoring policy refuses it, saying to return the scores."""
+    torch.manual_seed(0)
+    model = _FusedLossLM("loss only")
+    ids = torch.randint(0, 61, (3, 10))
+    router = cggr.attach(model, warmup_steps=0)
+    model(ids, labels=ids).backward()
+    assert router.metrics()["mean_depth_fraction"] < 1 and "mean_entropy" not in router.metrics()
+    router.detach()
+    cggr.attach(model, warmup_steps=0, policy="difficulty")
+    with pytest.raises(TypeError, match=r"returns its scores with the loss \(return linear_cross_entropy"):
+        model(ids, labels=ids)
 
 
 @pytest.mark.parametrize("kind,checkpointing", [

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cggr.bucketing import curriculum_depths, target_depths
-from cggr.routing import Routing, block_counts, per_block_counts
+from cggr.routing import Routing, block_counts, nested_active_counts, nested_rows, per_block_counts
 
 
 def _nested_active(depth: torch.Tensor, L: int) -> torch.Tensor:
@@ -54,16 +54,29 @@ def test_gate_and_block_input_grad(inactive, leak):
 
 @pytest.mark.parametrize("n,L,depths", [(0, 4, [4, 3, 2, 1]), (1, 4, [4, 3, 2, 1]), (33, 4, [4, 3, 2, 1]),
                                         (100, 12, [12, 9, 6, 3]), (7, 3, [3, 3])])
-def test_set_counts_keeps_the_depth_of_exact_buckets(n, L, depths):
-    """Host counts (block_counts) and device depths agree when the depths are those of the buckets."""
+def test_nested_rows_keep_the_depth_of_exact_buckets(n, L, depths):
+    """Host counts (block_counts) and device depths agree when the depths are those of the buckets; each block's
+    rows are a prefix of the order, the tokens of that block's depth."""
     K = len(depths)
     ranks = torch.randperm(n)
     bucket = ranks * K // max(n, 1)
     depth = torch.tensor(depths)[bucket] if n else torch.zeros(0, dtype=torch.long)
-    r = Routing.from_depth(depth.clone(), num_layers=L)
     counts = block_counts(n, L, depths)
-    r.set_counts(counts, torch.tensor(counts))
-    assert torch.equal(r.depth, depth) and r.active_counts_tensor().tolist() == counts
+    placed, order = nested_rows(depth.clone(), torch.tensor(counts), L)
+    assert torch.equal(placed, depth) and nested_active_counts(placed, L).tolist() == counts
+    r = Routing(num_layers=L).decide(placed, counts=counts, order=order)
+    assert r.counts_known and r.active_counts_tensor().tolist() == counts
+    for i in range(L):
+        assert sorted(r.active_rows(i).tolist()) == torch.nonzero(depth > L - 1 - i).reshape(-1).tolist()
+
+
+def test_nested_rows_give_raised_tokens_only_the_room_the_counts_leave():
+    """Tokens raised to full depth (non-finite logits) beyond the room of the counts keep less depth, and the
+    depth says how much: the counts are kept exactly."""
+    depth = torch.tensor([3, 3, 3, 1, 0])
+    placed, order = nested_rows(depth, torch.tensor([2, 2, 3]), 3)
+    assert nested_active_counts(placed, 3).tolist() == [2, 2, 3] and placed.tolist() == [3, 3, 1, 0, 0]
+    assert order[:3].tolist() == [0, 1, 2]
 
 
 @pytest.mark.parametrize("n,L,ends", [(30, 8, 0), (30, 8, 1), (30, 8, 2), (5, 3, 1), (9, 2, 1), (0, 4, 1)])
@@ -139,5 +152,26 @@ def test_backward_before_the_routing_is_decided_is_a_clear_error():
     r = Routing(num_layers=2)
     with pytest.raises(RuntimeError, match="before the routing of its forward was decided"):
         r.active_count(0)
-    with pytest.raises(ValueError, match="2 counts for 3 blocks|counts"):
-        Routing.from_depth(torch.zeros(3, dtype=torch.long), num_layers=3).set_counts([1, 2], torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="2 counts for 3 blocks"):
+        Routing(num_layers=3).decide(torch.zeros(3, dtype=torch.long), counts=[1, 2])
+    with pytest.raises(ValueError, match="1 block_rows for 3 blocks"):
+        Routing(num_layers=3).decide(torch.zeros(3, dtype=torch.long), block_rows=[torch.arange(2)])
+
+
+def test_each_stage_writes_its_part_through_one_method():
+    """Forward start: the constructor; during the forward: record_compacted; forward end: decide, once; the
+    parts are read-only, the metrics a copy."""
+    r = Routing(num_layers=3, inactive="skip")
+    assert not r.ready and r.compact_blocks == frozenset() and r.depth is None
+    r.record_compacted(1)
+    assert r.compact_blocks == {1} and r.took_compacted(1) and not r.took_compacted(0)
+    depth = torch.tensor([[3, 1, 0, 2]])
+    metrics = {"valid_tokens": torch.tensor(3)}
+    assert r.decide(depth, metrics=metrics) is r and r.ready and r.depth is depth
+    with pytest.raises(RuntimeError, match="decided once"):
+        r.decide(depth)
+    for part in ("depth", "block_active", "branch_weight", "backward_draws", "probe", "metrics", "compact_blocks"):
+        with pytest.raises(AttributeError):
+            setattr(r, part, None)
+    r.metrics["valid_tokens"] = torch.tensor(0)
+    assert int(r.metrics["valid_tokens"]) == 3

@@ -1,11 +1,13 @@
-"""cggr.tokens: valid tokens and where a forward's logits are."""
+"""cggr.tokens: valid tokens and where a forward's logits (or its fused loss's scores) are."""
 
 from collections import namedtuple
 
 import pytest
 import torch
 
-from cggr.tokens import find_logits, input_tokens_shape, valid_tokens
+from cggr.loss import LossWithScores
+from cggr.scoring import Scores
+from cggr.tokens import find_logits, find_scores, input_tokens_shape, valid_tokens
 
 
 def test_valid_tokens_combine_mask_labels_and_extra():
@@ -44,6 +46,20 @@ def test_find_logits_in_every_output_form():
     assert find_logits((loss, logits, torch.randn(2, 3)), shape) is logits  # return_dict=False: loss first
     assert find_logits((loss,), shape) is None and find_logits(loss, shape) is None
     assert find_logits({"loss": loss, "logits": None}, shape) is None  # a fused loss
+
+
+def test_find_scores_in_every_output_form():
+    """A fused loss's scores, returned by the forward: as they are, in its LossWithScores, beside the loss in a
+    dict, an object or a tuple; nothing else passes for them (HF's generate outputs hold a tuple as .scores)."""
+    scores = Scores(*torch.randn(3, 2, 5))
+    loss = torch.tensor(1.0)
+    Out = namedtuple("Out", "loss scores")
+    for output in (scores, LossWithScores(loss, scores), {"loss": loss, "scores": scores}, Out(loss, scores),
+                   (loss, scores), [loss, LossWithScores(loss, scores)]):
+        assert find_scores(output) is scores, type(output).__name__
+    for output in (loss, (loss,), {"loss": loss, "logits": torch.randn(2, 5, 7)}, Out(loss, tuple(scores)),
+                   {"scores": torch.randn(2, 5)}, None):
+        assert find_scores(output) is None, output
 
 
 def test_input_tokens_shape():

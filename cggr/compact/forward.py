@@ -160,7 +160,7 @@ class CompactedForward:
             with torch.autocast(device_type, enabled=False):
                 y = function.apply(hidden_states.to(dt), *extra, r, block_index, self.spec, *params)
             y = y.to(hidden_states.dtype)
-        r.compact_blocks.add(block_index)
+        r.record_compacted(block_index)
         return (y,) if self._as_tuple else y
 
     def __call__(self, hidden_states, *args, **kwargs):

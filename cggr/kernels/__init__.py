@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 
+import torch
+
 from ..env import triton_disabled
 
 
@@ -32,3 +34,12 @@ def triton_available() -> bool:
     if triton_disabled():
         return False
     return _import_triton()
+
+
+def check_rows(grad: torch.Tensor, rows: int) -> None:
+    """``grad`` must split into ``rows`` rows of equal length (and be empty when there is no row): the layout
+    the row gate takes, checked by its kernel (``gate.py``) and its reference (``cggr.gate``) alike. Here, below
+    both, so that the kernel never imports the module that dispatches to it."""
+    fits = grad.numel() % rows == 0 if rows else grad.numel() == 0
+    if not fits:
+        raise ValueError(f"grad of shape {tuple(grad.shape)} does not split into {rows} rows (one per depth)")

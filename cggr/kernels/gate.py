@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..env import triton_interpret
-from ..gate import _check_rows
+from . import check_rows
 
 
 @triton.jit(do_not_specialize=["threshold", "leak_bits"])
@@ -70,7 +70,7 @@ def gate_rows_triton(grad: torch.Tensor, depth: torch.Tensor, threshold: int, le
     if not grad.is_floating_point():
         raise TypeError(f"grad must be a floating-point tensor, got {grad.dtype}")
     rows = depth.numel()
-    _check_rows(grad, rows)
+    check_rows(grad, rows)
     if rows == 0 or grad.numel() == 0:
         return torch.empty_like(grad, memory_format=torch.contiguous_format)
     H = grad.numel() // rows
