@@ -172,11 +172,8 @@ class BlockGate:
         r = self.router.current_routing()
         if r is None:
             return out
-        if r.took_compacted(self.block_index):  # a compacted backward gates its own rows ...
-            if not r.reweighted:
-                return out
-            h = _first_tensor(out)  # ... and its kept rows' weights are applied at its output
-            return _replace_first(out, SkipRows.apply(h, _block_input(args, kwargs), r, self.block_index, True))
+        if r.took_compacted(self.block_index):  # a compacted backward gates its own rows, weights and draws them
+            return out
         h = _first_tensor(out)
         if h is None:
             raise TypeError(f"cggr: {self.name} returned {type(out).__name__}; a routed block must return a tensor "

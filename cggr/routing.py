@@ -151,8 +151,9 @@ class Routing:
        backward can run: each token's depth, the per-block active sets, the host counts, the rows' weights, the
        rows left to the backward (``importance="block"``), the variance probe and the metrics.
     4. **Each block's backward**, before the block's own backward reads its rows (the routed ops of
-       :mod:`cggr.sparse`): :meth:`prepare_backward`, the backward-time stage: the rows of a block drawn from its
-       output-gradient norms (``importance="block"``) and those norms for the probe (``variance_budget``).
+       :mod:`cggr.sparse`, or a compacted block's own backward): :meth:`prepare_backward`, the backward-time
+       stage: the rows of a block drawn from its output-gradient norms (``importance="block"``) and those norms
+       for the probe (``variance_budget``).
 
     What the reads derive from the decision (a block's rows, the sort order, counts read back from the device)
     is cached on first use; it never changes the decision.
@@ -346,15 +347,18 @@ class Routing:
         keys, threshold = self.gate_keys(block_index)
         return gate_rows(grad, keys, threshold, self.leak_rate)
 
-    def into_branch(self, grad: torch.Tensor, block_index: int, inactive_enter: bool = False) -> torch.Tensor:
-        """The gradient rows that enter block ``block_index`` from its output gradient ``grad``: the active rows
-        (times their weight when reweighted), the inactive ones zero (or scaled by the leak), or, with
-        ``inactive_enter``, unchanged (for a block whose own backward passes them to its input)."""
-        if self.branch_weight is None:
-            return grad if inactive_enter else self.gate(grad, block_index)
-        w = self.branch_weight[block_index].view(*grad.shape[:-1], 1)
-        weighted = grad * w  # the product in fp32: a weight rounded to bf16 would be off by 0.4 %
-        return (torch.where(w > 0, weighted, grad) if inactive_enter else weighted).to(grad.dtype)
+    def into_branch(self, grad: torch.Tensor, block_index: int) -> torch.Tensor:
+        """The gradient rows that enter block ``block_index``'s branch from its output gradient ``grad``: the
+        active rows (times their weight when reweighted), the inactive ones zero (or scaled by the leak)."""
+        if self._branch_weight is None:
+            return self.gate(grad, block_index)
+        w = self._branch_weight[block_index].view(*grad.shape[:-1], 1)
+        return (grad * w).to(grad.dtype)  # the product in fp32: a weight rounded to bf16 would be off by 0.4 %
+
+    def kept_weight(self, block_index: int) -> torch.Tensor | None:
+        """Every row's weight in block ``block_index`` (``[tokens]`` float32: ``1/pi`` on its kept rows, 0 elsewhere)
+        when the routing reweights, else None: what a compacted backward applies to the rows it keeps."""
+        return None if self._branch_weight is None else self._branch_weight[block_index]
 
     def block_input_grad(self, dx: torch.Tensor, dy: torch.Tensor, block_index: int) -> torch.Tensor:
         """The gradient of a block's input under the inactive semantics, from ``dx`` (the block's own backward,

@@ -147,16 +147,15 @@ class SkipRows(torch.autograd.Function):
     weight ``w`` when the routing reweights (``1/pi``, :attr:`Routing.branch_weight`), the rest ``(1 - w)`` going
     straight to the input: the input gets ``g + J^T (w g)``, the residual unweighted, the branch reweighted
     (docs/design.md §1.13). Also the point where the block's rows are drawn from its output gradient
-    (importance="block"), before the block's own backward reads them.
+    (importance="block"), before the block's own backward reads them. (A compacted block does all of this in its
+    own backward, on its kept rows: :mod:`cggr.compact`.)
 
-    ``y``: the block output; ``x``: the block input, of the same shape. ``own_skip``: the block's own backward
-    applies skip semantics already (a compacted block, reweighted): inactive rows then enter it unchanged and
-    only the active rows' weights are applied here.
+    ``y``: the block output; ``x``: the block input, of the same shape.
     """
 
     @staticmethod
-    def forward(ctx, y, x, routing: Routing, block_index: int, own_skip: bool = False):
-        ctx.routing, ctx.block_index, ctx.x_dtype, ctx.own_skip = routing, block_index, x.dtype, own_skip
+    def forward(ctx, y, x, routing: Routing, block_index: int):
+        ctx.routing, ctx.block_index, ctx.x_dtype = routing, block_index, x.dtype
         return y.clone()
 
     @staticmethod
@@ -164,8 +163,8 @@ class SkipRows(torch.autograd.Function):
         r: Routing = ctx.routing
         _check_rows(g, r, ctx.block_index)
         r.prepare_backward(ctx.block_index, g)
-        into_block = r.into_branch(g, ctx.block_index, inactive_enter=ctx.own_skip)
-        return into_block, (g - into_block).to(ctx.x_dtype), None, None, None
+        into_block = r.into_branch(g, ctx.block_index)
+        return into_block, (g - into_block).to(ctx.x_dtype), None, None
 
 
 def _check_rows(g: torch.Tensor, r: Routing, block_index: int) -> None:

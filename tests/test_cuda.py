@@ -256,7 +256,7 @@ SAMPLINGS = {"unbiased": dict(estimator="unbiased"), "block": dict(estimator="un
 @pytest.mark.parametrize("sampling", list(SAMPLINGS))
 @pytest.mark.parametrize("family", BACKWARD_KINDS[:2])
 def test_sampling_options_bf16_match_fp32_reference(family, sampling):
-    """Reweighted routing (every compacted block, its weights applied at its output by SkipRows, the block importance drawn
+    """Reweighted routing (every compacted block, its weights applied in its own backward, the block importance drawn
     in the backward on the device) in bf16, against the fp32 reference with the rows and weights it drew."""
     import cggr
     from cggr.adapters import find_layer_stack

@@ -47,9 +47,9 @@ import torch.nn.functional as F
 from ..routing import Routing
 from .attention import attention_in_forward, attention_with_grad, refuse_double_backward, take_attention_grad
 from .backward import CompactedBackward, dropout_off
-from .pointwise import (LLAMA_NORM, RMSNormKind, glu_rows, keep_attention_for, kernel, rms_backward_add,
+from .pointwise import (LLAMA_NORM, RMSNormKind, glu_rows, keep_attention_for, kernel, plus_rest, rms_backward_add,
                         rms_input_grad, rms_norm, rms_rows, rms_weight_grad, rope_rows, rows_of, scatter_rows,
-                        stage_grads, token_rows, with_skip)
+                        stage_grads, token_rows, weighted_rows, with_skip)
 
 
 # ------------------------------------------------------------------------------------------- what a layer has
@@ -300,11 +300,13 @@ def _norm_backward_or_none(dout, residual, x, rstd, w, rows, spec: DecoderSpec):
     return rms_backward_add(dout, residual, x, rstd, w, rows, spec.norm)
 
 
-def mlp_backward_rows(dy, idx, mlp: MlpRows, o_a, w: DecoderWeights, spec: DecoderSpec):
+def mlp_backward_rows(dy, idx, mlp: MlpRows, o_a, w: DecoderWeights, spec: DecoderSpec, weight=None):
     """First half of the block backward, on rows ``idx``: the MLP, its norms and the attention's output branch.
 
     ``dy`` ``[N, D]``: the block's output gradient; ``mlp``: the values after the attention (read at
-    ``mlp.rows``); ``o_a``: the attention output of rows ``idx``; ``idx`` (and ``mlp.rows``) None: every row.
+    ``mlp.rows``); ``o_a``: the attention output of rows ``idx``; ``idx`` (and ``mlp.rows``) None: every row;
+    ``weight`` ``[N]`` or None: the rows' weights of a reweighting routing (:func:`weighted_rows`: the branches
+    see ``w dy``, the residual carries all of ``dy``).
     Returns ``dh`` (gradient of the residual stream after attention, active rows), ``do`` ``[N, H*hd]`` (the
     attention output's gradient, zero on inactive rows) and the gradients of the weights read here (a
     :class:`DecoderWeights`, None elsewhere).
@@ -313,7 +315,7 @@ def mlp_backward_rows(dy, idx, mlp: MlpRows, o_a, w: DecoderWeights, spec: Decod
     """
     N, rows = dy.shape[0], mlp.rows
     # ---- MLP branch: y = h + out_norm(down(act(gate(r2)) * up(r2))), r2 = mlp_norm(h)
-    dy_a = rows_of(dy, idx).to(mlp.h.dtype)  # the one gather of the output gradient
+    dy_a, rest = weighted_rows(rows_of(dy, idx).to(mlp.h.dtype), weight, idx)  # the one gather of dy
     df, d_mlp_out_norm = _norm_backward_or_none(dy_a, None, mlp.f, mlp.rstd_mo, w.mlp_out_norm, rows, spec)
     dm = df @ w.down
     m_a, dg, du = glu_rows(dm, mlp.g, mlp.u, rows, spec.activation)
@@ -339,7 +341,7 @@ def mlp_backward_rows(dy, idx, mlp: MlpRows, o_a, w: DecoderWeights, spec: Decod
                            gate=d_gate, gate_bias=_bias_grad(dg, w.gate_bias), up=d_up,
                            up_bias=_bias_grad(du, w.up_bias), gate_up=d_gate_up, down=d_down, down_bias=d_down_bias,
                            mlp_out_norm=d_mlp_out_norm)
-    return dh, do, grads
+    return plus_rest(dh, rest), do, grads
 
 
 def _qk_norm_backward(d_a, raw, rstd, w, idx, spec: DecoderSpec, d_every=None):
@@ -417,9 +419,10 @@ def _token_rows_of(t, N):
 
 
 def _backward_on_active_rows(dy, idx, mlp: MlpRows, o_a, attention_grad, x, rstd1, qk: QKNormRows, cos, sin,
-                             spec: DecoderSpec, w: DecoderWeights, skip: bool):
+                             spec: DecoderSpec, w: DecoderWeights, skip: bool, weight=None):
     """The block backward on its active rows; shared by the saved and the checkpointed variants. ``skip``: the
-    inactive rows' input gradient is their output gradient (skip semantics), else zero.
+    inactive rows' input gradient is their output gradient (skip semantics), else zero. ``weight`` ``[N]`` float32:
+    the rows' weights when the routing reweights (:meth:`cggr.routing.Routing.kept_weight`), else None.
 
     ``mlp``: where the values after the attention are read; ``o_a``: attention output of the active rows;
     ``attention_grad(do)``: gradients of the attention's q, k, v for an output gradient ``do`` ``[B, H, S, hd]``.
@@ -428,7 +431,7 @@ def _backward_on_active_rows(dy, idx, mlp: MlpRows, o_a, attention_grad, x, rstd
     N = B * S
     H, hd = spec.num_heads, spec.head_dim
     K = functools.partial(kernel, on_cuda=x.is_cuda, rows="idx")  # the row count: dynamic
-    dh, do, mlp_grads = K(mlp_backward_rows)(dy.reshape(N, D), idx, mlp, o_a, w, spec)
+    dh, do, mlp_grads = K(mlp_backward_rows)(dy.reshape(N, D), idx, mlp, o_a, w, spec, weight)
     # ---- attention: dense over the sequence; inactive queries' output gradient is zero
     dq, dk, dv = attention_grad(do.view(B, S, H, hd).transpose(1, 2))
     dx, qkv_grads = K(qkv_backward_rows)(
@@ -466,6 +469,7 @@ class DecoderBlockRouted(torch.autograd.Function):
         N = B * S
         attention_grad = take_attention_grad(ctx, functools.partial(_attention, mask=mask, spec=ctx.spec),
                                              s.q, s.k, s.v)
+        r.prepare_backward(ctx.block_index, dy)  # rows drawn from this gradient are drawn before they are read
         if r.active_count(ctx.block_index) == 0:
             return with_skip(_zero_grads(s.x, w), dy, r, ctx.block_index)
         idx = r.compact_indices(ctx.block_index)
@@ -475,7 +479,7 @@ class DecoderBlockRouted(torch.autograd.Function):
                       rows(s.rstd_mo), idx)
         qk = QKNormRows(rows(s.q_raw), rows(s.k_raw), rows(s.rstd_q), rows(s.rstd_k))
         return _backward_on_active_rows(dy, idx, mlp, o_a, attention_grad, s.x, s.rstd1, qk, cos, sin, ctx.spec,
-                                        w, r.skip)
+                                        w, r.skip, r.kept_weight(ctx.block_index))
 
 
 class DecoderBlockRoutedCheckpointed(torch.autograd.Function):
@@ -504,6 +508,7 @@ class DecoderBlockRoutedCheckpointed(torch.autograd.Function):
         spec: DecoderSpec = ctx.spec
         B, S, D = x.shape
         N = B * S
+        r.prepare_backward(ctx.block_index, dy)  # rows drawn from this gradient are drawn before they are read
         if r.active_count(ctx.block_index) == 0:
             return with_skip(_zero_grads(x, w), dy, r, ctx.block_index)
         idx = r.compact_indices(ctx.block_index)
@@ -517,7 +522,7 @@ class DecoderBlockRoutedCheckpointed(torch.autograd.Function):
         rows = functools.partial(_token_rows_of, N=N)
         qk = QKNormRows(rows(q_raw), rows(k_raw), rows(rstd_q), rows(rstd_k))
         return _backward_on_active_rows(dy, idx, mlp, o_a, attention_grad, x, rstd1, qk, cos, sin, spec, w,
-                                        r.skip)
+                                        r.skip, r.kept_weight(ctx.block_index))
 
 
 # ------------------------------------------------------------------------------------------- recognising a layer

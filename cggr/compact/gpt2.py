@@ -25,7 +25,7 @@ from ..routing import Routing
 from .attention import attention_in_forward, attention_with_grad, refuse_double_backward, take_attention_grad
 from .backward import CompactedBackward, dropout_off
 from .pointwise import (gelu_tanh_rows, keep_attention_for, kernel, layer_norm_backward_add, layer_norm_rows,
-                        rows_of, scatter_rows, stage_grads, token_rows, with_skip)
+                        plus_rest, rows_of, scatter_rows, stage_grads, token_rows, weighted_rows, with_skip)
 
 
 @dataclass(frozen=True)
@@ -116,9 +116,10 @@ def _zero_grads(x, w: GPT2Weights):
 
 
 def _backward_on_active_rows(dy, idx, mlp_src, attention_grad, x, mean1, rstd1, spec: GPT2BlockSpec,
-                             w: GPT2Weights, skip: bool):
+                             w: GPT2Weights, skip: bool, weight=None):
     """The block backward on its active rows; shared by the saved and the checkpointed variants. ``skip``: the
-    inactive rows' input gradient is their output gradient (skip semantics), else zero.
+    inactive rows' input gradient is their output gradient (skip semantics), else zero. ``weight`` ``[N]`` float32:
+    the rows' weights when the routing reweights (:meth:`cggr.routing.Routing.kept_weight`), else None.
 
     ``mlp_src = (f, h, mean2, rstd2, o, rows)``: where the values after the attention are read (rows ``rows``);
     ``attention_grad(do)``: gradients of the attention's q, k, v for an output gradient ``do`` ``[B, H, S, hd]``.
@@ -126,7 +127,7 @@ def _backward_on_active_rows(dy, idx, mlp_src, attention_grad, x, mean1, rstd1, 
     B, S, D = x.shape
     N = B * S
     K = functools.partial(kernel, on_cuda=x.is_cuda, rows="idx")  # the row count: dynamic
-    dh, do, mlp_grads = K(mlp_backward_rows)(dy.reshape(N, D), idx, *mlp_src, w)
+    dh, do, mlp_grads = K(mlp_backward_rows)(dy.reshape(N, D), idx, *mlp_src, w, weight)
     dq, dk, dv = attention_grad(do.view(B, S, spec.num_heads, spec.head_dim).transpose(1, 2))
     dx, qkv_grads = K(qkv_backward_rows)(
         token_rows(dq), token_rows(dk), token_rows(dv), x.view(N, D), mean1.view(N, 1), rstd1.view(N, 1), w, idx,
@@ -154,11 +155,13 @@ class GPT2BlockRouted(torch.autograd.Function):
         B, S, D = x.shape
         N = B * S
         attention_grad = take_attention_grad(ctx, functools.partial(_attention, mask=mask, spec=ctx.spec), q, k, v)
+        r.prepare_backward(ctx.block_index, dy)  # rows drawn from this gradient are drawn before they are read
         if r.active_count(ctx.block_index) == 0:
             return with_skip(_zero_grads(x, w), dy, r, ctx.block_index)
         idx = r.compact_indices(ctx.block_index)
         mlp_src = (f.view(N, -1), h.view(N, D), mean2.view(N, 1), rstd2.view(N, 1), o.view(N, D), idx)
-        return _backward_on_active_rows(dy, idx, mlp_src, attention_grad, x, mean1, rstd1, ctx.spec, w, r.skip)
+        return _backward_on_active_rows(dy, idx, mlp_src, attention_grad, x, mean1, rstd1, ctx.spec, w, r.skip,
+                                        r.kept_weight(ctx.block_index))
 
 
 class GPT2BlockRoutedCheckpointed(torch.autograd.Function):
@@ -186,6 +189,7 @@ class GPT2BlockRoutedCheckpointed(torch.autograd.Function):
         spec: GPT2BlockSpec = ctx.spec
         B, S, D = x.shape
         N = B * S
+        r.prepare_backward(ctx.block_index, dy)  # rows drawn from this gradient are drawn before they are read
         if r.active_count(ctx.block_index) == 0:
             return with_skip(_zero_grads(x, w), dy, r, ctx.block_index)
         idx = r.compact_indices(ctx.block_index)
@@ -196,22 +200,24 @@ class GPT2BlockRoutedCheckpointed(torch.autograd.Function):
         local = None if idx is None else torch.arange(idx.numel(), device=idx.device)
         mlp_src = (f_a, h_a, mean2_a, rstd2_a, o_a, local)
 
-        return _backward_on_active_rows(dy, idx, mlp_src, attention_grad, x, mean1, rstd1, spec, w, r.skip)
+        return _backward_on_active_rows(dy, idx, mlp_src, attention_grad, x, mean1, rstd1, spec, w, r.skip,
+                                        r.kept_weight(ctx.block_index))
 
 
-def mlp_backward_rows(dy, idx, f, h, mean2, rstd2, o, rows, w: GPT2Weights):
+def mlp_backward_rows(dy, idx, f, h, mean2, rstd2, o, rows, w: GPT2Weights, weight=None):
     """First half of the block backward, on rows ``idx``: the MLP, ``ln_2`` and the attention's output projection.
 
     ``dy`` ``[N, D]``: the block's output gradient; ``f, h, mean2, rstd2, o``: the values after the attention,
     read at rows ``rows`` (``idx`` when saved for all rows; ``0..n-1`` when recomputed for the active rows;
-    both None when every row is active).
+    both None when every row is active); ``weight`` ``[N]`` or None: the rows' weights of a reweighting routing
+    (:func:`weighted_rows`: the branches see ``w dy``, the residual carries all of ``dy``).
     Returns ``dh`` (active rows), ``do`` ``[N, D]`` (zero on inactive rows) and the gradients of ``ln_2``,
     ``c_fc``, the MLP's ``c_proj`` and the attention's ``c_proj`` (a :class:`GPT2Weights`, None elsewhere). One
     compiled graph on CUDA.
     """
     N = dy.shape[0]
     # ---- MLP: y = h + c_proj(gelu(c_fc(ln_2(h))))
-    dy_a = rows_of(dy, idx).to(h.dtype)
+    dy_a, rest = weighted_rows(rows_of(dy, idx).to(h.dtype), weight, idx)
     dact = dy_a @ w.mlp_proj.t()
     act_a, df = gelu_tanh_rows(dact, f, rows)
     dw_out, db_out = act_a.t() @ dy_a, dy_a.sum(0)
@@ -225,7 +231,7 @@ def mlp_backward_rows(dy, idx, f, h, mean2, rstd2, o, rows, w: GPT2Weights):
     do_a = dh @ w.attn_proj.t()
     do = scatter_rows(do_a, idx, N)
     grads = GPT2Weights(None, None, None, None, dw_proj, db_proj, dln2_w, dln2_b, dw_fc, db_fc, dw_out, db_out)
-    return dh, do, grads
+    return plus_rest(dh, rest), do, grads
 
 
 def qkv_backward_rows(dq, dk, dv, x, mean1, rstd1, w: GPT2Weights, idx, dh, dx_base):

@@ -388,6 +388,26 @@ def scatter_rows(rows: torch.Tensor, idx: torch.Tensor | None, num_rows: int, ba
     return out.index_copy(0, idx, rows)
 
 
+def weighted_rows(dy_a: torch.Tensor, weight: torch.Tensor | None, idx: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A reweighted block's output-gradient rows ``dy_a`` (rows ``idx`` of every row's) split in two
+    (docs/design.md §1.13): ``(w dy_a, (1 - w) dy_a)``, the part that enters the block's branches and the part its
+    residual carries straight to the input; ``(dy_a, None)`` when the routing does not reweight (``weight`` None).
+    ``weight`` ``[N]`` float32: every row's weight ``1/pi`` (0 off the kept rows). Traced into the compiled
+    backward stages, on the kept rows only: the weights cost no pass over the whole output gradient."""
+    if weight is None:
+        return dy_a, None
+    w = rows_of(weight, idx).unsqueeze(-1)
+    g = dy_a.float()  # the products in fp32: a weight rounded to bf16 would be off by 0.4 %
+    return (g * w).to(dy_a.dtype), (g * (1.0 - w)).to(dy_a.dtype)
+
+
+def plus_rest(dh: torch.Tensor, rest: torch.Tensor | None) -> torch.Tensor:
+    """``dh`` (the gradient of the stream after the attention, kept rows) with the residual's unweighted rest of
+    :func:`weighted_rows` added: what reaches the block input past both branches."""
+    return dh if rest is None else dh + rest
+
+
 def stage_grads(first: tuple, second: tuple, weights: tuple) -> list:
     """Each weight's gradient from the backward stage that computed it (``first`` and ``second``: named tuples of
     the weights' fields, None where that stage did not compute one), in the weight's dtype (None for no weight)."""
