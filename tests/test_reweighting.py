@@ -74,6 +74,25 @@ def _blocks(model, kind):
     return list(model.transformer.h if kind == "gpt2" else model.model.layers)
 
 
+@pytest.mark.parametrize("backward,wrapped", [("auto", 0), ("generic", 4)])
+def test_compacted_blocks_weigh_their_rows_in_their_own_backward(backward, wrapped, monkeypatch):
+    """A compacted block applies its rows' weights (and draws them, importance="block") inside its own backward, on
+    the rows it keeps: no SkipRows at its output, whose clone and full-width passes cost 10 % of the 350M step's
+    kernel time; a generic block still takes SkipRows (every one of the 4 blocks here)."""
+    from cggr import sparse
+    seed = 4131
+    model = hf_model("llama", layers=4, seed=seed)
+    calls = []
+    apply = sparse.SkipRows.apply
+    monkeypatch.setattr(sparse.SkipRows, "apply", lambda *a: calls.append(a[3]) or apply(*a))
+    router = cggr.attach(model, warmup_steps=0, seed=seed, backward=backward, **SAMPLINGS["block"])
+    ids, mask, labels = _batch(model.config.vocab_size, seed)
+    _loss(model(input_ids=ids, attention_mask=mask, labels=labels), labels).backward()
+    r = router.routing
+    assert len(r.compact_blocks) == 4 - wrapped and sorted(calls) == list(range(wrapped))
+    assert not r.backward_draws.pending  # every routed block drew its rows in its backward, either way
+
+
 @pytest.mark.parametrize("sampling", ["unbiased", "block", "loss"])
 def test_generic_backward_equals_the_reference_too(sampling):
     """The per-linear (generic) path under the same options: backward='generic' on Llama."""
