@@ -57,7 +57,9 @@ def _cell(v, fmt, suffix=""):
 
 
 def _speed_model(r):
-    return r["model"] + (" (fp32 weights, bf16 autocast)" if r.get("precision") == "autocast" else "")
+    accum = r.get("accum", 1)
+    return (r["model"] + (" (fp32 weights, bf16 autocast)" if r.get("precision") == "autocast" else "")
+            + (f", {r['batch']}x{r['seq']} x {accum} micro-batches a step" if accum > 1 else ""))
 
 
 def speed_table(records):
@@ -151,9 +153,12 @@ def speed_headline(records):
         # Where the training loop was timed too (speed.py --loop), its ratio against the dense arm fastest there.
         loop = (f"; in the training loop {r['loop_speedup_vs_best_dense']:.2f}x against {r['loop_best_dense_arm']}"
                 if r.get("loop_speedup_vs_best_dense") else "")
+        # A strong dense arm the run did not reach is named: the ratio is against the fastest of those measured.
+        unmeasured = [a for a in ("compile", "liger") if a not in r.get("dense_arms_measured", (a,))]
+        missing = f"; {' and '.join(unmeasured)} not measured" if unmeasured else ""
         runs.setdefault((r.get("gpu"), (r.get("git_rev") or "?")[:7]), []).append(
             f"{r['speedup_vs_best_dense']:.2f}x ({_speed_model(r)}{', act. ckpt' if r.get('checkpointing') else ''}: "
-            f"{arm}{r['step_ms_median']:.1f} ms against {best['arm']}'s {best['step_ms_median']:.1f} ms{loop})")
+            f"{arm}{r['step_ms_median']:.1f} ms against {best['arm']}'s {best['step_ms_median']:.1f} ms{loop}{missing})")
     if not runs:
         return ("_No committed speed run has the `torch.compile` and Liger-Kernel dense arms yet: the speedups above "
                 "are against HF eager only._")
