@@ -47,9 +47,9 @@ import torch.nn.functional as F
 from ..routing import Routing
 from .attention import attention_in_forward, attention_with_grad, refuse_double_backward, take_attention_grad
 from .backward import CompactedBackward, dropout_off
-from .pointwise import (LLAMA_NORM, RMSNormKind, glu_rows, keep_attention_for, kernel, plus_rest, rms_backward_add,
-                        rms_input_grad, rms_norm, rms_rows, rms_weight_grad, rope_rows, rows_of, scatter_rows,
-                        stage_grads, token_rows, weighted_rows, with_skip)
+from .pointwise import (LLAMA_NORM, RMSNormKind, glu_rows, keep_attention_for, kept_rows, kernel, plus_rest,
+                        rms_backward_add, rms_input_grad, rms_norm, rms_rows, rms_weight_grad, rope_rows, rows_of,
+                        scatter_rows, stage_grads, token_rows, weighted_rows, with_skip)
 
 
 # ------------------------------------------------------------------------------------------- what a layer has
@@ -469,10 +469,9 @@ class DecoderBlockRouted(torch.autograd.Function):
         N = B * S
         attention_grad = take_attention_grad(ctx, functools.partial(_attention, mask=mask, spec=ctx.spec),
                                              s.q, s.k, s.v)
-        r.prepare_backward(ctx.block_index, dy)  # rows drawn from this gradient are drawn before they are read
-        if r.active_count(ctx.block_index) == 0:
+        kept, idx = kept_rows(r, ctx.block_index, dy)
+        if not kept:
             return with_skip(_zero_grads(s.x, w), dy, r, ctx.block_index)
-        idx = r.compact_indices(ctx.block_index)
         rows = functools.partial(_token_rows_of, N=N)
         o_a = rows_of(rows(s.o), idx)
         mlp = MlpRows(rows(s.g), rows(s.u), rows(s.h), rows(s.rstd2), rows(s.t), rows(s.rstd_ao), rows(s.f),
@@ -508,10 +507,9 @@ class DecoderBlockRoutedCheckpointed(torch.autograd.Function):
         spec: DecoderSpec = ctx.spec
         B, S, D = x.shape
         N = B * S
-        r.prepare_backward(ctx.block_index, dy)  # rows drawn from this gradient are drawn before they are read
-        if r.active_count(ctx.block_index) == 0:
+        kept, idx = kept_rows(r, ctx.block_index, dy)
+        if not kept:
             return with_skip(_zero_grads(x, w), dy, r, ctx.block_index)
-        idx = r.compact_indices(ctx.block_index)
         rstd1, q, k, v, q_raw, k_raw, rstd_q, rstd_k = kernel(_qkv, x.is_cuda)(x, cos, sin, spec, w)
         out, attention_grad = attention_with_grad(functools.partial(_attention, mask=mask, spec=spec), q, k, v)
         o_a = rows_of(token_rows(out.detach()), idx)

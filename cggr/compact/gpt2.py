@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from ..routing import Routing
 from .attention import attention_in_forward, attention_with_grad, refuse_double_backward, take_attention_grad
 from .backward import CompactedBackward, dropout_off
-from .pointwise import (gelu_tanh_rows, keep_attention_for, kernel, layer_norm_backward_add, layer_norm_rows,
-                        plus_rest, rows_of, scatter_rows, stage_grads, token_rows, weighted_rows, with_skip)
+from .pointwise import (gelu_tanh_rows, keep_attention_for, kept_rows, kernel, layer_norm_backward_add,
+                        layer_norm_rows, plus_rest, rows_of, scatter_rows, stage_grads, token_rows, weighted_rows,
+                        with_skip)
 
 
 @dataclass(frozen=True)
@@ -155,10 +156,9 @@ class GPT2BlockRouted(torch.autograd.Function):
         B, S, D = x.shape
         N = B * S
         attention_grad = take_attention_grad(ctx, functools.partial(_attention, mask=mask, spec=ctx.spec), q, k, v)
-        r.prepare_backward(ctx.block_index, dy)  # rows drawn from this gradient are drawn before they are read
-        if r.active_count(ctx.block_index) == 0:
+        kept, idx = kept_rows(r, ctx.block_index, dy)
+        if not kept:
             return with_skip(_zero_grads(x, w), dy, r, ctx.block_index)
-        idx = r.compact_indices(ctx.block_index)
         mlp_src = (f.view(N, -1), h.view(N, D), mean2.view(N, 1), rstd2.view(N, 1), o.view(N, D), idx)
         return _backward_on_active_rows(dy, idx, mlp_src, attention_grad, x, mean1, rstd1, ctx.spec, w, r.skip,
                                         r.kept_weight(ctx.block_index))
@@ -189,10 +189,9 @@ class GPT2BlockRoutedCheckpointed(torch.autograd.Function):
         spec: GPT2BlockSpec = ctx.spec
         B, S, D = x.shape
         N = B * S
-        r.prepare_backward(ctx.block_index, dy)  # rows drawn from this gradient are drawn before they are read
-        if r.active_count(ctx.block_index) == 0:
+        kept, idx = kept_rows(r, ctx.block_index, dy)
+        if not kept:
             return with_skip(_zero_grads(x, w), dy, r, ctx.block_index)
-        idx = r.compact_indices(ctx.block_index)
         mean1, rstd1, q, k, v = kernel(_qkv, x.is_cuda)(x, spec, w)
         out, attention_grad = attention_with_grad(functools.partial(_attention, mask=mask, spec=spec), q, k, v)
         o_a = rows_of(token_rows(out.detach()), idx)

@@ -414,6 +414,16 @@ def stage_grads(first: tuple, second: tuple, weights: tuple) -> list:
     return [None if t is None else (a if a is not None else b).to(t.dtype) for a, b, t in zip(first, second, weights)]
 
 
+def kept_rows(routing, block_index: int, dy: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
+    """The start of a compacted block's backward, given its output gradient ``dy``: the rows drawn from ``dy``
+    where they are drawn in the backward (:meth:`cggr.routing.Routing.prepare_backward`), before anything reads
+    them; then ``(any_kept, idx)``, ``idx`` the kept rows (None: every row)."""
+    routing.prepare_backward(block_index, dy)
+    if routing.active_count(block_index) == 0:
+        return False, None
+    return True, routing.compact_indices(block_index)
+
+
 def with_skip(grads: tuple, dy: torch.Tensor, routing, block_index: int) -> tuple:
     """A compacted block's gradients ``(dx, ...)`` under the routing's inactive semantics: under skip the
     inactive rows' output gradient ``dy`` passes to the block input (:meth:`cggr.routing.Routing.block_input_grad`)."""
