@@ -170,9 +170,7 @@ class BlockGate:
 
     def __call__(self, module, args, kwargs, out):
         r = self.router.current_routing()
-        if r is None:
-            return out
-        if r.took_compacted(self.block_index):  # a compacted backward gates its own rows, weights and draws them
+        if r is None or r.took_compacted(self.block_index):  # a compacted backward gates, weighs and draws its rows
             return out
         h = _first_tensor(out)
         if h is None:

@@ -198,8 +198,8 @@ class Routing:
 
     # ------------------------------------------------------------ the writes, one per stage
     def record_compacted(self, block_index: int) -> None:
-        """Stage 2, while the forward runs: block ``block_index``'s forward took the compacted path (it gates
-        its own rows: the block's output gate only applies the rows' weights)."""
+        """Stage 2, while the forward runs: block ``block_index``'s forward took the compacted path (its backward
+        gates, weighs and draws its own rows: the block's output gate leaves them alone)."""
         self._compacted.add(block_index)
 
     def decide(self, depth: torch.Tensor, *, block_active: torch.Tensor | None = None,
