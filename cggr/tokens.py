@@ -52,18 +52,7 @@ def valid_tokens(shape: torch.Size, device: torch.device, *, attention_mask=None
                              f"{tuple(shape)}")
         valid &= am.to(device) != 0
     if isinstance(labels, torch.Tensor) and labels.dim() == len(shape) and not labels.is_floating_point():
-        if labels.shape != shape:
-            raise ValueError(f"cggr: labels have shape {tuple(labels.shape)}, the input tokens {tuple(shape)}")
-        if label_shift is None:
-            raise ValueError("cggr: this model holds a Hugging Face causal LM inside a module of another class, so "
-                             "cggr cannot tell whether its logits at position t predict labels[t+1] (HF shifts "
-                             "the labels inside) or labels[t]; pass label_shift=1 or label_shift=0 to cggr.attach")
-        lab = labels.to(device) != ignore_index
-        if label_shift:
-            shifted = torch.zeros_like(lab)
-            shifted[..., :-1] = lab[..., 1:]
-            lab = shifted
-        valid &= lab
+        valid &= label_targets(labels.to(device), shape, label_shift, ignore_index) != ignore_index
     if extra is not None:
         extra = torch.as_tensor(extra, device=device)
         if extra.shape != shape:
@@ -79,8 +68,9 @@ def label_targets(labels: torch.Tensor, shape: torch.Size, label_shift: int | No
     if tuple(labels.shape) != tuple(shape):
         raise ValueError(f"cggr: labels have shape {tuple(labels.shape)}, the input tokens {tuple(shape)}")
     if label_shift is None:
-        raise ValueError("cggr: cannot tell whether this model's logits at position t predict labels[t+1] or "
-                         "labels[t]; pass label_shift=1 or label_shift=0 to cggr.attach")
+        raise ValueError("cggr: this model holds a Hugging Face causal LM inside a module of another class, so "
+                         "cggr cannot tell whether its logits at position t predict labels[t+1] (HF shifts "
+                         "the labels inside) or labels[t]; pass label_shift=1 or label_shift=0 to cggr.attach")
     if not label_shift:
         return labels
     targets = torch.full_like(labels, ignore_index)
