@@ -83,6 +83,7 @@ class Arm:
     base: str  # "eager" (plain HF), "compile" (torch.compile(model), default mode) or "liger"
     cggr: dict | None = None  # cggr.attach options (with num_buckets=4, warmup_steps=0 unless given); None = dense
     doc: str = ""
+    env: tuple = ()  # (name, value) pairs of cggr's environment variables set in the arm's process
 
 
 ARMS = {
@@ -103,6 +104,10 @@ ARMS = {
     "liger+cggr": Arm("liger", dict(policy="random"), "Liger's patches, then cggr attached"),
     "cggr+unbiased": Arm("eager", dict(policy="random", estimator="unbiased"),
                          "cggr's defaults with the kept rows reweighted by 1/pi (estimator='unbiased')"),
+    "cggr+graphs": Arm("eager", dict(policy="random"), "cggr's defaults, the compacted backward's stages replayed "
+                       "from CUDA graphs (CGGR_CUDA_GRAPHS=1)", env=(("CGGR_CUDA_GRAPHS", "1"),)),
+    "liger+graphs": Arm("liger", dict(policy="random"), "Liger's patches, then cggr attached, its stages replayed "
+                        "from CUDA graphs (CGGR_CUDA_GRAPHS=1)", env=(("CGGR_CUDA_GRAPHS", "1"),)),
     "cggr+block": Arm("eager", dict(policy="random", estimator="unbiased", importance="block"),
                       "cggr, each routed block's rows drawn in its backward by its output-gradient norms, reweighted"),
     "liger+unbiased": Arm("liger", dict(policy="random", estimator="unbiased"),
@@ -283,6 +288,11 @@ def run_arm(name, arm, steps, warmup, checkpointing, profile_dir=None, precision
                                          f"{name} {arm} ckpt={checkpointing}")
         stage = "router.metrics"
         metrics = router.metrics() if router is not None else {}
+        if spec.env:
+            from cggr.compact.graphs import graph_stats
+
+            record["arm_env"] = dict(spec.env)
+            record["cuda_graphs"] = graph_stats()  # whether the stages replayed, and how often
     except Skipped as e:
         return dict(record, skipped=str(e))
     except Exception as e:  # noqa: BLE001 - a failing arm is a result: recorded, not fatal to the run
@@ -497,7 +507,7 @@ def measure(a, name, arm, ck):
                "--profile-dir", a.profile_dir or a.out, "--accum", str(a.accum)]
         cmd += (["--shape", a.shape] if a.shape else []) + (["--loop"] if a.loop else [])
         try:
-            proc = subprocess.run(cmd, timeout=a.arm_timeout, cwd=ROOT)
+            proc = subprocess.run(cmd, timeout=a.arm_timeout, cwd=ROOT, env=dict(os.environ, **dict(ARMS[arm].env)))
             error = f"the arm's process exited with code {proc.returncode} without a result (see its log)"
         except subprocess.TimeoutExpired:
             error = f"the arm's process ran past --arm-timeout {a.arm_timeout:g} s and was stopped"

@@ -24,6 +24,15 @@ def compile_enabled() -> bool:
     return os.environ.get("CGGR_COMPILE", "1") != "0"
 
 
+def cuda_graphs_enabled() -> bool:
+    """``CGGR_CUDA_GRAPHS=1``: the compacted backward's compiled stages replay CUDA graphs where their inputs
+    sit where a captured call's did (:mod:`cggr.compact.graphs`). Read at every stage call."""
+    value = os.environ.get("CGGR_CUDA_GRAPHS", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"CGGR_CUDA_GRAPHS={value!r}: allowed values are 0, 1")
+    return value == "1"
+
+
 ROW_KERNELS = ("inductor", "triton")
 # The default since the H200 A/B at rev 6e87199 (runs/rows-h200-6e87199.json, the speed records' row_kernels):
 # the whole 1B routed step 4 % faster. Since the stages compile with static model sizes (rev d3d1b73,

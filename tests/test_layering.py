@@ -125,6 +125,7 @@ ALLOWED_MODULE_STATE = {
     "cggr.compact.verify": {"_verdicts", "_by_block", "_warned"},  # verdicts of the attach-time check; warn once
     "cggr.compact.pointwise": {"_eager_only"},  # while that check runs, nothing is compiled for its shapes
     "cggr.compact.forward": {"_warned_dtype"},  # warn once per process
+    "cggr.compact.graphs": {"_STAGES"},  # the captured CUDA graphs, one cache per compiled stage
     "cggr.router": {"_LIVE_ROUTERS"},  # attach refuses a second router on a nested module (weak references)
     "cggr.integrations": {"globals()"},  # a lazily imported callback, kept once looked up
 }

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..env import compile_enabled, row_kernels
+from ..env import compile_enabled, cuda_graphs_enabled, row_kernels
+from .graphs import graphed
 
 logger = logging.getLogger("cggr")
 
@@ -358,14 +359,18 @@ def kernel(eager, on_cuda: bool, rows: str | None = None):
     from a second shape on (torch.compile's default): the forward stages' shapes change only with the batch.
     ``rows``: for the backward stages, whose row count changes every block and step, the name of their argument
     that lists the active rows (``"idx"``): the row count is dynamic from the first call, every other size
-    static (:func:`row_count_dynamic`).
+    static (:func:`row_count_dynamic`); with ``CGGR_CUDA_GRAPHS=1`` those stages replay CUDA graphs where they
+    can (:mod:`cggr.compact.graphs`).
     """
     # Under an outer torch.compile (dynamo tracing the block), the pieces are traced as plain PyTorch.
     if on_cuda and compile_enabled() and not _eager_only and not torch.compiler.is_compiling():
         row_kernels()  # read inside the stages as they compile: a bad value raises a plain ValueError here
         fn = _compiled(eager, None)
         at = None if rows is None else _position(eager, rows)
-        return lambda *args: fn(*row_count_dynamic(args, at))
+        prepare = functools.partial(row_count_dynamic, rows_at=at)
+        if rows is not None and cuda_graphs_enabled():
+            return graphed(f"{eager.__module__}.{eager.__qualname__}", fn, prepare)
+        return lambda *args: fn(*prepare(args))
     return eager
 
 

@@ -1,0 +1,179 @@
+"""The CUDA-graph replay of compiled stages (cggr/compact/graphs.py), on the CPU with a stand-in for CUDA graphs.
+
+The stand-in's "graph" reruns the captured call on the tensors it was captured with and writes the results into
+the outputs it captured, as a CUDA graph reads and writes fixed memory: a replay given other tensors than the
+captured ones would return the captured call's result. The device test (tests/test_cuda.py,
+``test_cuda_graphs_replay_the_compiled_stages_exactly``) runs real graphs inside the routed backward.
+"""
+
+import logging
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from cggr.compact import graphs
+from cggr.compact.graphs import GraphedStage, _Captured
+
+
+class FakeGraph:
+    def __init__(self, run, outputs):
+        self.run, self.outputs = run, outputs
+
+    def replay(self):
+        for static, new in zip(graphs._tensors(self.outputs), graphs._tensors(self.run())):
+            static.copy_(new)
+
+
+class FakeGraphs:
+    def __init__(self, fail=None):
+        self.fail = fail
+
+    def capture(self, run):
+        result = run()
+        if self.fail:
+            raise RuntimeError(self.fail)
+        outputs = run()
+        return result, _Captured(FakeGraph(run, outputs), outputs)
+
+
+class Weights(NamedTuple):
+    w: torch.Tensor
+    b: torch.Tensor | None
+
+
+def stage(x, idx, weights: Weights, scale: float):
+    """A stage of the compacted backward's kind: rows ``idx`` of ``x`` through a matmul, a weight gradient."""
+    rows = x[idx] * scale
+    y = rows @ weights.w
+    return y, (rows.t() @ y, None)
+
+
+def prepared(args):
+    return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def graphed_stage(**kw):
+    return GraphedStage("test", stage, prepared, backend=FakeGraphs(**kw))
+
+
+@pytest.fixture(params=[0, 1, 2], ids=lambda s: f"seed{s}")
+def case(request):
+    g = torch.Generator().manual_seed(request.param)
+    x = torch.randn(13, 5, generator=g)
+    idx = torch.randperm(13, generator=g)[:7]
+    weights = Weights(torch.randn(5, 3, generator=g).requires_grad_(), None)
+    return x, idx, weights
+
+
+def assert_same(got, want):
+    for a, b in zip(graphs._tensors(got), graphs._tensors(want)):
+        assert torch.equal(a, b)
+
+
+def test_a_call_seen_twice_is_captured_then_replayed(case):
+    x, idx, weights = case
+    s = graphed_stage()
+    for _ in range(4):
+        assert_same(s(x, idx, weights, 0.5), stage(x, idx, weights, 0.5))
+    assert (s.compiled_calls, s.captures, s.replays) == (1, 1, 2)
+
+
+def test_a_replay_reads_the_current_values_at_the_captured_addresses(case):
+    x, idx, weights = case
+    s = graphed_stage()
+    s(x, idx, weights, 0.5), s(x, idx, weights, 0.5)
+    x.mul_(3)
+    idx.copy_(idx.flip(0))
+    with torch.no_grad():
+        weights.w.add_(1)
+    assert_same(s(x, idx, weights, 0.5), stage(x, idx, weights, 0.5))
+    assert s.replays == 1
+
+
+def test_other_tensors_other_layouts_or_leaves_are_not_replayed(case):
+    x, idx, weights = case
+    s = graphed_stage()
+    s(x, idx, weights, 0.5), s(x, idx, weights, 0.5)
+    calls = [(x.clone(), idx, weights, 0.5),  # same values, another address
+             (x, idx[:5], weights, 0.5),  # another row count
+             (x.t().contiguous().t(), idx, weights, 0.5),  # another layout
+             (x, idx, weights, 0.25),  # another leaf
+             (x, idx, Weights(weights.w.detach().clone(), None), 0.5)]  # other weights
+    for args in calls:
+        assert_same(s(*args), stage(*args))
+    assert s.replays == 0 and s.compiled_calls == 1 + len(calls)
+
+
+def test_the_outputs_are_copied_out_of_the_graphs_memory(case):
+    x, idx, weights = case
+    s = graphed_stage()
+    s(x, idx, weights, 0.5), s(x, idx, weights, 0.5)
+    first = s(x, idx, weights, 0.5)
+    kept = [t.clone() for t in graphs._tensors(first)]
+    x.mul_(-2)
+    second = s(x, idx, weights, 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(graphs._tensors(first), kept))  # the next replay left it alone
+    graphs._tensors(second)[0].zero_()  # the caller's to change
+    assert_same(s(x, idx, weights, 0.5), stage(x, idx, weights, 0.5))
+    assert isinstance(second[1], tuple) and second[1][1] is None  # the result's structure as the stage returns it
+
+
+def test_a_failed_capture_warns_once_and_runs_compiled_from_then_on(case, caplog):
+    x, idx, weights = case
+    s = graphed_stage(fail="operation not permitted when stream is capturing")
+    with caplog.at_level(logging.WARNING, logger="cggr"):
+        for _ in range(4):
+            assert_same(s(x, idx, weights, 0.5), stage(x, idx, weights, 0.5))
+    assert "not permitted" in s.broken and s.replays == 0 and s.compiled_calls == 4
+    assert sum("CUDA graph capture" in r.message for r in caplog.records) == 1
+
+
+def test_a_stage_returning_an_input_is_never_graphed(case):
+    x, idx, weights = case
+    s = GraphedStage("echo", lambda x, idx: (x, x[idx]), prepared, backend=FakeGraphs())
+    for _ in range(3):
+        out = s(x, idx)
+        assert out[0].data_ptr() == x.data_ptr() and torch.equal(out[1], x[idx])
+    assert s.broken and s.replays == 0
+
+
+def test_each_call_site_keeps_at_most_max_variants_graphs(case):
+    x, idx, weights = case
+    s = graphed_stage()
+    activations = [x.clone() for _ in range(graphs.MAX_VARIANTS + 2)]  # one site: the weights, at other inputs
+    for a in activations:
+        s(a, idx, weights, 0.5), s(a, idx, weights, 0.5)
+    other = Weights(weights.w.detach().clone().requires_grad_(), None)  # another block's weights: its own site
+    s(x, idx, other, 0.5), s(x, idx, other, 0.5)
+    assert s.captures == len(activations) + 1 and len(s._graphs) == graphs.MAX_VARIANTS + 1
+    for a in activations[-graphs.MAX_VARIANTS:]:  # the most recent variants replay
+        assert_same(s(a, idx, weights, 0.5), stage(a, idx, weights, 0.5))
+    assert s.replays == graphs.MAX_VARIANTS
+
+
+def test_an_unhashable_argument_runs_compiled(case):
+    x, idx, weights = case
+    s = GraphedStage("lists", lambda x, idx, extra: x[idx] * len(extra), prepared, backend=FakeGraphs())
+    for _ in range(3):
+        assert torch.equal(s(x, idx, [1, 2]), x[idx] * 2)
+    assert s.captures == 0 and s.compiled_calls == 3
+
+
+def test_the_switch_names_its_values(monkeypatch):
+    from cggr.env import cuda_graphs_enabled
+
+    monkeypatch.setenv("CGGR_CUDA_GRAPHS", "yes")
+    with pytest.raises(ValueError, match="CGGR_CUDA_GRAPHS='yes': allowed values are 0, 1"):
+        cuda_graphs_enabled()
+    monkeypatch.setenv("CGGR_CUDA_GRAPHS", "1")
+    assert cuda_graphs_enabled()
+    monkeypatch.delenv("CGGR_CUDA_GRAPHS")
+    assert not cuda_graphs_enabled()
+
+
+def test_off_cuda_the_stages_are_the_eager_functions(monkeypatch):
+    from cggr.compact.pointwise import kernel
+
+    monkeypatch.setenv("CGGR_CUDA_GRAPHS", "1")
+    assert kernel(stage, on_cuda=False, rows="idx") is stage
