@@ -136,7 +136,7 @@ class GraphedStage:
 
     def __call__(self, *args):
         tensors: list = []
-        key: list = [torch.is_grad_enabled(), torch.is_autocast_enabled()]
+        key: list = [torch.is_grad_enabled(), torch.is_autocast_enabled(), torch.get_float32_matmul_precision()]
         try:
             _walk(args, tensors, key)
             key = tuple(key)
