@@ -19,8 +19,8 @@ from ._host import HostCopy
 from .bucketing import (POLICY_FNS, buckets_to_depths, curriculum_depths, curriculum_fractions, rank_buckets,
                         rank_buckets_global, target_depths)
 from .config import RoutingConfig
-from .routing import (BackwardDraws, Routing, VarianceProbe, block_counts, nested_active_counts, nested_rows,
-                      per_block_counts)
+from .routing import (BackwardDraws, Routing, VarianceProbe, block_counts, dense_end_blocks, nested_active_counts,
+                      nested_rows, per_block_counts)
 from .scoring import Scores, score_difficulty, scores_for
 
 # Policies that need per-token scores (hence logits); "random" needs only the valid tokens.
@@ -128,7 +128,7 @@ class Planner:
         (:func:`cggr.sampling.smallest_k_for_budget`; the dense end blocks keep every row). Stored for the next
         forwards and returned. Synchronises (twice), once every ``variance_every`` steps."""
         c, L = self.config, self.num_layers
-        ends = max(0, min(c.dense_ends, (L - 1) // 2))
+        ends = dense_end_blocks(c.dense_ends, L)
         routed = list(range(ends, L - ends))
         fractions = [1.0] * L
         if routed:

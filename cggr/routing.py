@@ -57,6 +57,12 @@ def block_counts(num_valid: int, num_layers: int, bucket_depths: Sequence[int]) 
     return [sum(size for size, d in zip(sizes, bucket_depths) if d > num_layers - 1 - i) for i in range(num_layers)]
 
 
+def dense_end_blocks(dense_ends: int, num_layers: int) -> int:
+    """Blocks kept dense at each end of the stack: ``dense_ends`` where it fits, at most ``(L - 1) // 2``, so that
+    at least one block stays routed (a 2-block stack routes both)."""
+    return max(0, min(dense_ends, (num_layers - 1) // 2))
+
+
 def per_block_counts(num_valid: int, num_layers: int, nested_counts: Sequence[int], dense_ends: int = 0,
                      fractions: Sequence[float] | None = None) -> list[int]:
     """Active rows of every block under per-block placement, bottom first.
@@ -64,8 +70,7 @@ def per_block_counts(num_valid: int, num_layers: int, nested_counts: Sequence[in
     ``fractions`` given: ``round(f_b * n)`` per block. Otherwise exactly the same total work as the nested
     counts (``sum(nested_counts)`` rows over the stack), with ``e`` blocks at each end of the stack at every
     valid token and the rest spread evenly over the middle blocks (upper blocks first take the rest).
-    ``e`` is ``dense_ends`` where it fits: at most ``(L - 1) // 2``, so at least one block stays routed (a
-    2-block stack routes both blocks), and at most what the total pays for, ``2 * e * n <= sum(nested_counts)``
+    ``e`` is :func:`dense_end_blocks`, and at most what the total pays for, ``2 * e * n <= sum(nested_counts)``
     (dense ends never spend more than the nested routing: with a small budget fewer end blocks are dense, or
     none, and all blocks share it; a budget of exactly the dense ends leaves the middle blocks none).
     """
@@ -73,7 +78,7 @@ def per_block_counts(num_valid: int, num_layers: int, nested_counts: Sequence[in
     if fractions is not None:
         return [min(n, max(0, int(math.floor(f * n + 0.5)))) for f in fractions]
     total = sum(nested_counts)
-    ends = max(0, min(dense_ends, (L - 1) // 2, total // (2 * n) if n else 0))
+    ends = min(dense_end_blocks(dense_ends, L), total // (2 * n) if n else 0)
     middle = L - 2 * ends
     base, extra = divmod(total - 2 * ends * n, middle)
     mid = [min(n, base + (1 if j >= middle - extra else 0)) for j in range(middle)]
