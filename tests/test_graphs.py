@@ -177,3 +177,55 @@ def test_off_cuda_the_stages_are_the_eager_functions(monkeypatch):
 
     monkeypatch.setenv("CGGR_CUDA_GRAPHS", "1")
     assert kernel(stage, on_cuda=False, rows="idx") is stage
+
+
+def test_a_stage_whose_addresses_never_repeat_stops_capturing(case, monkeypatch, caplog):
+    """Each key seen exactly twice, never a third time: every capture is wasted, so the stage gives up."""
+    x, idx, weights = case
+    monkeypatch.setattr(graphs, "FUTILE_CAPTURES", 5)
+    s = graphed_stage()
+    with caplog.at_level(logging.WARNING, logger="cggr"):
+        for _ in range(8):
+            a = x.clone()
+            assert_same(s(a, idx, weights, 0.5), stage(a, idx, weights, 0.5))
+            assert_same(s(a, idx, weights, 0.5), stage(a, idx, weights, 0.5))
+    assert s.captures == 5 and "do not repeat" in s.broken and not s._graphs
+    assert sum("stops capturing" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3_text", "olmo2", "phi3", "gpt2"])
+def test_every_compacted_family_s_stage_calls_have_a_key_and_the_same_site_every_step(kind, monkeypatch):
+    """The real stages' arguments (named tuples of weights and saved rows, the block's spec) make hashable keys,
+    and each block's two stage calls are the same call sites from one step to the next (weights recognised,
+    views of the block input not taken for weights): what lets a steady loop replay."""
+    from benchmarks import speed
+    from cggr.compact import decoder, gpt2
+    import cggr
+
+    calls = []
+    for module in (decoder, gpt2):
+        def spy(eager, on_cuda, rows=None, real=module.kernel):
+            fn = real(eager, on_cuda, rows)
+            if rows is None:
+                return fn
+
+            def recorded(*args):
+                key: list = []
+                graphs._walk(args, [], key)
+                calls.append(tuple(key))
+                return fn(*args)
+            return recorded
+        monkeypatch.setattr(module, "kernel", spy)
+    monkeypatch.setattr(speed, "VOCAB", 128)
+    model = speed.build_family(kind, 64, 4, 4, 128, dtype=torch.float32, device="cpu")
+    cggr.attach(model, warmup_steps=0)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(5))
+    for step in range(3):  # the first step runs before any scores: every row, other shapes
+        if step == 1:
+            calls.clear()
+        model(input_ids=ids, labels=ids).loss.backward()
+    per_step = len(calls) // 2
+    assert per_step == 2 * 4
+    sites = [graphs._site(k) for k in calls]
+    assert all(hash(k) is not None for k in calls)
+    assert sites[:per_step] == sites[per_step:] and len(set(sites[:per_step])) == per_step

@@ -32,6 +32,9 @@ logger = logging.getLogger("cggr")
 MAX_VARIANTS = 2
 """Graphs kept per call site (a block's weights at one row count): under gradient accumulation the first
 micro-batch of a step allocates the gradients and so may see other addresses than the rest."""
+FUTILE_CAPTURES = 64
+"""Captures after which a stage that has replayed fewer times than it captured stops capturing: its inputs'
+addresses do not repeat in this loop (a capture costs about two runs of the stage)."""
 MAX_SEEN = 4096
 """Signatures remembered until their second call; forgotten all at once beyond that (addresses that never
 repeat, such as a loop that allocates differently every step, then capture nothing)."""
@@ -42,13 +45,20 @@ class _Captured(NamedTuple):
     outputs: Any  # the stage's result, its tensors in the graph's memory
 
 
+def _is_weight(t: torch.Tensor) -> bool:
+    """Whether ``t`` looks like a trained weight: a leaf that requires grad and is no view (in the backward a
+    view of the block input also requires grad). Weights keep their addresses; a frozen one is not told from an
+    activation, which only merges call sites (:func:`_site`)."""
+    return t.requires_grad and t.is_leaf and t._base is None
+
+
 def _walk(x, tensors: list, key: list) -> None:
     """Append ``x``'s tensors to ``tensors`` and what identifies the call to ``key``: each tensor's address,
-    layout and whether it is a weight (a leaf that requires grad), every other leaf as itself. Tuples (named or
+    layout and whether it is a weight (:func:`_is_weight`), every other leaf as itself. Tuples (named or
     not) are walked."""
     if isinstance(x, torch.Tensor):
         tensors.append(x)
-        key.append((x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x.requires_grad and x.is_leaf))
+        key.append((x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, _is_weight(x)))
     elif isinstance(x, tuple):
         key.append(type(x))
         for item in x:
@@ -180,6 +190,11 @@ class GraphedStage:
             return result
         self._keep(key, captured)
         self.captures += 1
+        if self.captures >= FUTILE_CAPTURES and self.replays < self.captures:
+            self.broken = f"{self.captures} captures, {self.replays} replays: the inputs' addresses do not repeat"
+            self._graphs.clear()
+            logger.warning("cggr: the %s stage stops capturing CUDA graphs (%s); it runs compiled", self.name,
+                           self.broken)
         return result
 
     def _keep(self, key: tuple, captured: _Captured) -> None:
