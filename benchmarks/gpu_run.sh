@@ -53,7 +53,7 @@ if [ "$LEFT" -gt 30 ]; then
   # Tiers: every model runs a tier before any model runs the next. timeout signals the whole process
   # group, so the arm running at the limit stops with the benchmark.
   TRITON_INTERPRET=0 timeout "$LEFT" python3 -m benchmarks.speed --models 350M,1B \
-    --arms "eager,compile,liger,cggr,cggr+lce,skip/full,light/liger+cggr,compile+cggr" \
+    --arms "eager,compile,liger,cggr,cggr+graphs,cggr+lce,skip/full,light/liger+cggr,liger+graphs,compile+cggr" \
     --steps 12 --warmup 6 --arm-timeout 150 --profile 350M,1B --out "$OUT" > "$OUT/speed.log" 2>&1
   echo "exit $?"; grep "^== " "$OUT/speed.log"
 fi
