@@ -29,7 +29,8 @@ class FakeGraphs:
     def __init__(self, fail=None):
         self.fail = fail
 
-    def capture(self, run):
+    def capture(self, run, device):
+        assert device == torch.device("cpu")  # the call's tensors' device
         result = run()
         if self.fail:
             raise RuntimeError(self.fail)
@@ -229,3 +230,8 @@ def test_every_compacted_family_s_stage_calls_have_a_key_and_the_same_site_every
     sites = [graphs._site(k) for k in calls]
     assert all(hash(k) is not None for k in calls)
     assert sites[:per_step] == sites[per_step:] and len(set(sites[:per_step])) == per_step
+
+
+def test_a_call_without_tensors_runs_compiled():
+    s = GraphedStage("scalars", lambda a, b: a + b, prepared, backend=FakeGraphs())
+    assert [s(1, 2) for _ in range(3)] == [3, 3, 3] and s.compiled_calls == 3 and s.captures == 0

@@ -95,13 +95,19 @@ class CudaGraphs:
     """How :class:`GraphedStage` captures: CUDA graphs in one memory pool per device, captured on a side stream
     (tests on the CPU pass a stand-in with the same method)."""
 
-    def capture(self, run: Callable[[], Any]) -> tuple[Any, _Captured]:
-        """Run ``run()`` for this call's result, then capture it as a graph; returns ``(result, captured)``.
+    def capture(self, run: Callable[[], Any], device: torch.device) -> tuple[Any, _Captured]:
+        """Run ``run()`` for this call's result, then capture it as a graph on ``device`` (its tensors'); returns
+        ``(result, captured)``.
 
         The first run is on the side stream too, outside the capture, so lazy per-stream state (cuBLAS's
-        workspace) exists before the capture. The memory pool is shared by every graph: replays run one after
-        another on one stream and each stage's outputs are copied out before the next replay."""
-        device = torch.cuda.current_device()
+        workspace) exists before the capture. The memory pool is shared by every graph of the device: replays
+        run one after another on one stream and each stage's outputs are copied out before the next replay."""
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index
+        with torch.cuda.device(index):
+            return self._capture(run, index)
+
+    def _capture(self, run, device: int):
         current, side = torch.cuda.current_stream(), _side_stream(device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
@@ -153,6 +159,8 @@ class GraphedStage:
             hash(key)
         except TypeError:  # a leaf that is not hashable: no way to know it is the same call
             return self._run(args)
+        if not tensors or (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+            return self._run(args)  # no tensor to key on; or inside a graph the caller captures: theirs to replay
         captured = self._graphs.get(key)
         if captured is not None:
             self._graphs.move_to_end(key)
@@ -173,7 +181,7 @@ class GraphedStage:
     def _capture(self, key: tuple, args: tuple, inputs: list):
         prepared = self._prepare(args)
         try:
-            result, captured = self._backend.capture(lambda: self._compiled(*prepared))
+            result, captured = self._backend.capture(lambda: self._compiled(*prepared), inputs[0].device)
         except Exception as e:  # noqa: BLE001 - a stage that cannot be captured runs compiled, as without graphs
             self.broken = f"{type(e).__name__}: {e}"
             logger.warning("cggr: CUDA graph capture of the %s stage failed (%s); it runs compiled, without "
