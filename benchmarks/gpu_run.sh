@@ -77,8 +77,8 @@ fi
 echo "== summary ($SECONDS s)"
 python3 - "$OUT" <<'PY'
 import glob, json, os, sys
-sys.path.insert(0, "benchmarks")
-import report
+sys.path.insert(0, os.getcwd())  # the repository root: benchmarks is a package (run by path it would shadow others)
+from benchmarks import report
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "speed-*.json")) + glob.glob(os.path.join(sys.argv[1], "rows-inductor", "speed-*.json"))):
     records = json.load(open(path))
     print(path)

@@ -53,8 +53,8 @@ esac
 echo "== summary ($SECONDS s)"
 python3 - "$DIR" <<'PY'
 import glob, json, os, sys
-sys.path.insert(0, "benchmarks")
-import report
+sys.path.insert(0, os.getcwd())  # the repository root: benchmarks is a package (run by path it would shadow others)
+from benchmarks import report
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "speed-*.json"))):
     records = json.load(open(path))
     print(path)

@@ -267,3 +267,25 @@ def test_cggr_arm_runs_the_defaults_and_stop_arm_the_seeds_routing():
                                                  dense_ends=0)
     assert "defaults" in speed.ARMS["cggr"].doc and "seed's" in speed.ARMS["stop"].doc
     assert config("stop").placement == "nested" and config("full").placement == "nested"  # nothing to draw
+
+
+def _summary_snippets():
+    """The Python each GPU script runs last (``python3 - DIR <<'PY' ... PY``: the summary of its results)."""
+    import re
+
+    from pathlib import Path
+
+    for script in sorted(Path(ROOT, "benchmarks").glob("gpu_*.sh")):
+        for m in re.finditer(r'python3 - "\$(?:OUT|DIR)" <<\'PY\'\n(.*?)\nPY\n', script.read_text(), re.S):
+            yield script.name, m.group(1)
+
+
+@pytest.mark.parametrize("script,code", list(_summary_snippets()), ids=lambda v: v if v.endswith(".sh") else "")
+def test_the_gpu_scripts_summaries_run_on_committed_results(script, code, tmp_path):
+    """A summary that breaks is found out only on a lent GPU, after its run: here it reads committed results."""
+    import shutil
+
+    shutil.copy(os.path.join(ROOT, "benchmarks/results/speed-nvidia-h200-5b56522-accum8.json"), tmp_path / "speed-x.json")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "speed-x.json" in done.stdout and "| compile |" in done.stdout
