@@ -361,3 +361,57 @@ def test_cuda_graphs_replay_the_compiled_stages_exactly(monkeypatch, family, sam
         for name, r in b.items():
             if r.norm() > 0:
                 assert ((a[name] - r).norm() / r.norm()).item() < 1e-4, (step, name)
+
+
+def _graphed_matmul():
+    """A GraphedStage of a compiled stage with cuBLAS matmuls (a workspace) and a pointwise epilogue."""
+    from cggr.compact.graphs import GraphedStage
+
+    def mm_stage(a, idx, w):
+        rows = a[idx]
+        return rows @ w, (rows.t() @ (rows @ w)).relu()
+    return GraphedStage("test_mm", torch.compile(mm_stage), lambda args: args)
+
+
+def test_cuda_graph_replays_survive_cleared_cublas_workspaces_and_a_second_stream():
+    """The graphs' cuBLAS workspace is in their pool (a cleared workspace in ordinary memory would be another
+    tensor's next), and replays on a second stream use a pool of their own: every result is exact, and tensors
+    allocated after the clear are not written by the replays."""
+    s = _graphed_matmul()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a, w = torch.randn(4096, 1024, device="cuda", generator=g), torch.randn(1024, 1024, device="cuda", generator=g)
+    idx = torch.randperm(4096, device="cuda", generator=g)[:3000]
+    want = s._compiled(a, idx, w)
+    for _ in range(3):
+        s(a, idx, w)
+    torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()
+    fences = [torch.full((1 << 22,), 7.0, device="cuda") for _ in range(16)]
+    side = torch.cuda.Stream()
+    for stream in (torch.cuda.current_stream(), side, torch.cuda.current_stream()):
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                got = s(a, idx, w)
+        torch.cuda.current_stream().wait_stream(stream)
+        assert all(torch.equal(x, y) for x, y in zip(got, want))
+    assert s.replays >= 5 and not s.broken
+    assert all(bool((f == 7.0).all()) for f in fences)
+
+
+def test_a_failed_cuda_graph_capture_leaves_the_stage_exact_and_cuda_usable(caplog):
+    """A stage that synchronises cannot be captured: the call's result is the compiled one, the stage runs
+    compiled from then on, and the failed capture leaves no error behind for later kernels."""
+    from cggr.compact.graphs import GraphedStage
+
+    def syncing(a, idx):
+        return a[idx] * a.sum().item()
+    s = GraphedStage("test_sync", torch.compile(syncing), lambda args: args)
+    a = torch.randn(256, 64, device="cuda")
+    idx = torch.arange(0, 256, 2, device="cuda")
+    for _ in range(4):
+        assert torch.equal(s(a, idx), syncing(a, idx))
+    assert s.broken and s.replays == 0
+    x = torch.randn(512, 512, device="cuda")
+    torch.testing.assert_close((x @ x).cpu(), x.cpu() @ x.cpu(), rtol=1e-3, atol=1e-3)
+    torch.cuda.synchronize()

@@ -29,13 +29,15 @@ class FakeGraphs:
     def __init__(self, fail=None):
         self.fail = fail
 
-    def capture(self, run, device):
-        assert device == torch.device("cpu")  # the call's tensors' device
-        result = run()
+    def stream(self, device):
+        return None
+
+    def capture(self, run, device, stream):
+        assert device == torch.device("cpu") and stream is None  # the call's tensors' device, its stream
         if self.fail:
             raise RuntimeError(self.fail)
         outputs = run()
-        return result, _Captured(FakeGraph(run, outputs), outputs)
+        return _Captured(FakeGraph(run, outputs), outputs)
 
 
 class Weights(NamedTuple):
@@ -235,3 +237,109 @@ def test_every_compacted_family_s_stage_calls_have_a_key_and_the_same_site_every
 def test_a_call_without_tensors_runs_compiled():
     s = GraphedStage("scalars", lambda a, b: a + b, prepared, backend=FakeGraphs())
     assert [s(1, 2) for _ in range(3)] == [3, 3, 3] and s.compiled_calls == 3 and s.captures == 0
+
+
+def captured_then(s, *args):
+    """``s`` called twice with ``args`` (seen, then captured): the next such call may replay."""
+    s(*args), s(*args)
+    assert s.captures == 1
+
+
+def test_a_replay_needs_the_global_state_of_its_capture(case):
+    """What dynamo guards on besides the arguments (here the deterministic flag; also TF32, the reduced-precision
+    reductions, autocast, the default dtype): under another state the compiled stage would recompile, and a
+    replay would run what was captured."""
+    x, idx, weights = case
+    s = graphed_stage()
+    captured_then(s, x, idx, weights, 0.5)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert_same(s(x, idx, weights, 0.5), stage(x, idx, weights, 0.5))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert s.replays == 0
+    s(x, idx, weights, 0.5)
+    assert s.replays == 1
+
+
+def test_the_key_does_not_ask_the_legacy_matmul_precision(case):
+    """With TF32 set through the new API, ``torch.get_float32_matmul_precision()`` raises."""
+    x, idx, weights = case
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        s = graphed_stage()
+        for _ in range(3):
+            assert_same(s(x, idx, weights, 0.5), stage(x, idx, weights, 0.5))
+    finally:
+        matmul.fp32_precision = previous
+    assert s.replays == 1
+
+
+def test_under_a_dispatch_mode_the_stage_runs_compiled(case):
+    """A mode (a FLOP counter, say) must see the stage's operations, which a replay does not issue."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, idx, weights = case
+    s = graphed_stage()
+    captured_then(s, x, idx, weights, 0.5)
+    with FlopCounterMode(display=False) as flops:
+        assert_same(s(x, idx, weights, 0.5), stage(x, idx, weights, 0.5))
+    assert s.replays == 0 and flops.get_total_flops() > 0
+
+
+class Scale:
+    def __init__(self, value):
+        self.value = value
+
+
+def test_a_leaf_compared_by_identity_runs_compiled(case):
+    """An object hashed by its identity may have changed since the capture (the graph holds what it read)."""
+    x, idx, weights = case
+    s = GraphedStage("object", lambda x, idx, scale: x[idx] * scale.value, prepared, backend=FakeGraphs())
+    scale = Scale(0.5)
+    s(x, idx, scale), s(x, idx, scale)
+    scale.value = 3.0
+    assert torch.equal(s(x, idx, scale), x[idx] * 3.0)
+    assert s.captures == 0 and s.replays == 0
+
+
+def test_equal_leaves_of_other_types_are_other_calls(case):
+    """``1 == 1.0 == True`` in Python, but the stage computes in another dtype."""
+    x, idx, _ = case
+    s = GraphedStage("scalar", lambda x, idx, v: x[idx].long() + v, prepared, backend=FakeGraphs())
+    s(x, idx, 1), s(x, idx, 1)
+    assert s(x, idx, 1.0).dtype == torch.float32 and s(x, idx, 1).dtype == torch.int64
+    assert s.replays == 1
+
+
+def test_tensors_on_two_devices_are_not_captured(case):
+    """A CPU scalar beside CUDA tensors is read on the host at capture: its value would be baked in."""
+    x, idx, _ = case
+    s = GraphedStage("devices", lambda x, idx, m: x[idx], prepared, backend=FakeGraphs())
+    m = torch.empty(1, device="meta")
+    for _ in range(3):
+        assert torch.equal(s(x, idx, m), x[idx])
+    assert s.captures == 0 and s.compiled_calls == 3
+
+
+@pytest.mark.parametrize("outputs", [
+    lambda x, idx: (x[idx], x[idx] > 0),  # a bool copied by x * 1 is an integer
+    lambda x, idx: x[idx][:, ::2],  # a copy of a tensor with gaps is dense: other strides
+    lambda x, idx: (lambda y: (y, y[1:]))(x[idx] * 2),  # two outputs sharing memory, as copies would not
+    lambda x, idx: (x[idx], x[1:]),  # a view of an input (another address than the input's)
+], ids=["bool", "gaps", "aliased-outputs", "input-view"])
+def test_outputs_a_copy_would_not_reproduce_are_never_graphed(case, outputs):
+    x, idx, _ = case
+    s = GraphedStage("outputs", outputs, prepared, backend=FakeGraphs())
+    for _ in range(3):
+        got, want = graphs._tensors(s(x, idx)), graphs._tensors(outputs(x, idx))
+        for a, b in zip(got, want):
+            assert torch.equal(a, b) and (a.dtype, a.stride()) == (b.dtype, b.stride())
+
+        def memory(tensors):  # which of x and the outputs share memory
+            ptrs = [t.untyped_storage().data_ptr() for t in (x, *tensors)]
+            return [ptrs.index(p) for p in ptrs]
+        assert memory(got) == memory(want)
+    assert s.broken and s.replays == 0

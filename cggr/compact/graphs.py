@@ -8,9 +8,9 @@ whose every input sits where it sat when its graph was captured (same address, s
 that graph; every other call runs the compiled stage as before, and a call seen twice is captured.
 
 Why that is exact: a graph reads its inputs at the addresses it was captured with, and :class:`GraphedStage`
-replays only when the call's tensors are at those addresses with the same layout. It computes nothing on the
-host from their values (a stage has no host synchronisation, or its capture fails and the stage is never
-graphed). Its outputs live in the graphs' memory pool, which the next replay of any graph overwrites, so they
+replays only when the call's tensors are at those addresses with the same layout, its other arguments are equal
+immutable values, and the global state dynamo guards on is as at the capture. It computes nothing on the host
+from their values (a stage has no host synchronisation, or its capture fails and the stage is never graphed). Its outputs live in the graphs' memory pool, which the next replay of any graph overwrites, so they
 are copied out right after each replay: the caller gets tensors no graph writes to.
 
 Opt-in (``CGGR_CUDA_GRAPHS=1``) while it is measured. Memory: each captured graph keeps its outputs' memory
@@ -26,6 +26,7 @@ import logging
 from typing import Any, Callable, NamedTuple
 
 import torch
+from torch._C._dynamo.guards import GlobalStateGuard
 
 logger = logging.getLogger("cggr")
 
@@ -52,20 +53,38 @@ def _is_weight(t: torch.Tensor) -> bool:
     return t.requires_grad and t.is_leaf and t._base is None
 
 
+_VALUES = (type(None), bool, int, float, str, torch.dtype, torch.device)
+"""Leaves a key holds as themselves: immutable values compared by value (with their type: ``1 == True``)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _frozen_dataclass(cls) -> bool:
+    params = getattr(cls, "__dataclass_params__", None)
+    return params is not None and params.frozen
+
+
 def _walk(x, tensors: list, key: list) -> None:
     """Append ``x``'s tensors to ``tensors`` and what identifies the call to ``key``: each tensor's address,
-    layout and whether it is a weight (:func:`_is_weight`), every other leaf as itself. Tuples (named or
-    not) are walked."""
-    if isinstance(x, torch.Tensor):
+    layout and whether it is a weight (:func:`_is_weight`), every other leaf with its type. Tuples (named or
+    not) are walked. Raises TypeError for what a key cannot vouch for: a tensor subclass (it may read memory
+    other than its own, or have none) and a leaf that is no immutable value (an object compared by identity
+    may have changed since the capture, and the graph holds what it read then)."""
+    cls = type(x)  # one type test per argument: this runs for some 60 arguments per stage call
+    if cls is torch.Tensor or cls is torch.nn.Parameter:
         tensors.append(x)
-        key.append((x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, _is_weight(x)))
+        key.append((x.data_ptr(), x.shape, x.stride(), x.dtype, x.device,
+                    x.requires_grad and x.is_leaf and x._base is None))  # _is_weight(x), inlined
+    elif cls is type(None):
+        key.append(None)
     elif isinstance(x, tuple):
-        key.append(type(x))
+        key.append(cls)
         for item in x:
             _walk(item, tensors, key)
         key.append(len(x))
+    elif cls in _VALUES or _frozen_dataclass(cls):
+        key.append((cls, x))
     else:
-        key.append(x)
+        raise TypeError(f"a {cls.__name__}")
 
 
 def _tensors(x) -> list:
@@ -92,45 +111,46 @@ def _copy_out(outputs):
 
 
 class CudaGraphs:
-    """How :class:`GraphedStage` captures: CUDA graphs in one memory pool per device, captured on a side stream
-    (tests on the CPU pass a stand-in with the same method)."""
+    """How :class:`GraphedStage` captures: CUDA graphs in one memory pool per device and replay stream (tests on
+    the CPU pass a stand-in with the same methods)."""
 
-    def capture(self, run: Callable[[], Any], device: torch.device) -> tuple[Any, _Captured]:
-        """Run ``run()`` for this call's result, then capture it as a graph on ``device`` (its tensors'); returns
-        ``(result, captured)``.
+    def stream(self, device: torch.device) -> int:
+        """The stream a call on ``device`` runs on now: part of the key, as graphs replay on the stream they were
+        captured for (:meth:`capture`)."""
+        return torch._C._cuda_getCurrentRawStream(device.index)
 
-        The first run is on the side stream too, outside the capture, so lazy per-stream state (cuBLAS's
-        workspace) exists before the capture. The memory pool is shared by every graph of the device: replays
-        run one after another on one stream and each stage's outputs are copied out before the next replay."""
-        index = torch.device(device).index
-        index = torch.cuda.current_device() if index is None else index
-        with torch.cuda.device(index):
-            return self._capture(run, index)
+    def capture(self, run: Callable[[], Any], device: torch.device, stream: int) -> _Captured:
+        """``run()`` captured as a graph on ``device``, to replay on ``stream`` (the current one).
 
-    def _capture(self, run, device: int):
-        current, side = torch.cuda.current_stream(), _side_stream(device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            result = run()
+        The graphs of a pool replay one after another on its one stream, each stage's outputs copied out before
+        the next replay, so they may share memory; graphs for another stream get another pool (and capture
+        stream), as replays on two streams may overlap. The capture stream is used by captures alone, so the
+        cuBLAS workspace the graphs use is allocated in the pool by the first capture: a workspace in ordinary
+        memory (a stream's that ran eagerly) goes back to the allocator when the workspaces are cleared
+        (Inductor's cudagraph trees clear them) and the graphs would write to whatever tensor is there next."""
+        with torch.cuda.device(device.index):
+            current, capturing = torch.cuda.current_stream(), _capture_stream(device.index, stream)
+            capturing.wait_stream(current)
             graph = torch.cuda.CUDAGraph()
-            graph.capture_begin(pool=_pool(device), capture_error_mode="thread_local")
             try:
-                outputs = run()
-            finally:
-                graph.capture_end()
-        current.wait_stream(side)
-        for t in _tensors(result):
-            t.record_stream(current)  # allocated on the side stream, used on the current one
-        return result, _Captured(graph, outputs)
+                with torch.cuda.stream(capturing):
+                    graph.capture_begin(pool=_pool(device.index, stream), capture_error_mode="thread_local")
+                    try:
+                        outputs = run()
+                    finally:
+                        graph.capture_end()
+            finally:  # also after a failed capture: nothing on the capture stream outlives the call's inputs
+                current.wait_stream(capturing)
+            return _Captured(graph, outputs)
 
 
 @functools.lru_cache(maxsize=None)
-def _side_stream(device: int):
+def _capture_stream(device: int, stream: int):
     return torch.cuda.Stream(device)
 
 
 @functools.lru_cache(maxsize=None)
-def _pool(device: int):
+def _pool(device: int, stream: int):
     return torch.cuda.graph_pool_handle()
 
 
@@ -145,24 +165,36 @@ class GraphedStage:
     def __init__(self, name: str, compiled: Callable, prepare: Callable[[tuple], tuple], backend=None):
         self.name, self._compiled, self._prepare = name, compiled, prepare
         self._backend = backend or CudaGraphs()
-        self._graphs: collections.OrderedDict[tuple, _Captured] = collections.OrderedDict()  # least recent first
+        # each key's graph and the global state it was captured in, least recently replayed first
+        self._graphs: collections.OrderedDict[tuple, tuple[_Captured, GlobalStateGuard]] = collections.OrderedDict()
         self._seen: dict[tuple, int] = {}
         self.replays = self.compiled_calls = self.captures = 0
         self.broken: str | None = None
 
     def __call__(self, *args):
         tensors: list = []
-        key: list = [torch.is_grad_enabled(), torch.is_autocast_enabled(), torch.get_float32_matmul_precision()]
+        key: list = []
         try:
             _walk(args, tensors, key)
-            key = tuple(key)
-            hash(key)
-        except TypeError:  # a leaf that is not hashable: no way to know it is the same call
+        except TypeError:  # what the key cannot vouch for (:func:`_walk`)
             return self._run(args)
-        if not tensors or (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()):
-            return self._run(args)  # no tensor to key on; or inside a graph the caller captures: theirs to replay
-        captured = self._graphs.get(key)
-        if captured is not None:
+        if not tensors or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack():
+            return self._run(args)  # no tensor to key on; or a mode that must see the stage's operations
+        device = tensors[0].device
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return self._run(args)  # inside a graph the caller captures: theirs to replay
+        key.append(self._backend.stream(device))
+        key = tuple(key)
+        try:
+            kept = self._graphs.get(key)
+        except TypeError:  # a frozen dataclass holding something unhashable
+            return self._run(args)
+        if kept is not None:
+            captured, state = kept
+            # The global state dynamo guards on (grad mode, autocast, TF32 and reduced-precision reductions,
+            # deterministic algorithms, default dtype): the compiled stage would recompile under another.
+            if not state.check():
+                return self._run(args)
             self._graphs.move_to_end(key)
             captured.graph.replay()
             self.replays += 1
@@ -179,24 +211,27 @@ class GraphedStage:
         return self._compiled(*self._prepare(args))
 
     def _capture(self, key: tuple, args: tuple, inputs: list):
+        device = inputs[0].device
+        if any(t.device != device for t in inputs):
+            return self._run(args)  # a CPU scalar tensor, say: its value would be baked into the graph
         prepared = self._prepare(args)
+        result = self._compiled(*prepared)  # this call's result as without graphs; also the stage's first run
+        state = GlobalStateGuard()
         try:
-            result, captured = self._backend.capture(lambda: self._compiled(*prepared), inputs[0].device)
+            captured = self._backend.capture(lambda: self._compiled(*prepared), device, key[-1])
         except Exception as e:  # noqa: BLE001 - a stage that cannot be captured runs compiled, as without graphs
             self.broken = f"{type(e).__name__}: {e}"
             logger.warning("cggr: CUDA graph capture of the %s stage failed (%s); it runs compiled, without "
                            "graphs, from now on", self.name, self.broken)
             self.compiled_calls += 1
-            return self._compiled(*prepared)
-        self._seen.pop(key, None)
-        addresses = {t.data_ptr() for t in inputs}
-        if any(t.data_ptr() in addresses for t in _tensors(captured.outputs)):
-            # An output that is an input (a stage returning what it was given): the graph's "output" would be
-            # the captured call's tensor, kept alive; such a stage runs compiled.
-            self.broken = "an output aliases an input"
-            logger.warning("cggr: the %s stage returns one of its inputs; it runs without CUDA graphs", self.name)
             return result
-        self._keep(key, captured)
+        self._seen.pop(key, None)
+        unfit = _unfit_outputs(captured.outputs, inputs)
+        if unfit:
+            self.broken = unfit
+            logger.warning("cggr: the %s stage runs without CUDA graphs: %s", self.name, unfit)
+            return result
+        self._keep(key, (captured, state))
         self.captures += 1
         if self.captures >= FUTILE_CAPTURES and self.replays < self.captures:
             self.broken = f"{self.captures} captures, {self.replays} replays: the inputs' addresses do not repeat"
@@ -205,18 +240,38 @@ class GraphedStage:
                            self.broken)
         return result
 
-    def _keep(self, key: tuple, captured: _Captured) -> None:
-        """Keep ``captured``, dropping the least recently replayed graph of the same call site (the same
-        tensors but for the activations' addresses) beyond :data:`MAX_VARIANTS`."""
+    def _keep(self, key: tuple, kept: tuple) -> None:
+        """Keep ``kept`` (a graph and the global state it was captured in), dropping the least recently replayed
+        graph of the same call site (the same tensors but for the activations' addresses) beyond
+        :data:`MAX_VARIANTS`. Safe beside another thread's calls (one per device in the autograd engine): the
+        keys are read at once, and a key another thread dropped is skipped."""
         site = _site(key)
-        same_site = [k for k in self._graphs if _site(k) == site]
+        same_site = [k for k in list(self._graphs) if _site(k) == site]
         for old in same_site[:max(0, len(same_site) + 1 - MAX_VARIANTS)]:
-            del self._graphs[old]
-        self._graphs[key] = captured
+            self._graphs.pop(old, None)
+        self._graphs[key] = kept
 
     def stats(self) -> dict:
         return dict(graphs=len(self._graphs), replays=self.replays, compiled_calls=self.compiled_calls,
                     captures=self.captures, broken=self.broken)
+
+
+def _unfit_outputs(outputs, inputs: list) -> str | None:
+    """Why the stage's result cannot be given as copies of the graph's outputs (:func:`_copy_out`), or None:
+    an output that shares memory with an input (the graph would hold the captured call's tensor) or with
+    another output (the copies would not), or whose copy differs in dtype or strides (``x * 1`` of a bool is an
+    integer; of a tensor with gaps or overlaps, dense)."""
+    storages = {t.untyped_storage().data_ptr() for t in inputs} - {0}  # 0: no memory, nothing shared
+    tensors = _tensors(outputs)
+    for t in tensors:
+        storage = t.untyped_storage().data_ptr()
+        if storage and storage in storages:
+            return "an output shares memory with an input or another output"
+        storages.add(storage)
+    for t, copy in zip(tensors, _tensors(_copy_out(outputs))):
+        if (copy.dtype, copy.stride()) != (t.dtype, t.stride()):
+            return f"an output of dtype {t.dtype}, strides {t.stride()} is copied as {copy.dtype}, {copy.stride()}"
+    return None
 
 
 def _site(key: tuple) -> tuple:
