@@ -10,8 +10,9 @@ that graph; every other call runs the compiled stage as before, and a call seen 
 Why that is exact: a graph reads its inputs at the addresses it was captured with, and :class:`GraphedStage`
 replays only when the call's tensors are at those addresses with the same layout, its other arguments are equal
 immutable values, and the global state dynamo guards on is as at the capture. It computes nothing on the host
-from their values (a stage has no host synchronisation, or its capture fails and the stage is never graphed). Its outputs live in the graphs' memory pool, which the next replay of any graph overwrites, so they
-are copied out right after each replay: the caller gets tensors no graph writes to.
+from their values (a stage has no host synchronisation, or its capture fails and the stage is never graphed).
+Its outputs live in the graphs' memory pool, which the next replay of any graph overwrites, so they are copied
+out right after each replay: the caller gets tensors no graph writes to.
 
 Opt-in (``CGGR_CUDA_GRAPHS=1``) while it is measured. Memory: each captured graph keeps its outputs' memory
 (about the size of its block's weight gradients plus two activation-sized tensors), bounded by
