@@ -48,9 +48,8 @@ EXPECTED = {
     "gemma": ("gemma", _VARIANT), "gemma3_text": ("gemma3", _VARIANT),
     "phi3": ("phi3", _VARIANT),
     # Liger's instance patch replaces OLMo 2's two post-norms (casting "llama": the product rounds in the input
-    # dtype) but leaves the q/k norms HF's (the product in fp32): norms of two kinds in one layer, which no spec
-    # describes, so the structure matches no compacted backward.
-    "olmo2": (None, "Olmo2DecoderLayer matches no compacted backward (olmo2)"),
+    # dtype) but leaves the q/k norms HF's (the product in fp32): the spec reads the q/k norms' kind apart.
+    "olmo2": ("olmo2", _VARIANT),
     # Families whose record has no compacted backward: the generic one, patched or not.
     "gemma2": (None, "model_type 'gemma2' has no compacted backward"),
     "granite": (None, "model_type 'granite' has no compacted backward"),
@@ -113,7 +112,7 @@ def test_liger_patched_family_takes_its_stated_backward_and_routed_gradients_equ
     assert out["min_depth"] < n
     assert out["routed_compact_blocks"] == (list(range(n)) if backward else []), out
     assert abs(out["loss"] - out["ref_loss"]) <= 1e-6 * abs(out["ref_loss"])
-    # fp32: measured at most 2.1e-6 (OLMo 2's generic backward), 1.1e-6 on a compacted one (Qwen 3).
+    # fp32, seed 3: measured at most 2.4e-6 (OLMo 2), 1.6e-6 (Gemma 3), under 1e-6 for the other families.
     bad = {name: err for name, err in out["errors"].items() if err is not None and not err < 1e-5}
     assert not bad, bad
     assert sum(err is not None for err in out["errors"].values()) > 0
