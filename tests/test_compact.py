@@ -710,7 +710,7 @@ def test_a_rope_no_variant_reads_is_refused(monkeypatch):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Liger's kernel on CPU tensors: the interpreter")
 def test_liger_rope_under_the_interpreter_takes_the_first_half_variant(monkeypatch):
-    """Liger-Kernel's own RoPE kernel (where installed: a ``bench`` extra, not in CI), through Triton's
+    """Liger-Kernel's own RoPE kernel (a ``test`` extra; tests/test_liger.py runs all its patches), through Triton's
     interpreter on the CPU: the block is admitted with the variant, and the Function equals the block."""
     rope = pytest.importorskip("liger_kernel.transformers.rope")
     monkeypatch.setattr(tf.models.llama.modeling_llama, "apply_rotary_pos_emb", rope.liger_rotary_pos_emb)

@@ -73,8 +73,9 @@ def _run(cases: list[tuple[str, int]]) -> dict:
 @pytest.fixture(scope="module")
 def outcomes(request):
     """The cases this session selected, shared out among one helper per core; a test waits for its own."""
-    wanted = list(dict.fromkeys(tuple(item.callspec.params[k] for k in ("kind", "seed")) for item in request.session.items
-              if item.module is request.module and "kind" in getattr(getattr(item, "callspec", None), "params", {})))
+    wanted = list(dict.fromkeys(
+        tuple(item.callspec.params[k] for k in ("kind", "seed")) for item in request.session.items
+        if item.module is request.module and "kind" in getattr(getattr(item, "callspec", None), "params", {})))
     workers = max(1, min(len(wanted), os.cpu_count() or 1))
     shares = [wanted[i::workers] for i in range(workers)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
