@@ -16,6 +16,7 @@ from cggr.adapters import find_layer_stack
 from cggr.compact import decoder, gpt2
 from cggr.compact import verify as V
 from cggr.compact.forward import CompactedForward
+from cggr.compact.pointwise import rms_norm
 from cggr.families import FAMILIES, compacted_backwards
 from cggr.routing import Routing
 from tests.tiny import COMPACTED_KINDS, compacted_kind, hf_model, rel_err, routed_as
@@ -574,6 +575,53 @@ def test_liger_patched_llama_blocks_take_the_compacted_path_when_the_check_passe
     assert _structural_family(_blocks(gemma_like)[0]) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("seed", [5, 2718], ids=lambda s: f"seed{s}")
+def test_olmo2_with_liger_post_norms_and_hf_qk_norms_takes_the_compacted_path_each_norm_rounding_its_way(seed,
+                                                                                                       dtype):
+    """Liger's patch of an OLMo 2 instance replaces the post-norms (casting "llama": the product rounds in the
+    input dtype) and leaves HF's q/k norms (the product in fp32): the spec reads each group's kind, and the
+    routed block equals the reference in fp32 and, in bf16, is as close to the fp32 reference as the layer."""
+    batch, seq = 3, 7
+    layer, ref, x, kwargs, kwargs_dt = _layer_and_kwargs("olmo2", seed, dtype, batch, seq)
+    for module in (layer, ref):
+        for name in ("post_attention_layernorm", "post_feedforward_layernorm"):
+            hf = getattr(module, name)
+            liger = LigerRMSNorm(hf.weight.shape[0], hf.variance_epsilon).to(hf.weight.dtype)
+            liger.weight.data.copy_(hf.weight.data)
+            setattr(module, name, liger)
+    found, reason = compact_decision(ref)
+    assert _name(found) == "olmo2", reason
+    assert not found.spec.norm.weight_in_fp32 and found.spec.qk_norm_kind.weight_in_fp32
+    g = torch.Generator().manual_seed(seed)
+    depth = torch.randint(0, 2, (batch, seq), generator=g)
+    depth[0, 0], depth[-1, -1] = 0, 1
+    gy = torch.randn(batch, seq, x.shape[-1], generator=g)
+    forward = _compacted(layer)
+    assert forward.spec == found.spec
+    routing = Routing.from_depth(depth, 1)
+    got = _grads(lambda xx: forward.run(routing, xx.to(dtype), (), kwargs_dt, False, 0), x,
+                 list(layer.parameters()), gy)
+    with cggr.reference_routing([ref], depth):
+        want = _grads(lambda xx: ref(xx, **kwargs), x, list(ref.parameters()), gy)
+    ours = [rel_err(a.float(), b) for a, b in zip(got, want)]
+    if dtype == torch.float32:
+        assert max(ours) < 1e-5, ours
+        return
+    # The q/k norms' rounding, which the tolerances below cannot tell: HF's q norm, bit for bit, with the spec's
+    # q/k kind and not with the block norms' kind.
+    q_norm = layer.self_attn.q_norm
+    q_raw = torch.randn(batch * seq, q_norm.weight.shape[0], generator=g).to(dtype)
+    assert torch.equal(rms_norm(q_raw, q_norm.weight, found.spec.q_norm_eps, found.spec.qk_norm_kind)[0],
+                       q_norm(q_raw))
+    assert not torch.equal(rms_norm(q_raw, q_norm.weight, found.spec.q_norm_eps, found.spec.norm)[0], q_norm(q_raw))
+    with cggr.reference_routing([layer], depth):
+        hf = _grads(lambda xx: layer(xx.to(dtype), **kwargs_dt), x, list(layer.parameters()), gy)
+    theirs = [rel_err(h.float(), b) for h, b in zip(hf, want)]
+    assert sum(ours) <= BF16_MEAN * sum(theirs), (ours, theirs)
+    assert all(a <= BF16_EACH * h + 1e-3 for a, h in zip(ours, theirs)), (ours, theirs)
+
+
 def _rope_reading(half_of: str):
     """HF's ``apply_rotary_pos_emb`` with cos/sin's ``half_of`` half read and repeated: "first" is what
     Liger-Kernel's RoPE kernel computes (it assumes HF's tables, ``cat(freqs, freqs)``), "second" no known one."""
@@ -662,7 +710,7 @@ def test_a_rope_no_variant_reads_is_refused(monkeypatch):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Liger's kernel on CPU tensors: the interpreter")
 def test_liger_rope_under_the_interpreter_takes_the_first_half_variant(monkeypatch):
-    """Liger-Kernel's own RoPE kernel (where installed: a ``bench`` extra, not in CI), through Triton's
+    """Liger-Kernel's own RoPE kernel (a ``test`` extra; tests/test_liger.py runs all its patches), through Triton's
     interpreter on the CPU: the block is admitted with the variant, and the Function equals the block."""
     rope = pytest.importorskip("liger_kernel.transformers.rope")
     monkeypatch.setattr(tf.models.llama.modeling_llama, "apply_rotary_pos_emb", rope.liger_rotary_pos_emb)

@@ -102,6 +102,13 @@ class DecoderSpec:
     # block fails the plain reading (verify.py); with it the Function computes what such a block computes for
     # any cos/sin, HF's tables or not.
     rotary_first_half: bool = False
+    # The q/k norms' kind where it differs from ``norm``: Liger-Kernel's patch of an OLMo 2 instance replaces the
+    # block's norms and leaves HF's q/k norms (they round elsewhere in bf16). None: ``norm``.
+    qk_norm_kind: RMSNormKind | None = None
+
+
+def _qk_kind(spec: DecoderSpec) -> RMSNormKind:
+    return spec.norm if spec.qk_norm_kind is None else spec.qk_norm_kind
 
 
 class DecoderWeights(NamedTuple):
@@ -224,14 +231,14 @@ def _qkv(x, cos, sin, spec: DecoderSpec, w: DecoderWeights):
     q_raw, k_raw, v = _project_qkv(a, w, spec)
     q, k, rstd_q, rstd_k = q_raw, k_raw, None, None
     if spec.qk_norm == "width":
-        q, rstd_q = rms_norm(q, w.q_norm, spec.q_norm_eps, spec.norm)
-        k, rstd_k = rms_norm(k, w.k_norm, spec.k_norm_eps, spec.norm)
+        q, rstd_q = rms_norm(q, w.q_norm, spec.q_norm_eps, _qk_kind(spec))
+        k, rstd_k = rms_norm(k, w.k_norm, spec.k_norm_eps, _qk_kind(spec))
     # Rotary in token-major layout [B, S, heads, hd] (contiguous in and out), then the heads-first views the
     # attention takes: the fused attention keeps that storage order for its output and gradients.
     q, k, v = q.view(B, S, H, hd), k.view(B, S, KV, hd), v.view(B, S, KV, hd)
     if spec.qk_norm == "head":
-        q, rstd_q = rms_norm(q, w.q_norm, spec.q_norm_eps, spec.norm)
-        k, rstd_k = rms_norm(k, w.k_norm, spec.k_norm_eps, spec.norm)
+        q, rstd_q = rms_norm(q, w.q_norm, spec.q_norm_eps, _qk_kind(spec))
+        k, rstd_k = rms_norm(k, w.k_norm, spec.k_norm_eps, _qk_kind(spec))
     c, s = cos.unsqueeze(2), sin.unsqueeze(2)
     q, k = q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
     if spec.qk_norm is None:
@@ -358,11 +365,11 @@ def _qk_norm_backward(d_a, raw, rstd, w, idx, spec: DecoderSpec, d_every=None):
         return t.reshape(-1, width)
 
     raw_a, rstd_a = per_norm(rows_of(raw, idx)), rows_of(rstd, idx).reshape(-1, 1)
-    d_raw_a = rms_input_grad(per_norm(d_a), None, raw_a, rstd_a, w, None, spec.norm).reshape(-1, C)
+    d_raw_a = rms_input_grad(per_norm(d_a), None, raw_a, rstd_a, w, None, _qk_kind(spec)).reshape(-1, C)
     if d_every is None:
-        dw = rms_weight_grad(per_norm(d_a), raw_a, rstd_a, None, spec.norm)
+        dw = rms_weight_grad(per_norm(d_a), raw_a, rstd_a, None, _qk_kind(spec))
     else:
-        dw = rms_weight_grad(per_norm(d_every), per_norm(raw), rstd.reshape(-1, 1), None, spec.norm)
+        dw = rms_weight_grad(per_norm(d_every), per_norm(raw), rstd.reshape(-1, 1), None, _qk_kind(spec))
     return d_raw_a, dw
 
 
@@ -620,8 +627,11 @@ def decoder_block_spec(layout: DecoderLayout, block) -> DecoderSpec | None:
     kinds = {k: None if m is None else _norm_kind(m, layout.norm) for k, m in norms.items()}
     if any(m is not None and kinds[k] is None for k, m in norms.items()):
         return None
-    if len({kind for kind, _ in filter(None, kinds.values())}) > 1:
-        return None  # norms of different kinds (a partly patched layer): not one spec
+    qk = ("q_norm", "k_norm")
+    block_kinds = {kinds[k][0] for k in kinds if k not in qk and kinds[k] is not None}
+    qk_kinds = {kinds[k][0] for k in qk if kinds[k] is not None}
+    if len(block_kinds) > 1 or len(qk_kinds) > 1:
+        return None  # the block's norms (or its q/k norms) of different kinds (a partly patched layer): not one spec
     if _gate_activation(mlp) != layout.activation:
         return None
     if (float(getattr(attn, "attention_dropout", 0.0) or 0.0) != 0.0 or not getattr(attn, "is_causal", True)
@@ -641,12 +651,14 @@ def decoder_block_spec(layout: DecoderLayout, block) -> DecoderSpec | None:
         if (norms["q_norm"].weight.shape[0], norms["k_norm"].weight.shape[0]) != (per or widths[0], per or widths[1]):
             return None
     eps = {k: None if kind_eps is None else kind_eps[1] for k, kind_eps in kinds.items()}
-    kind = next((kind for kind, _ in filter(None, kinds.values())), layout.norm)
+    kind = next(iter(block_kinds or qk_kinds), layout.norm)
+    qk_kind = next(iter(qk_kinds), kind)
     return DecoderSpec(hidden_size=o.out_features, num_heads=heads, num_kv_heads=kv, head_dim=hd,
                        scaling=float(getattr(attn, "scaling", hd ** -0.5)), input_norm_eps=eps["input_norm"],
                        mlp_norm_eps=eps["mlp_norm"], attention_out_norm_eps=eps["attention_out_norm"],
                        mlp_out_norm_eps=eps["mlp_out_norm"], q_norm_eps=eps["q_norm"], k_norm_eps=eps["k_norm"],
-                       qk_norm=layout.qk_norm, norm=kind, activation=layout.activation)
+                       qk_norm=layout.qk_norm, norm=kind, activation=layout.activation,
+                       qk_norm_kind=None if qk_kind == kind else qk_kind)
 
 
 # ------------------------------------------------------------------------------------------- a call's inputs
