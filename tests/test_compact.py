@@ -49,7 +49,9 @@ def compact_decision(block):
 
 
 def _structural_family(block):
-    return V.structural_match(block, compacted_backwards())
+    """``(backward, spec)`` the block's structure matches, or None (structural_match's reason dropped)."""
+    found = V.structural_match(block, compacted_backwards())
+    return None if isinstance(found, str) else found
 
 
 def _name(found):
@@ -79,7 +81,7 @@ def test_each_compacted_backward_recognises_its_own_families_only():
         if family.moe:
             continue
         block = _blocks(_model(kind, layers=1))[0]
-        found = [b.name for b in compacted_backwards() if b.spec(block) is not None]
+        found = [b.name for b in compacted_backwards() if not isinstance(b.spec(block), str)]
         if family.backward is not None:
             assert found == [family.backward.name], kind
         else:  # Llama's modules with other maths (Granite, SmolLM3, Ernie): for the attach-time check to refuse
@@ -305,8 +307,9 @@ def test_partial_rotary_calls_take_the_generic_backward():
 
 
 def test_decision_reasons():
-    assert compact_decision(torch.nn.Linear(4, 4)) == (
-        None, f"Linear matches no compacted backward ({', '.join(BACKWARDS)})")
+    found, reason = compact_decision(torch.nn.Linear(4, 4))
+    assert found is None and reason.startswith("Linear matches no compacted backward (llama: no self_attn and mlp")
+    assert [part.split(":")[0] for part in reason.split("(", 1)[1].split("; ")] == BACKWARDS  # each one's reason
     moe = hf_model("mixtral", layers=1)
     found, reason = compact_decision(moe.model.layers[0])
     assert found is None and "mixture-of-experts" in reason
@@ -533,7 +536,8 @@ def test_saving_block_keeps_its_attention_backward_once_and_recomputes_after(see
 
 
 class LigerRMSNorm(tf.models.llama.modeling_llama.LlamaRMSNorm):
-    """Stands in for Liger-Kernel's class of this name (its attributes, HF's maths): Liger needs a GPU."""
+    """Stands in for Liger-Kernel's class of this name (its attributes, HF's maths): these tests need no Liger
+    (tests/test_liger.py runs Liger's own)."""
 
     def __init__(self, hidden_size, eps, offset=0.0, casting_mode="llama"):
         super().__init__(hidden_size, eps)
@@ -777,3 +781,26 @@ def test_check_runs_on_the_blocks_gpu_without_tf32_or_compiling():
     assert all(found is not None for found, _ in decisions), decisions
     assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]
     print(f"check of 2 blocks of 44M parameters on {torch.cuda.get_device_name()}: {seconds:.2f} s")
+
+
+@pytest.mark.parametrize("change,named", [
+    ("extra_parameter", "parameters the layout does not read: extra"),
+    ("activation", "the MLP's gate activation is not one the layouts know, not silu"),
+    ("norm", "post_attention_layernorm: not an RMSNorm of the layout's kind (LayerNorm)"),
+    ("projection", "o_proj missing or not nn.Linear")])
+def test_a_block_that_matches_no_compacted_backward_is_told_what_differs(change, named):
+    """The router's report names the first difference from each candidate backward, not only that none matched
+    (a patched layer that falls back is then found without reading the layouts)."""
+    block = _blocks(_model("llama"))[0]
+    if change == "extra_parameter":
+        block.extra = torch.nn.Parameter(torch.zeros(3))
+    elif change == "activation":
+        block.mlp.act_fn = torch.nn.ReLU()
+    elif change == "norm":
+        block.post_attention_layernorm = torch.nn.LayerNorm(block.post_attention_layernorm.weight.shape[0], bias=False)
+    else:
+        block.self_attn.o_proj = torch.nn.Identity()
+    found, reason = compact_decision(block)
+    assert found is None and "LlamaDecoderLayer matches no compacted backward (" in reason, reason
+    assert f"llama: {named}" in reason, reason
+    assert all(f"{b.name}: " in reason for b in compacted_backwards()), reason

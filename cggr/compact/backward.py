@@ -32,9 +32,10 @@ class CompactedBackward:
 
     name: str
     """Its name in the router's report ("compacted (llama)") and in warnings."""
-    spec: Callable[[torch.nn.Module], Any]
-    """``spec(block)``: the block's shape (a frozen dataclass with a ``hidden_size``), or None when the block does
-    not have this backward's structure. Structure is not behaviour: the attach-time check decides."""
+    spec: Callable[[torch.nn.Module], Any | str]
+    """``spec(block)``: the block's shape (a frozen dataclass with a ``hidden_size``), or, when the block does not
+    have this backward's structure, a string saying what differs (the router's report names it). Structure is
+    not behaviour: the attach-time check decides."""
     weights: Callable[[torch.nn.Module], tuple]
     """``weights(block)``: the block's parameters as the Functions take them, a named tuple (None for a
     piece the block does not have)."""

@@ -574,11 +574,11 @@ def _linear(m, bias: bool = True):
 
 
 def _modules(layout: DecoderLayout, block):
-    """The block's modules the layout names: ``(attn, mlp, projections, norms)``, or None where one is missing or
-    of another kind (a projection not an ``nn.Linear``)."""
+    """The block's modules the layout names: ``(attn, mlp, projections, norms)``, or what is missing or of another
+    kind (a projection not an ``nn.Linear``), in words."""
     attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
     if attn is None or mlp is None:
-        return None
+        return "no self_attn and mlp modules"
     qkv = ((_linear(getattr(attn, "qkv_proj", None), bias=False),) if layout.fused_qkv
            else tuple(_linear(getattr(attn, n, None)) for n in ("q_proj", "k_proj", "v_proj")))
     gate_up = ((_linear(getattr(mlp, "gate_up_proj", None), bias=False),) if layout.fused_gate_up
@@ -589,10 +589,15 @@ def _modules(layout: DecoderLayout, block):
              "attention_out_norm": (block, layout.attention_out_norm), "mlp_out_norm": (block, layout.mlp_out_norm),
              "q_norm": (attn, "q_norm" if qk else None), "k_norm": (attn, "k_norm" if qk else None)}
     norms = {k: (None if name is None else getattr(owner, name, None)) for k, (owner, name) in names.items()}
-    if any(m is None for m in (*qkv, *gate_up, o, down)):
-        return None
-    if any(norms[k] is None for k, (_, name) in names.items() if name is not None):
-        return None
+    projections = ((("qkv_proj",) if layout.fused_qkv else ("q_proj", "k_proj", "v_proj"))
+                   + (("gate_up_proj",) if layout.fused_gate_up else ("gate_proj", "up_proj"))
+                   + ("o_proj", "down_proj"))
+    missing = [n for n, m in zip(projections, (*qkv, *gate_up, o, down)) if m is None]
+    if missing:
+        return f"{', '.join(missing)} missing or not nn.Linear (with no bias where the layout has none)"
+    missing = [name for k, (_, name) in names.items() if name is not None and norms[k] is None]
+    if missing:
+        return f"no {', '.join(missing)}"
     return attn, mlp, qkv, gate_up, o, down, norms
 
 
@@ -614,42 +619,54 @@ def decoder_weights(layout: DecoderLayout, block) -> DecoderWeights:
                           down_bias=down.bias)
 
 
-def decoder_block_spec(layout: DecoderLayout, block) -> DecoderSpec | None:
+def decoder_block_spec(layout: DecoderLayout, block) -> DecoderSpec | str:
     """The block's spec if it has the modules ``layout`` names, of the kinds it reads (RMSNorms of the layout's
-    kind, linear projections, the gate activation), and no other parameters; else None."""
+    kind, linear projections, the gate activation), and no other parameters; else the first difference found,
+    in words (for the router's report)."""
     found = _modules(layout, block)
-    if found is None:
-        return None
+    if isinstance(found, str):
+        return found
     attn, mlp, qkv, _, o, down, norms = found
     w = decoder_weights(layout, block)
-    if {id(p) for p in block.parameters()} != {id(t) for t in w if t is not None}:
-        return None  # parameters the layout does not read: another layer (a q/k norm, a sandwich norm, adapters)
+    read = {id(t) for t in w if t is not None}
+    other = [n for n, p in block.named_parameters() if id(p) not in read]
+    if other:  # another layer's pieces (a q/k norm, a sandwich norm, adapters)
+        return f"parameters the layout does not read: {', '.join(other[:4])}{', ...' if len(other) > 4 else ''}"
     kinds = {k: None if m is None else _norm_kind(m, layout.norm) for k, m in norms.items()}
-    if any(m is not None and kinds[k] is None for k, m in norms.items()):
-        return None
+    odd = [k for k, m in norms.items() if m is not None and kinds[k] is None]
+    if odd:
+        where = dict(input_norm=layout.input_norm, mlp_norm=layout.mlp_norm, q_norm="self_attn.q_norm",
+                     attention_out_norm=layout.attention_out_norm, mlp_out_norm=layout.mlp_out_norm,
+                     k_norm="self_attn.k_norm")
+        return (f"{', '.join(where[k] for k in odd)}: not an RMSNorm of the layout's kind "
+                f"({type(norms[odd[0]]).__name__})")
     qk = ("q_norm", "k_norm")
     block_kinds = {kinds[k][0] for k in kinds if k not in qk and kinds[k] is not None}
     qk_kinds = {kinds[k][0] for k in qk if kinds[k] is not None}
-    if len(block_kinds) > 1 or len(qk_kinds) > 1:
-        return None  # the block's norms (or its q/k norms) of different kinds (a partly patched layer): not one spec
-    if _gate_activation(mlp) != layout.activation:
-        return None
-    if (float(getattr(attn, "attention_dropout", 0.0) or 0.0) != 0.0 or not getattr(attn, "is_causal", True)
-            or getattr(attn, "attn_logit_softcapping", None) is not None):
-        return None  # dropout in the attention (in training), bidirectional attention, softcapped logits
+    if len(block_kinds) > 1 or len(qk_kinds) > 1:  # a partly patched layer: not one spec
+        return "norms that round in different places (some patched, some not)"
+    activation = _gate_activation(mlp)
+    if activation != layout.activation:
+        return f"the MLP's gate activation is {activation or 'not one the layouts know'}, not {layout.activation}"
+    if float(getattr(attn, "attention_dropout", 0.0) or 0.0) != 0.0:
+        return "dropout in the attention"
+    if not getattr(attn, "is_causal", True):
+        return "bidirectional attention"
+    if getattr(attn, "attn_logit_softcapping", None) is not None:
+        return "softcapped attention logits"
     hd = getattr(attn, "head_dim", None)
     if not isinstance(hd, int) or hd <= 0 or hd % 2 or o.in_features % hd:
-        return None
+        return f"head_dim {hd!r} is not an even divisor of o_proj's input width {o.in_features}"
     heads = o.in_features // hd
     kv = (qkv[0].out_features - heads * hd) // (2 * hd) if layout.fused_qkv else qkv[1].out_features // hd
     widths = [heads * hd, kv * hd, kv * hd]
     if kv <= 0 or heads % kv or (sum(widths) != qkv[0].out_features if layout.fused_qkv
                                  else [m.out_features for m in qkv] != widths):
-        return None
+        return f"q/k/v widths {[m.out_features for m in qkv]} are not grouped-query heads of {hd}"
     if layout.qk_norm is not None:
         per = hd if layout.qk_norm == "head" else None
         if (norms["q_norm"].weight.shape[0], norms["k_norm"].weight.shape[0]) != (per or widths[0], per or widths[1]):
-            return None
+            return f"q/k norms not {'per head' if per else 'over the projection width'}"
     eps = {k: None if kind_eps is None else kind_eps[1] for k, kind_eps in kinds.items()}
     kind = next(iter(block_kinds or qk_kinds), layout.norm)
     qk_kind = next(iter(qk_kinds), kind)

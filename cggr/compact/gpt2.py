@@ -248,25 +248,26 @@ def qkv_backward_rows(dq, dk, dv, x, mean1, rstd1, w: GPT2Weights, idx, dh, dx_b
     return scatter_rows(dx_a, idx, N, dx_base), grads
 
 
-def gpt2_block_spec(block) -> GPT2BlockSpec | None:
-    """The block's shape if it is a GPT-2 block this path handles, else None."""
+def gpt2_block_spec(block) -> GPT2BlockSpec | str:
+    """The block's shape if it is a GPT-2 block this path handles, else the first difference found, in words."""
     attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
     ln1, ln2 = getattr(block, "ln_1", None), getattr(block, "ln_2", None)
     if attn is None or mlp is None or not isinstance(ln1, torch.nn.LayerNorm) or not isinstance(ln2, torch.nn.LayerNorm):
-        return None
+        return "no attn and mlp modules with LayerNorms ln_1, ln_2"
     if hasattr(block, "crossattention") or getattr(attn, "is_cross_attention", False):
-        return None
+        return "cross-attention"
     convs = [getattr(attn, "c_attn", None), getattr(attn, "c_proj", None), getattr(mlp, "c_fc", None),
              getattr(mlp, "c_proj", None)]
     if not all(type(c).__name__ == "Conv1D" and getattr(c, "bias", None) is not None for c in convs):
-        return None
+        return "projections that are not HF's Conv1D with a bias"
     if getattr(attn, "reorder_and_upcast_attn", False) or ln1.weight is None or ln2.weight is None:
-        return None
-    if type(getattr(mlp, "act", None)).__name__ not in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh"):
-        return None
+        return "reorder_and_upcast_attn, or LayerNorms without weights"
+    activation = type(getattr(mlp, "act", None)).__name__
+    if activation not in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh"):
+        return f"the MLP's activation is {activation}, not the tanh GELU"
     heads, head_dim = getattr(attn, "num_heads", None), getattr(attn, "head_dim", None)
     if heads is None or head_dim is None:
-        return None
+        return "no num_heads or head_dim on the attention"
     return GPT2BlockSpec(hidden_size=ln1.weight.shape[0], num_heads=heads, head_dim=head_dim,
                          scaling=float(getattr(attn, "scaling", head_dim ** -0.5)), eps1=float(ln1.eps),
                          eps2=float(ln2.eps))

@@ -83,18 +83,20 @@ def clear_cache() -> None:
 
 
 def structural_match(block: torch.nn.Module, backwards: Sequence[CompactedBackward]
-                     ) -> tuple[CompactedBackward, Any] | None:
+                     ) -> tuple[CompactedBackward, Any] | str:
     """``(backward, spec)`` of the first of ``backwards`` whose structure (modules, class names) ``block`` has,
-    else None.
+    else why none matched, in words (each backward's first difference).
 
     Structure is not behaviour: a layer can have a Llama layer's modules and compute something else (Granite's
     multipliers, another rotary, layers without rotary). :func:`compact_decision` checks the behaviour.
     """
+    differences = []
     for backward in backwards:
         spec = backward.spec(block)
-        if spec is not None:
+        if not isinstance(spec, str):
             return backward, spec
-    return None
+        differences.append(f"{backward.name}: {spec}")
+    return "; ".join(differences) or "none given"
 
 
 class Compacted(NamedTuple):
@@ -117,9 +119,8 @@ def compact_decision(block: torch.nn.Module, backwards: Sequence[CompactedBackwa
     if any(is_moe_module(m) for m in block.modules()):
         return None, "mixture-of-experts block: the compacted backwards know dense MLPs only"
     found = structural_match(block, backwards)
-    if found is None:
-        return None, (f"{type(block).__name__} matches no compacted backward "
-                      f"({', '.join(b.name for b in backwards) or 'none given'})")
+    if isinstance(found, str):
+        return None, f"{type(block).__name__} matches no compacted backward ({found})"
     backward, spec = found
     verdict = verify(block, backward, spec)
     if not verdict.ok:
