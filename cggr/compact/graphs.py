@@ -47,13 +47,6 @@ class _Captured(NamedTuple):
     outputs: Any  # the stage's result, its tensors in the graph's memory
 
 
-def _is_weight(t: torch.Tensor) -> bool:
-    """Whether ``t`` looks like a trained weight: a leaf that requires grad and is no view (in the backward a
-    view of the block input also requires grad). Weights keep their addresses; a frozen one is not told from an
-    activation, which only merges call sites (:func:`_site`)."""
-    return t.requires_grad and t.is_leaf and t._base is None
-
-
 _VALUES = (type(None), bool, int, float, str, torch.dtype, torch.device)
 """Leaves a key holds as themselves: immutable values compared by value (with their type: ``1 == True``)."""
 
@@ -66,15 +59,16 @@ def _frozen_dataclass(cls) -> bool:
 
 def _walk(x, tensors: list, key: list) -> None:
     """Append ``x``'s tensors to ``tensors`` and what identifies the call to ``key``: each tensor's address,
-    layout and whether it is a weight (:func:`_is_weight`), every other leaf with its type. Tuples (named or
-    not) are walked. Raises TypeError for what a key cannot vouch for: a tensor subclass (it may read memory
+    layout and whether it looks like a trained weight (a leaf that requires grad and is no view: in the backward
+    a view of the block input also requires grad; a frozen weight is not told from an activation, which only
+    merges call sites, :func:`_site`), every other leaf with its type. Tuples (named or not) are walked. Raises TypeError for what a key cannot vouch for: a tensor subclass (it may read memory
     other than its own, or have none) and a leaf that is no immutable value (an object compared by identity
     may have changed since the capture, and the graph holds what it read then)."""
     cls = type(x)  # one type test per argument: this runs for some 60 arguments per stage call
     if cls is torch.Tensor or cls is torch.nn.Parameter:
         tensors.append(x)
         key.append((x.data_ptr(), x.shape, x.stride(), x.dtype, x.device,
-                    x.requires_grad and x.is_leaf and x._base is None))  # _is_weight(x), inlined
+                    x.requires_grad and x.is_leaf and x._base is None))
     elif cls is type(None):
         key.append(None)
     elif isinstance(x, tuple):
@@ -168,7 +162,7 @@ class GraphedStage:
         self._backend = backend or CudaGraphs()
         # each key's graph and the global state it was captured in, least recently replayed first
         self._graphs: collections.OrderedDict[tuple, tuple[_Captured, GlobalStateGuard]] = collections.OrderedDict()
-        self._seen: dict[tuple, int] = {}
+        self._seen: set[tuple] = set()  # keys called once, not yet captured
         self.replays = self.compiled_calls = self.captures = 0
         self.broken: str | None = None
 
@@ -200,10 +194,12 @@ class GraphedStage:
             captured.graph.replay()
             self.replays += 1
             return _copy_out(captured.outputs)
-        if self.broken is not None or self._seen.get(key, 0) < 1:
+        if self.broken is not None:
+            return self._run(args)
+        if key not in self._seen:
             if len(self._seen) >= MAX_SEEN:
                 self._seen.clear()
-            self._seen[key] = self._seen.get(key, 0) + 1
+            self._seen.add(key)
             return self._run(args)
         return self._capture(key, args, tensors)
 
@@ -226,7 +222,7 @@ class GraphedStage:
                            "graphs, from now on", self.name, self.broken)
             self.compiled_calls += 1
             return result
-        self._seen.pop(key, None)
+        self._seen.discard(key)
         unfit = _unfit_outputs(captured.outputs, inputs)
         if unfit:
             self.broken = unfit
