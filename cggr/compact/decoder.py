@@ -573,6 +573,15 @@ def _linear(m, bias: bool = True):
     return m if isinstance(m, torch.nn.Linear) and (bias or m.bias is None) else None
 
 
+def _norm_paths(layout: DecoderLayout) -> dict[str, str | None]:
+    """Where each norm of the layout sits in the block, by its field of :class:`DecoderWeights` (None: the layout
+    has no such norm)."""
+    qk = layout.qk_norm is not None
+    return dict(input_norm=layout.input_norm, mlp_norm=layout.mlp_norm, attention_out_norm=layout.attention_out_norm,
+                mlp_out_norm=layout.mlp_out_norm, q_norm="self_attn.q_norm" if qk else None,
+                k_norm="self_attn.k_norm" if qk else None)
+
+
 def _modules(layout: DecoderLayout, block):
     """The block's modules the layout names: ``(attn, mlp, projections, norms)``, or what is missing or of another
     kind (a projection not an ``nn.Linear``), in words."""
@@ -584,18 +593,16 @@ def _modules(layout: DecoderLayout, block):
     gate_up = ((_linear(getattr(mlp, "gate_up_proj", None), bias=False),) if layout.fused_gate_up
                else tuple(_linear(getattr(mlp, n, None)) for n in ("gate_proj", "up_proj")))
     o, down = _linear(getattr(attn, "o_proj", None)), _linear(getattr(mlp, "down_proj", None))
-    qk = layout.qk_norm is not None
-    names = {"input_norm": (block, layout.input_norm), "mlp_norm": (block, layout.mlp_norm),
-             "attention_out_norm": (block, layout.attention_out_norm), "mlp_out_norm": (block, layout.mlp_out_norm),
-             "q_norm": (attn, "q_norm" if qk else None), "k_norm": (attn, "k_norm" if qk else None)}
-    norms = {k: (None if name is None else getattr(owner, name, None)) for k, (owner, name) in names.items()}
+    paths = _norm_paths(layout)
+    norms = {k: None if path is None else functools.reduce(lambda m, n: getattr(m, n, None), path.split("."), block)
+             for k, path in paths.items()}
     projections = ((("qkv_proj",) if layout.fused_qkv else ("q_proj", "k_proj", "v_proj"))
                    + (("gate_up_proj",) if layout.fused_gate_up else ("gate_proj", "up_proj"))
                    + ("o_proj", "down_proj"))
     missing = [n for n, m in zip(projections, (*qkv, *gate_up, o, down)) if m is None]
     if missing:
         return f"{', '.join(missing)} missing or not nn.Linear (with no bias where the layout has none)"
-    missing = [name for k, (_, name) in names.items() if name is not None and norms[k] is None]
+    missing = [path for k, path in paths.items() if path is not None and norms[k] is None]
     if missing:
         return f"no {', '.join(missing)}"
     return attn, mlp, qkv, gate_up, o, down, norms
@@ -635,10 +642,8 @@ def decoder_block_spec(layout: DecoderLayout, block) -> DecoderSpec | str:
     kinds = {k: None if m is None else _norm_kind(m, layout.norm) for k, m in norms.items()}
     odd = [k for k, m in norms.items() if m is not None and kinds[k] is None]
     if odd:
-        where = dict(input_norm=layout.input_norm, mlp_norm=layout.mlp_norm, q_norm="self_attn.q_norm",
-                     attention_out_norm=layout.attention_out_norm, mlp_out_norm=layout.mlp_out_norm,
-                     k_norm="self_attn.k_norm")
-        return (f"{', '.join(where[k] for k in odd)}: not an RMSNorm of the layout's kind "
+        paths = _norm_paths(layout)
+        return (f"{', '.join(paths[k] for k in odd)}: not an RMSNorm of the layout's kind "
                 f"({type(norms[odd[0]]).__name__})")
     qk = ("q_norm", "k_norm")
     block_kinds = {kinds[k][0] for k in kinds if k not in qk and kinds[k] is not None}
