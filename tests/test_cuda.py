@@ -357,6 +357,9 @@ def test_cuda_graphs_replay_the_compiled_stages_exactly(monkeypatch, family, sam
     replays = sum(s.replays - before.get(name, 0) for name, s in graphs._STAGES.items())
     print(f"{family} {sampling} ckpt={checkpointing}: {replays} replays; {graphs.graph_stats()}")
     assert replays > 0 and not any(s.broken for s in graphs._STAGES.values())
+    for name, stats in graphs.graph_stats().items():  # the blocks at one row count share their output buffers
+        assert stats["output_buffers"] <= min(stats["graphs"], graphs.MAX_SIGNATURES), (name, stats)
+        assert stats["graphs"] < 4 or stats["output_buffers"] < stats["graphs"], (name, stats)
     for step, (a, b) in enumerate(zip(replayed, plain)):
         for name, r in b.items():
             if r.norm() > 0:

@@ -155,6 +155,43 @@ def test_each_call_site_keeps_at_most_max_variants_graphs(case):
     assert s.replays == graphs.MAX_VARIANTS
 
 
+def test_graphs_of_outputs_of_one_layout_share_their_buffers_and_each_replay_is_copied_out(case):
+    """Every block's graph at one row count writes its outputs into the same buffers (the memory the graphs keep is
+    one block's outputs per row count, not one per block); each replay's result is copied out before the next
+    replay overwrites them."""
+    x, idx, weights = case
+    blocks = [Weights((weights.w.detach() * (b + 1)).requires_grad_(), None) for b in range(3)]
+    inputs = [x * (b - 1) for b in range(3)]
+    s = graphed_stage()
+    for _ in range(2):
+        for xb, wb in zip(inputs, blocks):
+            s(xb, idx, wb, 0.5)
+    assert s.captures == 3 and s.stats()["output_buffers"] == 1
+    buffers = [graphs._tensors(kept.captured.outputs) for kept in s._graphs.values()]
+    assert all(a is b for other in buffers[1:] for a, b in zip(buffers[0], other))
+    results = [s(xb, idx, wb, 0.5) for xb, wb in zip(inputs, blocks)]  # three replays, one after another
+    assert s.replays == 3
+    for got, xb, wb in zip(results, inputs, blocks):
+        assert_same(got, stage(xb, idx, wb, 0.5))
+
+
+def test_at_most_max_signatures_output_layouts_keep_graphs_and_buffers(case, monkeypatch):
+    """Row counts beyond :data:`MAX_SIGNATURES` drop the least recently replayed count's graphs with its buffers;
+    a dropped count is captured again when it comes back."""
+    monkeypatch.setattr(graphs, "MAX_SIGNATURES", 2)
+    x, idx, weights = case
+    s = graphed_stage()
+    for k in (7, 6, 5):
+        for _ in range(2):
+            s(x, idx[:k], weights, 0.5)
+    assert s.captures == 3 and len(s._graphs) == 2 and s.stats()["output_buffers"] == 2
+    assert {g.captured.outputs[0].shape[0] for g in s._graphs.values()} == {6, 5}
+    for k in (6, 5, 7, 7, 7):
+        assert_same(s(x, idx[:k], weights, 0.5), stage(x, idx[:k], weights, 0.5))
+    assert s.replays == 3 and s.captures == 4  # 6 and 5 replayed; 7 seen, captured, replayed
+    assert {g.captured.outputs[0].shape[0] for g in s._graphs.values()} == {5, 7}
+
+
 def test_an_unhashable_argument_runs_compiled(case):
     x, idx, weights = case
     s = GraphedStage("lists", lambda x, idx, extra: x[idx] * len(extra), prepared, backend=FakeGraphs())

@@ -14,9 +14,12 @@ from their values (a stage has no host synchronisation, or its capture fails and
 Its outputs live in the graphs' memory pool, which the next replay of any graph overwrites, so they are copied
 out right after each replay: the caller gets tensors no graph writes to.
 
-Opt-in (``CGGR_CUDA_GRAPHS=1``) while it is measured. Memory: each captured graph keeps its outputs' memory
-(about the size of its block's weight gradients plus two activation-sized tensors), bounded by
-:data:`MAX_VARIANTS` graphs per block and row count.
+Opt-in (``CGGR_CUDA_GRAPHS=1``) while it is measured. Memory: a graph's last kernels copy its outputs into
+buffers that every graph of the stage with outputs of the same shapes shares (one set per row count and
+stream, not one per block: the graphs replay one at a time on their stream, each copied out before the next),
+so the graphs of a block stack keep about one block's weight gradients and two activation-sized tensors per
+row count, at most :data:`MAX_SIGNATURES` row counts per stage; everything else a capture allocates is
+temporary, in the pool the graphs share.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ micro-batch of a step allocates the gradients and so may see other addresses tha
 FUTILE_CAPTURES = 64
 """Captures after which a stage that has replayed fewer times than it captured stops capturing: its inputs'
 addresses do not repeat in this loop (a capture costs about two runs of the stage)."""
+MAX_SIGNATURES = 8
+"""Output shapes (row counts, in practice) per stage whose shared output buffers are kept: beyond that the graphs
+of the least recently replayed one are dropped with its buffers (per-block placement uses at most three: the
+dense end blocks', and the middle blocks' one or two)."""
 MAX_SEEN = 4096
 """Signatures remembered until their second call; forgotten all at once beyond that (addresses that never
 repeat, such as a loop that allocates differently every step, then capture nothing)."""
@@ -44,7 +51,13 @@ repeat, such as a loop that allocates differently every step, then capture nothi
 
 class _Captured(NamedTuple):
     graph: Any  # torch.cuda.CUDAGraph, or a test's stand-in with .replay()
-    outputs: Any  # the stage's result, its tensors in the graph's memory
+    outputs: Any  # the stage's result, its tensors the shared output buffers the graph writes last
+
+
+class _Kept(NamedTuple):
+    captured: _Captured
+    state: GlobalStateGuard  # the global state dynamo guards on, at the capture
+    signature: tuple  # the outputs' (device, stream, layouts): which shared buffers the graph writes
 
 
 _VALUES = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -160,8 +173,8 @@ class GraphedStage:
     def __init__(self, name: str, compiled: Callable, prepare: Callable[[tuple], tuple], backend=None):
         self.name, self._compiled, self._prepare = name, compiled, prepare
         self._backend = backend or CudaGraphs()
-        # each key's graph and the global state it was captured in, least recently replayed first
-        self._graphs: collections.OrderedDict[tuple, tuple[_Captured, GlobalStateGuard]] = collections.OrderedDict()
+        self._graphs: collections.OrderedDict[tuple, _Kept] = collections.OrderedDict()  # least recently replayed first
+        self._buffers: dict[tuple, list] = {}  # output signature -> the buffers its graphs write their outputs to
         self._seen: set[tuple] = set()  # keys called once, not yet captured
         self.replays = self.compiled_calls = self.captures = 0
         self.broken: str | None = None
@@ -185,15 +198,14 @@ class GraphedStage:
         except TypeError:  # a frozen dataclass holding something unhashable
             return self._run(args)
         if kept is not None:
-            captured, state = kept
             # The global state dynamo guards on (grad mode, autocast, TF32 and reduced-precision reductions,
             # deterministic algorithms, default dtype): the compiled stage would recompile under another.
-            if not state.check():
+            if not kept.state.check():
                 return self._run(args)
             self._graphs.move_to_end(key)
-            captured.graph.replay()
+            kept.captured.graph.replay()
             self.replays += 1
-            return _copy_out(captured.outputs)
+            return _copy_out(kept.captured.outputs)  # before any other replay writes the shared buffers
         if self.broken is not None:
             return self._run(args)
         if key not in self._seen:
@@ -213,9 +225,30 @@ class GraphedStage:
             return self._run(args)  # a CPU scalar tensor, say: its value would be baked into the graph
         prepared = self._prepare(args)
         result = self._compiled(*prepared)  # this call's result as without graphs; also the stage's first run
+        unfit = _unfit_outputs(result, inputs)
+        if unfit:
+            self.broken = unfit
+            logger.warning("cggr: the %s stage runs without CUDA graphs: %s", self.name, unfit)
+            self.compiled_calls += 1
+            return result
+        layouts = tuple((t.shape, t.stride(), t.dtype) for t in _tensors(result))
+        signature = (device, key[-1], layouts)
+        buffers = self._buffers.get(signature)
+        if buffers is None:  # allocated outside the capture, on the stream the graphs replay on
+            buffers = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                       for shape, stride, dtype in layouts]
+
+        def run():  # the stage, then its outputs copied into the shared buffers: all the graph leaves behind
+            fresh = _tensors(self._compiled(*prepared))
+            if tuple((t.shape, t.stride(), t.dtype) for t in fresh) != layouts:
+                raise RuntimeError("the stage's outputs changed layout between two calls on the same inputs")
+            for buffer, t in zip(buffers, fresh):
+                buffer.copy_(t)
+            return _replace_tensors(result, iter(buffers))
+
         state = GlobalStateGuard()
         try:
-            captured = self._backend.capture(lambda: self._compiled(*prepared), device, key[-1])
+            captured = self._backend.capture(run, device, key[-1])
         except Exception as e:  # noqa: BLE001 - a stage that cannot be captured runs compiled, as without graphs
             self.broken = f"{type(e).__name__}: {e}"
             logger.warning("cggr: CUDA graph capture of the %s stage failed (%s); it runs compiled, without "
@@ -223,34 +256,40 @@ class GraphedStage:
             self.compiled_calls += 1
             return result
         self._seen.discard(key)
-        unfit = _unfit_outputs(captured.outputs, inputs)
-        if unfit:
-            self.broken = unfit
-            logger.warning("cggr: the %s stage runs without CUDA graphs: %s", self.name, unfit)
-            return result
-        self._keep(key, (captured, state))
+        self._buffers[signature] = buffers
+        self._keep(key, _Kept(captured, state, signature))
         self.captures += 1
         if self.captures >= FUTILE_CAPTURES and self.replays < self.captures:
             self.broken = f"{self.captures} captures, {self.replays} replays: the inputs' addresses do not repeat"
             self._graphs.clear()
+            self._buffers.clear()
             logger.warning("cggr: the %s stage stops capturing CUDA graphs (%s); it runs compiled", self.name,
                            self.broken)
         return result
 
-    def _keep(self, key: tuple, kept: tuple) -> None:
-        """Keep ``kept`` (a graph and the global state it was captured in), dropping the least recently replayed
-        graph of the same call site (the same tensors but for the activations' addresses) beyond
-        :data:`MAX_VARIANTS`. Safe beside another thread's calls (one per device in the autograd engine): the
-        keys are read at once, and a key another thread dropped is skipped."""
+    def _keep(self, key: tuple, kept: _Kept) -> None:
+        """Keep ``kept``, dropping the least recently replayed graph of the same call site (the same tensors but
+        for the activations' addresses) beyond :data:`MAX_VARIANTS`, then the graphs of the least recently
+        replayed output signature beyond :data:`MAX_SIGNATURES`, and buffers no graph writes any more. Safe beside
+        another thread's calls (one per device in the autograd engine): the keys are read at once, and a key
+        another thread dropped is skipped."""
         site = _site(key)
         same_site = [k for k in list(self._graphs) if _site(k) == site]
         for old in same_site[:max(0, len(same_site) + 1 - MAX_VARIANTS)]:
             self._graphs.pop(old, None)
         self._graphs[key] = kept
+        by_recency = list(dict.fromkeys(k.signature for k in list(self._graphs.values())))
+        for dropped in by_recency[:max(0, len(by_recency) - MAX_SIGNATURES)]:
+            for k in [k for k, v in list(self._graphs.items()) if v.signature == dropped]:
+                self._graphs.pop(k, None)
+        written = {v.signature for v in list(self._graphs.values())}
+        for signature in [s for s in list(self._buffers) if s not in written]:
+            self._buffers.pop(signature, None)
 
     def stats(self) -> dict:
         return dict(graphs=len(self._graphs), replays=self.replays, compiled_calls=self.compiled_calls,
-                    captures=self.captures, broken=self.broken)
+                    captures=self.captures, broken=self.broken, output_buffers=len(self._buffers),
+                    output_buffer_bytes=sum(t.untyped_storage().nbytes() for b in self._buffers.values() for t in b))
 
 
 def _unfit_outputs(outputs, inputs: list) -> str | None:
