@@ -61,8 +61,8 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "speed-*.json"))):
     print(report.speed_summary(records))
     for r in records:
         if r.get("cuda_graphs"):
-            print(r["model"], r["arm"], "stage: replays, captures, compiled calls, output buffer MiB, broken",
+            print(r["model"], r["arm"], "stage: replays, captures, compiled calls, buffer MiB, broken",
                   {k.rsplit(".", 1)[-1]: (v["replays"], v["captures"], v["compiled_calls"],
-                                          round(v.get("output_buffer_bytes", 0) / 2**20), v["broken"])
+                                          round(v.get("buffer_bytes", 0) / 2**20), v["broken"])
                    for k, v in r["cuda_graphs"].items()})
 PY

@@ -352,14 +352,14 @@ def test_cuda_graphs_replay_the_compiled_stages_exactly(monkeypatch, family, sam
         return per_step
 
     plain = train(False)
-    before = {name: s.replays for name, s in graphs._STAGES.items()}
+    before = {name: (s.replays, s.captures) for name, s in graphs._STAGES.items()}
     replayed = train(True)
-    replays = sum(s.replays - before.get(name, 0) for name, s in graphs._STAGES.items())
-    print(f"{family} {sampling} ckpt={checkpointing}: {replays} replays; {graphs.graph_stats()}")
-    assert replays > 0 and not any(s.broken for s in graphs._STAGES.values())
-    for name, stats in graphs.graph_stats().items():  # the blocks at one row count share their output buffers
-        assert stats["output_buffers"] <= min(stats["graphs"], graphs.MAX_SIGNATURES), (name, stats)
-        assert stats["graphs"] < 4 or stats["output_buffers"] < stats["graphs"], (name, stats)
+    counts = {name: (s.replays - before.get(name, (0, 0))[0], s.captures - before.get(name, (0, 0))[1])
+              for name, s in graphs._STAGES.items()}
+    print(f"{family} {sampling} ckpt={checkpointing}: (replays, captures) {counts}; {graphs.graph_stats()}")
+    assert sum(r for r, _ in counts.values()) > 0 and not any(s.broken for s in graphs._STAGES.values())
+    for name, (replays, captures) in counts.items():  # one capture per block and row count, then replays
+        assert captures <= 4 * 3 and replays >= captures, (name, replays, captures)
     for step, (a, b) in enumerate(zip(replayed, plain)):
         for name, r in b.items():
             if r.norm() > 0:

@@ -65,7 +65,7 @@ def case(request):
     g = torch.Generator().manual_seed(request.param)
     x = torch.randn(13, 5, generator=g)
     idx = torch.randperm(13, generator=g)[:7]
-    weights = Weights(torch.randn(5, 3, generator=g).requires_grad_(), None)
+    weights = Weights(torch.nn.Parameter(torch.randn(5, 3, generator=g)), None)
     return x, idx, weights
 
 
@@ -94,18 +94,52 @@ def test_a_replay_reads_the_current_values_at_the_captured_addresses(case):
     assert s.replays == 1
 
 
-def test_other_tensors_other_layouts_or_leaves_are_not_replayed(case):
+def test_other_layouts_leaves_or_weights_are_not_replayed(case):
     x, idx, weights = case
     s = graphed_stage()
     s(x, idx, weights, 0.5), s(x, idx, weights, 0.5)
-    calls = [(x.clone(), idx, weights, 0.5),  # same values, another address
-             (x, idx[:5], weights, 0.5),  # another row count
+    calls = [(x, idx[:5], weights, 0.5),  # another row count
              (x.t().contiguous().t(), idx, weights, 0.5),  # another layout
              (x, idx, weights, 0.25),  # another leaf
-             (x, idx, Weights(weights.w.detach().clone(), None), 0.5)]  # other weights
+             (x, idx, Weights(torch.nn.Parameter(weights.w.detach().clone()), None), 0.5),  # other weights
+             (x, idx, Weights(weights.w.detach(), None), 0.5)]  # the weights' values, not the weights
     for args in calls:
         assert_same(s(*args), stage(*args))
     assert s.replays == 0 and s.compiled_calls == 1 + len(calls)
+
+
+def test_activations_elsewhere_are_copied_in_and_replayed(case):
+    """A call with the captured call's weights and layouts replays whatever addresses its other tensors have:
+    they are copied into the buffers the graph reads (a graph reads fixed addresses)."""
+    x, idx, weights = case
+    s = graphed_stage()
+    s(x, idx, weights, 0.5), s(x, idx, weights, 0.5)
+    for scale in (2.0, -1.0, 0.0):
+        a, rows = x * scale, idx.flip(0).clone()
+        assert_same(s(a, rows, weights, 0.5), stage(a, rows, weights, 0.5))
+    assert (s.compiled_calls, s.captures, s.replays) == (1, 1, 3)
+
+
+def test_a_broadcast_input_is_copied_in_unexpanded(case):
+    """An input with a stride-0 dim (cos and sin expanded over the batch) replays: only its distinct elements are
+    copied, as a copy into elements that share memory is refused."""
+    x, idx, weights = case
+    s = GraphedStage("broadcast", lambda x, idx, c: x[idx] * c, prepared, backend=FakeGraphs())
+    for row in (torch.arange(5.0), torch.arange(5.0) - 7, torch.ones(5)):
+        c = row.unsqueeze(0).expand(13, 5)[:7]
+        assert_same(s(x, idx, c), x[idx] * c)
+        assert_same(s(x, idx, c), x[idx] * c)
+    assert s.replays == 4 and s.captures == 1
+
+
+def test_an_input_whose_elements_overlap_is_never_graphed(case, caplog):
+    x, idx, weights = case
+    s = GraphedStage("overlap", lambda x, idx, o: x[idx] + o.sum(), prepared, backend=FakeGraphs())
+    o = torch.arange(10.0).as_strided((3, 3), (1, 1))
+    with caplog.at_level(logging.WARNING, logger="cggr"):
+        for _ in range(3):
+            assert_same(s(x, idx, o), x[idx] + o.sum())
+    assert s.captures == 0 and "share memory" in s.broken
 
 
 def test_the_outputs_are_copied_out_of_the_graphs_memory(case):
@@ -141,18 +175,14 @@ def test_a_stage_returning_an_input_is_never_graphed(case):
     assert s.broken and s.replays == 0
 
 
-def test_each_call_site_keeps_at_most_max_variants_graphs(case):
+def test_each_block_s_weights_have_a_graph_of_their_own(case):
     x, idx, weights = case
     s = graphed_stage()
-    activations = [x.clone() for _ in range(graphs.MAX_VARIANTS + 2)]  # one site: the weights, at other inputs
-    for a in activations:
-        s(a, idx, weights, 0.5), s(a, idx, weights, 0.5)
-    other = Weights(weights.w.detach().clone().requires_grad_(), None)  # another block's weights: its own site
-    s(x, idx, other, 0.5), s(x, idx, other, 0.5)
-    assert s.captures == len(activations) + 1 and len(s._graphs) == graphs.MAX_VARIANTS + 1
-    for a in activations[-graphs.MAX_VARIANTS:]:  # the most recent variants replay
-        assert_same(s(a, idx, weights, 0.5), stage(a, idx, weights, 0.5))
-    assert s.replays == graphs.MAX_VARIANTS
+    other = Weights(torch.nn.Parameter(weights.w.detach() * 3), None)  # another block's weights
+    for _ in range(3):
+        for w in (weights, other):
+            assert_same(s(x, idx, w, 0.5), stage(x, idx, w, 0.5))
+    assert (s.compiled_calls, s.captures, s.replays) == (2, 2, 2) and len(s._graphs) == 2
 
 
 def test_graphs_of_outputs_of_one_layout_share_their_buffers_and_each_replay_is_copied_out(case):
@@ -160,14 +190,14 @@ def test_graphs_of_outputs_of_one_layout_share_their_buffers_and_each_replay_is_
     one block's outputs per row count, not one per block); each replay's result is copied out before the next
     replay overwrites them."""
     x, idx, weights = case
-    blocks = [Weights((weights.w.detach() * (b + 1)).requires_grad_(), None) for b in range(3)]
+    blocks = [Weights(torch.nn.Parameter(weights.w.detach() * (b + 1)), None) for b in range(3)]
     inputs = [x * (b - 1) for b in range(3)]
     s = graphed_stage()
     for _ in range(2):
         for xb, wb in zip(inputs, blocks):
             s(xb, idx, wb, 0.5)
-    assert s.captures == 3 and s.stats()["output_buffers"] == 1
-    buffers = [graphs._tensors(kept.captured.outputs) for kept in s._graphs.values()]
+    assert s.captures == 3 and s.stats()["buffers"] == 2 + 2  # x and idx in, two outputs
+    buffers = [graphs._tensors(kept.captured.outputs) + kept.copy_to for kept in s._graphs.values()]
     assert all(a is b for other in buffers[1:] for a, b in zip(buffers[0], other))
     results = [s(xb, idx, wb, 0.5) for xb, wb in zip(inputs, blocks)]  # three replays, one after another
     assert s.replays == 3
@@ -184,7 +214,8 @@ def test_at_most_max_signatures_output_layouts_keep_graphs_and_buffers(case, mon
     for k in (7, 6, 5):
         for _ in range(2):
             s(x, idx[:k], weights, 0.5)
-    assert s.captures == 3 and len(s._graphs) == 2 and s.stats()["output_buffers"] == 2
+    assert s.captures == 3 and len(s._graphs) == 2 and len(s._outputs) == 2
+    assert s.stats()["buffers"] == 2 * 2 + 1 + 2  # two outputs per row count, x, idx per row count
     assert {g.captured.outputs[0].shape[0] for g in s._graphs.values()} == {6, 5}
     for k in (6, 5, 7, 7, 7):
         assert_same(s(x, idx[:k], weights, 0.5), stage(x, idx[:k], weights, 0.5))
@@ -219,25 +250,26 @@ def test_off_cuda_the_stages_are_the_eager_functions(monkeypatch):
     assert kernel(stage, on_cuda=False, rows="idx") is stage
 
 
-def test_a_stage_whose_addresses_never_repeat_stops_capturing(case, monkeypatch, caplog):
-    """Each key seen exactly twice, never a third time: every capture is wasted, so the stage gives up."""
+def test_a_stage_whose_calls_never_repeat_stops_capturing(case, monkeypatch, caplog):
+    """Each key (here: a row count) seen exactly twice, never a third time: every capture is wasted, so the stage
+    gives up, and keeps no buffers."""
     x, idx, weights = case
     monkeypatch.setattr(graphs, "FUTILE_CAPTURES", 5)
     s = graphed_stage()
     with caplog.at_level(logging.WARNING, logger="cggr"):
-        for _ in range(8):
-            a = x.clone()
-            assert_same(s(a, idx, weights, 0.5), stage(a, idx, weights, 0.5))
-            assert_same(s(a, idx, weights, 0.5), stage(a, idx, weights, 0.5))
-    assert s.captures == 5 and "do not repeat" in s.broken and not s._graphs
+        for k in range(1, 9):
+            rows = torch.arange(k)
+            assert_same(s(x, rows, weights, 0.5), stage(x, rows, weights, 0.5))
+            assert_same(s(x, rows, weights, 0.5), stage(x, rows, weights, 0.5))
+    assert s.captures == 5 and "do not repeat" in s.broken and not s._graphs and s.stats()["buffers"] == 0
     assert sum("stops capturing" in r.message for r in caplog.records) == 1
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3_text", "olmo2", "phi3", "gpt2"])
-def test_every_compacted_family_s_stage_calls_have_a_key_and_the_same_site_every_step(kind, monkeypatch):
+def test_every_compacted_family_s_stage_calls_have_the_same_keys_every_step(kind, monkeypatch):
     """The real stages' arguments (named tuples of weights and saved rows, the block's spec) make hashable keys,
-    and each block's two stage calls are the same call sites from one step to the next (weights recognised,
-    views of the block input not taken for weights): what lets a steady loop replay."""
+    each block's two stage calls have the same keys from one step to the next, and every block's its own (its
+    weights are passed as the parameters themselves): what lets a steady loop replay."""
     from benchmarks import speed
     from cggr.compact import decoder, gpt2
     import cggr
@@ -266,9 +298,8 @@ def test_every_compacted_family_s_stage_calls_have_a_key_and_the_same_site_every
         model(input_ids=ids, labels=ids).loss.backward()
     per_step = len(calls) // 2
     assert per_step == 2 * 4
-    sites = [graphs._site(k) for k in calls]
     assert all(hash(k) is not None for k in calls)
-    assert sites[:per_step] == sites[per_step:] and len(set(sites[:per_step])) == per_step
+    assert calls[:per_step] == calls[per_step:] and len(set(calls[:per_step])) == per_step
 
 
 def test_a_call_without_tensors_runs_compiled():

@@ -2,27 +2,28 @@
 
 At 350M and below the routed backward is bound by the host: each block's two compiled stages cost the host
 about as much as the GPU spends on them (guards, the wrapper, a launch per kernel). With per-block placement a
-block's row count repeats from step to step, and in a steady training loop so do the addresses of what its
-stages read: the caching allocator hands the same blocks to the same sequence of allocations. So a stage call
-whose every input sits where it sat when its graph was captured (same address, shape, strides, dtype) replays
-that graph; every other call runs the compiled stage as before, and a call seen twice is captured.
+block's row count repeats from step to step, so each block's stage calls repeat their shapes: a call is keyed by
+its weights (their addresses: each block's are its own), the layouts of its other tensors, its other arguments
+and the stream; a key seen twice is captured, and a key captured replays: its tensors other than the weights are
+copied into the graph's input buffers (one multi-tensor copy), the graph replays, and its outputs are copied out.
 
-Why that is exact: a graph reads its inputs at the addresses it was captured with, and :class:`GraphedStage`
-replays only when the call's tensors are at those addresses with the same layout, its other arguments are equal
-immutable values, and the global state dynamo guards on is as at the capture. It computes nothing on the host
-from their values (a stage has no host synchronisation, or its capture fails and the stage is never graphed).
-Its outputs live in the graphs' memory pool, which the next replay of any graph overwrites, so they are copied
-out right after each replay: the caller gets tensors no graph writes to.
+Why that is exact: a graph reads its inputs at the addresses it was captured with. The weights' addresses are
+in the key; everything else a call passes is copied into the buffers the graph reads, right before the replay,
+on the same stream; its other arguments are equal immutable values, and the global state dynamo guards on is
+as at the capture. A graph computes nothing on the host from its inputs' values (a stage has no host
+synchronisation, or its capture fails and the stage is never graphed).
 
-Opt-in (``CGGR_CUDA_GRAPHS=1``) while it is measured. Memory: a graph's last kernels copy its outputs into
-buffers that every graph of the stage with outputs of the same shapes shares (one set per row count and
-stream, not one per block: the graphs replay one at a time on their stream, each copied out before the next),
-so the graphs of a block stack keep about one block's weight gradients and two activation-sized tensors per
-row count, at most :data:`MAX_SIGNATURES` row counts per stage; everything else a capture allocates is
-temporary, in the pool the graphs share.
+Why copy the inputs rather than key on their addresses too: in a training loop the activations' addresses do
+not repeat reliably (measured: 59 replays for 64 captures at 350M on an H100, and none in a test loop with
+gradient accumulation), because a replay allocates differently from the compiled call it replaces and so moves
+every later allocation of the step.
+
+Memory: the buffers are shared by every graph of the stage, inputs by their position and layout, outputs by the
+whole call's output layouts (the graphs of a stream replay one at a time, each copied out before the next):
+about one block's stage inputs and outputs per stage, plus what differs per row count, for at most
+:data:`MAX_SIGNATURES` row counts per stage. Everything else a capture allocates is temporary, in the pool the
+graphs share. Opt-in (``CGGR_CUDA_GRAPHS=1``) while it is measured.
 """
-
-from __future__ import annotations
 
 import collections
 import functools
@@ -34,19 +35,17 @@ from torch._C._dynamo.guards import GlobalStateGuard
 
 logger = logging.getLogger("cggr")
 
-MAX_VARIANTS = 2
-"""Graphs kept per call site (a block's weights at one row count): under gradient accumulation the first
-micro-batch of a step allocates the gradients and so may see other addresses than the rest."""
 FUTILE_CAPTURES = 64
-"""Captures after which a stage that has replayed fewer times than it captured stops capturing: its inputs'
-addresses do not repeat in this loop (a capture costs about two runs of the stage)."""
+"""Captures after which a stage that has replayed fewer times than it captured stops capturing: its calls' keys
+do not repeat in this loop, e.g. row counts that change every step (a capture costs about two runs of the
+stage)."""
 MAX_SIGNATURES = 8
-"""Output shapes (row counts, in practice) per stage whose shared output buffers are kept: beyond that the graphs
-of the least recently replayed one are dropped with its buffers (per-block placement uses at most three: the
-dense end blocks', and the middle blocks' one or two)."""
+"""Output shapes (row counts, in practice) per stage that keep graphs: beyond that the graphs of the least
+recently replayed one are dropped, with the buffers no other graph uses (per-block placement uses at most
+three: the dense end blocks', and the middle blocks' one or two)."""
 MAX_SEEN = 4096
-"""Signatures remembered until their second call; forgotten all at once beyond that (addresses that never
-repeat, such as a loop that allocates differently every step, then capture nothing)."""
+"""Keys remembered until their second call; forgotten all at once beyond that (keys that never repeat, such as
+row counts that change every step, then capture nothing)."""
 
 
 class _Captured(NamedTuple):
@@ -58,6 +57,9 @@ class _Kept(NamedTuple):
     captured: _Captured
     state: GlobalStateGuard  # the global state dynamo guards on, at the capture
     signature: tuple  # the outputs' (device, stream, layouts): which shared buffers the graph writes
+    inputs: tuple  # the keys of the input buffers the graph reads, in the call's tensor order (None: a weight)
+    copy_to: list  # what each replay copies the call's non-weight tensors into (their buffers, unexpanded)
+    expanded: tuple  # positions among those tensors with a broadcast (stride 0) dim, copied unexpanded
 
 
 _VALUES = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -71,17 +73,18 @@ def _frozen_dataclass(cls) -> bool:
 
 
 def _walk(x, tensors: list, key: list) -> None:
-    """Append ``x``'s tensors to ``tensors`` and what identifies the call to ``key``: each tensor's address,
-    layout and whether it looks like a trained weight (a leaf that requires grad and is no view: in the backward
-    a view of the block input also requires grad; a frozen weight is not told from an activation, which only
-    merges call sites, :func:`_site`), every other leaf with its type. Tuples (named or not) are walked. Raises TypeError for what a key cannot vouch for: a tensor subclass (it may read memory
-    other than its own, or have none) and a leaf that is no immutable value (an object compared by identity
-    may have changed since the capture, and the graph holds what it read then)."""
+    """Append ``x``'s tensors to ``tensors`` and what identifies the call to ``key``: each tensor's layout, and
+    for a weight (an ``nn.Parameter``: it stays where it is from step to step) its address too; every other leaf
+    with its type. Tuples (named or not) are walked. Raises TypeError for what a key cannot vouch for: a tensor
+    subclass (it may read memory other than its own, or have none) and a leaf that is no immutable value (an
+    object compared by identity may have changed since the capture, and the graph holds what it read then)."""
     cls = type(x)  # one type test per argument: this runs for some 60 arguments per stage call
-    if cls is torch.Tensor or cls is torch.nn.Parameter:
+    if cls is torch.Tensor:
         tensors.append(x)
-        key.append((x.data_ptr(), x.shape, x.stride(), x.dtype, x.device,
-                    x.requires_grad and x.is_leaf and x._base is None))
+        key.append((None, x.shape, x.stride(), x.dtype, x.device))
+    elif cls is torch.nn.Parameter:
+        tensors.append(x)
+        key.append((x.data_ptr(), x.shape, x.stride(), x.dtype, x.device))
     elif cls is type(None):
         key.append(None)
     elif isinstance(x, tuple):
@@ -163,7 +166,7 @@ def _pool(device: int, stream: int):
 
 
 class GraphedStage:
-    """A compiled stage, replayed from a CUDA graph when the call's inputs sit where a captured call's did.
+    """A compiled stage, replayed from a CUDA graph when a call with the same weights and layouts was captured.
 
     ``compiled(*prepare(args))`` is the stage as it runs without graphs. Counters: ``replays``, ``compiled_calls``
     (no graph for those inputs yet, or none possible), ``captures``; ``broken`` holds why capturing failed
@@ -174,7 +177,8 @@ class GraphedStage:
         self.name, self._compiled, self._prepare = name, compiled, prepare
         self._backend = backend or CudaGraphs()
         self._graphs: collections.OrderedDict[tuple, _Kept] = collections.OrderedDict()  # least recently replayed first
-        self._buffers: dict[tuple, list] = {}  # output signature -> the buffers its graphs write their outputs to
+        self._outputs: dict[tuple, list] = {}  # output signature -> the buffers its graphs write their outputs to
+        self._inputs: dict[tuple, torch.Tensor] = {}  # (position, layout, stream) -> the buffer graphs read there
         self._seen: set[tuple] = set()  # keys called once, not yet captured
         self.replays = self.compiled_calls = self.captures = 0
         self.broken: str | None = None
@@ -203,6 +207,7 @@ class GraphedStage:
             if not kept.state.check():
                 return self._run(args)
             self._graphs.move_to_end(key)
+            _copy_in(kept, tensors)
             kept.captured.graph.replay()
             self.replays += 1
             return _copy_out(kept.captured.outputs)  # before any other replay writes the shared buffers
@@ -219,36 +224,44 @@ class GraphedStage:
         self.compiled_calls += 1
         return self._compiled(*self._prepare(args))
 
-    def _capture(self, key: tuple, args: tuple, inputs: list):
-        device = inputs[0].device
-        if any(t.device != device for t in inputs):
+    def _capture(self, key: tuple, args: tuple, tensors: list):
+        device, stream = tensors[0].device, key[-1]
+        if any(t.device != device for t in tensors):
             return self._run(args)  # a CPU scalar tensor, say: its value would be baked into the graph
-        prepared = self._prepare(args)
-        result = self._compiled(*prepared)  # this call's result as without graphs; also the stage's first run
-        unfit = _unfit_outputs(result, inputs)
+        result = self._compiled(*self._prepare(args))  # this call's result as without graphs; the stage's first run
+        unfit = _unfit_outputs(result, tensors) or _unfit_inputs(tensors)
         if unfit:
             self.broken = unfit
             logger.warning("cggr: the %s stage runs without CUDA graphs: %s", self.name, unfit)
             self.compiled_calls += 1
             return result
+        # The buffers the graph reads: the call's weights themselves, a shared buffer for every other tensor.
+        input_keys = tuple(None if type(t) is torch.nn.Parameter else (i, t.shape, t.stride(), t.dtype, device, stream)
+                           for i, t in enumerate(tensors))
+        read = [t if k is None else self._inputs.get(k) for t, k in zip(tensors, input_keys)]
+        read = [b if b is not None else _empty_like(t) for b, t in zip(read, tensors)]
+        copied = [i for i, k in enumerate(input_keys) if k is not None]
+        expanded = tuple(j for j, i in enumerate(copied) if 0 in tensors[i].stride())
+        copy_to = [read[i] for i in copied]
+        copy_to = [_unexpanded(b) if j in expanded else b for j, b in enumerate(copy_to)]
         layouts = tuple((t.shape, t.stride(), t.dtype) for t in _tensors(result))
-        signature = (device, key[-1], layouts)
-        buffers = self._buffers.get(signature)
-        if buffers is None:  # allocated outside the capture, on the stream the graphs replay on
-            buffers = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
-                       for shape, stride, dtype in layouts]
+        signature = (device, stream, layouts)
+        outputs = self._outputs.get(signature) or [torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                                                    for shape, stride, dtype in layouts]
+        kept = _Kept(None, GlobalStateGuard(), signature, input_keys, copy_to, expanded)
+        _copy_in(kept, tensors)
+        prepared = self._prepare(_replace_tensors(args, iter(read)))
 
-        def run():  # the stage, then its outputs copied into the shared buffers: all the graph leaves behind
+        def run():  # the stage on the buffers, its outputs copied into the shared ones: all the graph leaves behind
             fresh = _tensors(self._compiled(*prepared))
             if tuple((t.shape, t.stride(), t.dtype) for t in fresh) != layouts:
-                raise RuntimeError("the stage's outputs changed layout between two calls on the same inputs")
-            for buffer, t in zip(buffers, fresh):
+                raise RuntimeError("the stage's outputs changed layout between two calls of the same layouts")
+            for buffer, t in zip(outputs, fresh):
                 buffer.copy_(t)
-            return _replace_tensors(result, iter(buffers))
+            return _replace_tensors(result, iter(outputs))
 
-        state = GlobalStateGuard()
         try:
-            captured = self._backend.capture(run, device, key[-1])
+            captured = self._backend.capture(run, device, stream)
         except Exception as e:  # noqa: BLE001 - a stage that cannot be captured runs compiled, as without graphs
             self.broken = f"{type(e).__name__}: {e}"
             logger.warning("cggr: CUDA graph capture of the %s stage failed (%s); it runs compiled, without "
@@ -256,40 +269,80 @@ class GraphedStage:
             self.compiled_calls += 1
             return result
         self._seen.discard(key)
-        self._buffers[signature] = buffers
-        self._keep(key, _Kept(captured, state, signature))
+        self._outputs[signature] = outputs
+        self._inputs.update((k, b) for k, b in zip(input_keys, read) if k is not None)
+        self._keep(key, kept._replace(captured=captured))
         self.captures += 1
         if self.captures >= FUTILE_CAPTURES and self.replays < self.captures:
-            self.broken = f"{self.captures} captures, {self.replays} replays: the inputs' addresses do not repeat"
+            self.broken = f"{self.captures} captures, {self.replays} replays: the calls' layouts do not repeat"
             self._graphs.clear()
-            self._buffers.clear()
+            self._outputs.clear()
+            self._inputs.clear()
             logger.warning("cggr: the %s stage stops capturing CUDA graphs (%s); it runs compiled", self.name,
                            self.broken)
         return result
 
     def _keep(self, key: tuple, kept: _Kept) -> None:
-        """Keep ``kept``, dropping the least recently replayed graph of the same call site (the same tensors but
-        for the activations' addresses) beyond :data:`MAX_VARIANTS`, then the graphs of the least recently
-        replayed output signature beyond :data:`MAX_SIGNATURES`, and buffers no graph writes any more. Safe beside
-        another thread's calls (one per device in the autograd engine): the keys are read at once, and a key
-        another thread dropped is skipped."""
-        site = _site(key)
-        same_site = [k for k in list(self._graphs) if _site(k) == site]
-        for old in same_site[:max(0, len(same_site) + 1 - MAX_VARIANTS)]:
-            self._graphs.pop(old, None)
+        """Keep ``kept``, dropping the graphs of the least recently replayed output signature beyond
+        :data:`MAX_SIGNATURES`, and the buffers no graph uses any more. Safe beside another thread's calls (one per
+        device in the autograd engine): the graphs are read at once, and a key another thread dropped is skipped."""
         self._graphs[key] = kept
         by_recency = list(dict.fromkeys(k.signature for k in list(self._graphs.values())))
         for dropped in by_recency[:max(0, len(by_recency) - MAX_SIGNATURES)]:
             for k in [k for k, v in list(self._graphs.items()) if v.signature == dropped]:
                 self._graphs.pop(k, None)
-        written = {v.signature for v in list(self._graphs.values())}
-        for signature in [s for s in list(self._buffers) if s not in written]:
-            self._buffers.pop(signature, None)
+        graphs = list(self._graphs.values())
+        written, read = {g.signature for g in graphs}, {k for g in graphs for k in g.inputs}
+        for signature in [s for s in list(self._outputs) if s not in written]:
+            self._outputs.pop(signature, None)
+        for k in [k for k in list(self._inputs) if k not in read]:
+            self._inputs.pop(k, None)
 
     def stats(self) -> dict:
+        buffers = [t for b in self._outputs.values() for t in b] + list(self._inputs.values())
         return dict(graphs=len(self._graphs), replays=self.replays, compiled_calls=self.compiled_calls,
-                    captures=self.captures, broken=self.broken, output_buffers=len(self._buffers),
-                    output_buffer_bytes=sum(t.untyped_storage().nbytes() for b in self._buffers.values() for t in b))
+                    captures=self.captures, broken=self.broken, buffers=len(buffers),
+                    buffer_bytes=sum(t.untyped_storage().nbytes() for t in buffers))
+
+
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    """A buffer of ``t``'s shape, strides and dtype (broadcast dims included), outside any capture."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+
+
+def _unexpanded(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without its broadcast dims' repeats (their first element): what a copy into a buffer of that layout
+    writes, as a copy into elements that share memory is refused."""
+    return t[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in t.stride())]
+
+
+def _copy_in(kept: _Kept, tensors: list) -> None:
+    """The call's non-weight tensors into the buffers ``kept``'s graph reads (one multi-tensor copy)."""
+    sources = [t for t, k in zip(tensors, kept.inputs) if k is not None]
+    for j in kept.expanded:
+        sources[j] = _unexpanded(sources[j])
+    if sources:
+        torch._foreach_copy_(kept.copy_to, sources)
+
+
+def _unfit_inputs(tensors: list) -> str | None:
+    """Why a call's inputs cannot be copied into buffers of their layout, or None: one whose elements share memory
+    other than by broadcasting (a copy into it is refused)."""
+    for t in tensors:
+        if type(t) is not torch.nn.Parameter and _overlaps(_unexpanded(t)):
+            return f"an input of shape {tuple(t.shape)}, strides {t.stride()} has elements that share memory"
+    return None
+
+
+def _overlaps(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory: taken by increasing stride, each dim must step past all
+    that the smaller ones reach (sufficient for no overlap; gaps, as in a slice, are fine)."""
+    reach = 0
+    for stride, size in sorted((stride, size) for stride, size in zip(t.stride(), t.shape) if size > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
 
 
 def _unfit_outputs(outputs, inputs: list) -> str | None:
@@ -308,13 +361,6 @@ def _unfit_outputs(outputs, inputs: list) -> str | None:
         if (copy.dtype, copy.stride()) != (t.dtype, t.stride()):
             return f"an output of dtype {t.dtype}, strides {t.stride()} is copied as {copy.dtype}, {copy.stride()}"
     return None
-
-
-def _site(key: tuple) -> tuple:
-    """A call's site: its key without the addresses of tensors other than weights (activations and gradients,
-    whose addresses may vary); weights keep theirs, so each block's calls are a site of their own."""
-    return tuple((None, *k[1:]) if isinstance(k, tuple) and len(k) == 6 and isinstance(k[3], torch.dtype)
-                 and not k[5] else k for k in key)
 
 
 _STAGES: dict[str, GraphedStage] = {}
