@@ -25,8 +25,8 @@ def compile_enabled() -> bool:
 
 
 def cuda_graphs_enabled() -> bool:
-    """``CGGR_CUDA_GRAPHS=1``: the compacted backward's compiled stages replay CUDA graphs where their inputs
-    sit where a captured call's did (:mod:`cggr.compact.graphs`). Read at every stage call."""
+    """``CGGR_CUDA_GRAPHS=1``: the compacted backward's compiled stages replay CUDA graphs, one per block and row
+    count, their inputs copied in (:mod:`cggr.compact.graphs`). Read at every stage call."""
     value = os.environ.get("CGGR_CUDA_GRAPHS", "0")
     if value not in ("0", "1"):
         raise ValueError(f"CGGR_CUDA_GRAPHS={value!r}: allowed values are 0, 1")
