@@ -120,6 +120,22 @@ def test_activations_elsewhere_are_copied_in_and_replayed(case):
     assert (s.compiled_calls, s.captures, s.replays) == (1, 1, 3)
 
 
+def test_a_tensor_passed_twice_is_one_buffer_and_part_of_the_key(case):
+    """The compacted MLP stage gets its kept rows twice (``idx`` and ``mlp.rows``): the graph reads one buffer for
+    both, as the compiled stage saw one tensor (dynamo guards on that); a call passing two tensors there is
+    another key."""
+    x, idx, weights = case
+    s = GraphedStage("twice", lambda x, idx, rows: x[idx] + x[rows].flip(0), prepared, backend=FakeGraphs())
+    for rows in (idx, idx.flip(0).clone(), idx.roll(1).clone()):
+        assert_same(s(x, rows, rows), x[rows] + x[rows].flip(0))
+        assert_same(s(x, rows, rows), x[rows] + x[rows].flip(0))
+    (kept,) = s._graphs.values()
+    assert len(kept.copy_to) == 2  # x and the rows, once
+    other = idx.roll(2).clone()
+    assert_same(s(x, idx, other), x[idx] + x[other].flip(0))
+    assert (s.compiled_calls, s.captures, s.replays) == (2, 1, 4)
+
+
 def test_a_broadcast_input_is_copied_in_unexpanded(case):
     """An input with a stride-0 dim (cos and sin expanded over the batch) replays: only its distinct elements are
     copied, as a copy into elements that share memory is refused."""

@@ -3,9 +3,10 @@
 At 350M and below the routed backward is bound by the host: each block's two compiled stages cost the host
 about as much as the GPU spends on them (guards, the wrapper, a launch per kernel). With per-block placement a
 block's row count repeats from step to step, so each block's stage calls repeat their shapes: a call is keyed by
-its weights (their addresses: each block's are its own), the layouts of its other tensors, its other arguments
-and the stream; a key seen twice is captured, and a key captured replays: its tensors other than the weights are
-copied into the graph's input buffers (one multi-tensor copy), the graph replays, and its outputs are copied out.
+its weights (their addresses: each block's are its own), the layouts of its other tensors (and which of them are
+one tensor passed twice), its other arguments and the stream; a key seen twice is captured, and a key captured
+replays: its tensors other than the weights are copied into the graph's input buffers (one multi-tensor copy),
+the graph replays, and its outputs are copied out.
 
 Why that is exact: a graph reads its inputs at the addresses it was captured with. The weights' addresses are
 in the key; everything else a call passes is copied into the buffers the graph reads, right before the replay,
@@ -195,6 +196,7 @@ class GraphedStage:
         device = tensors[0].device
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return self._run(args)  # inside a graph the caller captures: theirs to replay
+        key.append(_repeats(tensors))
         key.append(self._backend.stream(device))
         key = tuple(key)
         try:
@@ -236,10 +238,16 @@ class GraphedStage:
             self.compiled_calls += 1
             return result
         # The buffers the graph reads: the call's weights themselves, a shared buffer for every other tensor.
-        input_keys = tuple(None if type(t) is torch.nn.Parameter else (i, t.shape, t.stride(), t.dtype, device, stream)
-                           for i, t in enumerate(tensors))
+        # A tensor passed twice (a stage's idx, and the rows it reads at) is one buffer read twice: dynamo guards on
+        # such repeats, and the key holds them (:func:`_repeats`).
+        first = {}
+        for i, t in enumerate(tensors):
+            first.setdefault(id(t), i)
+        input_keys = tuple(None if type(t) is torch.nn.Parameter or first[id(t)] != i
+                           else (i, t.shape, t.stride(), t.dtype, device, stream) for i, t in enumerate(tensors))
         read = [t if k is None else self._inputs.get(k) for t, k in zip(tensors, input_keys)]
         read = [b if b is not None else _empty_like(t) for b, t in zip(read, tensors)]
+        read = [read[first[id(t)]] for t in tensors]
         copied = [i for i, k in enumerate(input_keys) if k is not None]
         expanded = tuple(j for j, i in enumerate(copied) if 0 in tensors[i].stride())
         copy_to = [read[i] for i in copied]
@@ -303,6 +311,16 @@ class GraphedStage:
         return dict(graphs=len(self._graphs), replays=self.replays, compiled_calls=self.compiled_calls,
                     captures=self.captures, broken=self.broken, buffers=len(buffers),
                     buffer_bytes=sum(t.untyped_storage().nbytes() for t in buffers))
+
+
+def _repeats(tensors: list) -> tuple:
+    """Which of a call's tensors are ones passed earlier in the same call: for each repeat, its position and the
+    first one's (empty when none repeats, the common case, at the cost of one set)."""
+    ids = [id(t) for t in tensors]
+    if len(set(ids)) == len(ids):
+        return ()
+    first: dict = {}
+    return tuple((i, first.setdefault(x, i)) for i, x in enumerate(ids) if first.setdefault(x, i) != i)
 
 
 def _empty_like(t: torch.Tensor) -> torch.Tensor:
