@@ -588,17 +588,16 @@ def _modules(layout: DecoderLayout, block):
     attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
     if attn is None or mlp is None:
         return "no self_attn and mlp modules"
-    qkv = ((_linear(getattr(attn, "qkv_proj", None), bias=False),) if layout.fused_qkv
-           else tuple(_linear(getattr(attn, n, None)) for n in ("q_proj", "k_proj", "v_proj")))
-    gate_up = ((_linear(getattr(mlp, "gate_up_proj", None), bias=False),) if layout.fused_gate_up
-               else tuple(_linear(getattr(mlp, n, None)) for n in ("gate_proj", "up_proj")))
+    # a fused projection must have no bias (the Functions read none); the separate ones may
+    qkv_names = ("qkv_proj",) if layout.fused_qkv else ("q_proj", "k_proj", "v_proj")
+    gate_up_names = ("gate_up_proj",) if layout.fused_gate_up else ("gate_proj", "up_proj")
+    qkv = tuple(_linear(getattr(attn, n, None), bias=not layout.fused_qkv) for n in qkv_names)
+    gate_up = tuple(_linear(getattr(mlp, n, None), bias=not layout.fused_gate_up) for n in gate_up_names)
     o, down = _linear(getattr(attn, "o_proj", None)), _linear(getattr(mlp, "down_proj", None))
     paths = _norm_paths(layout)
     norms = {k: None if path is None else functools.reduce(lambda m, n: getattr(m, n, None), path.split("."), block)
              for k, path in paths.items()}
-    projections = ((("qkv_proj",) if layout.fused_qkv else ("q_proj", "k_proj", "v_proj"))
-                   + (("gate_up_proj",) if layout.fused_gate_up else ("gate_proj", "up_proj"))
-                   + ("o_proj", "down_proj"))
+    projections = qkv_names + gate_up_names + ("o_proj", "down_proj")
     missing = [n for n, m in zip(projections, (*qkv, *gate_up, o, down)) if m is None]
     if missing:
         return f"{', '.join(missing)} missing or not nn.Linear (with no bias where the layout has none)"
