@@ -239,15 +239,13 @@ class GraphedStage:
             return result
         # The buffers the graph reads: the call's weights themselves, a shared buffer for every other tensor.
         # A tensor passed twice (a stage's idx, and the rows it reads at) is one buffer read twice: dynamo guards on
-        # such repeats, and the key holds them (:func:`_repeats`).
-        first = {}
-        for i, t in enumerate(tensors):
-            first.setdefault(id(t), i)
-        input_keys = tuple(None if type(t) is torch.nn.Parameter or first[id(t)] != i
+        # such repeats, and the key holds them (:func:`_repeats`, before the stream).
+        first = dict(key[-2])  # a repeat's position -> its first one's
+        input_keys = tuple(None if type(t) is torch.nn.Parameter or i in first
                            else (i, t.shape, t.stride(), t.dtype, device, stream) for i, t in enumerate(tensors))
         read = [t if k is None else self._inputs.get(k) for t, k in zip(tensors, input_keys)]
         read = [b if b is not None else _empty_like(t) for b, t in zip(read, tensors)]
-        read = [read[first[id(t)]] for t in tensors]
+        read = [read[first.get(i, i)] for i in range(len(tensors))]
         copied = [i for i, k in enumerate(input_keys) if k is not None]
         expanded = tuple(j for j, i in enumerate(copied) if 0 in tensors[i].stride())
         copy_to = [read[i] for i in copied]
@@ -320,7 +318,12 @@ def _repeats(tensors: list) -> tuple:
     if len(set(ids)) == len(ids):
         return ()
     first: dict = {}
-    return tuple((i, first.setdefault(x, i)) for i, x in enumerate(ids) if first.setdefault(x, i) != i)
+    repeats = []
+    for i, x in enumerate(ids):
+        j = first.setdefault(x, i)
+        if j != i:
+            repeats.append((i, j))
+    return tuple(repeats)
 
 
 def _empty_like(t: torch.Tensor) -> torch.Tensor:
